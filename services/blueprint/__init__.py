@@ -1,0 +1,1 @@
+"""The blueprint service (see docs/architecture.md)."""

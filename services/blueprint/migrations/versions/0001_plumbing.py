@@ -1,0 +1,14 @@
+"""Outbox and inbox.
+
+Revision ID: blueprint_0001
+"""
+from alembic import op
+
+from services.common.tables import create_plumbing_tables
+
+revision = "blueprint_0001"
+down_revision = None
+
+
+def upgrade() -> None:
+    create_plumbing_tables(op)

@@ -1,0 +1,134 @@
+"""NATS JetStream: connection, idempotent stream set-up and publishing.
+
+One stream per bounded context (IK_BLUEPRINT, ... with subjects
+ik.<context>.>), one dead-letter stream, and, for the executor, a work-queue
+stream for job dispatch. A non-empty event prefix (IK_EVENT_PREFIX) namespaces
+all of them, e.g. prefix "t1a2" gives stream T1A2_IK_EXECUTOR and subjects
+t1a2.ik.executor.>, so parallel deployments or test runs never collide."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import nats
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from services.common.config import SERVICES
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_WINDOW_SECONDS = 120.0
+EVENT_RETENTION_SECONDS = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Names:
+    prefix: str = ""
+
+    def subject(self, unprefixed: str) -> str:
+        return f"{self.prefix}.{unprefixed}" if self.prefix else unprefixed
+
+    def unprefixed(self, subject: str) -> str:
+        if self.prefix and subject.startswith(self.prefix + "."):
+            return subject[len(self.prefix) + 1:]
+        return subject
+
+    def stream(self, name: str) -> str:
+        return f"{self.prefix.upper()}_{name}" if self.prefix else name
+
+    def context_stream(self, context: str) -> str:
+        return self.stream(f"IK_{context.upper()}")
+
+    def context_subjects(self, context: str) -> str:
+        return self.subject(f"ik.{context}.>")
+
+    @property
+    def deadletter_stream(self) -> str:
+        return self.stream("IK_DEADLETTER")
+
+    def deadletter_subject(self, consumer: str) -> str:
+        return self.subject(f"ik.deadletter.{consumer}")
+
+
+class EventBus:
+    def __init__(self, nats_url: str, prefix: str = "", client_name: str = "infrakitchen"):
+        self.nats_url = nats_url
+        self.names = Names(prefix)
+        self.client_name = client_name
+        self.nc: nats.NATS | None = None
+        self.js: JetStreamContext | None = None
+
+    async def connect(self, attempts: int = 30, delay: float = 1.0) -> None:
+        last: Exception | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                self.nc = await nats.connect(
+                    self.nats_url, name=self.client_name, connect_timeout=2,
+                    max_reconnect_attempts=-1, reconnect_time_wait=1,
+                )
+                self.js = self.nc.jetstream(timeout=5)
+                return
+            except Exception as exc:  # noqa: BLE001 - any connect failure is retried
+                last = exc
+                log.warning("NATS at %s not reachable (attempt %d/%d): %s", self.nats_url, attempt, attempts, exc)
+                await asyncio.sleep(delay)
+        raise RuntimeError(f"cannot connect to NATS at {self.nats_url}: {last}")
+
+    async def ensure_stream(self, config: StreamConfig) -> None:
+        """Creates the stream, or brings an existing one to this config."""
+        assert self.js is not None
+        try:
+            await self.js.stream_info(config.name)
+        except NotFoundError:
+            await self.js.add_stream(config)
+            log.info("created stream %s (%s)", config.name, ", ".join(config.subjects or []))
+            return
+        await self.js.update_stream(config)
+
+    async def ensure_event_streams(self, contexts: tuple[str, ...] = SERVICES) -> None:
+        for context in contexts:
+            await self.ensure_stream(StreamConfig(
+                name=self.names.context_stream(context),
+                subjects=[self.names.context_subjects(context)],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=EVENT_RETENTION_SECONDS,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+                discard=DiscardPolicy.OLD,
+            ))
+        await self.ensure_stream(StreamConfig(
+            name=self.names.deadletter_stream,
+            subjects=[self.names.subject("ik.deadletter.>")],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=30 * 24 * 3600.0,
+        ))
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str | None = None,
+                      headers: dict[str, str] | None = None) -> None:
+        """Publishes to a prefixed subject and waits for the stream's ack."""
+        assert self.js is not None
+        hdrs = dict(headers or {})
+        if msg_id:
+            hdrs["Nats-Msg-Id"] = msg_id
+        await self.js.publish(subject, payload, headers=hdrs or None)
+
+    async def delete_streams(self) -> None:
+        """Removes every stream of this prefix (test clean-up)."""
+        assert self.js is not None
+        if not self.names.prefix:
+            raise RuntimeError("refusing to delete un-prefixed (production) streams")
+        prefix = self.names.stream("IK_")
+        for info in await self.js.streams_info():
+            if info.config.name.startswith(prefix):
+                await self.js.delete_stream(info.config.name)
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:  # noqa: BLE001 - closing anyway
+                await self.nc.close()

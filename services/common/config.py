@@ -1,0 +1,102 @@
+"""Configuration from IK_* environment variables, with documented defaults.
+
+| variable                 | default                          | meaning |
+|--------------------------|----------------------------------|---------|
+| IK_DATA_DIR              | ./.data                          | SQLite files, auth secret, local state |
+| IK_<SVC>_DATABASE_URL    | sqlite:///<data>/<svc>.db        | e.g. postgresql+psycopg://user@host/db |
+| IK_NATS_URL              | nats://127.0.0.1:4222            | NATS server with JetStream |
+| IK_EVENT_PREFIX          | (empty)                          | namespaces streams and subjects |
+| IK_HOST                  | 127.0.0.1                        | address the gRPC servers bind |
+| IK_<SVC>_PORT            | 50051..50055                     | gRPC port of each service |
+| IK_<SVC>_TARGET          | 127.0.0.1:<port>                 | where clients reach a service |
+| IK_AUTH_SECRET           | generated into <data>/auth-secret| HMAC key of bearer tokens |
+| IK_LOG_LEVEL             | INFO                             | Python logging level |
+| IK_SHUTDOWN_GRACE        | 5                                | seconds in-flight calls get on SIGTERM |
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVICES = ("blueprint", "workflow", "resource", "executor", "approval")
+DEFAULT_PORTS = {
+    "blueprint": 50051,
+    "workflow": 50052,
+    "resource": 50053,
+    "executor": 50054,
+    "approval": 50055,
+}
+_PREFIX_RE = re.compile(r"^[a-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    service: str
+    data_dir: Path
+    database_url: str
+    nats_url: str
+    event_prefix: str
+    host: str
+    port: int
+    targets: dict[str, str] = field(default_factory=dict)
+    auth_secret: str = ""
+    log_level: str = "INFO"
+    shutdown_grace: float = 5.0
+
+    @classmethod
+    def from_env(cls, service: str, env: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        if service not in SERVICES:
+            raise ConfigError(f"unknown service {service!r}")
+        data_dir = Path(env.get("IK_DATA_DIR", ".data")).resolve()
+        upper = service.upper()
+        prefix = env.get("IK_EVENT_PREFIX", "")
+        if not _PREFIX_RE.match(prefix):
+            raise ConfigError("IK_EVENT_PREFIX may hold only a-z, 0-9 and _")
+        host = env.get("IK_HOST", "127.0.0.1")
+        targets = {
+            name: env.get(f"IK_{name.upper()}_TARGET")
+            or f"127.0.0.1:{env.get(f'IK_{name.upper()}_PORT', DEFAULT_PORTS[name])}"
+            for name in SERVICES
+        }
+        return cls(
+            service=service,
+            data_dir=data_dir,
+            database_url=env.get(f"IK_{upper}_DATABASE_URL")
+            or f"sqlite:///{data_dir / (service + '.db')}",
+            nats_url=env.get("IK_NATS_URL", "nats://127.0.0.1:4222"),
+            event_prefix=prefix,
+            host=host,
+            port=int(env.get(f"IK_{upper}_PORT", DEFAULT_PORTS[service])),
+            targets=targets,
+            auth_secret=env.get("IK_AUTH_SECRET") or load_or_create_secret(data_dir),
+            log_level=env.get("IK_LOG_LEVEL", "INFO"),
+            shutdown_grace=float(env.get("IK_SHUTDOWN_GRACE", "5")),
+        )
+
+
+def load_or_create_secret(data_dir: Path) -> str:
+    """The local token-signing key, created once and shared by all services
+    started from the same data directory. Creation is atomic (link, not
+    overwrite) because five services start at the same moment."""
+    path = data_dir / "auth-secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / f".auth-secret.{os.getpid()}"
+    tmp.write_text(secrets.token_hex(32))
+    os.chmod(tmp, 0o600)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()

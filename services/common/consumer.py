@@ -1,0 +1,140 @@
+"""Durable JetStream pull consumers behind an idempotent inbox.
+
+Each event is handled inside one unit of work: the inbox records the event id
+and the handler's state changes (and the events it emits, via the outbox) are
+committed together; the message is acked only after that commit. A redelivered
+or re-published event finds its id in the inbox and changes nothing. A handler
+that keeps failing is dead-lettered after max_deliver attempts."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from sqlalchemy.exc import IntegrityError
+
+from infrakitchen.events.v1 import events_pb2
+from services.common.bus import EventBus
+from services.common.events import Envelope
+from services.common.uow import UnitOfWork
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[UnitOfWork, Envelope], Awaitable[None]]
+
+
+@dataclass
+class ConsumerSpec:
+    durable: str
+    context: str  # whose stream, e.g. "executor"
+    filter_subject: str  # unprefixed, e.g. "ik.executor.job.*"
+    handler: Handler
+    max_deliver: int = 8
+    ack_wait: float = 30.0
+    max_ack_pending: int = 256
+    # Delay before the n-th redelivery after a handler error (last one repeats).
+    retry_delays: list[float] = field(default_factory=lambda: [0.5, 1, 2, 5, 10, 30])
+    batch: int = 32
+
+
+class EventConsumer:
+    def __init__(self, bus: EventBus, uow_factory: Callable[[], UnitOfWork], spec: ConsumerSpec):
+        self.bus = bus
+        self.uow_factory = uow_factory
+        self.spec = spec
+
+    async def subscribe(self):
+        names = self.bus.names
+        spec = self.spec
+        return await self.bus.js.pull_subscribe(
+            names.subject(spec.filter_subject),
+            durable=spec.durable,
+            stream=names.context_stream(spec.context),
+            config=ConsumerConfig(
+                durable_name=spec.durable,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                max_deliver=spec.max_deliver,
+                ack_wait=spec.ack_wait,
+                max_ack_pending=spec.max_ack_pending,
+            ),
+        )
+
+    async def run(self) -> None:
+        sub = await self.subscribe()
+        while True:
+            try:
+                msgs = await sub.fetch(self.spec.batch, timeout=1.0)
+            except (NatsTimeoutError, asyncio.TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - connection trouble: wait and fetch again
+                log.warning("consumer %s: fetch failed: %s", self.spec.durable, exc)
+                await asyncio.sleep(1.0)
+                continue
+            for msg in msgs:
+                await self.handle(msg)
+
+    async def handle(self, msg) -> None:
+        try:
+            envelope = Envelope.FromString(msg.data)
+        except DecodeError as exc:
+            await self._dead_letter(msg, f"not an Envelope: {exc}")
+            return
+        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        try:
+            await self._apply(envelope)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead-lettered
+            delivered = msg.metadata.num_delivered
+            if delivered >= self.spec.max_deliver:
+                log.error("consumer %s: event %s (%s) failed %d times, dead-lettered: %s",
+                          self.spec.durable, envelope.event_id, envelope.type, delivered, exc)
+                await self._dead_letter(msg, str(exc))
+            else:
+                delays = self.spec.retry_delays
+                delay = delays[min(delivered - 1, len(delays) - 1)]
+                log.warning("consumer %s: event %s (%s) failed (attempt %d), retry in %.1fs: %s",
+                            self.spec.durable, envelope.event_id, envelope.type, delivered, delay, exc)
+                await msg.nak(delay=delay)
+            return
+        finally:
+            heartbeat.cancel()
+        await msg.ack()
+
+    async def _apply(self, envelope: Envelope) -> None:
+        try:
+            async with self.uow_factory() as uow:
+                if await uow.already_processed(self.spec.durable, envelope.event_id):
+                    return
+                await self.spec.handler(uow, envelope)
+                await uow.commit()
+        except IntegrityError:
+            # Lost the race with a concurrent delivery of the same event?
+            async with self.uow_factory() as uow:
+                if await uow.already_processed(self.spec.durable, envelope.event_id):
+                    return
+            raise
+
+    async def _heartbeat(self, msg) -> None:
+        """Long handlers keep the message theirs (no redelivery while working)."""
+        while True:
+            await asyncio.sleep(self.spec.ack_wait / 3)
+            try:
+                await msg.in_progress()
+            except Exception:  # noqa: BLE001 - best effort
+                return
+
+    async def _dead_letter(self, msg, error: str) -> None:
+        letter = events_pb2.DeadLetter(
+            consumer=self.spec.durable, subject=msg.subject, deliveries=msg.metadata.num_delivered,
+            error=error[:2000], data=msg.data, headers={k: v for k, v in (msg.headers or {}).items()},
+        )
+        await self.bus.publish(self.bus.names.deadletter_subject(self.spec.durable), letter.SerializeToString())
+        await msg.term()

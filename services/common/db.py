@@ -1,0 +1,76 @@
+"""Database plumbing: one database per service, SQLite file by default,
+PostgreSQL by URL. SQLAlchemy 2.0 async for serving, sync for migrations."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+UTC_NOW = sa.func.now()
+
+
+def _normalise(url: str, *, async_driver: bool) -> sa.URL:
+    u = make_url(url)
+    backend = u.get_backend_name()
+    if backend == "sqlite":
+        return u.set(drivername="sqlite+aiosqlite" if async_driver else "sqlite")
+    if backend == "postgresql":
+        return u.set(drivername="postgresql+psycopg")
+    raise ValueError(f"unsupported database URL scheme {u.drivername!r}: use sqlite:/// or postgresql://")
+
+
+def async_url(url: str) -> sa.URL:
+    return _normalise(url, async_driver=True)
+
+
+def sync_url(url: str) -> sa.URL:
+    return _normalise(url, async_driver=False)
+
+
+def is_postgres(url: str) -> bool:
+    return make_url(url).get_backend_name() == "postgresql"
+
+
+def _ensure_sqlite_dir(url: sa.URL) -> None:
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL lets readers run beside the single writer; busy_timeout makes
+    # concurrent writers wait instead of failing with "database is locked".
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def create_sync_engine(url: str) -> sa.Engine:
+    u = sync_url(url)
+    _ensure_sqlite_dir(u)
+    engine = sa.create_engine(u)
+    if u.get_backend_name() == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class Database:
+    def __init__(self, url: str):
+        self.url = url
+        u = async_url(url)
+        _ensure_sqlite_dir(u)
+        self.is_postgres = u.get_backend_name() == "postgresql"
+        kwargs = {"pool_pre_ping": True} if self.is_postgres else {}
+        self.engine: AsyncEngine = create_async_engine(u, **kwargs)
+        if not self.is_postgres:
+            sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> AsyncSession:
+        return self.sessionmaker()
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

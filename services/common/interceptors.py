@@ -1,0 +1,169 @@
+"""Server interceptors: one maps errors and logs every call, one
+authenticates the caller and checks the method's required role (declared in
+the proto with the infrakitchen.common.v1.required_role option)."""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+from functools import cache
+
+import grpc
+from google.protobuf import descriptor_pool
+
+from infrakitchen.common.v1 import options_pb2
+from services.common import auth, errors
+from services.common.grpc_errors import to_grpc_status
+
+log = logging.getLogger("infrakitchen.calls")
+
+# Health checks and reflection stay open to everybody (load balancers, grpcurl).
+OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+async def _call_unary(behavior, request, context):
+    result = behavior(request, context)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def _iterate(behavior, request, context):
+    result = behavior(request, context)
+    if inspect.isasyncgen(result):
+        async for item in result:
+            yield item
+    elif inspect.isawaitable(result):
+        await result  # context.write() style
+    else:
+        for item in result:
+            yield item
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, around_unary, around_stream) -> grpc.RpcMethodHandler:
+    if handler.unary_unary is not None:
+        behavior = handler.unary_unary
+
+        async def unary_unary(request, context):
+            return await around_unary(behavior, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+    if handler.unary_stream is not None:
+        behavior = handler.unary_stream
+
+        async def unary_stream(request, context):
+            async for item in around_stream(behavior, request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+    return handler  # client streaming is not part of the API
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Outermost: turns DomainError into its canonical status with details,
+    NotImplementedError into UNIMPLEMENTED, anything else into INTERNAL with
+    a reference id (the stack trace goes to the log, never to the caller)."""
+
+    def __init__(self, service: str):
+        self.service = service
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_PREFIXES):
+            return handler
+        method = details.method
+
+        async def around_unary(behavior, request, context):
+            started = time.perf_counter()
+            try:
+                response = await _call_unary(behavior, request, context)
+            except BaseException as exc:
+                await self._fail(method, exc, context, started)
+                raise
+            self._log(method, "OK", started)
+            return response
+
+        async def around_stream(behavior, request, context):
+            started = time.perf_counter()
+            try:
+                async for item in _iterate(behavior, request, context):
+                    yield item
+            except BaseException as exc:
+                await self._fail(method, exc, context, started)
+                raise
+            self._log(method, "OK", started)
+
+        return _rewrap(handler, around_unary, around_stream)
+
+    def _log(self, method: str, code: str, started: float, extra: str = "") -> None:
+        try:
+            user = auth.current_principal().user
+        except errors.Unauthenticated:
+            user = "-"
+        log.info("%s %s %s %.1fms%s", method, code, user, (time.perf_counter() - started) * 1000, extra)
+
+    async def _fail(self, method: str, exc: BaseException, context, started: float) -> None:
+        if isinstance(exc, errors.DomainError):
+            status = to_grpc_status(exc)
+            self._log(method, status.code.name, started, f" {exc.reason}")
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        if isinstance(exc, NotImplementedError):
+            self._log(method, "UNIMPLEMENTED", started)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
+        if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
+            return  # already a status, or cancellation: let it through
+        ref = uuid.uuid4().hex[:12]
+        log.exception("%s INTERNAL ref=%s", method, ref)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (reference {ref})")
+
+
+@cache
+def required_role(method: str) -> auth.Role:
+    """The role a method declares in the proto; admin when it declares none."""
+    full_name = method.lstrip("/").replace("/", ".")
+    try:
+        descriptor = descriptor_pool.Default().FindMethodByName(full_name)
+    except KeyError:
+        return auth.Role.ADMIN
+    value = descriptor.GetOptions().Extensions[options_pb2.required_role]
+    return auth.Role(value) if value else auth.Role.ADMIN
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks 'authorization: Bearer <token>' and the method's required role,
+    and makes the caller available as auth.current_principal()."""
+
+    def __init__(self, secret: str):
+        self.secret = secret
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_PREFIXES):
+            return handler
+        method = details.method
+        needed = required_role(method)
+
+        def authenticate(context) -> auth.Principal:
+            metadata = dict(context.invocation_metadata() or ())
+            principal = auth.principal_from_metadata(self.secret, metadata.get("authorization"))
+            auth.require_role(principal, needed, method.rsplit("/", 1)[-1])
+            return principal
+
+        # Each RPC runs in its own asyncio task with its own context, so the
+        # principal set here is visible to the servicer and to the outer
+        # (logging) interceptor, and to nothing else.
+        async def around_unary(behavior, request, context):
+            auth.set_current_principal(authenticate(context))
+            return await _call_unary(behavior, request, context)
+
+        async def around_stream(behavior, request, context):
+            auth.set_current_principal(authenticate(context))
+            async for item in _iterate(behavior, request, context):
+                yield item
+
+        return _rewrap(handler, around_unary, around_stream)

@@ -1,0 +1,146 @@
+"""Start-up and shutdown of one service process.
+
+Order: migrations -> database -> NATS (streams) -> outbox relay -> event
+consumers -> gRPC server (with reflection and health SERVING). SIGTERM or
+SIGINT: health NOT_SERVING, in-flight calls get IK_SHUTDOWN_GRACE seconds,
+background tasks stop, connections close."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import sqlalchemy as sa
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.bus import EventBus
+from services.common.config import Settings
+from services.common.consumer import ConsumerSpec, EventConsumer
+from services.common.db import Database
+from services.common.interceptors import AuthInterceptor, ErrorInterceptor
+from services.common.migrations import upgrade
+from services.common.outbox import OutboxRelay
+from services.common.tables import plumbing_tables
+from services.common.uow import UnitOfWork
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceDefinition:
+    """What a service contributes; everything else is common."""
+
+    name: str
+    migrations_dir: Path
+    metadata: sa.MetaData
+    # Adds the servicers to the server; returns the full names of the
+    # services added (for reflection and health).
+    register: Callable[[grpc.aio.Server, "Runtime"], Iterable[str]]
+    uow_class: type[UnitOfWork] = UnitOfWork
+    consumers: Callable[["Runtime"], list[ConsumerSpec]] = lambda runtime: []
+    # Extra long-running tasks (e.g. executor workers, reconcilers).
+    background: Callable[["Runtime"], list] = lambda runtime: []
+    on_stop: list[Callable] = field(default_factory=list)
+
+
+class Runtime:
+    """The process-wide objects a service's code is wired with."""
+
+    def __init__(self, definition: ServiceDefinition, settings: Settings):
+        self.definition = definition
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.bus = EventBus(settings.nats_url, settings.event_prefix, client_name=f"ik-{definition.name}")
+        md = definition.metadata
+        if "outbox" not in md.tables:
+            plumbing_tables(md)
+        self.outbox_table, self.inbox_table = md.tables["outbox"], md.tables["inbox"]
+        self.relay = OutboxRelay(self.db, self.outbox_table, self.bus)
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.tasks: list[asyncio.Task] = []
+        self.port: int | None = None
+
+    def uow(self) -> UnitOfWork:
+        return self.definition.uow_class(self.db, self.outbox_table, self.inbox_table, self.bus.names,
+                                         on_commit=self.relay.notify)
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.bus.connect()
+        await self.bus.ensure_event_streams()
+        self._spawn("outbox-relay", self.relay.run())
+        for spec in self.definition.consumers(self):
+            consumer = EventConsumer(self.bus, self.uow, spec)
+            await consumer.subscribe()  # create the durable before serving
+            self._spawn(f"consumer-{spec.durable}", consumer.run())
+        for i, coro in enumerate(self.definition.background(self)):
+            self._spawn(f"background-{i}", coro)
+
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(self.definition.name), AuthInterceptor(s.auth_secret)],
+            # No SO_REUSEPORT: a second process on the same port must fail, not share it.
+            options=[("grpc.so_reuseport", 0)],
+        )
+        names = list(self.definition.register(self.server, self))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server)
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if not self.port:
+            raise RuntimeError(f"cannot listen on {s.host}:{s.port}")
+        await self.server.start()
+        for name in ["", *names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._served = names
+        log.info("%s service listening on %s:%d", self.definition.name, s.host, self.port)
+
+    def _spawn(self, name: str, coro) -> None:
+        task = asyncio.create_task(coro, name=f"{self.definition.name}-{name}")
+        task.add_done_callback(self._task_done)
+        self.tasks.append(task)
+
+    @staticmethod
+    def _task_done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s died", task.get_name(), exc_info=task.exception())
+
+    async def stop(self) -> None:
+        for name in ["", *getattr(self, "_served", [])]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for hook in self.definition.on_stop:
+            await hook()
+        await self.bus.close()
+        await self.db.dispose()
+        log.info("%s service stopped", self.definition.name)
+
+
+def run_service(definition: ServiceDefinition) -> None:
+    settings = Settings.from_env(definition.name)
+    logging.basicConfig(level=settings.log_level,
+                        format=f"%(asctime)s %(levelname)s {definition.name} %(name)s: %(message)s")
+    upgrade(definition.migrations_dir, settings.database_url)
+    asyncio.run(_serve(definition, settings))
+
+
+async def _serve(definition: ServiceDefinition, settings: Settings) -> None:
+    runtime = Runtime(definition, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await runtime.start()
+    await stop.wait()
+    log.info("%s service stopping", definition.name)
+    await runtime.stop()

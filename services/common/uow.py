@@ -1,0 +1,83 @@
+"""Unit of work: one database transaction in which a use case changes state
+and records the events it causes. Events go to the outbox table in the same
+transaction, so a state change and its event are stored together or not at
+all; the relay publishes them after the commit."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.common.bus import Names
+from services.common.db import Database
+from services.common.events import Envelope
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class UnitOfWork:
+    """Use as `async with uow_factory() as uow: ...; await uow.commit()`.
+    Leaving the block without commit rolls back. Services subclass it to add
+    their repositories in `_open()`."""
+
+    def __init__(self, db: Database, outbox: sa.Table, inbox: sa.Table, names: Names,
+                 on_commit: Callable[[], None] | None = None):
+        self.db = db
+        self._outbox = outbox
+        self._inbox = inbox
+        self._names = names
+        self._on_commit = on_commit
+        self._emitted = 0
+        self.session: AsyncSession
+
+    async def __aenter__(self):
+        self.session = self.db.session()
+        await self.session.begin()
+        self._open()
+        return self
+
+    def _open(self) -> None:
+        """Hook for subclasses: build repositories on self.session."""
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.session.in_transaction():
+                await self.session.rollback()
+        finally:
+            await self.session.close()
+
+    async def emit(self, envelope: Envelope) -> None:
+        await self.session.execute(sa.insert(self._outbox).values(
+            event_id=envelope.event_id,
+            subject=self._names.subject(envelope.type),
+            payload=envelope.SerializeToString(),
+            created_at=utcnow(),
+        ))
+        self._emitted += 1
+
+    async def already_processed(self, consumer: str, event_id: str) -> bool:
+        """Records the event as processed by `consumer` unless it already was.
+        A concurrent duplicate fails this transaction's commit on the primary
+        key, which the consumer treats as 'already processed'."""
+        seen = await self.session.scalar(
+            sa.select(sa.func.count()).select_from(self._inbox).where(
+                self._inbox.c.consumer == consumer, self._inbox.c.event_id == event_id))
+        if seen:
+            return True
+        await self.session.execute(sa.insert(self._inbox).values(
+            consumer=consumer, event_id=event_id, processed_at=utcnow()))
+        return False
+
+    async def commit(self) -> None:
+        await self.session.commit()
+        if self._emitted and self._on_commit is not None:
+            self._on_commit()
+        self._emitted = 0
+
+    async def rollback(self) -> None:
+        await self.session.rollback()
+        self._emitted = 0

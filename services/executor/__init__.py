@@ -1,0 +1,1 @@
+"""The executor service (see docs/architecture.md)."""

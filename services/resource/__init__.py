@@ -1,0 +1,1 @@
+"""The resource service (see docs/architecture.md)."""
