@@ -67,7 +67,7 @@ class EventBus:
             try:
                 self.nc = await nats.connect(
                     self.nats_url, name=self.client_name, connect_timeout=2,
-                    max_reconnect_attempts=-1, reconnect_time_wait=1,
+                    max_reconnect_attempts=-1, reconnect_time_wait=1, drain_timeout=3,
                 )
                 self.js = self.nc.jetstream(timeout=5)
                 return

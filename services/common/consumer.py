@@ -46,11 +46,21 @@ class EventConsumer:
         self.bus = bus
         self.uow_factory = uow_factory
         self.spec = spec
+        self._sub = None
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Graceful stop: finish the fetch under way (its pull request would
+        otherwise stay open on the server and swallow the next messages until
+        ack_wait), handle what it brought, then unsubscribe."""
+        self._stopping.set()
 
     async def subscribe(self):
+        if self._sub is not None:
+            return self._sub
         names = self.bus.names
         spec = self.spec
-        return await self.bus.js.pull_subscribe(
+        self._sub = await self.bus.js.pull_subscribe(
             names.subject(spec.filter_subject),
             durable=spec.durable,
             stream=names.context_stream(spec.context),
@@ -63,22 +73,28 @@ class EventConsumer:
                 max_ack_pending=spec.max_ack_pending,
             ),
         )
+        return self._sub
 
     async def run(self) -> None:
         sub = await self.subscribe()
-        while True:
+        try:
+            while not self._stopping.is_set():
+                try:
+                    msgs = await sub.fetch(self.spec.batch, timeout=1.0)
+                except (NatsTimeoutError, asyncio.TimeoutError):
+                    continue
+                except Exception as exc:  # noqa: BLE001 - connection trouble: wait and fetch again
+                    log.warning("consumer %s: fetch failed: %s", self.spec.durable, exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for msg in msgs:
+                    await self.handle(msg)
+        finally:
+            self._sub = None
             try:
-                msgs = await sub.fetch(self.spec.batch, timeout=1.0)
-            except (NatsTimeoutError, asyncio.TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - connection trouble: wait and fetch again
-                log.warning("consumer %s: fetch failed: %s", self.spec.durable, exc)
-                await asyncio.sleep(1.0)
-                continue
-            for msg in msgs:
-                await self.handle(msg)
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - connection may be gone already
+                pass
 
     async def handle(self, msg) -> None:
         try:

@@ -31,6 +31,10 @@ from services.common.uow import UnitOfWork
 log = logging.getLogger(__name__)
 
 
+class StartupError(Exception):
+    """A service cannot start; the message says why, without a stack trace."""
+
+
 @dataclass
 class ServiceDefinition:
     """What a service contributes; everything else is common."""
@@ -64,6 +68,7 @@ class Runtime:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.tasks: list[asyncio.Task] = []
+        self.consumers: list[tuple[EventConsumer, asyncio.Task]] = []
         self.port: int | None = None
 
     def uow(self) -> UnitOfWork:
@@ -78,7 +83,7 @@ class Runtime:
         for spec in self.definition.consumers(self):
             consumer = EventConsumer(self.bus, self.uow, spec)
             await consumer.subscribe()  # create the durable before serving
-            self._spawn(f"consumer-{spec.durable}", consumer.run())
+            self.consumers.append((consumer, self._spawn(f"consumer-{spec.durable}", consumer.run())))
         for i, coro in enumerate(self.definition.background(self)):
             self._spawn(f"background-{i}", coro)
 
@@ -92,19 +97,21 @@ class Runtime:
         reflection.enable_server_reflection(
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server)
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
-        if not self.port:
-            raise RuntimeError(f"cannot listen on {s.host}:{s.port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError:
+            raise StartupError(f"cannot listen on {s.host}:{s.port} (port taken? set IK_{self.definition.name.upper()}_PORT)") from None
         await self.server.start()
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._served = names
         log.info("%s service listening on %s:%d", self.definition.name, s.host, self.port)
 
-    def _spawn(self, name: str, coro) -> None:
+    def _spawn(self, name: str, coro) -> asyncio.Task:
         task = asyncio.create_task(coro, name=f"{self.definition.name}-{name}")
         task.add_done_callback(self._task_done)
         self.tasks.append(task)
+        return task
 
     @staticmethod
     def _task_done(task: asyncio.Task) -> None:
@@ -116,6 +123,11 @@ class Runtime:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace)
+        for consumer, _ in self.consumers:
+            consumer.stop()
+        # Consumers finish their current fetch (about a second); the rest is cancelled.
+        if self.consumers:
+            await asyncio.wait([task for _, task in self.consumers], timeout=3)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -131,7 +143,11 @@ def run_service(definition: ServiceDefinition) -> None:
     logging.basicConfig(level=settings.log_level,
                         format=f"%(asctime)s %(levelname)s {definition.name} %(name)s: %(message)s")
     upgrade(definition.migrations_dir, settings.database_url)
-    asyncio.run(_serve(definition, settings))
+    try:
+        asyncio.run(_serve(definition, settings))
+    except StartupError as exc:
+        log.error("%s service cannot start: %s", definition.name, exc)
+        raise SystemExit(1) from None
 
 
 async def _serve(definition: ServiceDefinition, settings: Settings) -> None:
@@ -140,7 +156,11 @@ async def _serve(definition: ServiceDefinition, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await runtime.start()
+    try:
+        await runtime.start()
+    except BaseException:
+        await runtime.stop()
+        raise
     await stop.wait()
     log.info("%s service stopping", definition.name)
     await runtime.stop()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -29,7 +30,7 @@ class ServiceProcesses:
     def __init__(self, data_dir: Path, event_prefix: str, nats_url: str,
                  database_urls: dict[str, str] | None = None, extra_env: dict[str, str] | None = None):
         self.data_dir = data_dir
-        self.secret = "test-secret-" + event_prefix
+        self.secret = "test-secret-" + uuid.uuid4().hex
         self.ports = {name: free_port() for name in SERVICES}
         self.env = {
             **os.environ,

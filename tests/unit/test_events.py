@@ -41,3 +41,23 @@ def test_context_of_subject():
     assert events.context_of("ik.resource.resource.provisioned") == "resource"
     with pytest.raises(ValueError):
         events.context_of("other.subject")
+
+
+def test_every_rpc_declares_its_required_role():
+    from google.protobuf import descriptor_pool
+
+    from infrakitchen.approval.v1 import approval_pb2
+    from infrakitchen.blueprint.v1 import blueprint_pb2
+    from infrakitchen.common.v1 import options_pb2
+    from infrakitchen.resource.v1 import resource_pb2
+    from infrakitchen.workflow.v1 import workflow_pb2
+
+    pool = descriptor_pool.Default()
+    methods = 0
+    for module in (approval_pb2, blueprint_pb2, executor_pb2, resource_pb2, workflow_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                role = pool.FindMethodByName(method.full_name).GetOptions().Extensions[options_pb2.required_role]
+                assert role != options_pb2.ROLE_UNSPECIFIED, method.full_name
+                methods += 1
+    assert methods > 60

@@ -1,0 +1,217 @@
+"""The event plumbing against a real NATS JetStream server, on SQLite and on
+PostgreSQL: outbox relay, stream de-duplication, durable consumers, the
+idempotent inbox and dead-lettering."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from infrakitchen.events.v1 import events_pb2
+from services.common.bus import EventBus
+from services.common.consumer import ConsumerSpec, EventConsumer
+from services.common.db import Database, create_sync_engine
+from services.common.events import new_event
+from services.common.migrations import upgrade
+from services.common.outbox import OutboxRelay
+from services.common.tables import plumbing_tables
+from services.common.uow import UnitOfWork
+from tests.support.waiting import eventually
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "approval" / "migrations"
+
+metadata = sa.MetaData()
+outbox_table, inbox_table = plumbing_tables(metadata)
+# What a handler changes: one row per application of an event, no uniqueness,
+# so applying an event twice would show as two rows.
+applied = sa.Table("applied", metadata,
+                   sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+                   sa.Column("event_id", sa.String(64), nullable=False))
+
+
+@dataclass
+class Plumbing:
+    db: Database
+    bus: EventBus
+
+    def uow(self) -> UnitOfWork:
+        return UnitOfWork(self.db, outbox_table, inbox_table, self.bus.names)
+
+    async def emit_jobs(self, count: int, start: int = 0) -> list[events_pb2.Envelope]:
+        envs = [new_event("executor", "job_succeeded", events_pb2.JobChanged(job_id=f"job-{i}"))
+                for i in range(start, start + count)]
+        async with self.uow() as uow:
+            for env in envs:
+                await uow.emit(env)
+            await uow.commit()
+        return envs
+
+    async def count(self, table: sa.Table) -> int:
+        async with self.db.session() as s:
+            return await s.scalar(sa.select(sa.func.count()).select_from(table))
+
+    async def outbox_empty(self) -> bool:
+        return await self.count(outbox_table) == 0
+
+    async def applications(self) -> dict[str, int]:
+        async with self.db.session() as s:
+            rows = await s.execute(sa.select(applied.c.event_id, sa.func.count()).group_by(applied.c.event_id))
+            return dict(rows.all())
+
+    async def consumer_settled(self, durable: str, expected_delivered: int) -> bool:
+        info = await self.bus.js.consumer_info(self.bus.names.context_stream("executor"), durable)
+        return info.delivered.stream_seq >= expected_delivered and info.num_pending == 0 \
+            and info.num_ack_pending == 0
+
+
+@pytest.fixture
+async def plumbing(database_url, event_prefix, nats_url):
+    upgrade(MIGRATIONS, database_url)  # the real migrations create outbox and inbox
+    engine = create_sync_engine(database_url)
+    applied.create(engine, checkfirst=True)
+    engine.dispose()
+    db = Database(database_url)
+    bus = EventBus(nats_url, event_prefix)
+    await bus.connect(attempts=3)
+    await bus.ensure_event_streams()
+    yield Plumbing(db, bus)
+    await bus.close()
+    await db.dispose()
+
+
+async def record(uow: UnitOfWork, env: events_pb2.Envelope) -> None:
+    await uow.session.execute(sa.insert(applied).values(event_id=env.event_id))
+
+
+class RelayCrash(Exception):
+    pass
+
+
+class CrashingBus:
+    """Publishes `survive` events for real, then dies, as a relay process killed mid-batch would."""
+
+    def __init__(self, bus: EventBus, survive: int):
+        self.bus, self.left = bus, survive
+
+    async def publish(self, *args, **kwargs):
+        if self.left == 0:
+            raise RelayCrash()
+        self.left -= 1
+        await self.bus.publish(*args, **kwargs)
+
+
+async def run_consumer(p: Plumbing, spec: ConsumerSpec) -> asyncio.Task:
+    consumer = EventConsumer(p.bus, p.uow, spec)
+    await consumer.subscribe()
+    task = asyncio.create_task(consumer.run())
+    task.consumer = consumer
+    return task
+
+
+async def stop(task: asyncio.Task) -> None:
+    """Stops a consumer as a service shutting down does (or a relay: cancelled)."""
+    consumer = getattr(task, "consumer", None)
+    if consumer is not None:
+        consumer.stop()
+        await asyncio.wait_for(task, timeout=5)
+    else:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_event_reaches_consumer_exactly_once_across_relay_crash_and_republish(plumbing):
+    p = plumbing
+    envs = await p.emit_jobs(20)
+
+    with pytest.raises(RelayCrash):
+        await OutboxRelay(p.db, outbox_table, CrashingBus(p.bus, survive=7)).relay_once()
+    assert await p.count(outbox_table) == 20, "a crashed relay must not lose outbox rows"
+
+    # The restarted relay publishes all 20 again; the stream drops the 7 it already has.
+    assert await OutboxRelay(p.db, outbox_table, p.bus).relay_once() == 20
+    assert await p.count(outbox_table) == 0
+    # The same event published once more, past the duplicate window (no msg id).
+    await p.bus.publish(p.bus.names.subject(envs[0].type), envs[0].SerializeToString())
+    stream = await p.bus.js.stream_info(p.bus.names.context_stream("executor"))
+    assert stream.state.messages == 21
+
+    task = await run_consumer(p, ConsumerSpec("exactly-once", "executor", "ik.executor.job.*", record))
+    try:
+        await eventually(lambda: p.consumer_settled("exactly-once", 21))
+    finally:
+        await stop(task)
+    assert await p.applications() == {env.event_id: 1 for env in envs}
+    assert await p.count(inbox_table) == 20
+
+
+async def test_consumer_catches_up_after_restart_and_relay_loop_publishes_on_commit(plumbing):
+    p = plumbing
+    relay = OutboxRelay(p.db, outbox_table, p.bus, poll_interval=30)  # only notify() wakes it quickly
+    relay_task = asyncio.create_task(relay.run())
+    spec = ConsumerSpec("catch-up", "executor", "ik.executor.job.*", record)
+    consumer_task = await run_consumer(p, spec)
+    try:
+        first = await p.emit_jobs(5)
+        relay.notify()
+        await eventually(lambda: p.consumer_settled("catch-up", 5), timeout=10)
+        await stop(consumer_task)  # the consuming service goes down...
+
+        second = await p.emit_jobs(5, start=5)
+        relay.notify()
+        await eventually(lambda: p.outbox_empty())
+
+        consumer_task = await run_consumer(p, spec)  # ...and comes back
+        await eventually(lambda: p.consumer_settled("catch-up", 10))
+    finally:
+        await stop(consumer_task)
+        await stop(relay_task)
+    assert await p.applications() == {env.event_id: 1 for env in first + second}
+
+
+async def test_failed_handler_is_retried_and_its_changes_rolled_back(plumbing):
+    p = plumbing
+    attempts: list[str] = []
+
+    async def flaky(uow, env):
+        await record(uow, env)
+        attempts.append(env.event_id)
+        if len(attempts) < 3:
+            raise RuntimeError("transient")
+
+    [env] = await p.emit_jobs(1)
+    await OutboxRelay(p.db, outbox_table, p.bus).relay_once()
+    task = await run_consumer(p, ConsumerSpec("flaky", "executor", "ik.executor.job.*", flaky,
+                                              retry_delays=[0.1]))
+    try:
+        await eventually(lambda: p.consumer_settled("flaky", 1))
+    finally:
+        await stop(task)
+    assert attempts == [env.event_id] * 3
+    assert await p.applications() == {env.event_id: 1}, "failed attempts must not leave changes"
+
+
+async def test_poison_event_is_dead_lettered_after_max_deliver(plumbing):
+    p = plumbing
+
+    async def poison(uow, env):
+        raise ValueError("cannot handle this")
+
+    [env] = await p.emit_jobs(1)
+    await OutboxRelay(p.db, outbox_table, p.bus).relay_once()
+    dead = await p.bus.js.pull_subscribe(p.bus.names.deadletter_subject("poisoned"), durable="dlq-reader",
+                                         stream=p.bus.names.deadletter_stream)
+    task = await run_consumer(p, ConsumerSpec("poisoned", "executor", "ik.executor.job.*", poison,
+                                              max_deliver=3, retry_delays=[0.1]))
+    try:
+        [letter_msg] = await dead.fetch(1, timeout=15)
+        await eventually(lambda: p.consumer_settled("poisoned", 1))
+    finally:
+        await stop(task)
+    letter = events_pb2.DeadLetter.FromString(letter_msg.data)
+    assert letter.consumer == "poisoned" and letter.deliveries == 3
+    assert "cannot handle this" in letter.error
+    assert events_pb2.Envelope.FromString(letter.data).event_id == env.event_id
+    assert await p.count(inbox_table) == 0
