@@ -12,7 +12,6 @@ TOOLS       := .tools
 BUF         := $(TOOLS)/node_modules/.bin/buf
 BUF_VERSION := 1.75.0
 PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_party/*')
-SITE        = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 export IK_DATA_DIR ?= $(CURDIR)/.data
 export IK_TERRAFORM_PLUGIN_DIR ?= $(CURDIR)/$(VENV)/terraform-plugins
 
@@ -31,7 +30,8 @@ $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check --upgrade pip
 	$(PIP) install --quiet --disable-pip-version-check -r requirements.txt
-	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" > "$(SITE)/infrakitchen-dev.pth"
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" > "$$site/infrakitchen-dev.pth"
 	touch $@
 
 install: $(VENV)/.installed proto plugins
