@@ -5,6 +5,28 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 
+def request_ids_table(metadata: sa.MetaData) -> sa.Table:
+    """request_id -> what the first create made, so a retried create returns it."""
+    return sa.Table(
+        "request_ids",
+        metadata,
+        sa.Column("scope", sa.String(64), primary_key=True),
+        sa.Column("request_id", sa.String(128), primary_key=True),
+        sa.Column("resource_id", sa.String(64), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+
+
+def create_request_ids_table(op) -> None:
+    op.create_table(
+        "request_ids",
+        sa.Column("scope", sa.String(64), primary_key=True),
+        sa.Column("request_id", sa.String(128), primary_key=True),
+        sa.Column("resource_id", sa.String(64), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+
+
 def plumbing_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
     outbox = sa.Table(
         "outbox",
@@ -22,6 +44,7 @@ def plumbing_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
         sa.Column("event_id", sa.String(64), primary_key=True),
         sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
     )
+    request_ids_table(metadata)
     return outbox, inbox
 
 

@@ -72,6 +72,20 @@ class UnitOfWork:
             consumer=consumer, event_id=event_id, processed_at=utcnow()))
         return False
 
+    async def find_request(self, scope: str, request_id: str) -> str | None:
+        """The id of what an earlier create with this request_id made, if any."""
+        if not request_id:
+            return None
+        table = self._outbox.metadata.tables["request_ids"]
+        return await self.session.scalar(sa.select(table.c.resource_id).where(
+            table.c.scope == scope, table.c.request_id == request_id))
+
+    async def remember_request(self, scope: str, request_id: str, resource_id: str) -> None:
+        if request_id:
+            table = self._outbox.metadata.tables["request_ids"]
+            await self.session.execute(sa.insert(table).values(
+                scope=scope, request_id=request_id, resource_id=resource_id, created_at=utcnow()))
+
     async def commit(self) -> None:
         await self.session.commit()
         if self._emitted and self._on_commit is not None:

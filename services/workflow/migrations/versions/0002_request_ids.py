@@ -1,0 +1,14 @@
+"""Request ids of idempotent creates.
+
+Revision ID: workflow_0002
+"""
+from alembic import op
+
+from services.common.tables import create_request_ids_table
+
+revision = "workflow_0002"
+down_revision = "workflow_0001"
+
+
+def upgrade() -> None:
+    create_request_ids_table(op)
