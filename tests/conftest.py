@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import uuid
 
 import pytest
 
-from services.common.bus import EventBus
 from tests.support.databases import PostgresDatabases
+from tests.support.processes import drop_streams
 
 NATS_URL = os.environ.get("IK_TEST_NATS_URL", "nats://127.0.0.1:4222")
 RUN_ID = uuid.uuid4().hex[:6]
@@ -25,16 +24,7 @@ def event_prefix(nats_url):
     """A prefix no other test (or deployment) uses; its streams are deleted afterwards."""
     prefix = f"t{RUN_ID}{next(_prefixes)}"
     yield prefix
-
-    async def cleanup():
-        bus = EventBus(nats_url, prefix)
-        await bus.connect(attempts=3)
-        try:
-            await bus.delete_streams()
-        finally:
-            await bus.close()
-
-    asyncio.run(cleanup())
+    drop_streams(nats_url, prefix)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,12 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self._wake = asyncio.Event()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Finish the batch under way, then return from run()."""
+        self._stopping = True
+        self._wake.set()
 
     def notify(self) -> None:
         """Called after a commit that wrote outbox rows: relay now, not at the next poll."""
@@ -48,7 +54,7 @@ class OutboxRelay:
             return len(rows)
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 published = await self.relay_once()
@@ -58,9 +64,12 @@ class OutboxRelay:
                 log.warning("outbox relay: %s; retrying", exc)
                 published = 0
                 await asyncio.sleep(self.poll_interval)
-            if published == self.batch_size:
+            if published == self.batch_size or self._stopping:
                 continue
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow
+            # a cancellation that arrives as the event is set.
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass

@@ -125,12 +125,17 @@ class Runtime:
             await self.server.stop(self.settings.shutdown_grace)
         for consumer, _ in self.consumers:
             consumer.stop()
-        # Consumers finish their current fetch (about a second); the rest is cancelled.
-        if self.consumers:
-            await asyncio.wait([task for _, task in self.consumers], timeout=3)
+        self.relay.stop()
+        # Consumers finish their current fetch (about a second) and the relay
+        # its batch; whatever is still running then is cancelled.
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=3)
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.tasks:
+            _, stuck = await asyncio.wait(self.tasks, timeout=5)
+            for task in stuck:
+                log.error("task %s did not stop; abandoning it", task.get_name())
         for hook in self.definition.on_stop:
             await hook()
         await self.bus.close()

@@ -2,7 +2,6 @@
 reflection (through grpcurl), authentication and graceful shutdown."""
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
@@ -19,10 +18,9 @@ from infrakitchen.executor.v1 import executor_pb2, executor_pb2_grpc
 from infrakitchen.resource.v1 import resource_pb2, resource_pb2_grpc
 from infrakitchen.workflow.v1 import workflow_pb2, workflow_pb2_grpc
 from services.common.auth import Role
-from services.common.bus import EventBus
 from services.common.config import SERVICES
 from services.common.grpc_errors import status_details
-from tests.support.processes import ROOT, ServiceProcesses
+from tests.support.processes import ROOT, ServiceProcesses, drop_streams
 
 pytestmark = pytest.mark.e2e
 
@@ -60,14 +58,7 @@ def _start(tmp_path_factory, nats_url, database_urls=None):
 
 def _cleanup(procs, prefix, nats_url):
     procs.stop()
-
-    async def drop():
-        bus = EventBus(nats_url, prefix)
-        await bus.connect(attempts=3)
-        await bus.delete_streams()
-        await bus.close()
-
-    asyncio.run(drop())
+    drop_streams(nats_url, prefix)
 
 
 @pytest.fixture(scope="module")

@@ -101,3 +101,20 @@ class ServiceProcesses:
                 proc.kill()
                 codes[name] = proc.wait()
         return codes
+
+
+def drop_streams(nats_url: str, prefix: str) -> None:
+    """Deletes every stream of a test's event prefix (sync; for fixtures)."""
+    import asyncio
+
+    from services.common.bus import EventBus
+
+    async def drop():
+        bus = EventBus(nats_url, prefix)
+        await bus.connect(attempts=3)
+        try:
+            await bus.delete_streams()
+        finally:
+            await bus.close()
+
+    asyncio.run(drop())

@@ -1,0 +1,1 @@
+"""Example modules and the seed's "Production Environment" blueprint."""
