@@ -31,3 +31,11 @@ def next_page_token(offset: int, limit: int, returned: int) -> str:
     if returned <= limit:
         return ""
     return base64.urlsafe_b64encode(f"o:{offset + limit}".encode()).decode()
+
+
+async def paginate(fetch, page_size: int, page_token: str):
+    """Runs a List: `fetch(offset, limit)` returns rows; one extra row is
+    asked for to know whether another page follows. Returns (rows, next_page_token)."""
+    offset, limit = page_window(page_size, page_token)
+    found = await fetch(offset, limit + 1)
+    return found[:limit], next_page_token(offset, limit, len(found))

@@ -15,8 +15,10 @@ from services.blueprint.domain.model import (Blueprint, BlueprintTemplate, Modul
 from services.common.errors import Aborted
 
 
-def _stale(kind: str, id_: str) -> Aborted:
-    return Aborted(f"{kind} {id_} was changed by someone else; read it again and retry", reason="STALE_ETAG")
+async def _exactly_one(session: AsyncSession, statement, kind: str, id_: str) -> None:
+    """Runs a version-guarded update or delete; no row changed means someone else changed it first."""
+    if (await session.execute(statement)).rowcount != 1:
+        raise Aborted(f"{kind} {id_} was changed by someone else; read it again and retry", reason="STALE_ETAG")
 
 
 class TemplateRepository:
@@ -65,17 +67,14 @@ class TemplateRepository:
     async def update(self, t: Template, read_version: int) -> None:
         values = self._row(t)
         values.pop("id")
-        result = await self.s.execute(sa.update(templates).where(
-            templates.c.id == t.id, templates.c.version == read_version).values(**values))
-        if result.rowcount != 1:
-            raise _stale("template", t.id)
+        await _exactly_one(self.s, sa.update(templates).where(
+            templates.c.id == t.id, templates.c.version == read_version).values(**values), "template", t.id)
 
     async def delete(self, id_: str, read_version: int | None) -> None:
         query = sa.delete(templates).where(templates.c.id == id_)
         if read_version is not None:
             query = query.where(templates.c.version == read_version)
-        if (await self.s.execute(query)).rowcount != 1:
-            raise _stale("template", id_)
+        await _exactly_one(self.s, query, "template", id_)
 
 
 class SourceCodeVersionRepository:
@@ -134,17 +133,15 @@ class SourceCodeVersionRepository:
     async def update(self, v: SourceCodeVersion, read_version: int) -> None:
         values = self._row(v)
         values.pop("id")
-        result = await self.s.execute(sa.update(source_code_versions).where(
-            source_code_versions.c.id == v.id, source_code_versions.c.version == read_version).values(**values))
-        if result.rowcount != 1:
-            raise _stale("source code version", v.id)
+        await _exactly_one(self.s, sa.update(source_code_versions).where(
+            source_code_versions.c.id == v.id, source_code_versions.c.version == read_version).values(**values),
+            "source code version", v.id)
 
     async def delete(self, id_: str, read_version: int | None) -> None:
         query = sa.delete(source_code_versions).where(source_code_versions.c.id == id_)
         if read_version is not None:
             query = query.where(source_code_versions.c.version == read_version)
-        if (await self.s.execute(query)).rowcount != 1:
-            raise _stale("source code version", id_)
+        await _exactly_one(self.s, query, "source code version", id_)
 
 
 def blueprint_spec(b: Blueprint) -> dict[str, Any]:
@@ -199,11 +196,9 @@ class BlueprintRepository:
         return found[offset:offset + limit]
 
     async def update(self, b: Blueprint, read_revision: int) -> None:
-        result = await self.s.execute(sa.update(blueprints).where(
+        await _exactly_one(self.s, sa.update(blueprints).where(
             blueprints.c.id == b.id, blueprints.c.revision == read_revision).values(
-            name=b.name, revision=b.revision, update_time=b.update_time))
-        if result.rowcount != 1:
-            raise _stale("blueprint", b.id)
+            name=b.name, revision=b.revision, update_time=b.update_time), "blueprint", b.id)
         await self._save_revision(b)
 
     async def delete(self, id_: str, read_revision: int | None) -> None:
@@ -212,8 +207,7 @@ class BlueprintRepository:
         query = sa.delete(blueprints).where(blueprints.c.id == id_)
         if read_revision is not None:
             query = query.where(blueprints.c.revision == read_revision)
-        if (await self.s.execute(query)).rowcount != 1:
-            raise _stale("blueprint", id_)
+        await _exactly_one(self.s, query, "blueprint", id_)
 
     async def using(self, *, template_id: str = "", source_code_version_id: str = "") -> list[tuple[str, str]]:
         """(id, name) of blueprints whose latest revision uses the template or version."""

@@ -17,7 +17,7 @@ from services.common.auth import Principal
 from services.common.errors import (Aborted, AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
                                     PreconditionViolation)
 from services.common.events import Correlation, new_event
-from services.common.paging import next_page_token, page_window
+from services.common.paging import paginate
 from services.common.uow import utcnow
 
 SOURCE = "blueprint"
@@ -86,9 +86,8 @@ async def get_template(uow, id_: str) -> Template:
 
 async def list_templates(uow, page_size: int, page_token: str, label: str = "",
                          enabled: bool | None = None) -> tuple[list[Template], str]:
-    offset, limit = page_window(page_size, page_token)
-    found = await uow.templates.list(offset, limit + 1, label, enabled)
-    return found[:limit], next_page_token(offset, limit, len(found))
+    return await paginate(lambda offset, limit: uow.templates.list(offset, limit, label, enabled),
+                          page_size, page_token)
 
 
 TEMPLATE_FIELDS = ("name", "description", "labels", "enabled", "abstract", "parent_template_ids")
@@ -191,9 +190,8 @@ async def get_source_code_version(uow, id_: str) -> SourceCodeVersion:
 
 async def list_source_code_versions(uow, page_size: int, page_token: str,
                                     template_id: str = "") -> tuple[list[SourceCodeVersion], str]:
-    offset, limit = page_window(page_size, page_token)
-    found = await uow.versions.list(offset, limit + 1, template_id)
-    return found[:limit], next_page_token(offset, limit, len(found))
+    return await paginate(lambda offset, limit: uow.versions.list(offset, limit, template_id),
+                          page_size, page_token)
 
 
 async def update_source_code_version(uow, principal: Principal, id_: str, etag: str, description: str | None,
@@ -278,9 +276,7 @@ async def get_blueprint(uow, id_: str, revision: int = 0) -> Blueprint:
 
 
 async def list_blueprints(uow, page_size: int, page_token: str, label: str = "") -> tuple[list[Blueprint], str]:
-    offset, limit = page_window(page_size, page_token)
-    found = await uow.blueprints.list(offset, limit + 1, label)
-    return found[:limit], next_page_token(offset, limit, len(found))
+    return await paginate(lambda offset, limit: uow.blueprints.list(offset, limit, label), page_size, page_token)
 
 
 BLUEPRINT_FIELDS = ("name", "description", "labels", "templates", "wiring_rules")
