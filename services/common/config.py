@@ -49,6 +49,9 @@ class Settings:
     auth_secret: str = ""
     log_level: str = "INFO"
     shutdown_grace: float = 5.0
+    # The whole environment the settings came from, for service-specific
+    # variables (e.g. the executor's IK_EXECUTOR_*); not compared or printed.
+    env: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_env(cls, service: str, env: dict[str, str] | None = None) -> "Settings":
@@ -79,19 +82,21 @@ class Settings:
             auth_secret=env.get("IK_AUTH_SECRET") or load_or_create_secret(data_dir),
             log_level=env.get("IK_LOG_LEVEL", "INFO"),
             shutdown_grace=float(env.get("IK_SHUTDOWN_GRACE", "5")),
+            env=env,
         )
 
 
-def load_or_create_secret(data_dir: Path) -> str:
-    """The local token-signing key, created once and shared by all services
-    started from the same data directory. Creation is atomic (link, not
-    overwrite) because five services start at the same moment."""
-    path = data_dir / "auth-secret"
+def load_or_create_secret(data_dir: Path, name: str = "auth-secret", make=lambda: secrets.token_hex(32)) -> str:
+    """A local key (the token-signing key, the executor's encryption key),
+    created once and shared by all services started from the same data
+    directory. Creation is atomic (link, not overwrite) because five services
+    start at the same moment."""
+    path = data_dir / name
     if path.exists():
         return path.read_text().strip()
     data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = data_dir / f".auth-secret.{os.getpid()}"
-    tmp.write_text(secrets.token_hex(32))
+    tmp = data_dir / f".{name}.{os.getpid()}"
+    tmp.write_text(make())
     os.chmod(tmp, 0o600)
     try:
         os.link(tmp, path)

@@ -50,6 +50,14 @@ class ServiceDefinition:
     # Extra long-running tasks (e.g. executor workers, reconcilers).
     background: Callable[["Runtime"], list] = lambda runtime: []
     on_stop: list[Callable] = field(default_factory=list)
+    # Wires service-specific objects onto the runtime before anything starts
+    # (e.g. the executor's vault, passed to its unit of work via uow_options).
+    setup: Callable[["Runtime"], None] = lambda runtime: None
+    # Streams beyond the per-context event streams (e.g. a work queue).
+    streams: Callable[["Runtime"], list] = lambda runtime: []
+    # Runs when shutdown begins, before background tasks are cancelled (e.g.
+    # executor workers hand their jobs back).
+    on_stopping: list[Callable] = field(default_factory=list)
 
 
 class Runtime:
@@ -70,15 +78,19 @@ class Runtime:
         self.tasks: list[asyncio.Task] = []
         self.consumers: list[tuple[EventConsumer, asyncio.Task]] = []
         self.port: int | None = None
+        self.uow_options: dict = {}
+        definition.setup(self)
 
     def uow(self) -> UnitOfWork:
         return self.definition.uow_class(self.db, self.outbox_table, self.inbox_table, self.bus.names,
-                                         on_commit=self.relay.notify)
+                                         on_commit=self.relay.notify, **self.uow_options)
 
     async def start(self) -> None:
         s = self.settings
         await self.bus.connect()
         await self.bus.ensure_event_streams()
+        for config in self.definition.streams(self):
+            await self.bus.ensure_stream(config)
         self._spawn("outbox-relay", self.relay.run())
         for spec in self.definition.consumers(self):
             consumer = EventConsumer(self.bus, self.uow, spec)
@@ -125,6 +137,8 @@ class Runtime:
             await self.server.stop(self.settings.shutdown_grace)
         for consumer, _ in self.consumers:
             consumer.stop()
+        for hook in self.definition.on_stopping:
+            await hook(self)
         self.relay.stop()
         # Consumers finish their current fetch (about a second) and the relay
         # its batch; whatever is still running then is cancelled.

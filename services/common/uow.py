@@ -59,6 +59,14 @@ class UnitOfWork:
         ))
         self._emitted += 1
 
+    async def enqueue(self, unprefixed_subject: str, payload: bytes, message_id: str) -> None:
+        """A non-event message (e.g. a job dispatch to a work queue), sent
+        through the outbox so it leaves only if this transaction commits."""
+        await self.session.execute(sa.insert(self._outbox).values(
+            event_id=message_id, subject=self._names.subject(unprefixed_subject),
+            payload=payload, created_at=utcnow()))
+        self._emitted += 1
+
     async def already_processed(self, consumer: str, event_id: str) -> bool:
         """Records the event as processed by `consumer` unless it already was.
         A concurrent duplicate fails this transaction's commit on the primary

@@ -3,13 +3,34 @@ from pathlib import Path
 
 from services.common.runtime import ServiceDefinition, run_service
 from services.executor.adapters.tables import metadata
+from services.executor.adapters.terraform import TerraformConfig
+from services.executor.adapters.uow import ExecutorUnitOfWork
+from services.executor.adapters.vault import Vault
 from services.executor.api.servicer import register
+from services.executor.app.worker import ExecutorConfig, JobWorkers, work_queue
+
+
+def setup(runtime) -> None:
+    settings = runtime.settings
+    runtime.uow_options = {"vault": Vault.from_settings(settings)}
+    runtime.executor_config = ExecutorConfig.from_settings(settings)
+    runtime.workers = JobWorkers(runtime, runtime.executor_config, TerraformConfig.from_settings(settings))
+
+
+async def _stop_workers(runtime) -> None:
+    await runtime.workers.stop()
+
 
 DEFINITION = ServiceDefinition(
     name="executor",
     migrations_dir=Path(__file__).parent / "migrations",
     metadata=metadata,
     register=register,
+    uow_class=ExecutorUnitOfWork,
+    setup=setup,
+    streams=lambda runtime: [work_queue(runtime.bus.names)],
+    background=lambda runtime: [runtime.workers.run()],
+    on_stopping=[_stop_workers],
 )
 
 if __name__ == "__main__":

@@ -1,7 +1,105 @@
-"""Tables of the executor service's own database."""
+"""Tables of the executor service's own database. Secret material (credentials,
+secret values, sensitive variables and outputs, saved plans) is stored only
+sealed by the Vault."""
 import sqlalchemy as sa
 
 from services.common.tables import plumbing_tables
 
 metadata = sa.MetaData()
 outbox, inbox = plumbing_tables(metadata)
+
+TS = sa.DateTime(timezone=True)
+
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("source", sa.JSON, nullable=False),
+    sa.Column("commit", sa.String(64), nullable=False),
+    sa.Column("variables", sa.JSON, nullable=False),
+    sa.Column("sensitive_values", sa.LargeBinary, nullable=True),
+    sa.Column("sensitive_variables", sa.JSON, nullable=False),
+    sa.Column("integration_ids", sa.JSON, nullable=False),
+    sa.Column("secret_ids", sa.JSON, nullable=False),
+    sa.Column("storage_id", sa.String(36), nullable=False),
+    sa.Column("state_path", sa.String(512), nullable=False),
+    sa.Column("resource_id", sa.String(64), nullable=False, index=True),
+    sa.Column("resource_revision", sa.BigInteger, nullable=False),
+    sa.Column("workflow_id", sa.String(64), nullable=False, index=True),
+    sa.Column("step_id", sa.String(64), nullable=False),
+    sa.Column("temporary_state_id", sa.String(64), nullable=False),
+    sa.Column("plan_job_id", sa.String(36), nullable=False),
+    sa.Column("timeout_seconds", sa.Float, nullable=False),
+    sa.Column("outputs", sa.JSON, nullable=False),
+    sa.Column("sensitive_outputs", sa.LargeBinary, nullable=True),
+    sa.Column("plan_summary", sa.JSON, nullable=True),
+    sa.Column("plan_file", sa.LargeBinary, nullable=True),
+    sa.Column("exit_code", sa.Integer, nullable=False),
+    sa.Column("error_message", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("worker", sa.String(256), nullable=False),
+    sa.Column("lease_until", TS, nullable=True),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False),
+    sa.Column("creator", sa.String(256), nullable=False),
+    sa.Column("create_time", TS, nullable=False),
+    sa.Column("start_time", TS, nullable=True),
+    sa.Column("end_time", TS, nullable=True),
+    sa.Index("ix_jobs_state", "storage_id", "state_path"),
+)
+
+job_logs = sa.Table(
+    "job_logs", metadata,
+    sa.Column("job_id", sa.String(36), primary_key=True),
+    sa.Column("number", sa.BigInteger, primary_key=True),
+    sa.Column("time", TS, nullable=False),
+    sa.Column("stream", sa.String(16), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+)
+
+integrations = sa.Table(
+    "integrations", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(256), nullable=False, unique=True),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("provider", sa.String(16), nullable=False),
+    sa.Column("credentials", sa.LargeBinary, nullable=False),
+    sa.Column("creator", sa.String(256), nullable=False),
+    sa.Column("create_time", TS, nullable=False),
+    sa.Column("update_time", TS, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+secrets = sa.Table(
+    "secrets", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(256), nullable=False, unique=True),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("exposure", sa.String(16), nullable=False),
+    sa.Column("secret_values", sa.LargeBinary, nullable=False),
+    sa.Column("creator", sa.String(256), nullable=False),
+    sa.Column("create_time", TS, nullable=False),
+    sa.Column("update_time", TS, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+storages = sa.Table(
+    "storages", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.String(256), nullable=False, unique=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("local_directory", sa.Text, nullable=False),
+    sa.Column("pg_connection", sa.LargeBinary, nullable=True),
+    sa.Column("pg_schema", sa.String(63), nullable=False),
+    sa.Column("creator", sa.String(256), nullable=False),
+    sa.Column("create_time", TS, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+state_path_claims = sa.Table(
+    "state_path_claims", metadata,
+    sa.Column("storage_id", sa.String(36), primary_key=True),
+    sa.Column("state_path", sa.String(512), primary_key=True),
+    sa.Column("resource_id", sa.String(64), nullable=False),
+    sa.Column("create_time", TS, nullable=False),
+)

@@ -1,14 +1,190 @@
 """gRPC servicer of ExecutorService: parses, authorises, calls one use case in
-a unit of work, converts the result. Methods not implemented yet answer
-UNIMPLEMENTED (the generated base class)."""
-from infrakitchen.executor.v1 import executor_pb2, executor_pb2_grpc
+a unit of work, converts the result."""
+from __future__ import annotations
 
-SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["ExecutorService"].full_name
+import asyncio
+
+from google.protobuf import empty_pb2
+
+from infrakitchen.executor.v1 import executor_pb2 as pb
+from infrakitchen.executor.v1 import executor_pb2_grpc
+from services.common.auth import current_principal
+from services.common.values import to_timestamp
+from services.executor.api import convert
+from services.executor.app import credentials, jobs
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
+
+LOG_POLL_SECONDS = 0.25
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     def __init__(self, runtime):
-        self.runtime = runtime
+        self.uow = runtime.uow
+        self.default_timeout = runtime.executor_config.default_timeout
+
+    # --- jobs --------------------------------------------------------------
+
+    async def SubmitJob(self, request, context):
+        async with self.uow() as uow:
+            job = await jobs.submit_job(uow, current_principal(), convert.job_from_submit(request),
+                                        self.default_timeout, request.request_id)
+            await uow.commit()
+        return convert.job_to_pb(job)
+
+    async def GetJob(self, request, context):
+        async with self.uow() as uow:
+            return convert.job_to_pb(await jobs.get_job(uow, request.id))
+
+    async def ListJobs(self, request, context):
+        async with self.uow() as uow:
+            found, token = await jobs.list_jobs(uow, request.page_size, request.page_token, request.resource_id,
+                                                request.workflow_id, convert.STATUS.get(request.status, ""))
+        return pb.ListJobsResponse(jobs=[convert.job_to_pb(j) for j in found], next_page_token=token)
+
+    async def CancelJob(self, request, context):
+        async with self.uow() as uow:
+            job = await jobs.cancel_job(uow, current_principal(), request.id)
+            await uow.commit()
+        return convert.job_to_pb(job)
+
+    async def StreamJobLogs(self, request, context):
+        """Replays what was written after `after_line`, then follows (the
+        lines are read from the database, so any executor process can serve
+        any job's stream) until the job has ended and every line was sent."""
+        after = max(request.after_line, 0)
+        async with self.uow() as uow:
+            await jobs.get_job(uow, request.job_id)
+        while True:
+            async with self.uow() as uow:
+                rows = await uow.logs.after(request.job_id, after)
+                status = (await uow.jobs.get(request.job_id)).status if not rows else None
+            if rows:
+                after = rows[-1].number
+                yield pb.StreamJobLogsResponse(lines=[
+                    pb.LogLine(number=r.number, time=to_timestamp(r.time), stream=r.stream, text=r.text)
+                    for r in rows])
+                continue
+            if status in ("succeeded", "failed", "cancelled", "timed_out"):
+                # A line written just before the status changed is read above
+                # on the next pass; read once more so none is missed.
+                async with self.uow() as uow:
+                    rows = await uow.logs.after(request.job_id, after)
+                if rows:
+                    continue
+                yield pb.StreamJobLogsResponse(final_status=convert.STATUS_PB[status])
+                return
+            await asyncio.sleep(LOG_POLL_SECONDS)
+
+    async def GetJobSensitiveOutputs(self, request, context):
+        async with self.uow() as uow:
+            job = await jobs.get_job(uow, request.job_id)
+        return pb.GetJobSensitiveOutputsResponse(outputs=convert.outputs_pb(job.outputs, reveal=True))
+
+    # --- integrations ------------------------------------------------------
+
+    async def CreateIntegration(self, request, context):
+        async with self.uow() as uow:
+            i = await credentials.create_integration(
+                uow, current_principal(), convert.integration_from_pb(request.integration, request.credentials),
+                request.request_id)
+            await uow.commit()
+        return convert.integration_to_pb(i)
+
+    async def GetIntegration(self, request, context):
+        async with self.uow() as uow:
+            return convert.integration_to_pb(await credentials.get_integration(uow, request.id))
+
+    async def ListIntegrations(self, request, context):
+        async with self.uow() as uow:
+            found, token = await credentials.list_integrations(uow, request.page_size, request.page_token)
+        return pb.ListIntegrationsResponse(integrations=[convert.integration_to_pb(i) for i in found],
+                                           next_page_token=token)
+
+    async def UpdateIntegration(self, request, context):
+        i = request.integration
+        async with self.uow() as uow:
+            updated = await credentials.update_integration(
+                uow, current_principal(), i.id, i.etag, i.name or None, i.description or None,
+                dict(request.credentials))
+            await uow.commit()
+        return convert.integration_to_pb(updated)
+
+    async def DeleteIntegration(self, request, context):
+        async with self.uow() as uow:
+            await credentials.delete_integration(uow, current_principal(), request.id, request.etag)
+            await uow.commit()
+        return empty_pb2.Empty()
+
+    # --- secrets -----------------------------------------------------------
+
+    async def CreateSecret(self, request, context):
+        async with self.uow() as uow:
+            x = await credentials.create_secret(uow, current_principal(),
+                                                convert.secret_from_pb(request.secret, request.values),
+                                                request.request_id)
+            await uow.commit()
+        return convert.secret_to_pb(x)
+
+    async def GetSecret(self, request, context):
+        async with self.uow() as uow:
+            return convert.secret_to_pb(await credentials.get_secret(uow, request.id))
+
+    async def ListSecrets(self, request, context):
+        async with self.uow() as uow:
+            found, token = await credentials.list_secrets(uow, request.page_size, request.page_token)
+        return pb.ListSecretsResponse(secrets=[convert.secret_to_pb(x) for x in found], next_page_token=token)
+
+    async def UpdateSecret(self, request, context):
+        x = request.secret
+        async with self.uow() as uow:
+            updated = await credentials.update_secret(uow, current_principal(), x.id, x.etag,
+                                                      x.description or None, dict(request.values))
+            await uow.commit()
+        return convert.secret_to_pb(updated)
+
+    async def DeleteSecret(self, request, context):
+        async with self.uow() as uow:
+            await credentials.delete_secret(uow, current_principal(), request.id, request.etag)
+            await uow.commit()
+        return empty_pb2.Empty()
+
+    # --- storages ----------------------------------------------------------
+
+    async def CreateStorage(self, request, context):
+        async with self.uow() as uow:
+            x = await credentials.create_storage(uow, current_principal(), convert.storage_from_pb(request.storage),
+                                                 request.request_id)
+            await uow.commit()
+        return convert.storage_to_pb(x)
+
+    async def GetStorage(self, request, context):
+        async with self.uow() as uow:
+            return convert.storage_to_pb(await credentials.get_storage(uow, request.id))
+
+    async def ListStorages(self, request, context):
+        async with self.uow() as uow:
+            found, token = await credentials.list_storages(uow, request.page_size, request.page_token)
+        return pb.ListStoragesResponse(storages=[convert.storage_to_pb(x) for x in found], next_page_token=token)
+
+    async def DeleteStorage(self, request, context):
+        async with self.uow() as uow:
+            await credentials.delete_storage(uow, current_principal(), request.id, request.etag)
+            await uow.commit()
+        return empty_pb2.Empty()
+
+    async def ClaimStatePath(self, request, context):
+        async with self.uow() as uow:
+            c = await credentials.claim(uow, request.storage_id, request.state_path, request.resource_id)
+            await uow.commit()
+        return pb.StatePathClaim(storage_id=c.storage_id, state_path=c.state_path, resource_id=c.resource_id,
+                                 create_time=to_timestamp(c.create_time))
+
+    async def ReleaseStatePath(self, request, context):
+        async with self.uow() as uow:
+            await credentials.release(uow, request.storage_id, request.state_path, request.resource_id)
+            await uow.commit()
+        return empty_pb2.Empty()
 
 
 def register(server, runtime) -> list[str]:

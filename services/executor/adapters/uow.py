@@ -1,0 +1,17 @@
+from services.common.uow import UnitOfWork
+from services.executor.adapters.repositories import (IntegrationRepository, JobLogRepository, JobRepository,
+                                                     SecretRepository, StorageRepository)
+from services.executor.adapters.vault import Vault
+
+
+class ExecutorUnitOfWork(UnitOfWork):
+    def __init__(self, *args, vault: Vault, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vault = vault
+
+    def _open(self) -> None:
+        self.jobs = JobRepository(self.session, self.vault)
+        self.logs = JobLogRepository(self.session)
+        self.integrations = IntegrationRepository(self.session, self.vault)
+        self.secrets = SecretRepository(self.session, self.vault)
+        self.storages = StorageRepository(self.session, self.vault)

@@ -1,0 +1,44 @@
+"""Encryption at rest of credentials, secret values, sensitive variables and
+outputs and saved plans (Fernet: AES-128-CBC + HMAC-SHA256, from the
+`cryptography` package). The key comes from IK_ENCRYPTION_KEY, or is created
+once into <data>/encryption-key (mode 0600) for a local installation."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cryptography.fernet import Fernet, InvalidToken
+
+from services.common.config import Settings, load_or_create_secret
+
+
+class Vault:
+    def __init__(self, key: str):
+        try:
+            self._fernet = Fernet(key.encode())
+        except (ValueError, TypeError):
+            raise ValueError("IK_ENCRYPTION_KEY must be a Fernet key (32 url-safe base64-encoded bytes)") from None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Vault":
+        key = settings.env.get("IK_ENCRYPTION_KEY") or load_or_create_secret(
+            settings.data_dir, "encryption-key", lambda: Fernet.generate_key().decode())
+        return cls(key)
+
+    def seal(self, data: bytes) -> bytes:
+        return self._fernet.encrypt(data)
+
+    def open(self, token: bytes) -> bytes:
+        try:
+            return self._fernet.decrypt(token)
+        except InvalidToken:
+            raise RuntimeError("stored secret cannot be decrypted: IK_ENCRYPTION_KEY differs from the one "
+                               "it was written with") from None
+
+    def seal_json(self, value: Any) -> bytes:
+        return self.seal(json.dumps(value).encode())
+
+    def open_json(self, token: bytes | None, default: Any = None) -> Any:
+        if not token:
+            return default
+        return json.loads(self.open(token))

@@ -1,0 +1,245 @@
+"""Use cases of integrations (cloud credentials), secrets and storages (state
+backends). Credential and secret values go in and never come out: responses
+carry only their key names."""
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+from services.common.auth import Principal
+from services.common.errors import (Aborted, AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument,
+                                    NotFound, PreconditionViolation)
+from services.common.paging import paginate
+from services.common.uow import utcnow
+from services.executor.app.jobs import claim_state_path
+from services.executor.domain.model import (AWS, AZURE, ENV, GCP, GENERIC, LOCAL, PG, TF_VAR, Integration, Secret,
+                                            StatePathClaim, Storage, valid_env_name, valid_state_path)
+
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def _check_etag(kind: str, id_: str, given: str, current: str) -> None:
+    if given and given != current:
+        raise Aborted(f"{kind} {id_} has etag {current}, not {given}; read it again and retry", reason="STALE_ETAG")
+
+
+def _check_name(name: str, field: str, violations: list) -> None:
+    if not name.strip():
+        violations.append(FieldViolation(field, "must not be empty"))
+
+
+def _check_keys(values: dict[str, str], field: str, violations: list, env_names: bool) -> None:
+    for key, value in values.items():
+        if env_names and not valid_env_name(key):
+            violations.append(FieldViolation(f"{field}[{key!r}]", "must be a valid environment variable name"))
+        if not value:
+            violations.append(FieldViolation(f"{field}[{key!r}]", "must not be empty"))
+
+
+# --- integrations ----------------------------------------------------------
+
+async def create_integration(uow, principal: Principal, i: Integration, request_id: str = "") -> Integration:
+    if (existing := await uow.find_request("CreateIntegration", request_id)) is not None:
+        return await get_integration(uow, existing)
+    violations: list[FieldViolation] = []
+    _check_name(i.name, "integration.name", violations)
+    if i.provider not in (AWS, AZURE, GCP, GENERIC):
+        violations.append(FieldViolation("integration.provider", "must be AWS, AZURE, GCP or GENERIC"))
+    if not i.credentials:
+        violations.append(FieldViolation("credentials", "must hold at least one key"))
+    _check_keys(i.credentials, "credentials", violations, env_names=True)
+    if violations:
+        raise InvalidArgument("invalid integration", violations)
+    if await uow.integrations.name_taken(i.name):
+        raise AlreadyExists("integration", i.name, f"an integration named {i.name!r} already exists")
+    i = replace(i, id=str(uuid.uuid4()), creator=principal.user, create_time=utcnow(), update_time=utcnow(),
+                version=1)
+    await uow.integrations.add(i)
+    await uow.remember_request("CreateIntegration", request_id, i.id)
+    return i
+
+
+async def get_integration(uow, id_: str) -> Integration:
+    i = await uow.integrations.get(id_) if id_ else None
+    if i is None:
+        raise NotFound("integration", id_)
+    return i
+
+
+async def list_integrations(uow, page_size: int, page_token: str):
+    return await paginate(uow.integrations.list, page_size, page_token)
+
+
+async def update_integration(uow, principal: Principal, id_: str, etag: str, name: str | None,
+                             description: str | None, credentials: dict[str, str]) -> Integration:
+    current = await get_integration(uow, id_)
+    _check_etag("integration", id_, etag, current.etag)
+    violations: list[FieldViolation] = []
+    if name is not None:
+        _check_name(name, "integration.name", violations)
+    _check_keys(credentials, "credentials", violations, env_names=True)
+    if violations:
+        raise InvalidArgument("invalid integration", violations)
+    if name and name != current.name and await uow.integrations.name_taken(name):
+        raise AlreadyExists("integration", name, f"an integration named {name!r} already exists")
+    updated = replace(current, name=name or current.name,
+                      description=current.description if description is None else description,
+                      credentials=dict(credentials) or current.credentials, update_time=utcnow(),
+                      version=current.version + 1)
+    await uow.integrations.update(updated, current.version)
+    return updated
+
+
+async def delete_integration(uow, principal: Principal, id_: str, etag: str) -> None:
+    current = await get_integration(uow, id_)
+    _check_etag("integration", id_, etag, current.etag)
+    await _refuse_if_used(uow, "integration_ids", "integration", id_)
+    await uow.integrations.delete(id_)
+
+
+async def _refuse_if_used(uow, column: str, kind: str, id_: str) -> None:
+    users = await uow.jobs.uses(column, id_)
+    if users:
+        raise FailedPrecondition(f"{kind} {id_} is used by unfinished jobs", [
+            PreconditionViolation("IN_USE", f"jobs/{j}", f"job {j} is queued or running with it") for j in users])
+
+
+# --- secrets ---------------------------------------------------------------
+
+_EXPOSURES = (TF_VAR, ENV)
+
+
+async def create_secret(uow, principal: Principal, x: Secret, request_id: str = "") -> Secret:
+    if (existing := await uow.find_request("CreateSecret", request_id)) is not None:
+        return await get_secret(uow, existing)
+    violations: list[FieldViolation] = []
+    _check_name(x.name, "secret.name", violations)
+    if x.exposure not in _EXPOSURES:
+        violations.append(FieldViolation("secret.exposure", "must be TF_VAR or ENV"))
+    if not x.values:
+        violations.append(FieldViolation("values", "must hold at least one key"))
+    _check_keys(x.values, "values", violations, env_names=True)
+    if violations:
+        raise InvalidArgument("invalid secret", violations)
+    if await uow.secrets.name_taken(x.name):
+        raise AlreadyExists("secret", x.name, f"a secret named {x.name!r} already exists")
+    x = replace(x, id=str(uuid.uuid4()), creator=principal.user, create_time=utcnow(), update_time=utcnow(),
+                version=1)
+    await uow.secrets.add(x)
+    await uow.remember_request("CreateSecret", request_id, x.id)
+    return x
+
+
+async def get_secret(uow, id_: str) -> Secret:
+    x = await uow.secrets.get(id_) if id_ else None
+    if x is None:
+        raise NotFound("secret", id_)
+    return x
+
+
+async def list_secrets(uow, page_size: int, page_token: str):
+    return await paginate(uow.secrets.list, page_size, page_token)
+
+
+async def update_secret(uow, principal: Principal, id_: str, etag: str, description: str | None,
+                        values: dict[str, str]) -> Secret:
+    current = await get_secret(uow, id_)
+    _check_etag("secret", id_, etag, current.etag)
+    violations: list[FieldViolation] = []
+    _check_keys(values, "values", violations, env_names=True)
+    if violations:
+        raise InvalidArgument("invalid secret", violations)
+    updated = replace(current, description=current.description if description is None else description,
+                      values=dict(values) or current.values, update_time=utcnow(), version=current.version + 1)
+    await uow.secrets.update(updated, current.version)
+    return updated
+
+
+async def delete_secret(uow, principal: Principal, id_: str, etag: str) -> None:
+    current = await get_secret(uow, id_)
+    _check_etag("secret", id_, etag, current.etag)
+    await _refuse_if_used(uow, "secret_ids", "secret", id_)
+    await uow.secrets.delete(id_)
+
+
+# --- storages --------------------------------------------------------------
+
+async def create_storage(uow, principal: Principal, x: Storage, request_id: str = "") -> Storage:
+    if (existing := await uow.find_request("CreateStorage", request_id)) is not None:
+        return await get_storage(uow, existing)
+    violations: list[FieldViolation] = []
+    _check_name(x.name, "storage.name", violations)
+    if x.kind == LOCAL:
+        if not Path(x.local_directory).is_absolute():
+            violations.append(FieldViolation("storage.local_directory", "must be an absolute directory path"))
+    elif x.kind == PG:
+        if not x.pg_connection_string.startswith(("postgres://", "postgresql://")):
+            violations.append(FieldViolation("storage.pg_connection_string",
+                                             "must be a postgres:// or postgresql:// connection string"))
+        if not _SCHEMA_RE.match(x.pg_schema):
+            violations.append(FieldViolation("storage.pg_schema", "must be a lower-case SQL identifier "
+                                                                  "(a-z, 0-9, _; at most 63)"))
+    else:
+        violations.append(FieldViolation("storage.kind", "must be LOCAL or PG"))
+    if violations:
+        raise InvalidArgument("invalid storage", violations)
+    if await uow.storages.name_taken(x.name):
+        raise AlreadyExists("storage", x.name, f"a storage named {x.name!r} already exists")
+    x = replace(x, id=str(uuid.uuid4()), creator=principal.user, create_time=utcnow(), version=1)
+    await uow.storages.add(x)
+    await uow.remember_request("CreateStorage", request_id, x.id)
+    return x
+
+
+async def get_storage(uow, id_: str) -> Storage:
+    x = await uow.storages.get(id_) if id_ else None
+    if x is None:
+        raise NotFound("storage", id_)
+    return x
+
+
+async def list_storages(uow, page_size: int, page_token: str):
+    return await paginate(uow.storages.list, page_size, page_token)
+
+
+async def delete_storage(uow, principal: Principal, id_: str, etag: str) -> None:
+    current = await get_storage(uow, id_)
+    _check_etag("storage", id_, etag, current.etag)
+    claimed = await uow.storages.claims_of(id_)
+    if claimed:
+        raise FailedPrecondition(f"storage {id_} still holds the state of resources", [
+            PreconditionViolation("STATE_PATH_CLAIMED", f"storages/{id_}/paths/{p}", f"state path {p} is claimed")
+            for p in claimed])
+    await _refuse_if_used(uow, "storage_id", "storage", id_)
+    await uow.storages.delete(id_)
+
+
+async def claim(uow, storage_id: str, state_path: str, resource_id: str) -> StatePathClaim:
+    _check_claim(storage_id, state_path, resource_id)
+    await get_storage(uow, storage_id)
+    return await claim_state_path(uow, storage_id, state_path, resource_id)
+
+
+async def release(uow, storage_id: str, state_path: str, resource_id: str) -> None:
+    _check_claim(storage_id, state_path, resource_id)
+    existing = await uow.storages.claim(storage_id, state_path)
+    if existing is None:
+        return
+    if existing.resource_id != resource_id:
+        raise FailedPrecondition("the state path belongs to another resource", [PreconditionViolation(
+            "CLAIMED_BY_OTHER", f"storages/{storage_id}/paths/{state_path}", "claimed by another resource")])
+    await uow.storages.remove_claim(storage_id, state_path)
+
+
+def _check_claim(storage_id: str, state_path: str, resource_id: str) -> None:
+    violations = []
+    if not storage_id:
+        violations.append(FieldViolation("storage_id", "must not be empty"))
+    if not valid_state_path(state_path):
+        violations.append(FieldViolation("state_path", "must be a relative path without '..'"))
+    if not resource_id:
+        violations.append(FieldViolation("resource_id", "must not be empty"))
+    if violations:
+        raise InvalidArgument("invalid state path claim", violations)

@@ -1,0 +1,160 @@
+"""Use cases of jobs, one function per command. Each runs in the unit of work
+it is given; the caller commits."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import replace
+
+from infrakitchen.events.v1 import events_pb2
+from services.common.auth import Principal
+from services.common.errors import (AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
+                                    PreconditionViolation)
+from services.common.events import Correlation as EventCorrelation
+from services.common.events import new_event
+from services.common.paging import paginate
+from services.common.uow import utcnow
+from services.executor.domain.model import (ACTIONS, APPLY, PLAN, QUEUED, SUCCEEDED, Job,
+                                            StatePathClaim, valid_state_path)
+
+SOURCE = "executor"
+DISPATCH_SUBJECT = "ik.dispatch.job"  # the work-queue stream's subject (not an event)
+
+# Which event announces which status.
+STATUS_EVENT = {"queued": "job_queued", "running": "job_started", "succeeded": "job_succeeded",
+                "failed": "job_failed", "cancelled": "job_cancelled", "timed_out": "job_timed_out"}
+
+
+async def emit_job_event(uow, job: Job, actor: str = "") -> None:
+    """The job's current status as an event; payload conversion lives in the api layer."""
+    from services.executor.api.convert import job_changed  # api owns proto conversion
+    c = job.correlation
+    await uow.emit(new_event(SOURCE, STATUS_EVENT[job.status], job_changed(job), actor=actor,
+                             correlation=EventCorrelation(workflow_id=c.workflow_id, step_id=c.step_id,
+                                                          resource_id=c.resource_id, job_id=job.id,
+                                                          temporary_state_id=c.temporary_state_id)))
+
+
+async def submit_job(uow, principal: Principal, job: Job, default_timeout: float, request_id: str = "") -> Job:
+    if (existing := await uow.find_request("SubmitJob", request_id)) is not None:
+        return await get_job(uow, existing)
+    violations = []
+    if job.action not in ACTIONS:
+        violations.append(FieldViolation("action", "must be plan, apply or destroy"))
+    if job.plan_job_id and job.action != APPLY:
+        violations.append(FieldViolation("plan_job_id", "only an apply job can apply a saved plan"))
+    if not job.plan_job_id:
+        if not job.source.repository_url.strip():
+            violations.append(FieldViolation("source.repository_url", "must not be empty"))
+        if not job.source.ref.strip():
+            violations.append(FieldViolation("source.ref", "must name a tag, branch or commit"))
+    if job.source.path.startswith("/") or ".." in job.source.path.split("/"):
+        violations.append(FieldViolation("source.path", "must be a folder inside the repository"))
+    if not valid_state_path(job.state_path):
+        violations.append(FieldViolation("state_path", "must be a relative path of letters, digits, '.', '_', '-' "
+                                                       "and '/', without '..'"))
+    for i, name in enumerate(job.sensitive_variables):
+        if name not in job.variables:
+            violations.append(FieldViolation(f"sensitive_variables[{i}]", f"{name!r} is not one of the variables"))
+    if job.timeout_seconds < 0:
+        violations.append(FieldViolation("timeout", "must not be negative"))
+    for i, id_ in enumerate(job.integration_ids):
+        if await uow.integrations.get(id_) is None:
+            violations.append(FieldViolation(f"integration_ids[{i}]", f"unknown integration {id_!r}"))
+    for i, id_ in enumerate(job.secret_ids):
+        if await uow.secrets.get(id_) is None:
+            violations.append(FieldViolation(f"secret_ids[{i}]", f"unknown secret {id_!r}"))
+    if job.storage_id and await uow.storages.get(job.storage_id) is None:
+        violations.append(FieldViolation("storage_id", f"unknown storage {job.storage_id!r}"))
+    if violations:
+        raise InvalidArgument("invalid job", violations)
+
+    now = utcnow()
+    job = replace(job, id=str(uuid.uuid4()), status=QUEUED, creator=principal.user, create_time=now,
+                  timeout_seconds=job.timeout_seconds or default_timeout, attempt=0, worker="")
+    if job.plan_job_id:
+        job = await _from_saved_plan(uow, job)
+    if job.correlation.resource_id:
+        await claim_state_path(uow, job.storage_id, job.state_path, job.correlation.resource_id)
+    await uow.jobs.add(job)
+    await uow.remember_request("SubmitJob", request_id, job.id)
+    await emit_job_event(uow, job, principal.user)
+    await uow.enqueue(DISPATCH_SUBJECT, job.id.encode(), f"dispatch-{job.id}")
+    return job
+
+
+async def _from_saved_plan(uow, job: Job) -> Job:
+    """An apply of a reviewed plan runs exactly what the plan job planned:
+    same commit, same variables, same state; refused when the state moved."""
+    plan = await uow.jobs.get(job.plan_job_id)
+    if plan is None:
+        raise InvalidArgument.of("plan_job_id", f"unknown job {job.plan_job_id!r}")
+    problems = []
+    if plan.action != PLAN:
+        problems.append(PreconditionViolation("JOB_NOT_A_PLAN", f"jobs/{plan.id}", "the job is not a plan job"))
+    elif plan.status != SUCCEEDED:
+        problems.append(PreconditionViolation("PLAN_NOT_SUCCEEDED", f"jobs/{plan.id}",
+                                              f"the plan job is {plan.status}, not succeeded"))
+    if (plan.storage_id, plan.state_path) != (job.storage_id, job.state_path):
+        problems.append(PreconditionViolation("PLAN_OF_OTHER_STATE", f"jobs/{plan.id}",
+                                              "the plan was made for another storage or state path"))
+    if not problems and plan.start_time is not None:
+        moved = await uow.jobs.state_changed_since(plan.storage_id, plan.state_path, plan.start_time)
+        problems += [PreconditionViolation("STATE_CHANGED_SINCE_PLAN", f"jobs/{m}",
+                                           "this job changed the state after the plan was made; plan again")
+                     for m in moved]
+    if problems:
+        raise FailedPrecondition(f"cannot apply the saved plan of job {plan.id}", problems)
+    return replace(job, source=plan.source, commit=plan.commit, variables=dict(plan.variables),
+                   sensitive_variables=list(plan.sensitive_variables),
+                   integration_ids=job.integration_ids or plan.integration_ids,
+                   secret_ids=job.secret_ids or plan.secret_ids)
+
+
+async def claim_state_path(uow, storage_id: str, state_path: str, resource_id: str) -> StatePathClaim:
+    existing = await uow.storages.claim(storage_id, state_path)
+    if existing is not None:
+        if existing.resource_id != resource_id:
+            raise AlreadyExists("state path", f"{storage_id or 'default'}:{state_path}",
+                                f"state path {state_path!r} of this storage belongs to another resource")
+        return existing
+    claim = StatePathClaim(storage_id, state_path, resource_id, utcnow())
+    await uow.storages.add_claim(claim)
+    return claim
+
+
+async def get_job(uow, id_: str) -> Job:
+    job = await uow.jobs.get(id_) if id_ else None
+    if job is None:
+        raise NotFound("job", id_)
+    return job
+
+
+async def list_jobs(uow, page_size: int, page_token: str, resource_id: str = "", workflow_id: str = "",
+                    status: str = "") -> tuple[list[Job], str]:
+    return await paginate(lambda o, n: uow.jobs.list(o, n, resource_id, workflow_id, status), page_size, page_token)
+
+
+async def cancel_job(uow, principal: Principal, id_: str) -> Job:
+    """A queued job is cancelled at once; a running one is asked to stop and
+    its worker interrupts terraform (the job then ends cancelled). Cancelling
+    an ended job answers FAILED_PRECONDITION."""
+    job = await uow.jobs.get(id_) if id_ else None
+    if job is None:
+        raise NotFound("job", id_)
+    # Conditional updates, not read-modify-write: a worker may claim the job
+    # between our read and our write.
+    reason = f"cancelled by {principal.user} before it started"
+    if await uow.jobs.cancel_if_queued(id_, reason, utcnow()):
+        job = await uow.jobs.get(id_)
+        await emit_job_event(uow, job, principal.user)
+        return job
+    if await uow.jobs.request_cancel_if_running(id_):
+        return await uow.jobs.get(id_)
+    job = await uow.jobs.get(id_)
+    raise FailedPrecondition(f"job {id_} already ended {job.status}",
+                             [PreconditionViolation("JOB_ENDED", f"jobs/{id_}", f"status is {job.status}")])
+
+
+def lease_deadline(seconds: float) -> dt.datetime:
+    return utcnow() + dt.timedelta(seconds=seconds)

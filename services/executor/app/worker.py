@@ -1,0 +1,294 @@
+"""Job workers: pull job ids from the work-queue stream and run them.
+
+Any number of executor processes, each with a pool of workers, share one
+durable pull consumer of the work queue, so every job goes to one worker at a
+time. A worker owns a job through a lease in the database (claimed with one
+conditional update, renewed with the message's in_progress heartbeat). When a
+worker dies, its message is redelivered after ack_wait and its lease expires
+at about the same time; the next worker claims the job, breaks the dead run's
+stale state lock and runs the job again (attempt + 1). Two live workers never
+run one job: the claim succeeds only for a queued job or an expired lease."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+
+from services.common.config import Settings
+from services.common.uow import utcnow
+from services.executor.adapters.terraform import RunSpec, TerraformConfig, TerraformRun, break_stale_lock
+from services.executor.app.jobs import DISPATCH_SUBJECT, emit_job_event, lease_deadline
+from services.executor.domain.model import (CANCELLED, FAILED, RUNNING, SUCCEEDED, TIMED_OUT, Job, Redactor,
+                                            integration_env, secret_env, sensitive_values)
+
+log = logging.getLogger(__name__)
+
+DURABLE = "executor-workers"
+MAX_LINE = 16 * 1024
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    workers: int
+    default_timeout: float
+    lease: float
+    max_attempts: int
+    worker_id: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ExecutorConfig":
+        env = settings.env
+        return cls(
+            workers=int(env.get("IK_EXECUTOR_WORKERS", "2")),
+            default_timeout=float(env.get("IK_EXECUTOR_JOB_TIMEOUT", "3600")),
+            lease=float(env.get("IK_EXECUTOR_LEASE", "30")),
+            max_attempts=int(env.get("IK_EXECUTOR_MAX_ATTEMPTS", "3")),
+            worker_id=env.get("IK_EXECUTOR_WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}",
+        )
+
+
+def work_queue(names) -> StreamConfig:
+    return StreamConfig(
+        name=names.stream("IK_EXECUTOR_JOBS"),
+        subjects=[names.subject(DISPATCH_SUBJECT)],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        duplicate_window=120.0,
+    )
+
+
+class LogWriter:
+    """Buffers a job's lines and writes them in small batches (every 0.2 s),
+    numbered in order, so followers see them while the job runs."""
+
+    def __init__(self, uow_factory, job_id: str, next_number: int):
+        self.uow_factory = uow_factory
+        self.job_id = job_id
+        self.next_number = next_number
+        self._buffer: list = []
+        self._task = asyncio.create_task(self._loop())
+
+    def add(self, stream: str, text: str) -> None:
+        self._buffer.append((utcnow(), stream, text[:MAX_LINE]))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                await self.flush()
+            except Exception as exc:  # noqa: BLE001 - kept in the buffer, written next time
+                log.warning("job %s: writing log lines failed: %s", self.job_id, exc)
+
+    async def flush(self) -> None:
+        if not self._buffer:
+            return
+        lines, self._buffer = self._buffer, []
+        try:
+            async with self.uow_factory() as uow:
+                await uow.logs.append(self.job_id, self.next_number, lines)
+                await uow.commit()
+        except BaseException:
+            self._buffer = lines + self._buffer
+            raise
+        self.next_number += len(lines)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await self.flush()
+
+
+class JobWorkers:
+    def __init__(self, runtime, config: ExecutorConfig, terraform: TerraformConfig):
+        self.runtime = runtime
+        self.config = config
+        self.terraform = terraform
+        self._stopping = asyncio.Event()
+        self._runs: dict[str, TerraformRun] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    async def run(self) -> None:
+        """Background task of the service: the worker pool."""
+        bus = self.runtime.bus
+        stream = bus.names.stream("IK_EXECUTOR_JOBS")
+        await bus.js.add_consumer(stream, ConsumerConfig(
+            durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT, ack_wait=self.config.lease,
+            max_deliver=10 * self.config.max_attempts, max_ack_pending=10_000,
+            filter_subject=bus.names.subject(DISPATCH_SUBJECT)))
+        self._tasks = [asyncio.create_task(self._work(stream, n), name=f"executor-worker-{n}")
+                       for n in range(self.config.workers)]
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Shutdown: take no new jobs; interrupt running ones and hand them
+        back (lease released, message redelivered) for another worker."""
+        self._stopping.set()
+        for run in list(self._runs.values()):
+            run.interrupt("shutdown")
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.terraform.cancel_grace + 3)
+
+    async def _work(self, stream: str, n: int) -> None:
+        sub = await self.runtime.bus.js.pull_subscribe_bind(DURABLE, stream)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    msgs = await sub.fetch(1, timeout=1.0)
+                except (NatsTimeoutError, asyncio.TimeoutError):
+                    continue
+                except Exception as exc:  # noqa: BLE001 - connection trouble: wait and fetch again
+                    log.warning("worker %d: fetch failed: %s", n, exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for msg in msgs:
+                    try:
+                        await self._handle(msg)
+                    except Exception:  # noqa: BLE001 - the message is redelivered; keep working
+                        log.exception("worker %d: job %s failed to run", n, msg.data[:64])
+                        await _quietly(msg.nak(delay=5))
+        finally:
+            await _quietly(sub.unsubscribe())
+
+    async def _handle(self, msg) -> None:
+        job_id = msg.data.decode()
+        cfg = self.config
+        async with self.runtime.uow() as uow:
+            job = await uow.jobs.get(job_id)
+            if job is None or job.ended:
+                await msg.ack()
+                return
+            now = utcnow()
+            if job.status == RUNNING and job.lease_until is not None and job.lease_until > now:
+                # Its worker is alive (a late heartbeat made NATS redeliver): not ours.
+                await msg.nak(delay=(job.lease_until - now).total_seconds() + 0.5)
+                return
+            previous_worker = job.worker if job.status == RUNNING else ""
+            if job.status == RUNNING and (job.cancel_requested or job.attempt >= cfg.max_attempts):
+                reason = ("cancelled while its worker was gone" if job.cancel_requested else
+                          f"its worker stopped without finishing {job.attempt} times; not run again")
+                await self._end(uow, job, CANCELLED if job.cancel_requested else FAILED, reason)
+                await uow.commit()
+                await msg.ack()
+                return
+            if not await uow.jobs.claim(job_id, cfg.worker_id, now, lease_deadline(cfg.lease)):
+                await uow.rollback()
+                await msg.nak(delay=1)
+                return
+            job = await uow.jobs.get(job_id)
+            await emit_job_event(uow, job)
+            storage = await uow.storages.get(job.storage_id) if job.storage_id else None
+            env, redact = await self._environment(uow, job)
+            plan_file = await uow.jobs.plan_file(job.plan_job_id) if job.plan_job_id else None
+            next_number = await uow.logs.last_number(job.id) + 1
+            await uow.commit()
+
+        logs = LogWriter(self.runtime.uow, job.id, next_number)
+        if previous_worker:
+            logs.add("executor", f"attempt {job.attempt}: worker {previous_worker} stopped without finishing "
+                                 f"(its lease expired); running the job again")
+            if break_stale_lock(self.terraform, storage, job.state_path):
+                logs.add("executor", "removed the stale state lock the stopped run left behind")
+        logs.add("executor", f"{job.action} job {job.id}, attempt {job.attempt}, on worker {cfg.worker_id}")
+        spec = RunSpec(job_id=job.id, action=job.action, repository_url=job.source.repository_url,
+                       ref=job.commit or job.source.ref, path=job.source.path, variables=job.variables, env=env,
+                       storage=storage, state_path=job.state_path, plan_file=plan_file)
+        run = TerraformRun(self.terraform, spec, redact, logs.add)
+        self._runs[job.id] = run
+        try:
+            result = await self._supervise(msg, job, run)
+        finally:
+            self._runs.pop(job.id, None)
+            await logs.close()
+
+        if result.interrupted == "shutdown":
+            async with self.runtime.uow() as uow:
+                await uow.jobs.release(job.id, cfg.worker_id)
+                await uow.commit()
+            await msg.nak(delay=0)
+            return
+        if result.interrupted == "lost":
+            return  # another worker holds the job now; it finishes it
+        status = {"cancelled": CANCELLED, "timed_out": TIMED_OUT}.get(
+            result.interrupted, SUCCEEDED if result.exit_code == 0 else FAILED)
+        error = result.error
+        if status == TIMED_OUT:
+            error = f"the job ran longer than its timeout of {job.timeout_seconds:g}s and was interrupted"
+        elif status == CANCELLED:
+            error = "cancelled while running; terraform was interrupted"
+        async with self.runtime.uow() as uow:
+            current = await uow.jobs.get(job.id)
+            if current is None or current.worker != cfg.worker_id or current.ended:
+                await msg.ack()
+                return
+            current.commit = result.commit or current.commit
+            current.outputs = result.outputs
+            current.plan_summary = result.plan_summary
+            current.exit_code = result.exit_code
+            await self._end(uow, current, status, error if status != SUCCEEDED else "")
+            if result.plan_file is not None and status == SUCCEEDED:
+                await uow.jobs.set_plan_file(job.id, result.plan_file)
+            await uow.commit()
+        await msg.ack()
+
+    async def _end(self, uow, job: Job, status: str, error: str) -> None:
+        job.status, job.error_message, job.end_time, job.lease_until = status, error, utcnow(), None
+        await uow.jobs.save(job)
+        await emit_job_event(uow, job)
+
+    async def _environment(self, uow, job: Job) -> tuple[dict[str, str], Redactor]:
+        env: dict[str, str] = {}
+        redact = Redactor()
+        for id_ in job.integration_ids:
+            integration = await uow.integrations.get(id_)
+            if integration is not None:
+                env.update(integration_env(integration.provider, integration.credentials))
+                redact.add(integration.credentials.values())
+        for id_ in job.secret_ids:
+            secret = await uow.secrets.get(id_)
+            if secret is not None:
+                env.update(secret_env(secret.exposure, secret.values))
+                redact.add(secret.values.values())
+        for name in job.sensitive_variables:
+            redact.add(sensitive_values(job.variables.get(name)))
+        return env, redact
+
+    async def _supervise(self, msg, job: Job, run: TerraformRun):
+        """Runs terraform while watching the deadline, cancel requests and the lease."""
+        task = asyncio.create_task(run.run())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + job.timeout_seconds
+        next_heartbeat = loop.time() + self.config.lease / 3
+        next_cancel_check = loop.time() + 1.0
+        while not task.done():
+            await asyncio.wait([task], timeout=0.25)
+            if task.done() or run.interrupted:
+                continue
+            now = loop.time()
+            if now >= deadline:
+                run.interrupt("timed_out")
+            elif now >= next_cancel_check:
+                next_cancel_check = now + 1.0
+                async with self.runtime.uow() as uow:
+                    if await uow.jobs.cancel_requested(job.id):
+                        run.interrupt("cancelled")
+            if now >= next_heartbeat and not run.interrupted:
+                next_heartbeat = now + self.config.lease / 3
+                await _quietly(msg.in_progress())
+                async with self.runtime.uow() as uow:
+                    kept = await uow.jobs.renew_lease(job.id, self.config.worker_id,
+                                                      lease_deadline(self.config.lease))
+                    await uow.commit()
+                if not kept:
+                    run.interrupt("lost")
+        return task.result()
+
+
+async def _quietly(awaitable) -> None:
+    try:
+        await awaitable
+    except Exception:  # noqa: BLE001 - best effort (connection may be gone)
+        pass

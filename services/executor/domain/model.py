@@ -1,0 +1,237 @@
+"""The executor's model: jobs and what they run with (integrations, secrets,
+storages). Pure Python: no grpc, sqlalchemy or nats."""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+MASK = "***"
+
+# Job actions and statuses, in the product's words.
+PLAN, APPLY, DESTROY = "plan", "apply", "destroy"
+ACTIONS = (PLAN, APPLY, DESTROY)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT = (
+    "queued", "running", "succeeded", "failed", "cancelled", "timed_out")
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, TIMED_OUT})
+
+# Integration providers and how their credentials become environment variables.
+AWS, AZURE, GCP, GENERIC = "aws", "azure", "gcp", "generic"
+_PROVIDER_PREFIX = {AWS: "AWS_", AZURE: "ARM_", GCP: "GOOGLE_", GENERIC: ""}
+
+TF_VAR, ENV = "tf_var", "env"  # how a secret's keys reach terraform
+
+LOCAL, PG = "local", "pg"  # storage kinds
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_STATE_PATH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+@dataclass(frozen=True)
+class Source:
+    repository_url: str
+    ref: str
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Correlation:
+    resource_id: str = ""
+    resource_revision: int = 0
+    workflow_id: str = ""
+    step_id: str = ""
+    temporary_state_id: str = ""
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    value: Any
+    sensitive: bool = False
+
+    def masked(self) -> "Output":
+        return Output(self.name, MASK, True) if self.sensitive else self
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    add: int = 0
+    change: int = 0
+    destroy: int = 0
+    resource_changes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+@dataclass
+class Job:
+    id: str
+    action: str
+    source: Source
+    variables: dict[str, Any]
+    sensitive_variables: list[str]
+    integration_ids: list[str]
+    secret_ids: list[str]
+    storage_id: str
+    state_path: str
+    correlation: Correlation
+    plan_job_id: str = ""
+    timeout_seconds: float = 0.0
+    status: str = QUEUED
+    commit: str = ""
+    outputs: list[Output] = field(default_factory=list)
+    plan_summary: PlanSummary | None = None
+    exit_code: int = 0
+    error_message: str = ""
+    attempt: int = 0
+    worker: str = ""
+    lease_until: dt.datetime | None = None
+    cancel_requested: bool = False
+    creator: str = ""
+    create_time: dt.datetime | None = None
+    start_time: dt.datetime | None = None
+    end_time: dt.datetime | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+    def masked_variables(self) -> dict[str, Any]:
+        return {k: (MASK if k in self.sensitive_variables else v) for k, v in self.variables.items()}
+
+
+@dataclass
+class Integration:
+    id: str
+    name: str
+    description: str
+    provider: str
+    credentials: dict[str, str]
+    creator: str = ""
+    create_time: dt.datetime | None = None
+    update_time: dt.datetime | None = None
+    version: int = 1
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+
+@dataclass
+class Secret:
+    id: str
+    name: str
+    description: str
+    exposure: str
+    values: dict[str, str]
+    creator: str = ""
+    create_time: dt.datetime | None = None
+    update_time: dt.datetime | None = None
+    version: int = 1
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+
+@dataclass
+class Storage:
+    id: str
+    name: str
+    kind: str
+    local_directory: str = ""
+    pg_connection_string: str = ""
+    pg_schema: str = ""
+    creator: str = ""
+    create_time: dt.datetime | None = None
+    version: int = 1
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+
+@dataclass(frozen=True)
+class StatePathClaim:
+    storage_id: str
+    state_path: str
+    resource_id: str
+    create_time: dt.datetime | None = None
+
+
+def valid_env_name(name: str) -> bool:
+    return bool(_ENV_NAME_RE.match(name))
+
+
+def valid_state_path(path: str) -> bool:
+    """Relative, no '..' segments, no empty segments: a state path can never
+    point outside its storage."""
+    return bool(_STATE_PATH_RE.match(path)) and ".." not in path.split("/") and len(path) <= 512
+
+
+def integration_env(provider: str, credentials: dict[str, str]) -> dict[str, str]:
+    """AWS {'access_key_id': ..} -> {'AWS_ACCESS_KEY_ID': ..}; keys already
+    carrying the provider's prefix, and generic keys, are exported as given."""
+    prefix = _PROVIDER_PREFIX[provider]
+    env = {}
+    for key, value in credentials.items():
+        name = key if not prefix or key.upper().startswith(prefix) else prefix + key
+        env[name.upper() if prefix else name] = value
+    return env
+
+
+def secret_env(exposure: str, values: dict[str, str]) -> dict[str, str]:
+    return {(f"TF_VAR_{k}" if exposure == TF_VAR else k): v for k, v in values.items()}
+
+
+class Redactor:
+    """Replaces every secret value in a text with ***. Longer values first, so
+    a secret containing another is hidden whole."""
+
+    def __init__(self, values=()):
+        self._values: list[str] = []
+        self.add(values)
+
+    def add(self, values) -> None:
+        for value in values:
+            text = value if isinstance(value, str) else str(value)
+            # Very short values (e.g. "1") would blank out ordinary text; they
+            # are still kept out of responses and events by masking.
+            if len(text) >= 3 and text not in self._values:
+                self._values.append(text)
+        self._values.sort(key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, MASK)
+        return text
+
+
+def sensitive_values(value: Any) -> list[str]:
+    """Every scalar inside a (possibly nested) sensitive value, as text."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in sensitive_values(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in sensitive_values(v)]
+    if value is None:
+        return []
+    return [value if isinstance(value, str) else str(value)]
+
+
+def plan_summary_from_json(plan: dict[str, Any]) -> PlanSummary:
+    """Counts of `terraform show -json <planfile>`, as `terraform plan` prints them."""
+    add = change = destroy = 0
+    changes = []
+    for rc in plan.get("resource_changes") or []:
+        actions = tuple(rc.get("change", {}).get("actions") or ())
+        if actions == ("no-op",) or actions == ("read",):
+            continue
+        changes.append((rc.get("address", ""), actions))
+        if "create" in actions:
+            add += 1
+        if "delete" in actions:
+            destroy += 1
+        if actions == ("update",):
+            change += 1
+    return PlanSummary(add, change, destroy, tuple(changes))
