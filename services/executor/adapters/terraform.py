@@ -11,12 +11,11 @@ directory is removed afterwards, whatever happens.
 Interrupting (cancel, timeout, lost lease) sends SIGINT to terraform's process
 group, so terraform stops gracefully and writes and unlocks its state; SIGKILL
 follows after a grace period. Terraform also dies with the executor process
-(PR_SET_PDEATHSIG), so a killed worker never leaves a run going that the
+(parent-death signal, via setpriv), so a killed worker never leaves a run going that the
 re-run of its job would race with."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -39,13 +38,14 @@ log = logging.getLogger(__name__)
 
 LogSink = Callable[[str, str], None]  # (stream, text)
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+# util-linux's setpriv sets the parent-death signal and execs terraform. (A
+# preexec_fn calling prctl through ctypes is not safe in a process with
+# gRPC's threads: it crashed children.)
+_SETPRIV = shutil.which("setpriv")
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _die_with_parent(argv: list[str]) -> list[str]:
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv] if _SETPRIV else argv
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,18 @@ class TerraformConfig:
         env = settings.env
         return cls(
             binary=find_binary(env),
-            plugin_dir=env.get("IK_TERRAFORM_PLUGIN_DIR", ""),
+            plugin_dir=env.get("IK_TERRAFORM_PLUGIN_DIR") or _venv_plugin_dir(),
             lock_timeout=env.get("IK_TERRAFORM_LOCK_TIMEOUT", "30s"),
             work_dir=Path(env.get("IK_EXECUTOR_WORK_DIR") or settings.data_dir / "work"),
             default_state_dir=Path(env.get("IK_EXECUTOR_STATE_DIR") or settings.data_dir / "state"),
             cancel_grace=float(env.get("IK_EXECUTOR_CANCEL_GRACE", "10")),
         )
+
+
+def _venv_plugin_dir() -> str:
+    """Where `make plugins` lays out the provider mirror, if it did."""
+    mirror = Path(sys.prefix) / "terraform-plugins"
+    return str(mirror) if mirror.is_dir() else ""
 
 
 def find_binary(env: dict[str, str]) -> str:
@@ -289,9 +295,9 @@ class TerraformRun:
             self.say(f"$ {Path(self.config.binary).name} {' '.join(args)}")
         self._stderr_tail = []
         self._proc = await asyncio.create_subprocess_exec(
-            self.config.binary, *args, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+            *_die_with_parent([self.config.binary, *args]), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, preexec_fn=_die_with_parent, limit=4 * 1024 * 1024)
+            start_new_session=True, limit=4 * 1024 * 1024)
         captured: list[str] = []
         await asyncio.gather(self._pump(self._proc.stdout, "stdout", captured if capture else None),
                              self._pump(self._proc.stderr, "stderr", None))

@@ -1,0 +1,398 @@
+"""ExecutorService through gRPC with real Terraform, real git and real NATS:
+apply/plan/destroy, state in local and pg storages, failures, cancel,
+timeout, live logs, saved plans and secrets that never leak."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import grpc
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from infrakitchen.events.v1 import events_pb2
+from infrakitchen.executor.v1 import executor_pb2 as pb
+from infrakitchen.executor.v1 import executor_pb2_grpc
+from services.common.auth import Role
+from services.common.values import from_value
+from services.executor.__main__ import DEFINITION
+from tests.support.grpc_asserts import field_violations, precondition_violations, rpc_error
+from tests.support.inprocess import InProcessService
+from tests.support.jobs import all_logs, log_text, module_repo, submit_request, wait_job
+
+SUCCEEDED, FAILED = pb.JOB_STATUS_SUCCEEDED, pb.JOB_STATUS_FAILED
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return module_repo(tmp_path / "modules")
+
+
+async def start_executor(database_url, event_prefix, nats_url, data_dir, **env):
+    svc = InProcessService(DEFINITION, database_url, event_prefix, nats_url, data_dir,
+                           extra_env={"IK_EXECUTOR_CANCEL_GRACE": "5", "IK_TERRAFORM_LOCK_TIMEOUT": "2s", **env})
+    await svc.__aenter__()
+    svc.stub = executor_pb2_grpc.ExecutorServiceStub(svc.channel)
+    svc.md = svc.metadata(Role.WRITE, "alice")
+    svc.admin = svc.metadata(Role.ADMIN, "root")
+    return svc
+
+
+@pytest.fixture
+async def executor(tmp_path, event_prefix, nats_url):
+    svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data")
+    yield svc
+    await svc.__aexit__(None, None, None)
+
+
+async def local_storage(svc, directory, name="local") -> pb.Storage:
+    return await svc.stub.CreateStorage(pb.CreateStorageRequest(storage=pb.Storage(
+        name=name, kind=pb.STORAGE_KIND_LOCAL, local_directory=str(directory))), metadata=svc.admin)
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def read_events(svc, count: int, subject="ik.executor.job.>", timeout=20) -> list[events_pb2.Envelope]:
+    bus = svc.runtime.bus
+    sub = await bus.js.pull_subscribe(bus.names.subject(subject), durable=None,
+                                      stream=bus.names.context_stream("executor"))
+    msgs = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(msgs) < count and loop.time() < deadline:
+        try:
+            msgs += await sub.fetch(count - len(msgs), timeout=2)
+        except Exception:  # noqa: BLE001 - nothing yet
+            pass
+    await sub.unsubscribe()
+    return [events_pb2.Envelope.FromString(m.data) for m in msgs]
+
+
+# --- apply, outputs, destroy, state location -------------------------------------
+
+@pytest.mark.parametrize("storage_kind", ["local", "pg"])
+async def test_apply_returns_outputs_and_destroy_removes_the_resource(executor, repo, tmp_path, postgres,
+                                                                      storage_kind):
+    if storage_kind == "local":
+        storage = await local_storage(executor, tmp_path / "states")
+    else:
+        state_db = postgres.create()
+        storage = await executor.stub.CreateStorage(pb.CreateStorageRequest(storage=pb.Storage(
+            name="pg", kind=pb.STORAGE_KIND_PG, pg_connection_string=_libpq(state_db) + "?sslmode=disable",
+            pg_schema="ik_states")), metadata=executor.admin)
+        assert not storage.pg_connection_string  # input only: it holds credentials
+    applied = await executor.stub.SubmitJob(submit_request(
+        repo, "ok", "team/vpc", storage_id=storage.id, variables={"name": "vpc"},
+        correlation=pb.JobCorrelation(resource_id="r-1", workflow_id="w-1", step_id="s-1")), metadata=executor.md)
+    assert applied.status == pb.JOB_STATUS_QUEUED and applied.creator == "alice"
+    job = await wait_job(executor.stub, applied.id, executor.md)
+    assert job.status == SUCCEEDED, job.error_message
+    outputs = {o.name: (from_value(o.value), o.sensitive) for o in job.outputs}
+    assert outputs["names"] == (["vpc", "vpc-2"], False)
+    assert outputs["connection_string"] == ("***", True)
+    resource_id = outputs["id"][0]
+    assert resource_id.isdigit() and job.attempt == 1 and job.start_time.seconds and job.end_time.seconds
+
+    if storage_kind == "local":
+        state = json.loads((tmp_path / "states" / "team" / "vpc" / "terraform.tfstate").read_text())
+        assert state["resources"][0]["instances"][0]["attributes"]["id"] == resource_id
+    else:
+        with psycopg.connect(_libpq(state_db)) as conn:
+            name, data = conn.execute("SELECT name, data FROM ik_states.states").fetchone()
+        assert name == "team__vpc" and resource_id in data
+
+    destroyed = await executor.stub.SubmitJob(submit_request(
+        repo, "ok", "team/vpc", action=pb.JOB_ACTION_DESTROY, storage_id=storage.id, variables={"name": "vpc"},
+        correlation=pb.JobCorrelation(resource_id="r-1")), metadata=executor.md)
+    done = await wait_job(executor.stub, destroyed.id, executor.md)
+    assert done.status == SUCCEEDED, done.error_message
+    assert not done.outputs
+    if storage_kind == "local":
+        state = json.loads((tmp_path / "states" / "team" / "vpc" / "terraform.tfstate").read_text())
+        assert state["resources"] == []
+    else:
+        with psycopg.connect(_libpq(state_db)) as conn:
+            data = conn.execute("SELECT data FROM ik_states.states WHERE name='team__vpc'").fetchone()[0]
+        assert json.loads(data)["resources"] == []
+
+    # Nothing of the run is left on disk.
+    assert not list((tmp_path / "data" / "work").iterdir())
+
+
+async def test_sensitive_outputs_only_through_the_admin_read(executor, repo):
+    job = await executor.stub.SubmitJob(submit_request(
+        repo, "ok", "p/one", variables={"name": "db", "password": "hunter2-long"},
+        sensitive_variables=["password"]), metadata=executor.md)
+    assert job.variables["password"] == "***"
+    job = await wait_job(executor.stub, job.id, executor.md)
+    assert job.status == SUCCEEDED, job.error_message
+    denied = await rpc_error(executor.stub.GetJobSensitiveOutputs(
+        pb.GetJobSensitiveOutputsRequest(job_id=job.id), metadata=executor.md))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    revealed = await executor.stub.GetJobSensitiveOutputs(pb.GetJobSensitiveOutputsRequest(job_id=job.id),
+                                                          metadata=executor.admin)
+    values = {o.name: from_value(o.value) for o in revealed.outputs}
+    assert values["connection_string"] == "postgres://app:hunter2-long@db/db"
+
+
+# --- failures --------------------------------------------------------------------
+
+async def test_bad_hcl_fails_with_the_error_and_logs(executor, repo):
+    job = await executor.stub.SubmitJob(submit_request(repo, "bad", "f/bad"), metadata=executor.md)
+    job = await wait_job(executor.stub, job.id, executor.md)
+    assert job.status == FAILED and job.exit_code != 0
+    assert job.error_message.startswith("Error: Invalid expression") and "main.tf line 3" in job.error_message
+    text = log_text(await all_logs(executor.stub, job.id, executor.md))
+    assert "$ terraform init" in text and job.error_message.splitlines()[0].strip() in text
+
+
+async def test_failing_local_exec_fails_with_the_error_and_full_logs(executor, repo):
+    job = await executor.stub.SubmitJob(submit_request(repo, "failing", "f/exec"), metadata=executor.md)
+    job = await wait_job(executor.stub, job.id, executor.md)
+    assert job.status == FAILED
+    message = " ".join(job.error_message.split())
+    assert "local-exec provisioner error" in message and "exit status 3" in message
+    lines = await all_logs(executor.stub, job.id, executor.md)
+    assert [line.number for line in lines] == list(range(1, len(lines) + 1))
+    assert "about to fail" in log_text(lines) and any(line.stream == "stderr" for line in lines)
+
+
+async def test_a_missing_module_folder_fails_the_job(executor, repo):
+    job = await executor.stub.SubmitJob(submit_request(repo, "nowhere", "f/none"), metadata=executor.md)
+    job = await wait_job(executor.stub, job.id, executor.md)
+    assert job.status == FAILED and "'nowhere' is not a folder" in job.error_message
+
+
+# --- cancel and timeout ----------------------------------------------------------
+
+async def test_cancel_interrupts_terraform_and_leaves_the_state_unlocked(executor, repo, tmp_path):
+    storage = await local_storage(executor, tmp_path / "states")
+    job = await executor.stub.SubmitJob(submit_request(repo, "slow", "c/slow", storage_id=storage.id,
+                                                       variables={"seconds": 120}), metadata=executor.md)
+    await wait_until_logged(executor, job.id, "tick 2")
+    started = asyncio.get_running_loop().time()
+    answer = await executor.stub.CancelJob(pb.CancelJobRequest(id=job.id), metadata=executor.md)
+    assert answer.status == pb.JOB_STATUS_RUNNING  # asked to stop; it ends shortly
+    job = await wait_job(executor.stub, job.id, executor.md, timeout=30)
+    assert job.status == pb.JOB_STATUS_CANCELLED
+    assert asyncio.get_running_loop().time() - started < 10
+    assert "interrupting terraform (cancelled)" in log_text(await all_logs(executor.stub, job.id, executor.md))
+    # Same state path again: with a 2 s lock timeout this only succeeds if
+    # the cancelled run released its lock.
+    again = await executor.stub.SubmitJob(submit_request(repo, "slow", "c/slow", storage_id=storage.id,
+                                                         variables={"seconds": 1}), metadata=executor.md)
+    again = await wait_job(executor.stub, again.id, executor.md)
+    assert again.status == SUCCEEDED, again.error_message
+    ended = await rpc_error(executor.stub.CancelJob(pb.CancelJobRequest(id=again.id), metadata=executor.md))
+    assert ended.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_job_over_its_timeout_ends_timed_out(executor, repo):
+    job = await executor.stub.SubmitJob(submit_request(repo, "slow", "t/slow", variables={"seconds": 60},
+                                                       timeout=3), metadata=executor.md)
+    job = await wait_job(executor.stub, job.id, executor.md, timeout=40)
+    assert job.status == pb.JOB_STATUS_TIMED_OUT and "timeout of 3s" in job.error_message
+    assert job.end_time.seconds - job.start_time.seconds < 15
+
+
+async def wait_until_logged(svc, job_id: str, text: str, timeout: float = 60) -> pb.LogLine:
+    async with asyncio.timeout(timeout):
+        async for chunk in svc.stub.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job_id), metadata=svc.md):
+            for line in chunk.lines:
+                if text in line.text:
+                    return line
+    raise AssertionError(f"{text!r} never logged")
+
+
+# --- live logs -------------------------------------------------------------------
+
+async def test_log_lines_arrive_while_the_job_runs(executor, repo):
+    job = await executor.stub.SubmitJob(submit_request(repo, "slow", "l/slow", variables={"seconds": 4}),
+                                        metadata=executor.md)
+    seen_running = False
+    numbers = []
+    async for chunk in executor.stub.StreamJobLogs(pb.StreamJobLogsRequest(job_id=job.id), metadata=executor.md):
+        for line in chunk.lines:
+            numbers.append(line.number)
+            if "tick 1" in line.text:
+                now = await executor.stub.GetJob(pb.GetJobRequest(id=job.id), metadata=executor.md)
+                seen_running = now.status == pb.JOB_STATUS_RUNNING
+        if chunk.final_status:
+            assert chunk.final_status == SUCCEEDED
+    assert seen_running, "the tick line should arrive before the job ends"
+    assert numbers == list(range(1, len(numbers) + 1))
+    # Replay from a line number gives only what follows it.
+    later = [line.number async for chunk in executor.stub.StreamJobLogs(
+        pb.StreamJobLogsRequest(job_id=job.id, after_line=5), metadata=executor.md) for line in chunk.lines]
+    assert later == numbers[5:]
+
+
+# --- saved plans -----------------------------------------------------------------
+
+async def test_apply_of_a_plan_job_applies_that_plan_and_refuses_once_state_moved(executor, repo):
+    plan = await executor.stub.SubmitJob(submit_request(repo, "ok", "p/plan", action=pb.JOB_ACTION_PLAN,
+                                                        variables={"name": "planned"}), metadata=executor.md)
+    plan = await wait_job(executor.stub, plan.id, executor.md)
+    assert plan.status == SUCCEEDED, plan.error_message
+    assert (plan.plan_summary.add, plan.plan_summary.change, plan.plan_summary.destroy) == (1, 0, 0)
+    assert [(c.address, list(c.actions)) for c in plan.plan_summary.resource_changes] == \
+        [("null_resource.this", ["create"])]
+
+    apply = await executor.stub.SubmitJob(pb.SubmitJobRequest(action=pb.JOB_ACTION_APPLY, plan_job_id=plan.id,
+                                                              state_path="p/plan"), metadata=executor.md)
+    assert apply.source.repository_url == repo.url and apply.variables["name"] == "planned"
+    apply = await wait_job(executor.stub, apply.id, executor.md)
+    assert apply.status == SUCCEEDED, apply.error_message
+    assert "applying the saved plan" in log_text(await all_logs(executor.stub, apply.id, executor.md))
+
+    stale = await rpc_error(executor.stub.SubmitJob(pb.SubmitJobRequest(
+        action=pb.JOB_ACTION_APPLY, plan_job_id=plan.id, state_path="p/plan"), metadata=executor.md))
+    assert stale.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert precondition_violations(stale) == [("STATE_CHANGED_SINCE_PLAN", f"jobs/{apply.id}",
+                                               "this job changed the state after the plan was made; plan again")]
+    other = await rpc_error(executor.stub.SubmitJob(pb.SubmitJobRequest(
+        action=pb.JOB_ACTION_APPLY, plan_job_id=apply.id, state_path="p/plan"), metadata=executor.md))
+    assert other.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert precondition_violations(other)[0][0] == "JOB_NOT_A_PLAN"
+
+
+# --- secrets never leak ----------------------------------------------------------
+
+async def test_secret_values_never_appear_in_logs_events_errors_or_responses(executor, repo, caplog):
+    caplog.set_level(logging.DEBUG)
+    token, key, pw, word = "tok-SENTINEL-1f2e", "AKIA-SENTINEL-9d8c", "pw-SENTINEL-77aa", "word-SENTINEL-4b4b"
+    label = "label-SENTINEL-0c0c"
+    integration = await executor.stub.CreateIntegration(pb.CreateIntegrationRequest(
+        integration=pb.Integration(name="aws-dev", provider=pb.INTEGRATION_PROVIDER_AWS),
+        credentials={"access_key_id": key}), metadata=executor.admin)
+    tf_var = await executor.stub.CreateSecret(pb.CreateSecretRequest(
+        secret=pb.Secret(name="api", exposure=pb.SECRET_EXPOSURE_TF_VAR), values={"token": token}),
+        metadata=executor.md)
+    env = await executor.stub.CreateSecret(pb.CreateSecretRequest(
+        secret=pb.Secret(name="word", exposure=pb.SECRET_EXPOSURE_ENV), values={"SECRET_WORD": word}),
+        metadata=executor.md)
+    assert list(integration.credential_keys) == ["access_key_id"] and list(tf_var.keys) == ["token"]
+
+    ok = await executor.stub.SubmitJob(submit_request(
+        repo, "ok", "s/ok", variables={"name": "x", "password": pw, "label": label},
+        sensitive_variables=["password", "label"],
+        integration_ids=[integration.id], secret_ids=[tf_var.id]), metadata=executor.md)
+    failing = await executor.stub.SubmitJob(submit_request(repo, "failing", "s/failing", secret_ids=[env.id]),
+                                            metadata=executor.md)
+    ok = await wait_job(executor.stub, ok.id, executor.md)
+    failing = await wait_job(executor.stub, failing.id, executor.md)
+    assert ok.status == SUCCEEDED and failing.status == FAILED
+    ok_logs = log_text(await all_logs(executor.stub, ok.id, executor.md))
+    # The values did reach terraform (masked where printed) ...
+    assert "creating x with token=*** key=*** label=***" in ok_logs
+    failing_logs = log_text(await all_logs(executor.stub, failing.id, executor.md))
+    assert "about to fail with ***" in failing_logs and "***" in failing.error_message
+
+    # ... and appear nowhere a user or a consumer can see them.
+    seen = [ok_logs, failing_logs, str(ok), str(failing), caplog.text]
+    for listing in [await executor.stub.ListJobs(pb.ListJobsRequest(), metadata=executor.md),
+                    await executor.stub.ListSecrets(pb.ListSecretsRequest(), metadata=executor.md),
+                    await executor.stub.ListIntegrations(pb.ListIntegrationsRequest(), metadata=executor.md),
+                    await executor.stub.GetSecret(pb.GetSecretRequest(id=env.id), metadata=executor.md)]:
+        seen.append(str(listing))
+    events = await read_events(executor, 6)
+    assert len(events) == 6
+    seen += [e.SerializeToString().decode(errors="replace") for e in events]
+    for value in (token, key, pw, word, label):
+        for text in seen:
+            assert value not in text
+    # At rest too: the database holds only ciphertext.
+    db_bytes = (executor.settings.data_dir.parent / "executor.db").read_bytes()
+    for value in (token, key, pw, word):
+        assert value.encode() not in db_bytes
+
+
+async def test_job_events_carry_the_correlation_ids(executor, repo):
+    job = await executor.stub.SubmitJob(submit_request(
+        repo, "ok", "e/ok", variables={"name": "e"},
+        correlation=pb.JobCorrelation(resource_id="r-9", resource_revision=2, workflow_id="w-9", step_id="s-9")),
+        metadata=executor.md)
+    await wait_job(executor.stub, job.id, executor.md)
+    events = await read_events(executor, 3)
+    assert [e.type for e in events] == ["ik.executor.job.queued", "ik.executor.job.started",
+                                        "ik.executor.job.succeeded"]
+    for e in events:
+        assert (e.correlation.job_id, e.correlation.resource_id, e.correlation.workflow_id,
+                e.correlation.step_id) == (job.id, "r-9", "w-9", "s-9")
+    done = events[-1].job_succeeded
+    assert done.correlation.resource_revision == 2 and {o.name for o in done.outputs} == \
+        {"id", "names", "connection_string"}
+    assert from_value(next(o for o in done.outputs if o.name == "connection_string").value) == "***"
+
+
+# --- validation, storages and state path claims ---------------------------------
+
+async def test_bad_job_requests_change_nothing(executor, repo):
+    err = await rpc_error(executor.stub.SubmitJob(pb.SubmitJobRequest(
+        source=pb.JobSource(path="../up"), state_path="/abs/../x", storage_id="nope",
+        integration_ids=["missing"], sensitive_variables=["ghost"]), metadata=executor.md))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(err)) == {"action", "source.repository_url", "source.ref", "source.path",
+                                          "state_path", "storage_id", "integration_ids[0]",
+                                          "sensitive_variables[0]"}
+    listed = await executor.stub.ListJobs(pb.ListJobsRequest(), metadata=executor.md)
+    assert not listed.jobs
+    read_only = await rpc_error(executor.stub.SubmitJob(submit_request(repo, "ok", "x"),
+                                                        metadata=executor.metadata(Role.READ)))
+    assert read_only.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_state_path_belongs_to_one_resource(executor, repo, tmp_path):
+    storage = await local_storage(executor, tmp_path / "states")
+    claim = await executor.stub.ClaimStatePath(pb.ClaimStatePathRequest(
+        storage_id=storage.id, state_path="net/vpc", resource_id="r-1"), metadata=executor.md)
+    assert claim.resource_id == "r-1"
+    again = await executor.stub.ClaimStatePath(pb.ClaimStatePathRequest(
+        storage_id=storage.id, state_path="net/vpc", resource_id="r-1"), metadata=executor.md)
+    assert again.create_time == claim.create_time
+    taken = await rpc_error(executor.stub.ClaimStatePath(pb.ClaimStatePathRequest(
+        storage_id=storage.id, state_path="net/vpc", resource_id="r-2"), metadata=executor.md))
+    assert taken.code() == grpc.StatusCode.ALREADY_EXISTS
+    job = await rpc_error(executor.stub.SubmitJob(submit_request(
+        repo, "ok", "net/vpc", storage_id=storage.id, correlation=pb.JobCorrelation(resource_id="r-2")),
+        metadata=executor.md))
+    assert job.code() == grpc.StatusCode.ALREADY_EXISTS
+    in_use = await rpc_error(executor.stub.DeleteStorage(pb.DeleteStorageRequest(id=storage.id),
+                                                         metadata=executor.admin))
+    assert in_use.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await executor.stub.ReleaseStatePath(pb.ReleaseStatePathRequest(
+        storage_id=storage.id, state_path="net/vpc", resource_id="r-1"), metadata=executor.md)
+    await executor.stub.ClaimStatePath(pb.ClaimStatePathRequest(
+        storage_id=storage.id, state_path="net/vpc", resource_id="r-2"), metadata=executor.md)
+
+
+async def test_storage_and_credential_validation(executor):
+    err = await rpc_error(executor.stub.CreateStorage(pb.CreateStorageRequest(storage=pb.Storage(
+        name="", kind=pb.STORAGE_KIND_PG, pg_connection_string="mysql://x", pg_schema="Bad-Schema")),
+        metadata=executor.admin))
+    assert set(field_violations(err)) == {"storage.name", "storage.pg_connection_string", "storage.pg_schema"}
+    err = await rpc_error(executor.stub.CreateIntegration(pb.CreateIntegrationRequest(
+        integration=pb.Integration(name="x"), credentials={"bad key": "v"}), metadata=executor.admin))
+    assert set(field_violations(err)) == {"integration.provider", "credentials['bad key']"}
+    writer = await rpc_error(executor.stub.CreateIntegration(pb.CreateIntegrationRequest(
+        integration=pb.Integration(name="x", provider=pb.INTEGRATION_PROVIDER_GENERIC), credentials={"K": "v"}),
+        metadata=executor.md))
+    assert writer.code() == grpc.StatusCode.PERMISSION_DENIED
+    first = await executor.stub.CreateSecret(pb.CreateSecretRequest(
+        secret=pb.Secret(name="s", exposure=pb.SECRET_EXPOSURE_ENV), values={"K": "value-1"}, request_id="r1"),
+        metadata=executor.md)
+    retried = await executor.stub.CreateSecret(pb.CreateSecretRequest(
+        secret=pb.Secret(name="s", exposure=pb.SECRET_EXPOSURE_ENV), values={"K": "value-1"}, request_id="r1"),
+        metadata=executor.md)
+    assert retried.id == first.id
+    updated = await executor.stub.UpdateSecret(pb.UpdateSecretRequest(
+        secret=pb.Secret(id=first.id, etag=first.etag), values={"K": "value-2", "L": "value-3"}),
+        metadata=executor.md)
+    assert list(updated.keys) == ["K", "L"] and updated.etag != first.etag
+    stale = await rpc_error(executor.stub.UpdateSecret(pb.UpdateSecretRequest(
+        secret=pb.Secret(id=first.id, etag=first.etag), values={"K": "value-4"}), metadata=executor.md))
+    assert stale.code() == grpc.StatusCode.ABORTED
