@@ -72,7 +72,7 @@ resource "null_resource" "this" {
   }
 }
 ''',
-    # Records each run's start and end in a file named by the job's marker.
+    # Records each run's start and end (with the run's shell pid) in a marker file.
     "marker/main.tf": '''
 variable "marker" {
   type = string
@@ -84,7 +84,7 @@ variable "seconds" {
 resource "null_resource" "this" {
   triggers = { marker = var.marker }
   provisioner "local-exec" {
-    command = "echo start $(date +%s.%N) >> ${var.marker}; sleep ${var.seconds}; echo end $(date +%s.%N) >> ${var.marker}"
+    command = "echo start $$ $(date +%s.%N) >> ${var.marker}; sleep ${var.seconds}; echo end $$ $(date +%s.%N) >> ${var.marker}"
   }
 }
 ''',

@@ -44,6 +44,13 @@ class ServiceProcesses:
             **(extra_env or {}),
         }
         self.procs: dict[str, subprocess.Popen] = {}
+        # alias -> (service, extra env): a second executor is e.g. "executor-b".
+        self.instances: dict[str, tuple[str, dict[str, str]]] = {name: (name, {}) for name in SERVICES}
+
+    def add_instance(self, alias: str, service: str, **env: str) -> None:
+        """Another process of `service` (same data dir and databases), on its own port."""
+        self.ports[alias] = free_port()
+        self.instances[alias] = (service, {f"IK_{service.upper()}_PORT": str(self.ports[alias]), **env})
 
     def target(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
@@ -61,8 +68,9 @@ class ServiceProcesses:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for name in names or SERVICES:
             logfile = open(self.data_dir / f"{name}.log", "ab")
+            service, env = self.instances[name]
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"], cwd=ROOT, env=self.env,
+                [sys.executable, "-m", f"services.{service}"], cwd=ROOT, env={**self.env, **env},
                 stdout=logfile, stderr=subprocess.STDOUT)
         for name in names or SERVICES:
             self.wait_serving(name, timeout)

@@ -11,7 +11,7 @@ directory is removed afterwards, whatever happens.
 Interrupting (cancel, timeout, lost lease) sends SIGINT to terraform's process
 group, so terraform stops gracefully and writes and unlocks its state; SIGKILL
 follows after a grace period. Terraform also dies with the executor process
-(parent-death signal, via setpriv), so a killed worker never leaves a run going that the
+(see reaper.py), so a killed worker never leaves a run going that the
 re-run of its job would race with."""
 from __future__ import annotations
 
@@ -38,14 +38,14 @@ log = logging.getLogger(__name__)
 
 LogSink = Callable[[str, str], None]  # (stream, text)
 
-# util-linux's setpriv sets the parent-death signal and execs terraform. (A
-# preexec_fn calling prctl through ctypes is not safe in a process with
-# gRPC's threads: it crashed children.)
-_SETPRIV = shutil.which("setpriv")
+# Terraform runs under the reaper, which takes its whole process group down if
+# the executor dies. (A preexec_fn calling prctl here is not safe in a process
+# with gRPC's threads: it crashed children.)
+_REAPER = str(Path(__file__).with_name("reaper.py"))
 
 
 def _die_with_parent(argv: list[str]) -> list[str]:
-    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv] if _SETPRIV else argv
+    return [sys.executable, "-S", _REAPER, str(os.getpid()), *argv]
 
 
 @dataclass(frozen=True)

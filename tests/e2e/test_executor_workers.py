@@ -1,0 +1,104 @@
+"""Two executor processes share one work queue: every job runs exactly once,
+and a process killed mid-job (SIGKILL) loses nothing: its jobs are run again
+by the other process, never concurrently with the dead run."""
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import pytest
+
+from infrakitchen.executor.v1 import executor_pb2 as pb
+from infrakitchen.executor.v1 import executor_pb2_grpc
+from tests.support.jobs import module_repo, submit_request, wait_job
+from tests.support.processes import ServiceProcesses
+
+pytestmark = pytest.mark.e2e
+
+JOBS = 20
+LEASE = "4"  # seconds; a dead worker's job is picked up again after about this long
+
+
+@pytest.fixture
+def executors(tmp_path, event_prefix, nats_url):
+    procs = ServiceProcesses(tmp_path / "data", event_prefix, nats_url, extra_env={
+        "IK_EXECUTOR_WORKERS": "2", "IK_EXECUTOR_LEASE": LEASE, "IK_TERRAFORM_LOCK_TIMEOUT": "20s"})
+    procs.add_instance("executor-b", "executor")
+    procs.start("executor")  # first alone: it migrates the shared database
+    procs.start("executor-b")
+    yield procs
+    procs.stop()
+
+
+def marker_runs(path) -> list[tuple[float, float | None]]:
+    """(start, end) of each run recorded in a marker file, in start order;
+    end is None for a run that never finished (it died)."""
+    runs: dict[str, list] = {}
+    for line in path.read_text().splitlines():
+        kind, pid, moment = line.split()
+        if kind == "start":
+            runs[pid] = [float(moment), None]
+        else:
+            runs[pid][1] = float(moment)
+    return sorted(tuple(r) for r in runs.values())
+
+
+async def submit_all(stub, md, repo, tmp_path, seconds: int) -> list[str]:
+    ids = []
+    for n in range(JOBS):
+        job = await stub.SubmitJob(submit_request(
+            repo, "marker", f"jobs/{n}", variables={"marker": str(tmp_path / f"marker-{n}"), "seconds": seconds}),
+            metadata=md)
+        ids.append(job.id)
+    return ids
+
+
+async def test_two_processes_share_the_queue_and_run_each_job_once(executors, tmp_path):
+    repo = module_repo(tmp_path / "modules")
+    async with grpc.aio.insecure_channel(executors.target("executor")) as channel:
+        stub = executor_pb2_grpc.ExecutorServiceStub(channel)
+        md = executors.metadata()
+        ids = await submit_all(stub, md, repo, tmp_path, seconds=1)
+        jobs = [await wait_job(stub, id_, md, timeout=240) for id_ in ids]
+    assert all(j.status == pb.JOB_STATUS_SUCCEEDED for j in jobs), [j.error_message for j in jobs]
+    assert {j.attempt for j in jobs} == {1}
+    pids = {j.worker.rsplit(":", 1)[1] for j in jobs}
+    assert pids == {str(executors.procs["executor"].pid), str(executors.procs["executor-b"].pid)}
+    for n in range(JOBS):
+        runs = marker_runs(tmp_path / f"marker-{n}")
+        assert len(runs) == 1 and runs[0][1] is not None
+
+
+async def test_a_killed_process_loses_no_job_and_none_runs_twice_at_once(executors, tmp_path):
+    repo = module_repo(tmp_path / "modules")
+    victim_pid = str(executors.procs["executor-b"].pid)
+    async with grpc.aio.insecure_channel(executors.target("executor")) as channel:
+        stub = executor_pb2_grpc.ExecutorServiceStub(channel)
+        md = executors.metadata()
+        ids = await submit_all(stub, md, repo, tmp_path, seconds=3)
+        # Wait until the victim is inside terraform apply (its local-exec has started).
+        while True:
+            running = (await stub.ListJobs(pb.ListJobsRequest(status=pb.JOB_STATUS_RUNNING), metadata=md)).jobs
+            inside = [j for j in running if j.worker.endswith(":" + victim_pid)
+                      and (tmp_path / f"marker-{ids.index(j.id)}").exists()]
+            if inside:
+                break
+            await asyncio.sleep(0.1)
+        executors.stop("executor-b", sig=signal.SIGKILL)
+        jobs = [await wait_job(stub, id_, md, timeout=300) for id_ in ids]
+
+    assert all(j.status == pb.JOB_STATUS_SUCCEEDED for j in jobs), [j.error_message for j in jobs]
+    survivor = str(executors.procs["executor"].pid)
+    for job in jobs:
+        if job.id in {j.id for j in inside}:
+            assert job.attempt == 2 and job.worker.endswith(":" + survivor)
+    await asyncio.sleep(4)  # a run that outlived its process would write its end by now
+    for n in range(JOBS):
+        runs = marker_runs(tmp_path / f"marker-{n}")
+        finished = [r for r in runs if r[1] is not None]
+        assert len(finished) == 1, f"job {n} finished {len(finished)} times"
+        # Only the last run finished: the killed one died with its process
+        # and never ran beside its re-run.
+        assert runs[-1] == finished[0]
+        assert len(runs) == 2 if ids[n] in {j.id for j in inside} else len(runs) <= 2
