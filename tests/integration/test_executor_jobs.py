@@ -18,6 +18,7 @@ from infrakitchen.executor.v1 import executor_pb2_grpc
 from services.common.auth import Role
 from services.common.values import from_value
 from services.executor.__main__ import DEFINITION
+from tests.support.events import read_events as _read_events
 from tests.support.grpc_asserts import field_violations, precondition_violations, rpc_error
 from tests.support.inprocess import InProcessService
 from tests.support.jobs import all_logs, log_text, module_repo, submit_request, wait_job
@@ -56,20 +57,8 @@ def _libpq(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def read_events(svc, count: int, subject="ik.executor.job.>", timeout=20) -> list[events_pb2.Envelope]:
-    bus = svc.runtime.bus
-    sub = await bus.js.pull_subscribe(bus.names.subject(subject), durable=None,
-                                      stream=bus.names.context_stream("executor"))
-    msgs = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(msgs) < count and loop.time() < deadline:
-        try:
-            msgs += await sub.fetch(count - len(msgs), timeout=2)
-        except Exception:  # noqa: BLE001 - nothing yet
-            pass
-    await sub.unsubscribe()
-    return [events_pb2.Envelope.FromString(m.data) for m in msgs]
+async def read_events(svc, count: int) -> list[events_pb2.Envelope]:
+    return await _read_events(svc.runtime.bus, "executor", count, subject="ik.executor.job.>")
 
 
 # --- apply, outputs, destroy, state location -------------------------------------

@@ -1,0 +1,26 @@
+"""Reading what a service published, straight from its JetStream stream."""
+from __future__ import annotations
+
+import asyncio
+
+from infrakitchen.events.v1 import events_pb2
+
+
+async def read_events(bus, context: str, count: int, subject: str | None = None,
+                      timeout: float = 20) -> list[events_pb2.Envelope]:
+    """The first `count` events on the context's stream (optionally under one
+    subject filter), waiting up to `timeout` for them to arrive."""
+    sub = await bus.js.pull_subscribe(bus.names.subject(subject or f"ik.{context}.>"), durable=None,
+                                      stream=bus.names.context_stream(context))
+    msgs = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while len(msgs) < count and loop.time() < deadline:
+            try:
+                msgs += await sub.fetch(count - len(msgs), timeout=1)
+            except Exception:  # noqa: BLE001 - nothing yet
+                pass
+    finally:
+        await sub.unsubscribe()
+    return [events_pb2.Envelope.FromString(m.data) for m in msgs]
