@@ -5,7 +5,7 @@ all; the relay publishes them after the commit."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,6 +32,7 @@ class UnitOfWork:
         self._names = names
         self._on_commit = on_commit
         self._emitted = 0
+        self._after_commit: list[Callable[[], Awaitable[None]]] = []
         self.session: AsyncSession
 
     async def __aenter__(self):
@@ -94,12 +95,22 @@ class UnitOfWork:
             await self.session.execute(sa.insert(table).values(
                 scope=scope, request_id=request_id, resource_id=resource_id, created_at=utcnow()))
 
+    def after_commit(self, action: Callable[[], Awaitable[None]]) -> None:
+        """Work that must happen only once the transaction is committed (e.g. a
+        call to another service that starts a job for a state just stored).
+        It runs at the end of commit(); its failures are its own to record."""
+        self._after_commit.append(action)
+
     async def commit(self) -> None:
         await self.session.commit()
         if self._emitted and self._on_commit is not None:
             self._on_commit()
         self._emitted = 0
+        actions, self._after_commit = self._after_commit, []
+        for action in actions:
+            await action()
 
     async def rollback(self) -> None:
         await self.session.rollback()
         self._emitted = 0
+        self._after_commit = []

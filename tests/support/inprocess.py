@@ -18,12 +18,13 @@ from tests.support.processes import free_port
 
 class InProcessService:
     def __init__(self, definition: ServiceDefinition, database_url: str, event_prefix: str, nats_url: str,
-                 data_dir: Path, extra_env: dict[str, str] | None = None):
-        self.secret = uuid.uuid4().hex
+                 data_dir: Path, extra_env: dict[str, str] | None = None, secret: str | None = None,
+                 port: int | None = None):
+        self.secret = secret or uuid.uuid4().hex
         env = {"IK_DATA_DIR": str(data_dir), "IK_EVENT_PREFIX": event_prefix, "IK_NATS_URL": nats_url,
                "IK_AUTH_SECRET": self.secret, "IK_SHUTDOWN_GRACE": "1",
                f"IK_{definition.name.upper()}_DATABASE_URL": database_url,
-               f"IK_{definition.name.upper()}_PORT": str(free_port()), **(extra_env or {})}
+               f"IK_{definition.name.upper()}_PORT": str(port or free_port()), **(extra_env or {})}
         self.settings = Settings.from_env(definition.name, env)
         self.definition = definition
         self.runtime: Runtime | None = None
@@ -47,3 +48,42 @@ class InProcessService:
         with contextlib.suppress(Exception):
             await self.channel.close()
         await self.runtime.stop()
+
+
+class InProcessPlatform:
+    """Several services in this event loop, wired to each other as in
+    production: one auth secret, one event prefix, each other's addresses."""
+
+    def __init__(self, definitions: dict[str, ServiceDefinition], database_urls: dict[str, str], event_prefix: str,
+                 nats_url: str, data_dir: Path, extra_env: dict[str, str] | None = None):
+        self.secret = uuid.uuid4().hex
+        ports = {name: free_port() for name in definitions}
+        targets = {f"IK_{name.upper()}_TARGET": f"127.0.0.1:{port}" for name, port in ports.items()}
+        self.services = {
+            name: InProcessService(d, database_urls[name], event_prefix, nats_url, data_dir,
+                                   {**targets, **(extra_env or {})}, secret=self.secret, port=ports[name])
+            for name, d in definitions.items()}
+
+    def __getitem__(self, name: str) -> InProcessService:
+        return self.services[name]
+
+    def metadata(self, role: Role = Role.ADMIN, user: str = "alice") -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {mint_token(self.secret, user, role)}")]
+
+    async def start(self, *names: str) -> None:
+        for name in names or self.services:
+            await self.services[name].__aenter__()
+
+    async def stop(self, *names: str) -> None:
+        for name in names or reversed(list(self.services)):
+            service = self.services[name]
+            if service.runtime is not None:
+                await service.__aexit__(None, None, None)
+                service.runtime = None
+
+    async def __aenter__(self) -> "InProcessPlatform":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()

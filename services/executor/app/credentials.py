@@ -218,7 +218,8 @@ async def delete_storage(uow, principal: Principal, id_: str, etag: str) -> None
 
 async def claim(uow, storage_id: str, state_path: str, resource_id: str) -> StatePathClaim:
     _check_claim(storage_id, state_path, resource_id)
-    await get_storage(uow, storage_id)
+    if storage_id:  # empty: the executor's default local storage
+        await get_storage(uow, storage_id)
     return await claim_state_path(uow, storage_id, state_path, resource_id)
 
 
@@ -235,8 +236,6 @@ async def release(uow, storage_id: str, state_path: str, resource_id: str) -> No
 
 def _check_claim(storage_id: str, state_path: str, resource_id: str) -> None:
     violations = []
-    if not storage_id:
-        violations.append(FieldViolation("storage_id", "must not be empty"))
     if not valid_state_path(state_path):
         violations.append(FieldViolation("state_path", "must be a relative path without '..'"))
     if not resource_id:

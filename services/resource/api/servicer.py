@@ -1,14 +1,176 @@
 """gRPC servicer of ResourceService: parses, authorises, calls one use case in
-a unit of work, converts the result. Methods not implemented yet answer
-UNIMPLEMENTED (the generated base class)."""
-from infrakitchen.resource.v1 import resource_pb2, resource_pb2_grpc
+a unit of work, converts the result."""
+from __future__ import annotations
 
-SERVICE_NAME = resource_pb2.DESCRIPTOR.services_by_name["ResourceService"].full_name
+import asyncio
+
+from google.protobuf import empty_pb2
+
+from infrakitchen.resource.v1 import resource_pb2 as pb
+from infrakitchen.resource.v1 import resource_pb2_grpc
+from services.common.auth import current_principal
+from services.common.paging import paginate
+from services.resource.api import convert
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ResourceService"].full_name
+
+WATCH_POLL_SECONDS = 0.3
+_METADATA_FIELDS = ("description", "labels", "dependency_tags", "dependency_configs", "variables")
+_TS_FIELDS = ("description", "source_code_version_id", "variables", "integration_ids", "secret_ids", "labels",
+              "workspace")
 
 
 class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
     def __init__(self, runtime):
-        self.runtime = runtime
+        self.uow = runtime.uow
+        self.lc = runtime.lifecycle
+
+    async def _run(self, use_case, *args, reread: str | None = None):
+        """Runs a command and returns the resource as stored after commit (a
+        job submission may have changed it after the use case returned)."""
+        async with self.uow() as uow:
+            result = await use_case(uow, current_principal(), *args)
+            await uow.commit()
+        if reread is None:
+            return result
+        async with self.uow() as uow:
+            return await self.lc.get(uow, reread)
+
+    async def CreateResource(self, request, context):
+        r = convert.resource_from_pb(request.resource)
+        r.workflow_id, r.step_id = request.workflow_id, request.step_id
+        created = await self._run(self.lc.create, r, request.request_id)
+        return convert.resource_to_pb(created)
+
+    async def GetResource(self, request, context):
+        async with self.uow() as uow:
+            return convert.resource_to_pb(await self.lc.get(uow, request.id))
+
+    async def ListResources(self, request, context):
+        async with self.uow() as uow:
+            found, token = await self.lc.list(
+                uow, request.page_size, request.page_token, template_id=request.template_id,
+                state=convert.STATE.get(request.state, ""), status=convert.STATUS.get(request.status, ""),
+                label=request.label, parent_id=request.parent_id, workflow_id=request.workflow_id)
+        return pb.ListResourcesResponse(resources=[convert.resource_to_pb(r) for r in found], next_page_token=token)
+
+    async def UpdateResource(self, request, context):
+        mask = list(request.update_mask) or [f for f in _METADATA_FIELDS if getattr(request.resource, f)]
+        mask += [f for f in ("name", "template_id", "storage_id", "storage_path")
+                 if f not in mask and getattr(request.resource, f) and not request.update_mask]
+        r = convert.resource_from_pb(request.resource)
+        updated = await self._run(self.lc.update, r, mask, request.resource.etag)
+        return convert.resource_to_pb(updated)
+
+    async def DeleteResource(self, request, context):
+        await self._run(self.lc.delete, request.id, request.etag)
+        return empty_pb2.Empty()
+
+    async def ProvisionResource(self, request, context):
+        return convert.resource_to_pb(await self._run(self.lc.provision, request.id, request.etag, reread=request.id))
+
+    async def DryRunResource(self, request, context):
+        return convert.resource_to_pb(await self._run(self.lc.dry_run, request.id, reread=request.id))
+
+    async def RecreateResource(self, request, context):
+        return convert.resource_to_pb(await self._run(self.lc.recreate, request.id, request.etag, reread=request.id))
+
+    async def DestroyResource(self, request, context):
+        return convert.resource_to_pb(await self._run(self.lc.destroy, request.id, request.etag, reread=request.id))
+
+    async def CancelResourceDestroy(self, request, context):
+        return convert.resource_to_pb(await self._run(self.lc.cancel_destroy, request.id))
+
+    async def GetResourceTree(self, request, context):
+        async with self.uow() as uow:
+            parents, (root, kids) = await self.lc.tree(uow, request.id)
+
+        def node(pair):
+            r, children = pair
+            return convert.tree_node(r, [node(c) for c in children])
+        return pb.GetResourceTreeResponse(parents=[convert.tree_node(p) for p in parents], root=node((root, kids)))
+
+    async def ListResourceRevisions(self, request, context):
+        async with self.uow() as uow:
+            await self.lc.get(uow, request.resource_id)
+            found, token = await paginate(lambda o, n: uow.revisions.list(request.resource_id, o, n),
+                                          request.page_size, request.page_token)
+        return pb.ListResourceRevisionsResponse(revisions=[convert.revision_to_pb(r) for r in found],
+                                                next_page_token=token)
+
+    async def ListResourceEvents(self, request, context):
+        # The audit trail outlives the resource, so a deleted resource's entries stay readable.
+        async with self.uow() as uow:
+            found, token = await paginate(lambda o, n: uow.audit.list(request.resource_id, o, n),
+                                          request.page_size, request.page_token)
+        return pb.ListResourceEventsResponse(entries=[convert.audit_to_pb(e) for e in found], next_page_token=token)
+
+    async def AddResourceOwner(self, request, context):
+        return convert.resource_to_pb(await self._run(self.lc.add_owner, request.id, request.user))
+
+    async def RemoveResourceOwner(self, request, context):
+        return convert.resource_to_pb(await self._run(self.lc.remove_owner, request.id, request.user))
+
+    async def WatchResource(self, request, context):
+        """Sends the resource now and after every change, until the client leaves
+        or the resource is deleted."""
+        version = None
+        while True:
+            async with self.uow() as uow:
+                r = await uow.resources.get(request.id)
+            if r is None:
+                if version is None:
+                    async with self.uow() as uow:
+                        await self.lc.get(uow, request.id)  # NOT_FOUND
+                return
+            if r.version != version:
+                version = r.version
+                yield pb.WatchResourceResponse(resource=convert.resource_to_pb(r))
+            await asyncio.sleep(WATCH_POLL_SECONDS)
+
+    async def _sensitive(self, resource_id: str) -> list[str]:
+        async with self.uow() as uow:
+            r = await uow.resources.get(resource_id)
+        return r.sensitive_variables if r else []
+
+    async def CreateTemporaryState(self, request, context):
+        t = await self._run(self.lc.create_temporary_state, convert.temporary_state_from_pb(request.temporary_state),
+                            request.request_id)
+        return convert.temporary_state_to_pb(t, await self._sensitive(t.resource_id))
+
+    async def GetTemporaryState(self, request, context):
+        async with self.uow() as uow:
+            t = await self.lc.get_temporary_state(uow, request.id)
+        return convert.temporary_state_to_pb(t, await self._sensitive(t.resource_id))
+
+    async def ListTemporaryStates(self, request, context):
+        async with self.uow() as uow:
+            found, token = await self.lc.list_temporary_states(uow, request.resource_id, request.page_size,
+                                                               request.page_token)
+        return pb.ListTemporaryStatesResponse(
+            temporary_states=[convert.temporary_state_to_pb(t, await self._sensitive(t.resource_id)) for t in found],
+            next_page_token=token)
+
+    async def UpdateTemporaryState(self, request, context):
+        ts = request.temporary_state
+        mask = list(request.update_mask) or [f for f in _TS_FIELDS if (
+            ts.HasField(f) if f in ("description", "source_code_version_id", "workspace") else getattr(ts, f))]
+        t = await self._run(self.lc.update_temporary_state, convert.temporary_state_from_pb(ts), mask, ts.etag)
+        return convert.temporary_state_to_pb(t, await self._sensitive(t.resource_id))
+
+    async def DryRunTemporaryState(self, request, context):
+        t = await self._run(self.lc.dry_run_temporary_state, request.id)
+        return convert.temporary_state_to_pb(t, await self._sensitive(t.resource_id))
+
+    async def SubmitTemporaryState(self, request, context):
+        await self._run(self.lc.submit_temporary_state, request.id, request.etag)
+        async with self.uow() as uow:
+            t = await self.lc.get_temporary_state(uow, request.id)
+        return convert.temporary_state_to_pb(t, await self._sensitive(t.resource_id))
+
+    async def DiscardTemporaryState(self, request, context):
+        await self._run(self.lc.discard_temporary_state, request.id)
+        return empty_pb2.Empty()
 
 
 def register(server, runtime) -> list[str]:

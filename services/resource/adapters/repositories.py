@@ -1,0 +1,239 @@
+"""SQLAlchemy repositories of the resource context. Resource updates are
+optimistic: they apply only to the version the caller read (ABORTED
+otherwise), so two concurrent operations never both start."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.common.errors import Aborted
+from services.resource.adapters.tables import (audit_entries, resource_links, resource_revisions, resources,
+                                               settings, temporary_states)
+from services.resource.domain.model import (AuditEntry, DependencyConfig, DependencyTag, Output, Resource, Revision,
+                                            TemporaryState)
+
+
+def _aware(moment):
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=dt.timezone.utc)
+    return moment
+
+
+def _outputs_json(outputs: list[Output]) -> list[dict]:
+    return [{"name": o.name, "value": o.value, "sensitive": o.sensitive} for o in outputs]
+
+
+def _outputs(data) -> list[Output]:
+    return [Output(o["name"], o["value"], o["sensitive"]) for o in data]
+
+
+class ResourceRepository:
+    def __init__(self, session: AsyncSession):
+        self.s = session
+
+    @staticmethod
+    def _row(r: Resource) -> dict[str, Any]:
+        return dict(
+            id=r.id, name=r.name, template_id=r.template_id, source_code_version_id=r.source_code_version_id,
+            description=r.description, state=r.state, status=r.status, abstract=r.abstract,
+            variables=dict(r.variables), sensitive_variables=list(r.sensitive_variables),
+            outputs=_outputs_json(r.outputs), parent_ids=list(r.parent_ids),
+            dependency_tags=[vars(t) for t in r.dependency_tags],
+            dependency_configs=[vars(c) for c in r.dependency_configs],
+            integration_ids=list(r.integration_ids), secret_ids=list(r.secret_ids), storage_id=r.storage_id,
+            storage_path=r.storage_path, workspace=r.workspace, labels=list(r.labels), revision=r.revision,
+            owners=list(r.owners), creator=r.creator, error_message=r.error_message, last_job_id=r.last_job_id,
+            last_job_action=r.last_job_action, job_request_id=r.job_request_id,
+            pending_operation=r.pending_operation, temporary_state_id=r.temporary_state_id,
+            plan_job_id=r.plan_job_id, approval_request_id=r.approval_request_id, workflow_id=r.workflow_id,
+            step_id=r.step_id, ever_provisioned=r.ever_provisioned, create_time=r.create_time,
+            update_time=r.update_time, version=r.version)
+
+    @staticmethod
+    def _resource(row) -> Resource:
+        m = dict(row._mapping)
+        m["outputs"] = _outputs(m["outputs"])
+        m["dependency_tags"] = [DependencyTag(**t) for t in m["dependency_tags"]]
+        m["dependency_configs"] = [DependencyConfig(**c) for c in m["dependency_configs"]]
+        for key in ("parent_ids", "integration_ids", "secret_ids", "labels", "owners", "sensitive_variables"):
+            m[key] = list(m[key])
+        m["variables"] = dict(m["variables"])
+        m["create_time"], m["update_time"] = _aware(m["create_time"]), _aware(m["update_time"])
+        return Resource(**m)
+
+    async def add(self, r: Resource) -> None:
+        await self.s.execute(sa.insert(resources).values(**self._row(r)))
+        if r.parent_ids:
+            await self.s.execute(sa.insert(resource_links), [dict(parent_id=p, child_id=r.id) for p in r.parent_ids])
+
+    async def get(self, id_: str) -> Resource | None:
+        row = (await self.s.execute(sa.select(resources).where(resources.c.id == id_))).first()
+        return self._resource(row) if row else None
+
+    async def get_many(self, ids: list[str]) -> dict[str, Resource]:
+        if not ids:
+            return {}
+        rows = await self.s.execute(sa.select(resources).where(resources.c.id.in_(ids)))
+        return {r.id: self._resource(r) for r in rows}
+
+    async def name_taken(self, template_id: str, version_id: str, name: str) -> bool:
+        return bool(await self.s.scalar(sa.select(sa.func.count()).where(
+            resources.c.template_id == template_id, resources.c.source_code_version_id == version_id,
+            resources.c.name == name)))
+
+    async def of_template(self, template_id: str) -> list[Resource]:
+        rows = await self.s.execute(sa.select(resources).where(resources.c.template_id == template_id))
+        return [self._resource(r) for r in rows]
+
+    async def children(self, id_: str) -> list[Resource]:
+        rows = await self.s.execute(sa.select(resources).join(
+            resource_links, resource_links.c.child_id == resources.c.id).where(resource_links.c.parent_id == id_)
+            .order_by(resources.c.create_time))
+        return [self._resource(r) for r in rows]
+
+    async def busy_since(self, before: dt.datetime) -> list[Resource]:
+        """Resources with an operation under way that has not moved since `before`."""
+        rows = await self.s.execute(sa.select(resources).where(
+            resources.c.status.in_(["queued", "in_progress"]), resources.c.update_time < before))
+        return [self._resource(r) for r in rows]
+
+    async def list(self, offset: int, limit: int, template_id: str = "", state: str = "", status: str = "",
+                   label: str = "", parent_id: str = "", workflow_id: str = "") -> list[Resource]:
+        query = sa.select(resources).order_by(resources.c.create_time, resources.c.id)
+        if template_id:
+            query = query.where(resources.c.template_id == template_id)
+        if state:
+            query = query.where(resources.c.state == state)
+        if status:
+            query = query.where(resources.c.status == status)
+        if workflow_id:
+            query = query.where(resources.c.workflow_id == workflow_id)
+        if parent_id:
+            query = query.where(resources.c.id.in_(
+                sa.select(resource_links.c.child_id).where(resource_links.c.parent_id == parent_id)))
+        if not label:
+            return [self._resource(r) for r in await self.s.execute(query.offset(offset).limit(limit))]
+        # Labels are a JSON list, matched here to stay portable across SQLite and PostgreSQL.
+        rows = [self._resource(r) for r in await self.s.execute(query)]
+        return [r for r in rows if label in r.labels][offset:offset + limit]
+
+    async def update(self, r: Resource, read_version: int) -> None:
+        values = self._row(r)
+        values.pop("id")
+        result = await self.s.execute(sa.update(resources).where(
+            resources.c.id == r.id, resources.c.version == read_version).values(**values))
+        if result.rowcount != 1:
+            raise Aborted(f"resource {r.id} was changed by someone else just now; read it again and retry",
+                          reason="CONCURRENT_CHANGE")
+
+    async def delete(self, id_: str) -> None:
+        await self.s.execute(sa.delete(resource_links).where(sa.or_(
+            resource_links.c.child_id == id_, resource_links.c.parent_id == id_)))
+        await self.s.execute(sa.delete(temporary_states).where(temporary_states.c.resource_id == id_))
+        await self.s.execute(sa.delete(resource_revisions).where(resource_revisions.c.resource_id == id_))
+        await self.s.execute(sa.delete(resources).where(resources.c.id == id_))
+
+
+class TemporaryStateRepository:
+    def __init__(self, session: AsyncSession):
+        self.s = session
+
+    @staticmethod
+    def _row(t: TemporaryState) -> dict[str, Any]:
+        changes = {k: getattr(t, k) for k in ("description", "source_code_version_id", "variables",
+                                              "integration_ids", "secret_ids", "labels", "workspace")}
+        return dict(id=t.id, resource_id=t.resource_id, status=t.status, changes=changes,
+                    base_revision=t.base_revision, dry_run_job_id=t.dry_run_job_id, plan_add=t.plan_add,
+                    plan_change=t.plan_change, plan_destroy=t.plan_destroy,
+                    approval_request_id=t.approval_request_id, creator=t.creator, create_time=t.create_time,
+                    update_time=t.update_time, version=t.version)
+
+    @staticmethod
+    def _state(row) -> TemporaryState:
+        m = dict(row._mapping)
+        m.update(m.pop("changes"))
+        m["create_time"], m["update_time"] = _aware(m["create_time"]), _aware(m["update_time"])
+        return TemporaryState(**m)
+
+    async def add(self, t: TemporaryState) -> None:
+        await self.s.execute(sa.insert(temporary_states).values(**self._row(t)))
+
+    async def get(self, id_: str) -> TemporaryState | None:
+        row = (await self.s.execute(sa.select(temporary_states).where(temporary_states.c.id == id_))).first()
+        return self._state(row) if row else None
+
+    async def open_for(self, resource_id: str) -> list[TemporaryState]:
+        rows = await self.s.execute(sa.select(temporary_states).where(
+            temporary_states.c.resource_id == resource_id,
+            temporary_states.c.status.in_(["pending", "approval_pending"])))
+        return [self._state(r) for r in rows]
+
+    async def list(self, offset: int, limit: int, resource_id: str = "") -> list[TemporaryState]:
+        query = sa.select(temporary_states).order_by(temporary_states.c.create_time, temporary_states.c.id)
+        if resource_id:
+            query = query.where(temporary_states.c.resource_id == resource_id)
+        return [self._state(r) for r in await self.s.execute(query.offset(offset).limit(limit))]
+
+    async def update(self, t: TemporaryState, read_version: int) -> None:
+        values = self._row(t)
+        values.pop("id")
+        result = await self.s.execute(sa.update(temporary_states).where(
+            temporary_states.c.id == t.id, temporary_states.c.version == read_version).values(**values))
+        if result.rowcount != 1:
+            raise Aborted(f"temporary state {t.id} was changed by someone else just now; read it again",
+                          reason="CONCURRENT_CHANGE")
+
+    async def delete(self, id_: str) -> None:
+        await self.s.execute(sa.delete(temporary_states).where(temporary_states.c.id == id_))
+
+
+class RevisionRepository:
+    def __init__(self, session: AsyncSession):
+        self.s = session
+
+    async def add(self, r: Revision) -> None:
+        await self.s.execute(sa.insert(resource_revisions).values(
+            resource_id=r.resource_id, revision=r.revision, source_code_version_id=r.source_code_version_id,
+            variables=r.variables, outputs=_outputs_json(r.outputs), job_id=r.job_id, actor=r.actor,
+            create_time=r.create_time))
+
+    async def list(self, resource_id: str, offset: int, limit: int) -> list[Revision]:
+        rows = await self.s.execute(sa.select(resource_revisions).where(
+            resource_revisions.c.resource_id == resource_id).order_by(resource_revisions.c.revision)
+            .offset(offset).limit(limit))
+        return [Revision(r.resource_id, r.revision, r.source_code_version_id, dict(r.variables),
+                         _outputs(r.outputs), r.job_id, r.actor, _aware(r.create_time)) for r in rows]
+
+
+class AuditRepository:
+    def __init__(self, session: AsyncSession):
+        self.s = session
+
+    async def add(self, e: AuditEntry) -> None:
+        await self.s.execute(sa.insert(audit_entries).values(
+            id=e.id, resource_id=e.resource_id, resource_name=e.resource_name, actor=e.actor, action=e.action,
+            revision=e.revision, before=e.before, after=e.after, time=e.time))
+
+    async def list(self, resource_id: str, offset: int, limit: int) -> list[AuditEntry]:
+        rows = await self.s.execute(sa.select(audit_entries).where(audit_entries.c.resource_id == resource_id)
+                                    .order_by(audit_entries.c.seq).offset(offset).limit(limit))
+        return [AuditEntry(r.id, r.resource_id, r.resource_name, r.actor, r.action, r.revision, dict(r.before),
+                           dict(r.after), _aware(r.time)) for r in rows]
+
+
+class SettingsRepository:
+    def __init__(self, session: AsyncSession):
+        self.s = session
+
+    async def get(self, key: str, default=None):
+        value = await self.s.scalar(sa.select(settings.c.value).where(settings.c.key == key))
+        return default if value is None else value
+
+    async def set(self, key: str, value, now: dt.datetime) -> None:
+        if (await self.s.execute(sa.update(settings).where(settings.c.key == key).values(
+                value=value, update_time=now))).rowcount:
+            return
+        await self.s.execute(sa.insert(settings).values(key=key, value=value, update_time=now))
