@@ -149,7 +149,8 @@ class Lifecycle:
             raise InvalidArgument("invalid resource", violations)
         if not template.enabled:
             raise FailedPrecondition(f"template {template.key} is disabled", [PreconditionViolation(
-                "TEMPLATE_DISABLED", f"templates/{template.id}", "enable the template to create resources of it")])
+                "TEMPLATE_DISABLED", f"templates/{template.id}", "enable the template to create resources of it")],
+                reason="TEMPLATE_DISABLED")
         version: VersionInfo | None = None
         if not template.abstract:
             version = (await self.remote.version(r.source_code_version_id) if r.source_code_version_id
