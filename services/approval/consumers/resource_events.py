@@ -29,6 +29,13 @@ async def on_resource_event(uow, env: Envelope) -> None:
         return
     if body.owners:
         await uow.owners.set(body.resource_id, list(body.owners), utcnow())
+    if (body.previous_status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING
+            and body.status != resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING):
+        # The operation stopped waiting without a decision (e.g. a destroy was
+        # cancelled); a decision leaves nothing pending, so this cancels only
+        # what nobody decided.
+        await approvals.cancel_pending(uow, env.actor, "the resource no longer waits for this approval",
+                                       resource_id=body.resource_id)
     if body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING and body.awaiting_approval:
         request = ApprovalRequest(
             id="", resource_id=body.resource_id, resource_name=body.name,
