@@ -196,3 +196,20 @@ async def test_the_reconciler_finishes_a_resource_whose_events_were_lost(tmp_pat
         done = await p.wait(net.id, PROVISIONED, DONE)
         trail = await p.resource.ListResourceEvents(rp.ListResourceEventsRequest(resource_id=net.id), metadata=p.md)
         assert "system:reconciler" in {e.actor for e in trail.entries} and done.outputs
+
+
+async def test_a_job_the_executor_lost_leaves_the_resource_unknown_not_stuck(tmp_path, event_prefix, nats_url):
+    from dataclasses import replace
+    async with Platform(tmp_path, event_prefix, nats_url, {"IK_RESOURCE_RECONCILE_INTERVAL": "1"}) as p:
+        net = await p.provisioned("network", "n", variables={"cidr": "10.0.0.0/16"})
+        # As if the executor's database had been replaced: the resource waits
+        # for a job nobody knows.
+        lifecycle = p.inner["resource"].runtime.lifecycle
+        async with p.inner["resource"].runtime.uow() as uow:
+            r = await uow.resources.get(net.id)
+            await uow.resources.update(replace(r, status="in_progress", last_job_id="lost-job",
+                                               pending_operation="update", version=r.version + 1), r.version)
+            await uow.commit()
+        unknown = await p.wait(net.id, PROVISIONED, rp.RESOURCE_STATUS_UNKNOWN, timeout=30)
+        assert "no record of the job" in unknown.error_message
+        assert lifecycle is not None

@@ -32,6 +32,14 @@ async def p(tmp_path, event_prefix, nats_url):
         yield platform
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+async def any_db(request, tmp_path, event_prefix, nats_url, postgres):
+    """The platform on SQLite files, and on PostgreSQL databases."""
+    urls = {} if request.param == "sqlite" else {n: postgres.create() for n in ("executor", "approval", "resource")}
+    async with Platform(tmp_path, event_prefix, nats_url, database_urls=urls) as platform:
+        yield platform
+
+
 async def watch_states(p, resource_id: str, until: tuple[int, int], seen: list) -> None:
     """What WatchResource shows (it polls: very short-lived statuses may be skipped)."""
     async for change in p.resource.WatchResource(rp.WatchResourceRequest(id=resource_id), metadata=p.md):
@@ -53,7 +61,8 @@ async def transitions(p, resource_id: str, count: int) -> list[tuple[int, int]]:
 
 # --- create, provision, destroy, recreate, delete ----------------------------------------
 
-async def test_full_lifecycle_moves_through_the_documented_states(p):
+async def test_full_lifecycle_moves_through_the_documented_states(any_db):
+    p = any_db
     net = await p.create("network", "core", variables={"cidr": "10.0.0.0/16"})
     assert (net.state, net.status, net.revision, list(net.owners), net.creator) == \
         (PROVISION, READY, 1, ["alice"], "alice")
@@ -387,3 +396,45 @@ async def test_a_child_created_right_after_its_parents_job_finished_is_not_rejec
     assert child.state == PROVISION
     parent = await p.get(net.id)
     assert (parent.state, parent.status) == (PROVISIONED, DONE) and parent.outputs
+
+
+async def test_transitions_the_state_table_does_not_allow_are_refused(p):
+    net = await p.create("network", "n", variables={"cidr": "10.0.0.0/16"})
+    # provision: no destroy, no recreate, no delete, no update.
+    for call, req, md in [(p.resource.DestroyResource, rp.DestroyResourceRequest(id=net.id), p.admin),
+                          (p.resource.RecreateResource, rp.RecreateResourceRequest(id=net.id), p.md),
+                          (p.resource.DeleteResource, rp.DeleteResourceRequest(id=net.id), p.admin),
+                          (p.resource.CancelResourceDestroy, rp.CancelResourceDestroyRequest(id=net.id), p.admin)]:
+        err = await rpc_error(call(req, metadata=md))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, call
+    ts = await rpc_error(p.resource.CreateTemporaryState(rp.CreateTemporaryStateRequest(
+        temporary_state=rp.TemporaryState(resource_id=net.id, variables=struct(cidr="x"))), metadata=p.md))
+    assert ts.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=net.id), metadata=p.md)
+    await p.wait(net.id, PROVISIONED, DONE)
+    # provisioned: no provision, no recreate, no delete.
+    for call, req, md in [(p.resource.ProvisionResource, rp.ProvisionResourceRequest(id=net.id), p.md),
+                          (p.resource.RecreateResource, rp.RecreateResourceRequest(id=net.id), p.md),
+                          (p.resource.DeleteResource, rp.DeleteResourceRequest(id=net.id), p.admin)]:
+        err = await rpc_error(call(req, metadata=md))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, call
+    stale = await rpc_error(p.resource.DestroyResource(rp.DestroyResourceRequest(id=net.id, etag='"1"'),
+                                                       metadata=p.admin))
+    assert stale.code() == grpc.StatusCode.ABORTED
+
+
+async def test_a_child_recreated_before_its_parent_is_pending_then_starts(p):
+    net = await p.provisioned("network", "n", variables={"cidr": "10.0.0.0/16"})
+    app = await p.provisioned("app", "a", parents=[net.id], variables={"vpc_id": "vpc-1"})
+    for r in (app, net):
+        await p.resource.DestroyResource(rp.DestroyResourceRequest(id=r.id), metadata=p.admin)
+        await p.wait(r.id, DESTROYED, DONE)
+    # Rebuild the stack: the child is asked for while its parent is still being provisioned.
+    await p.resource.RecreateResource(rp.RecreateResourceRequest(id=net.id), metadata=p.md)
+    waiting = await p.resource.RecreateResource(rp.RecreateResourceRequest(id=app.id), metadata=p.md)
+    assert (waiting.state, waiting.status) == (PROVISION, rp.RESOURCE_STATUS_PENDING)
+    assert not [j for j in (await p.executor.ListJobs(ep.ListJobsRequest(resource_id=app.id), metadata=p.md)).jobs
+                if j.status == ep.JOB_STATUS_QUEUED]
+    await p.wait(net.id, PROVISIONED, DONE)
+    app = await p.wait(app.id, PROVISIONED, DONE)
+    assert app.revision == 2

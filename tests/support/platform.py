@@ -109,8 +109,10 @@ class Catalog:
 
 
 class Platform:
-    def __init__(self, tmp_path, event_prefix: str, nats_url: str, extra_env: dict[str, str] | None = None):
+    def __init__(self, tmp_path, event_prefix: str, nats_url: str, extra_env: dict[str, str] | None = None,
+                 database_urls: dict[str, str] | None = None):
         dbs = {n: f"sqlite:///{tmp_path / (n + '.db')}" for n in ("blueprint", "executor", "approval", "resource")}
+        dbs.update(database_urls or {})
         self.inner = InProcessPlatform(
             {"blueprint": BLUEPRINT, "executor": EXECUTOR, "approval": APPROVAL, "resource": RESOURCE}, dbs,
             event_prefix, nats_url, tmp_path / "data",

@@ -27,7 +27,7 @@ from services.common.paging import paginate
 from services.common.uow import utcnow
 from services.common.values import to_struct, to_value
 from services.resource.adapters.remote import JobInfo, JobSubmission, Remote, VersionInfo
-from services.resource.domain.model import (APPROVAL_PENDING, BUSY, DESTROY, DESTROYED, DONE, ERROR, IN_PROGRESS,
+from services.resource.domain.model import (APPROVAL_PENDING, BUSY, DESTROY, PENDING, DESTROYED, DONE, ERROR, IN_PROGRESS,
                                             OP_DESTROY, OP_PROVISION, OP_UPDATE, PROVISION, PROVISIONED, QUEUED,
                                             READY, REJECTED, TS_APPROVAL_PENDING, TS_MERGED, TS_PENDING, TS_REJECTED,
                                             UNKNOWN, AuditEntry, Resource, Revision, TemporaryState, can_move,
@@ -271,8 +271,12 @@ class Lifecycle:
         self._needs_iac(r, "provision")
         if r.busy:
             raise _busy(r, "provision")
-        if r.state != PROVISION or r.status not in (READY, ERROR, UNKNOWN):
+        if r.state != PROVISION or r.status not in (READY, ERROR, UNKNOWN, PENDING):
             raise _wrong_state(r, "provision", "state provision with status ready or error")
+        if await self._parents_on_their_way(uow, r, principal.user):
+            # Waits for its prerequisite: starts when the last parent is provisioned.
+            return await self._save(uow, r, replace(r, status=PENDING, error_message=""), principal.user,
+                                    "provision_pending")
         await self._parents_provisioned(uow, r, principal.user)
         return await self._start_or_ask(uow, principal, r, OP_PROVISION, "provision")
 
@@ -282,9 +286,13 @@ class Lifecycle:
         self._needs_iac(r, "recreate")
         if not ((r.state == DESTROYED and r.status == DONE) or (r.state == PROVISION and r.status == REJECTED)):
             raise _wrong_state(r, "recreate", "destroyed/done or provision/rejected")
-        await self._parents_provisioned(uow, r, principal.user)
-        ready = await self._save(uow, r, replace(r, state=PROVISION, status=READY, error_message=""),
-                                 principal.user, "recreate")
+        waiting = await self._parents_on_their_way(uow, r, principal.user)
+        if not waiting:
+            await self._parents_provisioned(uow, r, principal.user)
+        ready = await self._save(uow, r, replace(r, state=PROVISION, status=PENDING if waiting else READY,
+                                                 error_message=""), principal.user, "recreate")
+        if waiting:  # starts when the last parent is provisioned
+            return ready
         return await self._start_or_ask(uow, principal, ready, OP_PROVISION, "recreate")
 
     async def dry_run(self, uow, principal: Principal, id_: str) -> Resource:
@@ -307,6 +315,36 @@ class Lifecycle:
                                      [PreconditionViolation("ABSTRACT_RESOURCE", f"resources/{r.id}",
                                                             "abstract resources are records only")])
 
+    async def _parents_on_their_way(self, uow, r: Resource, actor: str) -> bool:
+        """True when some parent is not provisioned yet but is being provisioned
+        (and every other parent is provisioned or on its way too)."""
+        waiting = False
+        for parent in (await uow.resources.get_many(r.parent_ids)).values():
+            parent = await self.settle(uow, parent, actor)
+            if parent.state == PROVISIONED:
+                continue
+            if parent.state == PROVISION and parent.status in (QUEUED, IN_PROGRESS, APPROVAL_PENDING, PENDING):
+                waiting = True
+                continue
+            return False
+        return waiting
+
+    async def _start_waiting_children(self, uow, parent: Resource, actor: str) -> None:
+        """A parent finished provisioning (or failed): children waiting for it
+        start (or fail too)."""
+        for child in await uow.resources.children(parent.id):
+            if child.status != PENDING or child.state != PROVISION:
+                continue
+            if parent.state != PROVISIONED:
+                await self._save(uow, child, replace(child, status=ERROR,
+                                                     error_message=f"parent {parent.name} failed to provision"),
+                                 actor, "provision_failed")
+                continue
+            parents = await uow.resources.get_many(child.parent_ids)
+            parents[parent.id] = parent
+            if all(p.state == PROVISIONED for p in parents.values()):
+                await self._start_or_ask(uow, Principal(actor, Role.WRITE), child, OP_PROVISION, "provision")
+
     async def _parents_provisioned(self, uow, r: Resource, actor: str) -> None:
         problems = []
         for parent in (await uow.resources.get_many(r.parent_ids)).values():
@@ -328,7 +366,7 @@ class Lifecycle:
         return await self._start(uow, principal.user, r, operation, action)
 
     async def _start(self, uow, actor: str, r: Resource, operation: str, action: str) -> Resource:
-        request_id = f"{r.id}-{uuid.uuid4()}"
+        request_id = str(uuid.uuid4())
         state = DESTROY if operation == OP_DESTROY else r.state
         queued = await self._save(uow, r, replace(r, state=state, status=QUEUED, pending_operation=operation,
                                                   job_request_id=request_id, last_job_id="", error_message=""),
@@ -425,8 +463,11 @@ class Lifecycle:
         base = replace(r, pending_operation="", job_request_id="", plan_job_id="")
         if job.status != "succeeded":
             message = job.error_message or f"the {job.action} job ended {job.status}"
-            return await self._save(uow, r, replace(base, status=ERROR, error_message=message), actor,
-                                    f"{operation}_failed", events=("resource_status_changed", "resource_failed"))
+            failed = await self._save(uow, r, replace(base, status=ERROR, error_message=message), actor,
+                                      f"{operation}_failed", events=("resource_status_changed", "resource_failed"))
+            if operation == OP_PROVISION:
+                await self._start_waiting_children(uow, failed, actor)
+            return failed
         if operation == OP_DESTROY:
             return await self._save(uow, r, replace(base, state=DESTROYED, status=DONE, outputs=[],
                                                     error_message=""),
@@ -442,8 +483,11 @@ class Lifecycle:
         await uow.revisions.add(Revision(r.id, revision, after.source_code_version_id, after.masked_variables(),
                                          after.masked_outputs(), job.id, actor, utcnow()))
         event = "resource_updated" if operation == OP_UPDATE else "resource_provisioned"
-        return await self._save(uow, r, after, actor, "updated" if operation == OP_UPDATE else "provisioned",
+        done = await self._save(uow, r, after, actor, "updated" if operation == OP_UPDATE else "provisioned",
                                 events=("resource_status_changed", event))
+        if operation == OP_PROVISION:
+            await self._start_waiting_children(uow, done, actor)
+        return done
 
     # --- destroy, delete ----------------------------------------------------------------
 
