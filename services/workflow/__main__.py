@@ -1,15 +1,30 @@
 """python -m services.workflow"""
 from pathlib import Path
 
+from services.common.clients import ServiceClients
 from services.common.runtime import ServiceDefinition, run_service
+from services.workflow.adapters.remote import Remote
 from services.workflow.adapters.tables import metadata
+from services.workflow.adapters.uow import WorkflowUnitOfWork
 from services.workflow.api.servicer import register
+from services.workflow.app.workflows import Workflows
+from services.workflow.consumers.events import consumers, reconciler
+
+
+def setup(runtime) -> None:
+    runtime.clients = ServiceClients(runtime.settings, "workflow")
+    runtime.workflows = Workflows(Remote(runtime.clients), runtime.uow)
+
 
 DEFINITION = ServiceDefinition(
     name="workflow",
     migrations_dir=Path(__file__).parent / "migrations",
     metadata=metadata,
     register=register,
+    uow_class=WorkflowUnitOfWork,
+    setup=setup,
+    consumers=consumers,
+    background=lambda runtime: [reconciler(runtime)],
 )
 
 if __name__ == "__main__":

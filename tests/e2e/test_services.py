@@ -40,8 +40,7 @@ WRITE_CALLS = {
     "workflow": (workflow_pb2_grpc.WorkflowServiceStub, "ExecuteWorkflow", workflow_pb2.ExecuteWorkflowRequest),
     "resource": (resource_pb2_grpc.ResourceServiceStub, "ProvisionResource", resource_pb2.ProvisionResourceRequest),
     "executor": (executor_pb2_grpc.ExecutorServiceStub, "SubmitJob", executor_pb2.SubmitJobRequest),
-    "approval": (approval_pb2_grpc.ApprovalServiceStub, "UpdateApprovalFlow",
-                 approval_pb2.UpdateApprovalFlowRequest),
+    "approval": (approval_pb2_grpc.ApprovalServiceStub, "ApproveRequest", approval_pb2.ApproveRequestRequest),
 }
 
 

@@ -21,6 +21,8 @@ from services.blueprint.__main__ import DEFINITION as BLUEPRINT
 from services.common.auth import Role
 from services.executor.__main__ import DEFINITION as EXECUTOR
 from services.resource.__main__ import DEFINITION as RESOURCE
+from services.workflow.__main__ import DEFINITION as WORKFLOW
+from infrakitchen.workflow.v1 import workflow_pb2_grpc
 from tests.support.gitrepos import ModuleRepo
 from tests.support.inprocess import InProcessPlatform
 
@@ -90,6 +92,24 @@ output "gate" {
   value = var.gate
 }
 ''',
+    "leaf/main.tf": '''
+variable "upstream" {
+  type = string
+}
+variable "seconds" {
+  type    = number
+  default = 0
+}
+resource "null_resource" "leaf" {
+  triggers = { upstream = var.upstream }
+  provisioner "local-exec" {
+    command = "sleep ${var.seconds}"
+  }
+}
+output "seen" {
+  value = var.upstream
+}
+''',
 }
 
 
@@ -111,10 +131,12 @@ class Catalog:
 class Platform:
     def __init__(self, tmp_path, event_prefix: str, nats_url: str, extra_env: dict[str, str] | None = None,
                  database_urls: dict[str, str] | None = None):
-        dbs = {n: f"sqlite:///{tmp_path / (n + '.db')}" for n in ("blueprint", "executor", "approval", "resource")}
+        names = ("blueprint", "executor", "approval", "resource", "workflow")
+        dbs = {n: f"sqlite:///{tmp_path / (n + '.db')}" for n in names}
         dbs.update(database_urls or {})
         self.inner = InProcessPlatform(
-            {"blueprint": BLUEPRINT, "executor": EXECUTOR, "approval": APPROVAL, "resource": RESOURCE}, dbs,
+            {"blueprint": BLUEPRINT, "executor": EXECUTOR, "approval": APPROVAL, "resource": RESOURCE,
+             "workflow": WORKFLOW}, dbs,
             event_prefix, nats_url, tmp_path / "data",
             {"IK_RESOURCE_RECONCILE_INTERVAL": "30", "IK_TERRAFORM_LOCK_TIMEOUT": "5s", **(extra_env or {})})
         self.tmp_path = tmp_path
@@ -127,6 +149,7 @@ class Platform:
         self.executor = executor_pb2_grpc.ExecutorServiceStub(svc["executor"].channel)
         self.approval = approval_pb2_grpc.ApprovalServiceStub(svc["approval"].channel)
         self.resource = resource_pb2_grpc.ResourceServiceStub(svc["resource"].channel)
+        self.workflow = workflow_pb2_grpc.WorkflowServiceStub(svc["workflow"].channel)
         self.md = self.as_("alice", Role.WRITE)
         self.admin = self.as_("root", Role.ADMIN)
         await self._catalog()
@@ -144,7 +167,8 @@ class Platform:
         channel = self.inner[name].channel
         stub = {"resource": resource_pb2_grpc.ResourceServiceStub, "approval": approval_pb2_grpc.ApprovalServiceStub,
                 "executor": executor_pb2_grpc.ExecutorServiceStub,
-                "blueprint": blueprint_pb2_grpc.BlueprintServiceStub}[name](channel)
+                "blueprint": blueprint_pb2_grpc.BlueprintServiceStub,
+                "workflow": workflow_pb2_grpc.WorkflowServiceStub}[name](channel)
         setattr(self, name, stub)
 
     async def _catalog(self) -> None:
@@ -171,10 +195,14 @@ class Platform:
         await template("network", parents=("team", "region"))
         await template("app", parents=("network",))
         await template("gated", parents=("network",))
+        await template("leaf", parents=("gated", "app"))
+        await template("tail", parents=("app",))
         await version("network", "network", [bp.VariableConfig(name="region", frozen=True),
                                              bp.VariableConfig(name="tag_name", unique=True)])
         await version("app", "app")
         await version("gated", "gated")
+        await version("leaf", "leaf")
+        await version("tail", "leaf")
         integration = await self.executor.CreateIntegration(ep.CreateIntegrationRequest(
             integration=ep.Integration(name="cloud", provider=ep.INTEGRATION_PROVIDER_GENERIC),
             credentials={"CLOUD_TOKEN": "token-value-123"}), metadata=self.admin)
@@ -218,6 +246,18 @@ class Platform:
             return r
         await self.resource.ProvisionResource(rp.ProvisionResourceRequest(id=r.id), metadata=self.md)
         return await self.wait(r.id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
+
+    async def blueprint_of(self, name: str, templates: dict[str, dict], wiring: list[tuple[str, str, str, str]],
+                           **kw) -> bp.Blueprint:
+        """A blueprint of the catalog's templates: key -> default variables; (source, output, target, variable)."""
+        c = self.catalog
+        return await self.blueprint.CreateBlueprint(bp.CreateBlueprintRequest(blueprint=bp.Blueprint(
+            name=name, templates=[bp.BlueprintTemplate(template_id=c.templates[k], source_code_version_id=c.versions[k],
+                                                       default_variables=struct(**d), **kw.get(k, {}))
+                                  for k, d in templates.items()],
+            wiring_rules=[bp.WiringRule(source_template_id=c.templates[s], source_output=o,
+                                        target_template_id=c.templates[t], target_variable=v)
+                          for s, o, t, v in wiring])), metadata=self.admin)
 
     async def base(self) -> tuple[rp.Resource, rp.Resource]:
         """An abstract team and region: the parents a network needs to exist."""

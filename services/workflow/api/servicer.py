@@ -1,14 +1,73 @@
 """gRPC servicer of WorkflowService: parses, authorises, calls one use case in
-a unit of work, converts the result. Methods not implemented yet answer
-UNIMPLEMENTED (the generated base class)."""
-from infrakitchen.workflow.v1 import workflow_pb2, workflow_pb2_grpc
+a unit of work, converts the result."""
+from __future__ import annotations
 
-SERVICE_NAME = workflow_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name
+import asyncio
+
+from google.protobuf import empty_pb2
+
+from infrakitchen.workflow.v1 import workflow_pb2 as pb
+from infrakitchen.workflow.v1 import workflow_pb2_grpc
+from services.common.auth import current_principal
+from services.workflow.api import convert
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name
+WATCH_POLL_SECONDS = 0.2
 
 
 class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
     def __init__(self, runtime):
-        self.runtime = runtime
+        self.uow = runtime.uow
+        self.workflows = runtime.workflows
+
+    async def _read(self, id_: str) -> pb.Workflow:
+        async with self.uow() as uow:
+            w = await self.workflows.get(uow, id_)
+            return convert.workflow_to_pb(w, await uow.steps.of(w.id))
+
+    async def CreateWorkflow(self, request, context):
+        variables, versions, parents = convert.overrides_from_pb(request)
+        async with self.uow() as uow:
+            w = await self.workflows.create(uow, current_principal(), request.blueprint_id, variables, versions,
+                                            parents, list(request.integration_ids), list(request.secret_ids),
+                                            request.storage_id, request.max_parallel_steps, request.request_id)
+            await uow.commit()
+        return await self._read(w.id)
+
+    async def GetWorkflow(self, request, context):
+        return await self._read(request.id)
+
+    async def ListWorkflows(self, request, context):
+        async with self.uow() as uow:
+            found, token = await self.workflows.list(uow, request.page_size, request.page_token,
+                                                     request.blueprint_id, convert.STATUS.get(request.status, ""))
+            out = [convert.workflow_to_pb(w, await uow.steps.of(w.id)) for w in found]
+        return pb.ListWorkflowsResponse(workflows=out, next_page_token=token)
+
+    async def ExecuteWorkflow(self, request, context):
+        async with self.uow() as uow:
+            await self.workflows.execute(uow, current_principal(), request.id)
+            await uow.commit()
+        return await self._read(request.id)
+
+    async def DeleteWorkflow(self, request, context):
+        async with self.uow() as uow:
+            await self.workflows.delete(uow, current_principal(), request.id)
+            await uow.commit()
+        return empty_pb2.Empty()
+
+    async def WatchWorkflow(self, request, context):
+        """Every change of the workflow or its steps, until it has ended."""
+        last = None
+        while True:
+            current = await self._read(request.id)
+            snapshot = current.SerializeToString(deterministic=True)
+            if snapshot != last:
+                last = snapshot
+                yield pb.WatchWorkflowResponse(workflow=current)
+            if current.status in (pb.WORKFLOW_STATUS_DONE, pb.WORKFLOW_STATUS_ERROR):
+                return
+            await asyncio.sleep(WATCH_POLL_SECONDS)
 
 
 def register(server, runtime) -> list[str]:

@@ -1,0 +1,98 @@
+"""The workflow service's view of the blueprint, resource and executor services."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
+from infrakitchen.blueprint.v1 import blueprint_pb2_grpc
+from infrakitchen.executor.v1 import executor_pb2 as ep
+from infrakitchen.executor.v1 import executor_pb2_grpc
+from infrakitchen.resource.v1 import resource_pb2 as rp
+from infrakitchen.resource.v1 import resource_pb2_grpc
+from services.common.auth import Role
+from services.common.clients import RemoteError, ServiceClients
+from services.common.values import from_struct, from_value, to_struct
+
+
+@dataclass(frozen=True)
+class ResourceInfo:
+    id: str
+    state: str
+    status: str
+    error_message: str
+    last_job_id: str
+    outputs: dict[str, Any]
+    sensitive_outputs: tuple[str, ...]
+
+
+_STATE = {v: k.lower().removeprefix("resource_state_") for k, v in rp.ResourceState.items()}
+_STATUS = {v: k.lower().removeprefix("resource_status_") for k, v in rp.ResourceStatus.items()}
+
+
+def resource_info(r) -> ResourceInfo:
+    return ResourceInfo(r.id, _STATE[r.state], _STATUS[r.status], r.error_message, r.last_job_id,
+                        {o.name: from_value(o.value) for o in r.outputs},
+                        tuple(o.name for o in r.outputs if o.sensitive))
+
+
+class Remote:
+    def __init__(self, clients: ServiceClients):
+        self.clients = clients
+        self.blueprint = blueprint_pb2_grpc.BlueprintServiceStub(clients.channel("blueprint"))
+        self.resource = resource_pb2_grpc.ResourceServiceStub(clients.channel("resource"))
+        self.executor = executor_pb2_grpc.ExecutorServiceStub(clients.channel("executor"))
+
+    async def blueprint_and_plan(self, id_: str):
+        """(blueprint, preview) or None when there is no such blueprint."""
+        try:
+            b = await self.clients.call("blueprint", self.blueprint.GetBlueprint, bp.GetBlueprintRequest(id=id_))
+        except RemoteError as err:
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        plan = await self.clients.call("blueprint", self.blueprint.PreviewBlueprint,
+                                       bp.PreviewBlueprintRequest(id=id_, revision=b.revision))
+        return b, plan
+
+    async def template(self, id_: str):
+        return await self.clients.call("blueprint", self.blueprint.GetTemplate, bp.GetTemplateRequest(id=id_))
+
+    async def version_exists(self, id_: str, template_id: str) -> bool:
+        try:
+            v = await self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,
+                                        bp.GetSourceCodeVersionRequest(id=id_))
+        except RemoteError as err:
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return v.template_id == template_id
+
+    async def create_resource(self, user: str, request: rp.CreateResourceRequest) -> ResourceInfo:
+        return resource_info(await self.clients.call("resource", self.resource.CreateResource, request, user=user,
+                                                     role=Role.WRITE))
+
+    async def provision(self, user: str, resource_id: str) -> ResourceInfo:
+        return resource_info(await self.clients.call("resource", self.resource.ProvisionResource,
+                                                     rp.ProvisionResourceRequest(id=resource_id), user=user,
+                                                     role=Role.WRITE))
+
+    async def get_resource(self, resource_id: str) -> ResourceInfo:
+        return resource_info(await self.clients.call("resource", self.resource.GetResource,
+                                                     rp.GetResourceRequest(id=resource_id)))
+
+    async def sensitive_outputs(self, job_id: str) -> dict[str, Any]:
+        """Clear values of a job's sensitive outputs, to wire them downstream."""
+        got = await self.clients.call("executor", self.executor.GetJobSensitiveOutputs,
+                                      ep.GetJobSensitiveOutputsRequest(job_id=job_id))
+        return {o.name: from_value(o.value) for o in got.outputs if o.sensitive}
+
+
+def struct(values: dict) -> Any:
+    return to_struct(values)
+
+
+def from_pb_struct(s) -> dict:
+    return from_struct(s)

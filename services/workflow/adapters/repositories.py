@@ -1,0 +1,118 @@
+"""SQLAlchemy repositories of the workflow context; version-guarded updates."""
+from __future__ import annotations
+
+import datetime as dt
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.common.errors import Aborted
+from services.workflow.adapters.tables import steps, workflows
+from services.workflow.domain.model import Step, WiringRule, Workflow
+
+_STEP_DATA = ("template_name", "depends_on", "source_code_version_id", "defaults", "overrides",
+              "resolved_variables", "sensitive_variables", "parent_template_ids", "parent_resource_ids", "outputs",
+              "sensitive_outputs")
+_SPEC = ("variable_overrides", "version_overrides", "parent_overrides", "integration_ids", "secret_ids",
+         "storage_id", "max_parallel_steps")
+
+
+def _aware(moment):
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=dt.timezone.utc)
+    return moment
+
+
+class WorkflowRepository:
+    def __init__(self, session: AsyncSession):
+        self.s = session
+
+    @staticmethod
+    def _row(w: Workflow) -> dict:
+        spec = {k: getattr(w, k) for k in _SPEC}
+        spec["wiring"] = [vars(r) for r in w.wiring]
+        return dict(id=w.id, blueprint_id=w.blueprint_id, blueprint_revision=w.blueprint_revision, status=w.status,
+                    error_message=w.error_message, spec=spec, creator=w.creator, executor=w.executor,
+                    create_time=w.create_time, start_time=w.start_time, completion_time=w.completion_time,
+                    update_time=w.update_time, version=w.version)
+
+    @staticmethod
+    def _workflow(r) -> Workflow:
+        spec = dict(r.spec)
+        wiring = [WiringRule(**x) for x in spec.pop("wiring")]
+        return Workflow(id=r.id, blueprint_id=r.blueprint_id, blueprint_revision=r.blueprint_revision,
+                        status=r.status, error_message=r.error_message, wiring=wiring, creator=r.creator,
+                        executor=r.executor, create_time=_aware(r.create_time), start_time=_aware(r.start_time),
+                        completion_time=_aware(r.completion_time), update_time=_aware(r.update_time),
+                        version=r.version, **spec)
+
+    async def add(self, w: Workflow) -> None:
+        await self.s.execute(sa.insert(workflows).values(**self._row(w)))
+
+    async def get(self, id_: str) -> Workflow | None:
+        row = (await self.s.execute(sa.select(workflows).where(workflows.c.id == id_))).first()
+        return self._workflow(row) if row else None
+
+    async def list(self, offset: int, limit: int, blueprint_id: str = "", status: str = "") -> list[Workflow]:
+        q = sa.select(workflows).order_by(workflows.c.create_time, workflows.c.id).offset(offset).limit(limit)
+        if blueprint_id:
+            q = q.where(workflows.c.blueprint_id == blueprint_id)
+        if status:
+            q = q.where(workflows.c.status == status)
+        return [self._workflow(r) for r in await self.s.execute(q)]
+
+    async def in_progress(self) -> list[Workflow]:
+        return [self._workflow(r) for r in await self.s.execute(
+            sa.select(workflows).where(workflows.c.status == "in_progress"))]
+
+    async def update(self, w: Workflow, read_version: int) -> None:
+        values = self._row(w)
+        values.pop("id")
+        result = await self.s.execute(sa.update(workflows).where(
+            workflows.c.id == w.id, workflows.c.version == read_version).values(**values))
+        if result.rowcount != 1:
+            raise Aborted(f"workflow {w.id} was changed at the same moment; read it again and retry",
+                          reason="CONCURRENT_CHANGE")
+
+    async def delete(self, id_: str) -> None:
+        await self.s.execute(sa.delete(steps).where(steps.c.workflow_id == id_))
+        await self.s.execute(sa.delete(workflows).where(workflows.c.id == id_))
+
+
+class StepRepository:
+    def __init__(self, session: AsyncSession):
+        self.s = session
+
+    @staticmethod
+    def _row(st: Step) -> dict:
+        return dict(id=st.id, workflow_id=st.workflow_id, template_id=st.template_id, position=st.position,
+                    status=st.status, error_message=st.error_message, waiting_reason=st.waiting_reason,
+                    resource_id=st.resource_id, job_id=st.job_id, data={k: getattr(st, k) for k in _STEP_DATA},
+                    start_time=st.start_time, completion_time=st.completion_time, version=st.version)
+
+    @staticmethod
+    def _step(r) -> Step:
+        return Step(id=r.id, workflow_id=r.workflow_id, template_id=r.template_id, position=r.position,
+                    status=r.status, error_message=r.error_message, waiting_reason=r.waiting_reason,
+                    resource_id=r.resource_id, job_id=r.job_id, start_time=_aware(r.start_time),
+                    completion_time=_aware(r.completion_time), version=r.version, **dict(r.data))
+
+    async def add(self, st: Step) -> None:
+        await self.s.execute(sa.insert(steps).values(**self._row(st)))
+
+    async def get(self, id_: str) -> Step | None:
+        row = (await self.s.execute(sa.select(steps).where(steps.c.id == id_))).first()
+        return self._step(row) if row else None
+
+    async def of(self, workflow_id: str) -> list[Step]:
+        rows = await self.s.execute(sa.select(steps).where(steps.c.workflow_id == workflow_id)
+                                    .order_by(steps.c.position, steps.c.id))
+        return [self._step(r) for r in rows]
+
+    async def update(self, st: Step, read_version: int) -> bool:
+        """False when someone else changed the step first (the caller lost the race)."""
+        values = self._row(st)
+        values.pop("id")
+        result = await self.s.execute(sa.update(steps).where(
+            steps.c.id == st.id, steps.c.version == read_version).values(**values))
+        return result.rowcount == 1

@@ -1,0 +1,52 @@
+"""proto <-> workflow domain."""
+from __future__ import annotations
+
+from infrakitchen.workflow.v1 import workflow_pb2 as pb
+from services.common.values import from_struct, to_struct, to_timestamp
+from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow
+
+STATUS = {pb.WORKFLOW_STATUS_PENDING: PENDING, pb.WORKFLOW_STATUS_IN_PROGRESS: IN_PROGRESS,
+          pb.WORKFLOW_STATUS_DONE: DONE, pb.WORKFLOW_STATUS_ERROR: ERROR}
+STATUS_PB = {v: k for k, v in STATUS.items()}
+STEP_STATUS_PB = {PENDING: pb.STEP_STATUS_PENDING, IN_PROGRESS: pb.STEP_STATUS_IN_PROGRESS,
+                  DONE: pb.STEP_STATUS_DONE, ERROR: pb.STEP_STATUS_ERROR}
+
+
+def overrides_from_pb(request: pb.CreateWorkflowRequest):
+    variables: dict[str, dict] = {}
+    for o in request.variable_overrides:
+        variables.setdefault(o.template_id, {}).update(from_struct(o.variables))
+    versions = {o.template_id: o.source_code_version_id for o in request.source_code_version_overrides}
+    parents: dict[str, list[str]] = {}
+    for o in request.parent_overrides:
+        parents.setdefault(o.template_id, []).extend(o.resource_ids)
+    return variables, versions, parents
+
+
+def step_to_pb(st: Step, w: Workflow) -> pb.Step:
+    return pb.Step(
+        id=st.id, template_id=st.template_id, template_name=st.template_name, resource_id=st.resource_id,
+        position=st.position, status=STEP_STATUS_PB[st.status], error_message=st.error_message,
+        waiting_reason=st.waiting_reason, resolved_variables=to_struct(st.resolved_variables),
+        parent_resource_ids=st.parent_resource_ids, integration_ids=w.integration_ids, secret_ids=w.secret_ids,
+        source_code_version_id=st.source_code_version_id, storage_id=w.storage_id,
+        depends_on_step_ids=st.depends_on, job_id=st.job_id, start_time=to_timestamp(st.start_time),
+        completion_time=to_timestamp(st.completion_time))
+
+
+def workflow_to_pb(w: Workflow, steps: list[Step]) -> pb.Workflow:
+    return pb.Workflow(
+        id=w.id, blueprint_id=w.blueprint_id, blueprint_revision=w.blueprint_revision, status=STATUS_PB[w.status],
+        error_message=w.error_message, steps=[step_to_pb(s, w) for s in steps],
+        wiring_snapshot=[pb.WiringRule(source_template_id=r.source_template_id, source_output=r.source_output,
+                                       target_template_id=r.target_template_id, target_variable=r.target_variable)
+                         for r in w.wiring],
+        variable_overrides=[pb.TemplateVariables(template_id=t, variables=to_struct(v))
+                            for t, v in w.variable_overrides.items()],
+        source_code_version_overrides=[pb.SourceCodeVersionOverride(template_id=t, source_code_version_id=v)
+                                       for t, v in w.version_overrides.items()],
+        parent_overrides=[pb.ParentOverride(template_id=t, resource_ids=r) for t, r in w.parent_overrides.items()],
+        integration_ids=w.integration_ids, secret_ids=w.secret_ids, storage_id=w.storage_id,
+        max_parallel_steps=w.max_parallel_steps, creator=w.creator, create_time=to_timestamp(w.create_time),
+        start_time=to_timestamp(w.start_time), completion_time=to_timestamp(w.completion_time),
+        update_time=to_timestamp(w.update_time), etag=w.etag)

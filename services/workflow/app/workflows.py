@@ -1,0 +1,343 @@
+"""Use cases of workflows (workflows.md) and the scheduler that advances them.
+
+Scheduling is a ready queue: a step starts as soon as its own dependencies
+are done (not its whole BFS level), within the workflow's parallelism limit.
+Marking a step in_progress is one version-guarded update, so two executions or
+two events never start it twice; creating and provisioning its resource
+happens after that commit and is idempotent (the step id is the resource's
+request id), so it can be repeated after a crash. Executor completion events
+(correlated to the step) advance the workflow."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import uuid
+from dataclasses import replace
+
+from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
+from infrakitchen.events.v1 import events_pb2
+from infrakitchen.resource.v1 import resource_pb2 as rp
+from services.common.auth import Principal
+from services.common.clients import RemoteError
+from services.common.errors import (DomainError, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
+                                    PreconditionViolation)
+from services.common.events import Correlation, new_event
+from services.common.paging import paginate
+from services.common.uow import utcnow
+from services.common.values import from_struct, to_struct
+from services.workflow.adapters.remote import Remote, ResourceInfo
+from services.workflow.domain.model import (DONE, ERROR, IN_PROGRESS, PENDING, Step, WiringRule, Workflow, masked,
+                                            ready_steps, resolve_variables)
+
+log = logging.getLogger(__name__)
+
+SOURCE = "workflow"
+_WF_STATUS = {PENDING: 1, IN_PROGRESS: 2, DONE: 3, ERROR: 4}
+_NEEDS_INPUT = (bp.VARIABLE_ORIGIN_RUNTIME_INPUT, bp.VARIABLE_ORIGIN_UNRESOLVED)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-") or "step"
+
+
+class Workflows:
+    def __init__(self, remote: Remote, uow_factory):
+        self.remote = remote
+        self.uow_factory = uow_factory
+
+    # --- events --------------------------------------------------------------------
+
+    async def _workflow_event(self, uow, field: str, w: Workflow, actor: str) -> None:
+        await uow.emit(new_event(SOURCE, field, events_pb2.WorkflowChanged(
+            workflow_id=w.id, blueprint_id=w.blueprint_id, status=_WF_STATUS[w.status],
+            error_message=w.error_message), actor=actor, correlation=Correlation(workflow_id=w.id,
+                                                                                blueprint_id=w.blueprint_id)))
+
+    async def _step_event(self, uow, field: str, st: Step, actor: str) -> None:
+        await uow.emit(new_event(SOURCE, field, events_pb2.StepChanged(
+            workflow_id=st.workflow_id, step_id=st.id, template_id=st.template_id, resource_id=st.resource_id,
+            status=_WF_STATUS[st.status], error_message=st.error_message, waiting_reason=st.waiting_reason),
+            actor=actor, correlation=Correlation(workflow_id=st.workflow_id, step_id=st.id,
+                                                 resource_id=st.resource_id)))
+
+    # --- create -------------------------------------------------------------------------
+
+    async def create(self, uow, principal: Principal, blueprint_id: str, variable_overrides: dict[str, dict],
+                     version_overrides: dict[str, str], parent_overrides: dict[str, list[str]],
+                     integration_ids: list[str], secret_ids: list[str], storage_id: str, max_parallel: int,
+                     request_id: str = "") -> Workflow:
+        if (existing := await uow.find_request("CreateWorkflow", request_id)) is not None:
+            return await self.get(uow, existing)
+        if not blueprint_id:
+            raise InvalidArgument.of("blueprint_id", "must not be empty")
+        got = await self.remote.blueprint_and_plan(blueprint_id)
+        if got is None:
+            raise InvalidArgument.of("blueprint_id", f"unknown blueprint {blueprint_id!r}")
+        blueprint, plan = got
+        members = {t.template_id: t for t in blueprint.templates}
+        violations: list[FieldViolation] = []
+        for field, keys in (("variable_overrides", variable_overrides), ("source_code_version_overrides",
+                                                                         version_overrides),
+                            ("parent_overrides", parent_overrides)):
+            for tid in keys:
+                if tid not in members:
+                    violations.append(FieldViolation(f"{field}[{tid}]", "is not a template of the blueprint"))
+        for tid, vid in version_overrides.items():
+            if tid in members and not await self.remote.version_exists(vid, tid):
+                violations.append(FieldViolation(f"source_code_version_overrides[{tid}]",
+                                                 f"{vid!r} is not a source code version of the template"))
+        if max_parallel < 0:
+            violations.append(FieldViolation("max_parallel_steps", "must not be negative"))
+
+        now = utcnow()
+        w = Workflow(id=str(uuid.uuid4()), blueprint_id=blueprint.id, blueprint_revision=blueprint.revision,
+                     wiring=[WiringRule(r.source_template_id, r.source_output, r.target_template_id,
+                                        r.target_variable) for r in blueprint.wiring_rules],
+                     variable_overrides=variable_overrides, version_overrides=version_overrides,
+                     parent_overrides=parent_overrides, integration_ids=integration_ids, secret_ids=secret_ids,
+                     storage_id=storage_id, max_parallel_steps=max_parallel, creator=principal.user,
+                     create_time=now, update_time=now)
+        external = {tid for tid, t in members.items() if t.external}
+        step_ids = {p.template_id: str(uuid.uuid4()) for p in plan.steps if p.template_id not in external}
+        steps = []
+        for planned in plan.steps:
+            tid = planned.template_id
+            if tid in external:
+                if not parent_overrides.get(tid):
+                    violations.append(FieldViolation(f"parent_overrides[{tid}]",
+                                                     f"external template {planned.template_name} needs the "
+                                                     "resource that stands for it"))
+                continue
+            overrides = variable_overrides.get(tid, {})
+            for pv in planned.variables:
+                if pv.required and pv.origin in _NEEDS_INPUT and pv.name not in overrides:
+                    violations.append(FieldViolation(f"variable_overrides[{tid}].{pv.name}",
+                                                     f"{planned.template_name} needs {pv.name} at execution time"))
+            template = await self.remote.template(tid)
+            in_blueprint = [p for p in template.parent_template_ids if p in step_ids]
+            external_parents = [r for p in template.parent_template_ids if p in external
+                                for r in parent_overrides.get(p, [])]
+            own = parent_overrides.get(tid, []) if tid not in external else []
+            steps.append(Step(
+                id=step_ids[tid], workflow_id=w.id, template_id=tid, template_name=planned.template_name,
+                position=planned.position,
+                depends_on=[step_ids[d] for d in planned.depends_on_template_ids if d in step_ids],
+                source_code_version_id=version_overrides.get(tid) or members[tid].source_code_version_id,
+                defaults=from_struct(members[tid].default_variables), overrides=dict(overrides),
+                parent_template_ids=in_blueprint, parent_resource_ids=[*external_parents, *own]))
+        if violations:
+            raise InvalidArgument("invalid workflow", violations)
+        for st in steps:
+            st.resolved_variables = resolve_variables(st, w.wiring, {})
+        await uow.workflows.add(w)
+        for st in steps:
+            await uow.steps.add(st)
+        await uow.remember_request("CreateWorkflow", request_id, w.id)
+        await self._workflow_event(uow, "workflow_created", w, principal.user)
+        return w
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def get(self, uow, id_: str) -> Workflow:
+        w = await uow.workflows.get(id_) if id_ else None
+        if w is None:
+            raise NotFound("workflow", id_)
+        return w
+
+    async def list(self, uow, page_size: int, page_token: str, blueprint_id: str = "", status: str = ""):
+        return await paginate(lambda o, n: uow.workflows.list(o, n, blueprint_id, status), page_size, page_token)
+
+    async def delete(self, uow, principal: Principal, id_: str) -> None:
+        w = await self.get(uow, id_)
+        await uow.workflows.delete(w.id)
+        await self._workflow_event(uow, "workflow_deleted", w, principal.user)
+
+    # --- execute and advance -----------------------------------------------------------------
+
+    async def execute(self, uow, principal: Principal, id_: str) -> Workflow:
+        w = await self.get(uow, id_)
+        if w.status not in (PENDING, ERROR):
+            raise FailedPrecondition(f"workflow {w.id} is {w.status}", [PreconditionViolation(
+                "WORKFLOW_NOT_EXECUTABLE", f"workflows/{w.id}", "execute needs status pending (or error, to retry)")])
+        steps = await uow.steps.of(w.id)
+        for st in steps:
+            if st.status == ERROR:  # retried; its resource (if any) is reused
+                reset = replace(st, status=PENDING, error_message="", waiting_reason="", completion_time=None,
+                                version=st.version + 1)
+                await uow.steps.update(reset, st.version)
+        now = utcnow()
+        started = replace(w, status=IN_PROGRESS, start_time=w.start_time or now, completion_time=None,
+                          error_message="", executor=principal.user, update_time=now, version=w.version + 1)
+        await uow.workflows.update(started, w.version)
+        await self._workflow_event(uow, "workflow_started", started, principal.user)
+        await self.schedule(uow, started.id, principal.user)
+        return started
+
+    async def schedule(self, uow, workflow_id: str, actor: str) -> None:
+        """Starts every step that is ready; ends the workflow when all are done."""
+        w = await uow.workflows.get(workflow_id)
+        if w is None or w.status != IN_PROGRESS:
+            return
+        steps = await uow.steps.of(w.id)
+        if steps and all(s.status == DONE for s in steps) or not steps:
+            now = utcnow()
+            done = replace(w, status=DONE, completion_time=now, update_time=now, version=w.version + 1)
+            await uow.workflows.update(done, w.version)
+            await self._workflow_event(uow, "workflow_completed", done, actor)
+            return
+        upstream = {s.template_id: s for s in steps if s.status == DONE}
+        for st in ready_steps(w, steps):
+            now = utcnow()
+            resolved = resolve_variables(st, w.wiring, upstream)
+            sensitive = [name for name in resolved if any(
+                r.target_template_id == st.template_id and r.target_variable == name
+                and r.source_output in upstream.get(r.source_template_id, st).sensitive_outputs for r in w.wiring)]
+            running = replace(st, status=IN_PROGRESS, start_time=now, resolved_variables=masked(resolved, sensitive),
+                              sensitive_variables=sensitive, version=st.version + 1)
+            if not await uow.steps.update(running, st.version):
+                continue  # someone else started it
+            await self._step_event(uow, "step_started", running, actor)
+            uow.after_commit(lambda step_id=st.id: self.start_step(step_id, actor))
+
+    async def start_step(self, step_id: str, actor: str) -> None:
+        """Creates (idempotently) and provisions the step's resource. Failures
+        fail the step; the workflow goes to error."""
+        async with self.uow_factory() as uow:
+            st = await uow.steps.get(step_id)
+            w = await uow.workflows.get(st.workflow_id) if st else None
+            steps = await uow.steps.of(st.workflow_id) if st else []
+        if st is None or w is None or st.status != IN_PROGRESS:
+            return
+        try:
+            upstream = {s.template_id: s for s in steps if s.status == DONE}
+            for s in upstream.values():
+                if s.sensitive_outputs and s.job_id:
+                    s.outputs = {**s.outputs, **await self.remote.sensitive_outputs(s.job_id)}
+            variables = resolve_variables(st, w.wiring, upstream)
+            parents = [upstream[t].resource_id for t in st.parent_template_ids if t in upstream]
+            resource = await self.remote.create_resource(actor, rp.CreateResourceRequest(
+                resource=rp.Resource(name=f"{_slug(st.template_name)}-{w.id[:8]}", template_id=st.template_id,
+                                     source_code_version_id=st.source_code_version_id,
+                                     variables=to_struct(variables), parent_ids=[*parents, *st.parent_resource_ids],
+                                     integration_ids=w.integration_ids, secret_ids=w.secret_ids,
+                                     storage_id=w.storage_id),
+                request_id=st.id, workflow_id=w.id, step_id=st.id))
+            await self._record(st.id, resource_id=resource.id, job_id=resource.last_job_id)
+            if resource.state == "provisioned" and resource.status == "done":
+                await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
+                                          list(resource.sensitive_outputs), actor)
+            elif resource.status == "approval_pending":
+                await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
+            elif resource.status in ("ready", "error", "unknown", "pending") and resource.state == "provision":
+                provisioned = await self.remote.provision(actor, resource.id)
+                await self._record(st.id, job_id=provisioned.last_job_id)
+                if provisioned.status == "approval_pending":
+                    await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
+            elif resource.status == "rejected":
+                await self.step_failed(st.id, f"the approval of resource {resource.id} was rejected", actor)
+        except (DomainError, RemoteError) as exc:
+            message = exc.message if isinstance(exc, DomainError) else exc.details
+            await self.step_failed(step_id, f"could not start: {message}", actor)
+        except Exception as exc:  # noqa: BLE001 - never leave a step silently in_progress
+            log.exception("starting step %s failed", step_id)
+            await self.step_failed(step_id, f"could not start: {type(exc).__name__}", actor)
+
+    async def _record(self, step_id: str, **fields) -> None:
+        for _ in range(5):
+            async with self.uow_factory() as uow:
+                st = await uow.steps.get(step_id)
+                if st is None:
+                    return
+                changes = {k: v for k, v in fields.items() if v and getattr(st, k) != v}
+                if not changes:
+                    return
+                if await uow.steps.update(replace(st, **changes, version=st.version + 1), st.version):
+                    await uow.commit()
+                    return
+
+    async def step_waiting(self, step_id: str, reason: str, actor: str) -> None:
+        async with self.uow_factory() as uow:
+            st = await uow.steps.get(step_id)
+            if st is None or st.status != IN_PROGRESS or st.waiting_reason == reason:
+                return
+            waiting = replace(st, waiting_reason=reason, version=st.version + 1)
+            if await uow.steps.update(waiting, st.version):
+                await self._step_event(uow, "step_waiting", waiting, actor)
+                await uow.commit()
+
+    async def step_succeeded(self, step_id: str, resource_id: str, job_id: str, outputs: dict,
+                             sensitive_outputs: list[str], actor: str, uow=None) -> None:
+        if uow is None:
+            async with self.uow_factory() as own:
+                if await self._succeed(own, step_id, resource_id, job_id, outputs, sensitive_outputs, actor):
+                    await own.commit()
+            return
+        await self._succeed(uow, step_id, resource_id, job_id, outputs, sensitive_outputs, actor)
+
+    async def _succeed(self, uow, step_id, resource_id, job_id, outputs, sensitive_outputs, actor) -> bool:
+        st = await uow.steps.get(step_id)
+        if st is None or st.status != IN_PROGRESS:
+            return False
+        done = replace(st, status=DONE, resource_id=resource_id or st.resource_id, job_id=job_id or st.job_id,
+                       outputs=dict(outputs), sensitive_outputs=list(sensitive_outputs), waiting_reason="",
+                       completion_time=utcnow(), version=st.version + 1)
+        if not await uow.steps.update(done, st.version):
+            return False
+        await self._step_event(uow, "step_completed", done, actor)
+        await self.schedule(uow, st.workflow_id, actor)
+        return True
+
+    async def step_failed(self, step_id: str, message: str, actor: str, uow=None) -> None:
+        if uow is None:
+            async with self.uow_factory() as own:
+                if await self._fail(own, step_id, message, actor):
+                    await own.commit()
+            return
+        await self._fail(uow, step_id, message, actor)
+
+    async def _fail(self, uow, step_id: str, message: str, actor: str) -> bool:
+        """The step and the workflow go to error; steps not started stay
+        pending, running siblings finish, nothing is rolled back."""
+        st = await uow.steps.get(step_id)
+        if st is None or st.status != IN_PROGRESS:
+            return False
+        now = utcnow()
+        failed = replace(st, status=ERROR, error_message=message, waiting_reason="", completion_time=now,
+                         version=st.version + 1)
+        if not await uow.steps.update(failed, st.version):
+            return False
+        await self._step_event(uow, "step_failed", failed, actor)
+        w = await uow.workflows.get(st.workflow_id)
+        if w is not None and w.status == IN_PROGRESS:
+            errored = replace(w, status=ERROR, error_message=f"step {st.template_name} failed: {message}",
+                              completion_time=now, update_time=now, version=w.version + 1)
+            await uow.workflows.update(errored, w.version)
+            await self._workflow_event(uow, "workflow_failed", errored, actor)
+        return True
+
+    # --- reconciliation -----------------------------------------------------------------------
+
+    async def reconcile(self, older_than_seconds: float) -> None:
+        """Steps of running workflows that have not moved for a while: a start
+        that never happened is repeated; an outcome whose event was missed is
+        read from the resource service."""
+        cutoff = utcnow() - dt.timedelta(seconds=older_than_seconds)
+        async with self.uow_factory() as uow:
+            running = [(w, await uow.steps.of(w.id)) for w in await uow.workflows.in_progress()]
+        for w, steps in running:
+            for st in steps:
+                if st.status != IN_PROGRESS or (st.start_time and st.start_time > cutoff):
+                    continue
+                if not st.resource_id:
+                    await self.start_step(st.id, w.executor or w.creator)
+                    continue
+                resource: ResourceInfo = await self.remote.get_resource(st.resource_id)
+                if resource.state == "provisioned" and resource.status == "done":
+                    await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
+                                              list(resource.sensitive_outputs), "system:reconciler")
+                elif resource.status in ("error", "rejected", "unknown"):
+                    await self.step_failed(st.id, resource.error_message or f"resource is {resource.status}",
+                                           "system:reconciler")
+                elif resource.status == "ready" and resource.state == "provision":
+                    await self.start_step(st.id, w.executor or w.creator)

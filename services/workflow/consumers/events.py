@@ -1,0 +1,77 @@
+"""The workflow service's reactions: executor completion events advance the
+step they carry (correlation workflow_id / step_id); resource events tell a
+step that its resource waits for approval, or that it was rejected or failed
+before any job ran."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from infrakitchen.executor.v1 import executor_pb2
+from infrakitchen.resource.v1 import resource_pb2
+from services.common.consumer import ConsumerSpec
+from services.common.events import Envelope, body_of
+from services.common.values import from_value
+
+log = logging.getLogger(__name__)
+
+
+def consumers(runtime) -> list[ConsumerSpec]:
+    workflows = runtime.workflows
+
+    async def on_job(uow, env: Envelope) -> None:
+        kind, body = body_of(env)
+        step_id = body.correlation.step_id
+        if not step_id or body.action != executor_pb2.JOB_ACTION_APPLY:
+            return
+        actor = env.actor or "system:executor"
+        if kind == "job_succeeded":
+            await workflows.step_succeeded(
+                step_id, body.correlation.resource_id, body.job_id,
+                {o.name: from_value(o.value) for o in body.outputs},
+                [o.name for o in body.outputs if o.sensitive], actor, uow=uow)
+        elif kind in ("job_failed", "job_cancelled", "job_timed_out"):
+            await workflows.step_failed(step_id, body.error_message or f"the job ended {kind[4:]}", actor, uow=uow)
+
+    async def on_resource(uow, env: Envelope) -> None:
+        kind, body = body_of(env)
+        step_id = env.correlation.step_id
+        if not step_id or kind != "resource_status_changed":
+            return
+        if body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING:
+            reason = f"resource {body.resource_id} waits for an owner's approval"
+            st = await uow.steps.get(step_id)
+            if st is not None and st.status == "in_progress" and st.waiting_reason != reason:
+                from dataclasses import replace
+                waiting = replace(st, waiting_reason=reason, resource_id=body.resource_id, version=st.version + 1)
+                if await uow.steps.update(waiting, st.version):
+                    await workflows._step_event(uow, "step_waiting", waiting, env.actor)
+        elif body.status == resource_pb2.RESOURCE_STATUS_REJECTED:
+            await workflows.step_failed(step_id, f"the approval of resource {body.resource_id} was rejected",
+                                        env.actor, uow=uow)
+        elif body.status == resource_pb2.RESOURCE_STATUS_ERROR and not body.job_id:
+            await workflows.step_failed(step_id, body.error_message or "the resource failed", env.actor, uow=uow)
+        elif body.status in (resource_pb2.RESOURCE_STATUS_QUEUED, resource_pb2.RESOURCE_STATUS_IN_PROGRESS):
+            st = await uow.steps.get(step_id)
+            if st is not None and st.status == "in_progress" and st.waiting_reason:
+                from dataclasses import replace
+                await uow.steps.update(replace(st, waiting_reason="", version=st.version + 1), st.version)
+
+    return [
+        ConsumerSpec(durable="workflow-job-events", context="executor", filter_subject="ik.executor.job.>",
+                     handler=on_job),
+        ConsumerSpec(durable="workflow-resource-events", context="resource",
+                     filter_subject="ik.resource.resource.status_changed", handler=on_resource),
+    ]
+
+
+async def reconciler(runtime) -> None:
+    interval = float(runtime.settings.env.get("IK_WORKFLOW_RECONCILE_INTERVAL", "30"))
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await runtime.workflows.reconcile(older_than_seconds=interval)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a dependency may be down: next round
+            log.warning("workflow reconciliation failed: %s", exc)

@@ -1,0 +1,107 @@
+"""Workflows and steps (workflows.md). Pure Python: statuses, variable
+resolution with the document's precedence, and ready-queue scheduling."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+PENDING, IN_PROGRESS, DONE, ERROR = "pending", "in_progress", "done", "error"
+MASK = "***"
+
+
+@dataclass(frozen=True)
+class WiringRule:
+    source_template_id: str
+    source_output: str
+    target_template_id: str
+    target_variable: str
+
+
+@dataclass
+class Step:
+    id: str
+    workflow_id: str
+    template_id: str
+    template_name: str
+    position: int
+    depends_on: list[str] = field(default_factory=list)  # step ids
+    status: str = PENDING
+    error_message: str = ""
+    waiting_reason: str = ""
+    source_code_version_id: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)  # blueprint defaults
+    overrides: dict[str, Any] = field(default_factory=dict)  # runtime overrides
+    resolved_variables: dict[str, Any] = field(default_factory=dict)
+    sensitive_variables: list[str] = field(default_factory=list)
+    parent_template_ids: list[str] = field(default_factory=list)  # parents inside the blueprint
+    parent_resource_ids: list[str] = field(default_factory=list)  # overrides (external parents)
+    resource_id: str = ""
+    job_id: str = ""
+    outputs: dict[str, Any] = field(default_factory=dict)
+    sensitive_outputs: list[str] = field(default_factory=list)
+    start_time: dt.datetime | None = None
+    completion_time: dt.datetime | None = None
+    version: int = 1
+
+
+@dataclass
+class Workflow:
+    id: str
+    blueprint_id: str
+    blueprint_revision: int
+    status: str = PENDING
+    error_message: str = ""
+    wiring: list[WiringRule] = field(default_factory=list)
+    variable_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    version_overrides: dict[str, str] = field(default_factory=dict)
+    parent_overrides: dict[str, list[str]] = field(default_factory=dict)
+    integration_ids: list[str] = field(default_factory=list)
+    secret_ids: list[str] = field(default_factory=list)
+    storage_id: str = ""
+    max_parallel_steps: int = 0  # 0: no limit
+    creator: str = ""
+    executor: str = ""  # who executed it last
+    create_time: dt.datetime | None = None
+    start_time: dt.datetime | None = None
+    completion_time: dt.datetime | None = None
+    update_time: dt.datetime | None = None
+    version: int = 1
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+    @property
+    def ended(self) -> bool:
+        return self.status in (DONE, ERROR)
+
+
+def resolve_variables(step: Step, wiring: list[WiringRule], upstream: dict[str, Step]) -> dict[str, Any]:
+    """Blueprint defaults < wired outputs of completed upstream steps < runtime
+    overrides (highest wins). `upstream` maps template id -> its done step."""
+    values = dict(step.defaults)
+    for rule in wiring:
+        if rule.target_template_id != step.template_id:
+            continue
+        source = upstream.get(rule.source_template_id)
+        if source is not None and rule.source_output in source.outputs:
+            values[rule.target_variable] = source.outputs[rule.source_output]
+    values.update(step.overrides)
+    return values
+
+
+def ready_steps(workflow: Workflow, steps: list[Step]) -> list[Step]:
+    """Pending steps whose own dependencies are all done (not their whole
+    level), in position order, within the workflow's parallelism limit."""
+    done = {s.id for s in steps if s.status == DONE}
+    running = sum(1 for s in steps if s.status == IN_PROGRESS)
+    ready = sorted((s for s in steps if s.status == PENDING and all(d in done for d in s.depends_on)),
+                   key=lambda s: (s.position, s.template_name))
+    if workflow.max_parallel_steps > 0:
+        ready = ready[:max(0, workflow.max_parallel_steps - running)]
+    return ready
+
+
+def masked(values: dict[str, Any], sensitive: list[str]) -> dict[str, Any]:
+    return {k: (MASK if k in sensitive else v) for k, v in values.items()}

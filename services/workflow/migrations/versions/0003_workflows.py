@@ -1,0 +1,46 @@
+"""Workflows and steps.
+
+Revision ID: workflow_0003
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "workflow_0003"
+down_revision = "workflow_0002"
+
+TS = sa.DateTime(timezone=True)
+
+
+def upgrade() -> None:
+    op.create_table(
+        "workflows",
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("blueprint_id", sa.String(36), nullable=False, index=True),
+        sa.Column("blueprint_revision", sa.BigInteger, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("error_message", sa.Text, nullable=False),
+        sa.Column("spec", sa.JSON, nullable=False),
+        sa.Column("creator", sa.String(256), nullable=False),
+        sa.Column("executor", sa.String(256), nullable=False),
+        sa.Column("create_time", TS, nullable=False),
+        sa.Column("start_time", TS, nullable=True),
+        sa.Column("completion_time", TS, nullable=True),
+        sa.Column("update_time", TS, nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),
+    )
+    op.create_table(
+        "steps",
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("workflow_id", sa.String(36), nullable=False, index=True),
+        sa.Column("template_id", sa.String(36), nullable=False),
+        sa.Column("position", sa.Integer, nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("error_message", sa.Text, nullable=False),
+        sa.Column("waiting_reason", sa.Text, nullable=False),
+        sa.Column("resource_id", sa.String(36), nullable=False),
+        sa.Column("job_id", sa.String(36), nullable=False),
+        sa.Column("data", sa.JSON, nullable=False),
+        sa.Column("start_time", TS, nullable=True),
+        sa.Column("completion_time", TS, nullable=True),
+        sa.Column("version", sa.Integer, nullable=False),
+    )

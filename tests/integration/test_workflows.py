@@ -1,0 +1,236 @@
+"""WorkflowService through gRPC, with the other four services, real NATS and
+real terraform in this event loop: creation (snapshot, positions, validation),
+execution advancing on executor completion events, the variable precedence,
+a failing middle step and its re-execution, ready-queue scheduling, the
+approval flow, a restart mid-run and the permission table."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from infrakitchen.approval.v1 import approval_pb2 as ap
+from infrakitchen.executor.v1 import executor_pb2 as ep
+from infrakitchen.resource.v1 import resource_pb2 as rp
+from infrakitchen.workflow.v1 import workflow_pb2 as wp
+from services.common.auth import Role
+from tests.support.grpc_asserts import field_violations, rpc_error
+from tests.support.platform import Platform, struct
+from tests.support.waiting import eventually
+
+DONE, ERROR, PENDING = wp.STEP_STATUS_DONE, wp.STEP_STATUS_ERROR, wp.STEP_STATUS_PENDING
+
+
+@pytest.fixture
+async def p(tmp_path, event_prefix, nats_url):
+    async with Platform(tmp_path, event_prefix, nats_url) as platform:
+        yield platform
+
+
+def shared(p) -> dict:
+    return {"integration_ids": [p.catalog.integration], "storage_id": p.catalog.storage}
+
+
+def by_template(p, w: wp.Workflow) -> dict[str, wp.Step]:
+    keys = {v: k for k, v in p.catalog.templates.items()}
+    return {keys[s.template_id]: s for s in w.steps}
+
+
+def overrides(p, **per_template) -> list[wp.TemplateVariables]:
+    return [wp.TemplateVariables(template_id=p.catalog.templates[k], variables=struct(**v))
+            for k, v in per_template.items()]
+
+
+async def run(p, w: wp.Workflow, until=(wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR), timeout=120):
+    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
+    return await wait_workflow(p, w.id, until, timeout)
+
+
+async def wait_workflow(p, workflow_id, until, timeout=120) -> wp.Workflow:
+    async with asyncio.timeout(timeout):
+        async for change in p.workflow.WatchWorkflow(wp.WatchWorkflowRequest(id=workflow_id), metadata=p.md):
+            if change.workflow.status in until:
+                return change.workflow
+    return await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=workflow_id), metadata=p.md)
+
+
+async def test_steps_follow_the_graph_and_wired_outputs_flow_downstream(p):
+    blueprint = await p.blueprint_of("stack", {"network": {"cidr": "10.0.0.0/16"}, "app": {"vpc_id": "default"}},
+                                     [("network", "vpc_id", "app", "vpc_id")])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    assert w.status == wp.WORKFLOW_STATUS_PENDING and w.blueprint_revision == blueprint.revision
+    steps = by_template(p, w)
+    assert (steps["network"].position, steps["app"].position) == (0, 1)
+    assert list(steps["app"].depends_on_step_ids) == [steps["network"].id]
+    assert len(w.wiring_snapshot) == 1 and w.creator == "alice"
+    done = await run(p, w)
+    assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
+    steps = by_template(p, done)
+    net = await p.get(steps["network"].resource_id)
+    app = await p.get(steps["app"].resource_id)
+    vpc_id = {o.name: o.value.string_value for o in net.outputs}["vpc_id"]
+    assert steps["app"].resolved_variables["vpc_id"] == vpc_id and app.variables["vpc_id"] == vpc_id
+    assert list(app.parent_ids) == [net.id] and app.workflow_id == done.id
+    assert (net.state, net.status, app.state, app.status) == (rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE,
+                                                              rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
+    assert done.start_time.seconds and done.completion_time.seconds and done.create_time.seconds
+    assert all(s.status == DONE and s.start_time.seconds and s.completion_time.seconds and s.job_id
+               for s in done.steps)
+
+
+async def test_variable_precedence_overrides_over_wired_over_defaults(p):
+    blueprint = await p.blueprint_of("stack", {"network": {"cidr": "10.0.0.0/16"},
+                                               "app": {"vpc_id": "default-vpc", "size": 1}},
+                                     [("network", "vpc_id", "app", "vpc_id")])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, app={"size": 5}, network={"cidr": "10.7.0.0/16"}),
+        **shared(p)), metadata=p.md)
+    done = await run(p, w)
+    steps = by_template(p, done)
+    assert steps["network"].resolved_variables["cidr"] == "10.7.0.0/16"  # override over default
+    assert steps["app"].resolved_variables["size"] == 5  # override over default
+    assert steps["app"].resolved_variables["vpc_id"].startswith("vpc-")  # wired over default
+    forced = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, app={"vpc_id": "forced-vpc"}), **shared(p)),
+        metadata=p.md)
+    done = await run(p, forced)
+    assert by_template(p, done)["app"].resolved_variables["vpc_id"] == "forced-vpc"  # override over wired
+
+
+async def test_a_failing_middle_step_then_a_fix_and_re_execution(p):
+    gate = p.tmp_path / "gate"
+    blueprint = await p.blueprint_of("chain", {"network": {"cidr": "10.0.0.0/16"}, "gated": {"gate": str(gate)},
+                                               "leaf": {}},
+                                     [("gated", "gate", "leaf", "upstream")])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    failed = await run(p, w)
+    assert failed.status == wp.WORKFLOW_STATUS_ERROR and "gated" in failed.error_message.lower()
+    steps = by_template(p, failed)
+    assert (steps["network"].status, steps["gated"].status, steps["leaf"].status) == (DONE, ERROR, PENDING)
+    assert "local-exec" in steps["gated"].error_message and not steps["leaf"].resource_id
+    network_resource = steps["network"].resource_id
+    gate.write_text("open")  # the fix
+    again = await run(p, failed)
+    assert again.status == wp.WORKFLOW_STATUS_DONE, again.error_message
+    steps = by_template(p, again)
+    assert steps["network"].resource_id == network_resource
+    assert steps["leaf"].resolved_variables["upstream"] == str(gate)
+    jobs = await p.executor.ListJobs(ep.ListJobsRequest(workflow_id=w.id), metadata=p.md)
+    applies = [j for j in jobs.jobs if j.action == ep.JOB_ACTION_APPLY]
+    per_resource = {}
+    for j in applies:
+        per_resource[j.correlation.resource_id] = per_resource.get(j.correlation.resource_id, 0) + 1
+    assert per_resource[network_resource] == 1  # done steps were skipped
+    assert per_resource[steps["gated"].resource_id] == 2
+
+
+async def test_an_unrelated_branch_is_not_held_back_by_a_slow_sibling(p):
+    gate = p.tmp_path / "open"
+    gate.write_text("open")
+    blueprint = await p.blueprint_of(
+        "branches", {"network": {"cidr": "10.0.0.0/16"}, "gated": {"gate": str(gate), "seconds": 10},
+                     "app": {}, "tail": {}},
+        [("network", "vpc_id", "app", "vpc_id"), ("app", "endpoint", "tail", "upstream")])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    steps = by_template(p, w)
+    assert (steps["gated"].position, steps["app"].position, steps["tail"].position) == (1, 1, 2)
+    done = await run(p, w)
+    assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
+    steps = by_template(p, done)
+    tail_start = steps["tail"].start_time.ToDatetime()
+    assert tail_start < steps["gated"].completion_time.ToDatetime(), "the tail waited for its whole level"
+
+
+async def test_with_the_approval_flow_steps_wait_for_owners(p):
+    await p.approval.UpdateApprovalFlow(ap.UpdateApprovalFlowRequest(enabled=True), metadata=p.admin)
+
+    async def known():
+        async with p.inner["resource"].runtime.uow() as uow:
+            return await uow.settings.get("approval_flow") is True
+    await eventually(known)
+    blueprint = await p.blueprint_of("stack", {"network": {"cidr": "10.0.0.0/16"}, "app": {}},
+                                     [("network", "vpc_id", "app", "vpc_id")])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
+    for key in ("network", "app"):
+        async def waiting():
+            got = await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=p.md)
+            step = by_template(p, got)[key]
+            return step.waiting_reason and step
+        step = await eventually(waiting, timeout=60)
+        assert "approval" in step.waiting_reason and step.status == wp.STEP_STATUS_IN_PROGRESS
+        assert not [j for j in (await p.executor.ListJobs(ep.ListJobsRequest(resource_id=step.resource_id),
+                                                          metadata=p.md)).jobs]
+        requests = await p.approval.ListApprovalRequests(ap.ListApprovalRequestsRequest(
+            resource_id=step.resource_id, status=ap.APPROVAL_STATUS_PENDING), metadata=p.md)
+        await p.approval.ApproveRequest(ap.ApproveRequestRequest(id=requests.approval_requests[0].id),
+                                        metadata=p.md)
+    done = await wait_workflow(p, w.id, (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR))
+    assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
+
+
+async def test_a_workflow_service_restart_mid_run_loses_nothing_and_starts_nothing_twice(p):
+    gate = p.tmp_path / "open"
+    gate.write_text("open")
+    blueprint = await p.blueprint_of("chain", {"network": {"cidr": "10.0.0.0/16"},
+                                               "gated": {"gate": str(gate), "seconds": 4}, "leaf": {}},
+                                     [("gated", "gate", "leaf", "upstream")])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
+
+    async def gated_running():
+        got = await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=p.md)
+        return by_template(p, got)["gated"].status == wp.STEP_STATUS_IN_PROGRESS
+    await eventually(gated_running, timeout=60)
+    await p.inner.stop("workflow")
+    await asyncio.sleep(6)  # the gated job finishes while the workflow service is down
+    await p.restart("workflow")
+    done = await wait_workflow(p, w.id, (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR))
+    assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
+    jobs = (await p.executor.ListJobs(ep.ListJobsRequest(workflow_id=w.id), metadata=p.md)).jobs
+    assert sorted(j.correlation.step_id for j in jobs) == sorted(s.id for s in done.steps)
+
+
+async def test_validation_and_permissions(p):
+    blueprint = await p.blueprint_of("needs-input", {"network": {}}, [])
+    missing = await rpc_error(p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id,
+                                                                                  **shared(p)), metadata=p.md))
+    assert missing.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"variable_overrides[{p.catalog.templates['network']}].cidr" in field_violations(missing)
+    stray = await rpc_error(p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, app={"size": 1}, network={"cidr": "x"})),
+        metadata=p.md))
+    assert f"variable_overrides[{p.catalog.templates['app']}]" in field_violations(stray)
+    unknown = await rpc_error(p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id="nope"),
+                                                        metadata=p.md))
+    assert "blueprint_id" in field_violations(unknown)
+    assert not (await p.workflow.ListWorkflows(wp.ListWorkflowsRequest(), metadata=p.md)).workflows
+
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, network={"cidr": "10.0.0.0/16"}), **shared(p)),
+        metadata=p.md)
+    reader = p.as_("rita", Role.READ)
+    assert (await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=reader)).id == w.id
+    denied = await rpc_error(p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=reader))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Executing twice at once starts nothing twice.
+    results = await asyncio.gather(*[p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id),
+                                                                metadata=p.md) for _ in range(3)],
+                                   return_exceptions=True)
+    assert sum(isinstance(r, wp.Workflow) for r in results) == 1
+    done = await wait_workflow(p, w.id, (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR))
+    assert done.status == wp.WORKFLOW_STATUS_DONE
+    assert len((await p.executor.ListJobs(ep.ListJobsRequest(workflow_id=w.id), metadata=p.md)).jobs) == 1
+    again = await rpc_error(p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md))
+    assert again.code() == grpc.StatusCode.FAILED_PRECONDITION
+    writer = await rpc_error(p.workflow.DeleteWorkflow(wp.DeleteWorkflowRequest(id=w.id), metadata=p.md))
+    assert writer.code() == grpc.StatusCode.PERMISSION_DENIED
+    await p.workflow.DeleteWorkflow(wp.DeleteWorkflowRequest(id=w.id), metadata=p.admin)
+    gone = await rpc_error(p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=p.md))
+    assert gone.code() == grpc.StatusCode.NOT_FOUND
