@@ -198,7 +198,9 @@ class Workflows:
             if not await uow.steps.update(running, st.version):
                 continue  # someone else started it
             await self._step_event(uow, "step_started", running, actor)
-            uow.after_commit(lambda step_id=st.id: self.start_step(step_id, actor))
+            # Resources are created on behalf of whoever executed the workflow
+            # (they own them), whatever event triggered this step.
+            uow.after_commit(lambda step_id=st.id, user=w.executor or w.creator: self.start_step(step_id, user))
 
     async def start_step(self, step_id: str, actor: str) -> None:
         """Creates (idempotently) and provisions the step's resource. Failures
