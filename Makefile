@@ -32,6 +32,7 @@ $(VENV)/.installed: requirements.txt
 	$(PIP) install --quiet --disable-pip-version-check -r requirements.txt
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" > "$$site/infrakitchen-dev.pth"
+	printf '#!/bin/sh\nexec "%s" -m cli "$$@"\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/ik && chmod +x $(VENV)/bin/ik
 	touch $@
 
 install: $(VENV)/.installed proto plugins

@@ -1,0 +1,1 @@
+"""`ik`: the InfraKitchen command line for people (python -m cli)."""

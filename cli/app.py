@@ -1,0 +1,269 @@
+"""The `ik` command line: log in with a token, register the example blueprint,
+run a workflow and watch its steps live, show a workflow, follow a job's logs.
+
+Where the services are: IK_<SERVICE>_TARGET, else 127.0.0.1 and the default
+ports (as `make run` starts them). The token: --token, IK_TOKEN, or the one
+saved by `ik login` (in $IK_CONFIG_DIR or ~/.config/infrakitchen)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import grpc
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
+from infrakitchen.blueprint.v1 import blueprint_pb2_grpc
+from infrakitchen.executor.v1 import executor_pb2 as ep
+from infrakitchen.executor.v1 import executor_pb2_grpc
+from infrakitchen.resource.v1 import resource_pb2 as rp
+from infrakitchen.resource.v1 import resource_pb2_grpc
+from infrakitchen.workflow.v1 import workflow_pb2 as wp
+from infrakitchen.workflow.v1 import workflow_pb2_grpc
+from services.common.config import DEFAULT_PORTS
+
+app = typer.Typer(help="InfraKitchen: run blueprints as workflows and follow them.", no_args_is_help=True)
+workflow_app = typer.Typer(help="Create, run and inspect workflows.", no_args_is_help=True)
+resource_app = typer.Typer(help="Inspect resources.", no_args_is_help=True)
+example_app = typer.Typer(help="The seed's Production Environment example.", no_args_is_help=True)
+app.add_typer(workflow_app, name="workflow")
+app.add_typer(resource_app, name="resource")
+app.add_typer(example_app, name="example")
+console = Console()
+
+STEP_STYLE = {wp.STEP_STATUS_PENDING: ("○", "dim"), wp.STEP_STATUS_IN_PROGRESS: ("◐", "yellow"),
+              wp.STEP_STATUS_DONE: ("●", "green"), wp.STEP_STATUS_ERROR: ("✗", "red")}
+WORKFLOW_STYLE = {wp.WORKFLOW_STATUS_PENDING: "dim", wp.WORKFLOW_STATUS_IN_PROGRESS: "yellow",
+                  wp.WORKFLOW_STATUS_DONE: "green", wp.WORKFLOW_STATUS_ERROR: "red"}
+
+
+# --- connection ---------------------------------------------------------------------
+
+def _config_dir() -> Path:
+    return Path(os.environ.get("IK_CONFIG_DIR") or Path.home() / ".config" / "infrakitchen")
+
+
+def _token(explicit: str | None = None) -> str:
+    token = explicit or os.environ.get("IK_TOKEN")
+    if not token:
+        saved = _config_dir() / "token"
+        token = saved.read_text().strip() if saved.exists() else ""
+    if not token:
+        console.print("[red]No token: run `ik login --token <token>` (make token prints one) or set IK_TOKEN.")
+        raise typer.Exit(2)
+    return token
+
+
+def _channel(service: str) -> grpc.Channel:
+    target = os.environ.get(f"IK_{service.upper()}_TARGET") or f"127.0.0.1:{DEFAULT_PORTS[service]}"
+    return grpc.insecure_channel(target)
+
+
+class Client:
+    def __init__(self, token: str | None = None):
+        self.md = [("authorization", f"Bearer {_token(token)}")]
+        self.blueprint = blueprint_pb2_grpc.BlueprintServiceStub(_channel("blueprint"))
+        self.workflow = workflow_pb2_grpc.WorkflowServiceStub(_channel("workflow"))
+        self.resource = resource_pb2_grpc.ResourceServiceStub(_channel("resource"))
+        self.executor = executor_pb2_grpc.ExecutorServiceStub(_channel("executor"))
+
+    def __call__(self, method, request, timeout: float = 30):
+        try:
+            return method(request, metadata=self.md, timeout=timeout)
+        except grpc.RpcError as err:
+            console.print(f"[red]{err.code().name}[/red]: {err.details()}")
+            raise typer.Exit(1) from None
+
+
+# --- commands -------------------------------------------------------------------------
+
+@app.command()
+def login(token: str = typer.Option(..., help="A bearer token (`make token` prints an admin one).")) -> None:
+    """Saves the token for the next commands."""
+    directory = _config_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "token"
+    path.write_text(token)
+    path.chmod(0o600)
+    console.print(f"Saved the token in {path}.")
+
+
+@example_app.command("register")
+def example_register(repo: Path = typer.Option(None, help="Where to publish the example modules as git."),
+                     token: Optional[str] = typer.Option(None)) -> None:
+    """Publishes examples/modules to git and registers the Production Environment
+    blueprint, plus an example integration and local state storage. Running it
+    again changes nothing."""
+    from examples.production_environment import publish_modules, register
+    client = Client(token)
+    data_dir = Path(os.environ.get("IK_DATA_DIR", ".data")).resolve()
+    url = publish_modules(repo or data_dir / "example-modules")
+    example = register(_channel("blueprint"), client.md, url)
+    client(client.executor.CreateIntegration, ep.CreateIntegrationRequest(
+        request_id="example-integration", integration=ep.Integration(
+            name="example", description="example credentials (no real cloud)",
+            provider=ep.INTEGRATION_PROVIDER_GENERIC), credentials={"EXAMPLE_TOKEN": "example-not-a-secret"}))
+    client(client.executor.CreateStorage, ep.CreateStorageRequest(
+        request_id="example-storage", storage=ep.Storage(name="example-local", kind=ep.STORAGE_KIND_LOCAL,
+                                                         local_directory=str(data_dir / "example-state"))))
+    console.print(f"Blueprint [bold]{example.blueprint.name}[/bold] {example.blueprint.id} "
+                  f"(templates: {', '.join(example.template_ids)}).")
+
+
+def _parse_vars(pairs: list[str], keys: dict[str, str]) -> list[wp.TemplateVariables]:
+    per_template: dict[str, dict] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        template, dot, variable = name.partition(".")
+        if not sep or not dot or template not in keys:
+            console.print(f"[red]--var {pair!r}: expected <template key>.<variable>=<value>, "
+                          f"template one of {', '.join(sorted(keys))}")
+            raise typer.Exit(2)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        per_template.setdefault(keys[template], {})[variable] = value
+    out = []
+    for template_id, values in per_template.items():
+        tv = wp.TemplateVariables(template_id=template_id)
+        tv.variables.update(values)
+        out.append(tv)
+    return out
+
+
+def _find_blueprint(client: Client, name_or_id: str) -> bp.Blueprint:
+    page = client(client.blueprint.ListBlueprints, bp.ListBlueprintsRequest(page_size=1000))
+    for b in page.blueprints:
+        if name_or_id in (b.id, b.name):
+            return b
+    console.print(f"[red]No blueprint named or with id {name_or_id!r}.")
+    raise typer.Exit(1)
+
+
+@workflow_app.command("run")
+def workflow_run(blueprint: str = typer.Argument(..., help="Blueprint name or id."),
+                 var: list[str] = typer.Option([], "--var", help="<template key>.<variable>=<value> (JSON or text)."),
+                 integration: list[str] = typer.Option([], help="Integration ids (default: the one named example)."),
+                 secret: list[str] = typer.Option([], help="Secret ids shared by all steps."),
+                 storage: str = typer.Option("", help="Storage id (default: the one named example-local)."),
+                 max_parallel: int = typer.Option(0, help="At most this many steps at once (0: no limit)."),
+                 watch: bool = typer.Option(True, help="Follow the steps live until the workflow ends."),
+                 token: Optional[str] = typer.Option(None)) -> None:
+    """Creates a workflow from a blueprint and executes it."""
+    client = Client(token)
+    b = _find_blueprint(client, blueprint)
+    keys = {}
+    for t in b.templates:
+        template = client(client.blueprint.GetTemplate, bp.GetTemplateRequest(id=t.template_id))
+        keys[template.key] = template.id
+    if not integration:
+        found = client(client.executor.ListIntegrations, ep.ListIntegrationsRequest(page_size=1000))
+        integration = [i.id for i in found.integrations if i.name == "example"]
+    if not storage:
+        found = client(client.executor.ListStorages, ep.ListStoragesRequest(page_size=1000))
+        storage = next((s.id for s in found.storages if s.name == "example-local"), "")
+    w = client(client.workflow.CreateWorkflow, wp.CreateWorkflowRequest(
+        blueprint_id=b.id, variable_overrides=_parse_vars(var, keys), integration_ids=integration,
+        secret_ids=secret, storage_id=storage, max_parallel_steps=max_parallel))
+    w = client(client.workflow.ExecuteWorkflow, wp.ExecuteWorkflowRequest(id=w.id))
+    console.print(f"Workflow [bold]{w.id}[/bold] of {b.name} started.")
+    if watch:
+        w = _watch(client, w.id)
+        raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
+
+
+@workflow_app.command("show")
+def workflow_show(workflow_id: str, token: Optional[str] = typer.Option(None)) -> None:
+    """The workflow's steps, statuses, resources and resolved variables."""
+    client = Client(token)
+    w = client(client.workflow.GetWorkflow, wp.GetWorkflowRequest(id=workflow_id))
+    console.print(_tree(w, details=True))
+
+
+@workflow_app.command("list")
+def workflow_list(token: Optional[str] = typer.Option(None)) -> None:
+    client = Client(token)
+    table = Table("id", "blueprint", "status", "steps", "created")
+    for w in client(client.workflow.ListWorkflows, wp.ListWorkflowsRequest(page_size=100)).workflows:
+        table.add_row(w.id, w.blueprint_id, wp.WorkflowStatus.Name(w.status).removeprefix("WORKFLOW_STATUS_"),
+                      str(len(w.steps)), w.create_time.ToDatetime().isoformat(timespec="seconds"))
+    console.print(table)
+
+
+@resource_app.command("logs")
+def resource_logs(resource_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
+                  token: Optional[str] = typer.Option(None)) -> None:
+    """Log lines of the resource's latest job (with --follow: until it ends)."""
+    client = Client(token)
+    r = client(client.resource.GetResource, rp.GetResourceRequest(id=resource_id))
+    if not r.last_job_id:
+        console.print("This resource has run no job yet.")
+        return
+    stream = client.executor.StreamJobLogs(ep.StreamJobLogsRequest(job_id=r.last_job_id), metadata=client.md,
+                                           timeout=None if follow else 30)
+    try:
+        for chunk in stream:
+            for line in chunk.lines:
+                style = {"stderr": "red", "executor": "cyan"}.get(line.stream, "")
+                console.print(Text(line.text, style=style))
+            if not follow:
+                stream.cancel()
+                break
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.CANCELLED:
+            console.print(f"[red]{err.code().name}[/red]: {err.details()}")
+            raise typer.Exit(1) from None
+
+
+# --- rendering --------------------------------------------------------------------------
+
+def _elapsed(step: wp.Step) -> str:
+    if not step.start_time.seconds:
+        return ""
+    start = step.start_time.ToDatetime()
+    end = step.completion_time.ToDatetime() if step.completion_time.seconds else dt.datetime.utcnow()
+    return f"{(end - start).total_seconds():.1f}s"
+
+
+def _tree(w: wp.Workflow, details: bool = False) -> Tree:
+    status = wp.WorkflowStatus.Name(w.status).removeprefix("WORKFLOW_STATUS_").lower()
+    root = Tree(Text.assemble(("workflow ", "bold"), (w.id, ""), ("  " + status, WORKFLOW_STYLE[w.status])))
+    if w.error_message:
+        root.add(Text(w.error_message, style="red"))
+    for position in sorted({s.position for s in w.steps}):
+        level = root.add(Text(f"position {position}", style="bold"))
+        for s in sorted((s for s in w.steps if s.position == position), key=lambda s: s.template_name):
+            mark, style = STEP_STYLE[s.status]
+            name = wp.StepStatus.Name(s.status).removeprefix("STEP_STATUS_").lower()
+            line = Text.assemble((f"{mark} ", style), (f"{s.template_name:<16}", "bold"), (f"{name:<12}", style),
+                                 (f"{_elapsed(s):>8}", "dim"))
+            if s.resource_id:
+                line.append(f"  resource {s.resource_id}", style="dim")
+            node = level.add(line)
+            if s.waiting_reason:
+                node.add(Text(s.waiting_reason, style="yellow"))
+            if s.error_message:
+                node.add(Text(s.error_message, style="red"))
+            if details and s.resolved_variables:
+                node.add(Text(json.dumps(dict(s.resolved_variables.items()), default=str), style="dim"))
+    return root
+
+
+def _watch(client: Client, workflow_id: str) -> wp.Workflow:
+    last = client(client.workflow.GetWorkflow, wp.GetWorkflowRequest(id=workflow_id))
+    with Live(_tree(last), console=console, refresh_per_second=4) as live:
+        stream = client.workflow.WatchWorkflow(wp.WatchWorkflowRequest(id=workflow_id), metadata=client.md)
+        for change in stream:
+            last = change.workflow
+            live.update(_tree(last))
+    return last
+

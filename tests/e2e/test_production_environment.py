@@ -1,0 +1,78 @@
+"""The seed's Production Environment, end to end: the five services as
+separate processes with real NATS and real terraform, driven by the `ik`
+command line the way a person would, then checked through gRPC."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from infrakitchen.resource.v1 import resource_pb2 as rp
+from infrakitchen.resource.v1 import resource_pb2_grpc
+from infrakitchen.workflow.v1 import workflow_pb2 as wp
+from infrakitchen.workflow.v1 import workflow_pb2_grpc
+from services.common.config import SERVICES
+from tests.support.processes import ROOT, ServiceProcesses
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def platform(tmp_path, event_prefix, nats_url):
+    procs = ServiceProcesses(tmp_path / "data", event_prefix, nats_url)
+    procs.start()
+    yield procs
+    procs.stop()
+
+
+def ik(platform, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IK_DATA_DIR": str(platform.data_dir), "IK_CONFIG_DIR": str(tmp_path / "config"),
+           "COLUMNS": "160", **{f"IK_{s.upper()}_TARGET": platform.target(s) for s in SERVICES}}
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_the_production_environment_runs_end_to_end(platform, tmp_path):
+    assert ik(platform, tmp_path, "login", "--token", platform.token()).returncode == 0
+    registered = ik(platform, tmp_path, "example", "register")
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    run = ik(platform, tmp_path, "workflow", "run", "Production Environment", "--var", "vpc.cidr_block=10.42.0.0/16")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "done" in run.stdout
+
+    with grpc.insecure_channel(platform.target("workflow")) as wc, \
+            grpc.insecure_channel(platform.target("resource")) as rc:
+        workflows = workflow_pb2_grpc.WorkflowServiceStub(wc)
+        resources = resource_pb2_grpc.ResourceServiceStub(rc)
+        md = platform.metadata()
+        [w] = workflows.ListWorkflows(wp.ListWorkflowsRequest(), metadata=md).workflows
+        assert w.status == wp.WORKFLOW_STATUS_DONE
+        assert w.create_time.seconds and w.start_time.seconds and w.completion_time.seconds
+        steps = {s.template_name: s for s in w.steps}
+        vpc, eks, rds = steps["VPC"], steps["EKS Cluster"], steps["RDS Database"]
+        assert (vpc.position, eks.position, rds.position) == (0, 1, 1)
+        # EKS and RDS ran side by side once the VPC was done.
+        assert eks.start_time.ToDatetime() < rds.completion_time.ToDatetime()
+        assert rds.start_time.ToDatetime() < eks.completion_time.ToDatetime()
+        assert vpc.completion_time.ToDatetime() <= min(eks.start_time.ToDatetime(), rds.start_time.ToDatetime())
+
+        got = {name: resources.GetResource(rp.GetResourceRequest(id=s.resource_id), metadata=md)
+               for name, s in steps.items()}
+        for r in got.values():
+            assert (r.state, r.status) == (rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE) and r.outputs
+        vpc_outputs = {o.name: o.value for o in got["VPC"].outputs}
+        vpc_id = vpc_outputs["vpc_id"].string_value
+        subnets = [v.string_value for v in vpc_outputs["private_subnet_ids"].list_value.values]
+        assert vpc_id.startswith("vpc-") and len(subnets) >= 2
+        assert eks.resolved_variables["vpc_id"] == vpc_id and rds.resolved_variables["vpc_id"] == vpc_id
+        assert list(eks.resolved_variables["subnet_ids"]) == subnets
+        assert vpc.resolved_variables["cidr_block"] == "10.42.0.0/16"
+        assert list(got["EKS Cluster"].parent_ids) == [got["VPC"].id]
+
+    shown = ik(platform, tmp_path, "workflow", "show", w.id)
+    assert shown.returncode == 0 and "EKS Cluster" in shown.stdout and vpc_id in shown.stdout
+    logs = ik(platform, tmp_path, "resource", "logs", vpc.resource_id, "--follow")
+    assert logs.returncode == 0 and "Apply complete!" in logs.stdout
