@@ -79,5 +79,10 @@ run: install nats
 test: install nats lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks of the orchestration (not part of the tests): prints the figures
+# and records them in docs/performance.md.
+bench: install nats
+	$(PY) -m bench.workflow_bench --write
+
 clean:
 	rm -rf $(GEN) $(VENV) $(TOOLS) .data .pytest_cache

@@ -1,0 +1,259 @@
+"""`make bench`: how fast the platform orchestrates, with the five services as
+separate processes, real NATS and real terraform on this machine.
+
+Prints (and writes to docs/performance.md with --write):
+1. dispatch overhead: from a step's job ending (executor end_time) to its
+   dependent step's job starting (executor start_time), over 200+ chained
+   steps of a no-op module; p50 and p99;
+2. makespan of a generated 32-step DAG with uneven `local-exec sleep`
+   durations, divided by its weighted critical path (the longest chain of
+   measured job durations), and the makespan a level-by-level schedule would
+   have had with the same job durations;
+3. orchestration time per step beside Terraform's own time per step (no-op module).
+Figures are ratios against baselines measured in the same run."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import networkx as nx
+from google.protobuf import struct_pb2
+
+from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
+from infrakitchen.blueprint.v1 import blueprint_pb2_grpc
+from infrakitchen.executor.v1 import executor_pb2 as ep
+from infrakitchen.executor.v1 import executor_pb2_grpc
+from infrakitchen.workflow.v1 import workflow_pb2 as wp
+from infrakitchen.workflow.v1 import workflow_pb2_grpc
+from tests.support.gitrepos import ModuleRepo
+from tests.support.processes import ServiceProcesses, drop_streams
+
+MODULE = '''
+variable "seconds" {
+  type    = number
+  default = 0
+}
+variable "in1" {
+  default = ""
+}
+variable "in2" {
+  default = ""
+}
+variable "in3" {
+  default = ""
+}
+resource "null_resource" "step" {
+  count = var.seconds > 0 ? 1 : 0
+  provisioner "local-exec" {
+    command = "sleep ${var.seconds}"
+  }
+}
+output "done" {
+  value = "ok"
+}
+'''
+
+CHAIN = 51  # templates per chain: 50 dispatches per workflow
+CHAINS = 4  # 200 dispatches
+DAG_STEPS = 32
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+class Bench:
+    def __init__(self, procs: ServiceProcesses, repo_url: str):
+        self.procs = procs
+        self.md = procs.metadata()
+        self.blueprint = blueprint_pb2_grpc.BlueprintServiceStub(grpc.insecure_channel(procs.target("blueprint")))
+        self.workflow = workflow_pb2_grpc.WorkflowServiceStub(grpc.insecure_channel(procs.target("workflow")))
+        self.executor = executor_pb2_grpc.ExecutorServiceStub(grpc.insecure_channel(procs.target("executor")))
+        self.repo_url = repo_url
+        self.integration = self.executor.CreateIntegration(ep.CreateIntegrationRequest(
+            integration=ep.Integration(name="bench", provider=ep.INTEGRATION_PROVIDER_GENERIC),
+            credentials={"BENCH": "1"}), metadata=self.md).id
+
+    def templates(self, prefix: str, count: int) -> list[tuple[str, str]]:
+        out = []
+        for n in range(count):
+            t = self.blueprint.CreateTemplate(bp.CreateTemplateRequest(template=bp.Template(
+                key=f"{prefix}-{n}", name=f"{prefix} {n:02d}", enabled=True)), metadata=self.md)
+            v = self.blueprint.CreateSourceCodeVersion(bp.CreateSourceCodeVersionRequest(
+                template_id=t.id, source=bp.ModuleSource(repository_url=self.repo_url, ref="v1", path="step"),
+                is_default=True), metadata=self.md, timeout=60)
+            out.append((t.id, v.id))
+        return out
+
+    def blueprint_of(self, name: str, templates, edges: list[tuple[int, int]], seconds: dict[int, int]) -> str:
+        inputs: dict[int, int] = {}
+        wiring = []
+        for a, b in edges:
+            inputs[b] = inputs.get(b, 0) + 1
+            wiring.append(bp.WiringRule(source_template_id=templates[a][0], source_output="done",
+                                        target_template_id=templates[b][0], target_variable=f"in{inputs[b]}"))
+        members = []
+        for n, (tid, vid) in enumerate(templates):
+            defaults = struct_pb2.Struct()
+            defaults.update({"seconds": seconds.get(n, 0)})
+            members.append(bp.BlueprintTemplate(template_id=tid, source_code_version_id=vid,
+                                                default_variables=defaults))
+        return self.blueprint.CreateBlueprint(bp.CreateBlueprintRequest(blueprint=bp.Blueprint(
+            name=name, templates=members, wiring_rules=wiring)), metadata=self.md).id
+
+    def run(self, blueprint_id: str) -> str:
+        w = self.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint_id,
+                                                                  integration_ids=[self.integration]),
+                                         metadata=self.md, timeout=60)
+        self.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=self.md, timeout=60)
+        return w.id
+
+    def wait(self, workflow_ids: list[str], timeout: float = 1800) -> list[wp.Workflow]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = [self.workflow.GetWorkflow(wp.GetWorkflowRequest(id=i), metadata=self.md) for i in workflow_ids]
+            if all(w.status in (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR) for w in got):
+                bad = [w for w in got if w.status == wp.WORKFLOW_STATUS_ERROR]
+                if bad:
+                    raise SystemExit(f"workflow {bad[0].id} failed: {bad[0].error_message}")
+                return got
+            if time.monotonic() > deadline:
+                raise SystemExit("workflows did not finish in time")
+            time.sleep(0.5)
+
+    def jobs(self, workflow_id: str) -> dict[str, ep.Job]:
+        """step id -> its apply job."""
+        found = self.executor.ListJobs(ep.ListJobsRequest(workflow_id=workflow_id, page_size=1000), metadata=self.md)
+        return {j.correlation.step_id: j for j in found.jobs if j.action == ep.JOB_ACTION_APPLY}
+
+
+def ts(t) -> dt.datetime:
+    return t.ToDatetime()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="also write docs/performance.md")
+    parser.add_argument("--nats", default="nats://127.0.0.1:4222")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ik-bench-"))
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    repo = ModuleRepo(work / "modules")
+    repo.write("step/main.tf", MODULE)
+    repo.commit("bench module", tag="v1")
+    procs = ServiceProcesses(work / "data", prefix, args.nats, extra_env={
+        "IK_EXECUTOR_WORKERS": "8", "IK_LOG_LEVEL": "WARNING"})
+    procs.start()
+    try:
+        bench = Bench(procs, repo.url)
+        print("registering templates ...", flush=True)
+        chain = bench.templates("chain", CHAIN)
+        chain_bp = bench.blueprint_of("chain", chain, [(n, n + 1) for n in range(CHAIN - 1)], {})
+
+        rng = random.Random(7)
+        dag = bench.templates("dag", DAG_STEPS)
+        edges = []
+        for b in range(1, DAG_STEPS):
+            for a in rng.sample(range(max(0, b - 6), b), k=min(b, rng.choice([1, 1, 2, 3]))):
+                edges.append((a, b))
+        seconds = {n: rng.choice([0, 1, 2, 3, 5]) for n in range(DAG_STEPS)}
+        dag_bp = bench.blueprint_of("dag", dag, edges, seconds)
+
+        print(f"dispatch: {CHAINS} workflows of a {CHAIN}-step chain ...", flush=True)
+        started = time.monotonic()
+        chain_runs = bench.wait([bench.run(chain_bp) for _ in range(CHAINS)])
+        chain_wall = time.monotonic() - started
+        dispatch, orchestration, terraform = [], [], []
+        for w in chain_runs:
+            jobs = bench.jobs(w.id)
+            for step in w.steps:
+                job = jobs[step.id]
+                terraform.append((ts(job.end_time) - ts(job.start_time)).total_seconds())
+                orchestration.append((ts(step.completion_time) - ts(step.start_time)).total_seconds()
+                                     - terraform[-1])
+                for dep in step.depends_on_step_ids:
+                    dispatch.append((ts(job.start_time) - ts(jobs[dep].end_time)).total_seconds())
+
+        print(f"makespan: a {DAG_STEPS}-step DAG with uneven sleeps ...", flush=True)
+        [dag_run] = bench.wait([bench.run(dag_bp)])
+        jobs = bench.jobs(dag_run.id)
+        by_template = {s.template_id: s for s in dag_run.steps}
+        duration = {n: (ts(jobs[by_template[tid].id].end_time) - ts(jobs[by_template[tid].id].start_time))
+                    .total_seconds() for n, (tid, _) in enumerate(dag)}
+        graph = nx.DiGraph()
+        graph.add_nodes_from(range(DAG_STEPS))
+        graph.add_edges_from(edges)
+        for n in graph:  # node weights onto outgoing edges of a virtual sink for the longest path
+            graph.nodes[n]["d"] = duration[n]
+        critical = max(sum(duration[n] for n in path) for path in _all_longest(graph))
+        first_start = min(ts(j.start_time) for j in jobs.values())
+        last_end = max(ts(j.end_time) for j in jobs.values())
+        makespan = (last_end - first_start).total_seconds()
+        p50_dispatch = statistics.median(dispatch)
+        levels = list(nx.topological_generations(graph))
+        level_by_level = sum(max(duration[n] for n in level) for level in levels) + p50_dispatch * (len(levels) - 1)
+
+        noop = statistics.median(terraform)
+        lines = [
+            f"# Performance\n",
+            f"Measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `make bench` "
+            f"(`python -m bench.workflow_bench --write`) on {platform.node()}: {platform.machine()}, "
+            f"Python {platform.python_version()}, the five services as processes on SQLite, NATS "
+            f"{args.nats}, 8 executor workers.\n",
+            "| measure | value | baseline (same run) | ratio |",
+            "|---|---|---|---|",
+            f"| dispatch overhead p50 ({len(dispatch)} dependent steps) | {p50_dispatch * 1000:.0f} ms | "
+            f"terraform no-op job {noop * 1000:.0f} ms | {p50_dispatch / noop:.2f} |",
+            f"| dispatch overhead p99 | {percentile(dispatch, 0.99) * 1000:.0f} ms | terraform no-op job "
+            f"{noop * 1000:.0f} ms | {percentile(dispatch, 0.99) / noop:.2f} |",
+            f"| makespan of the {DAG_STEPS}-step DAG ({len(levels)} levels) | {makespan:.1f} s | weighted critical "
+            f"path {critical:.1f} s | {makespan / critical:.2f} |",
+            f"| level-by-level schedule of the same DAG (same job times) | {level_by_level:.1f} s | our makespan "
+            f"{makespan:.1f} s | {level_by_level / makespan:.2f} |",
+            f"| orchestration time per step, p50 | {statistics.median(orchestration) * 1000:.0f} ms | terraform "
+            f"per step (no-op) {noop * 1000:.0f} ms | {statistics.median(orchestration) / noop:.2f} |",
+            f"| {CHAINS} chains of {CHAIN} steps, wall time | {chain_wall:.0f} s | | |",
+            "",
+            "Dispatch overhead = the dependent step's job start_time minus its upstream job's end_time (both "
+            "executor clock): completion event through the outbox and NATS, the workflow's consumer, the step "
+            "transaction, CreateResource and ProvisionResource (which call the blueprint and executor "
+            "services), SubmitJob, the work queue and a worker's claim. The level-by-level figure is computed "
+            "from the measured job durations: each level waits for its slowest step, plus the measured p50 "
+            "dispatch between levels. The weighted critical path is the longest dependency chain summed over "
+            "measured job durations.",
+        ]
+        report = "\n".join(lines) + "\n"
+        print(report)
+        if args.write:
+            Path(__file__).resolve().parents[1].joinpath("docs", "performance.md").write_text(report)
+    finally:
+        procs.stop()
+        drop_streams(args.nats, prefix)
+
+
+def _all_longest(graph: nx.DiGraph):
+    """Every maximal path's nodes (sources to sinks), for the weighted critical path."""
+    sources = [n for n in graph if graph.in_degree(n) == 0]
+    sinks = [n for n in graph if graph.out_degree(n) == 0]
+    best: dict[int, tuple[float, list[int]]] = {}
+    for n in nx.topological_sort(graph):
+        preds = list(graph.predecessors(n))
+        base = max((best[p] for p in preds), key=lambda x: x[0], default=(0.0, []))
+        best[n] = (base[0] + graph.nodes[n]["d"], base[1] + [n])
+    del sources
+    return [best[s][1] for s in sinks]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Pure domain rules of the executor, resource and workflow contexts."""
+from __future__ import annotations
+
+from services.executor.domain.model import (Redactor, integration_env, plan_summary_from_json, secret_env,
+                                            valid_state_path)
+from services.resource.domain.model import (DependencyConfig, DependencyTag, Resource, can_move,
+                                            default_storage_path, inherited, type_problem)
+from services.workflow.domain.model import DONE, IN_PROGRESS, PENDING, Step, WiringRule, Workflow, ready_steps, \
+    resolve_variables
+
+
+def test_redactor_hides_every_secret_longest_first():
+    redact = Redactor(["abc123", "abc123-long-secret", "x"])
+    assert redact("token abc123-long-secret and abc123 and x") == "token *** and *** and x"
+
+
+def test_credentials_become_provider_environment_variables():
+    assert integration_env("aws", {"access_key_id": "A", "AWS_REGION": "eu"}) == \
+        {"AWS_ACCESS_KEY_ID": "A", "AWS_REGION": "eu"}
+    assert integration_env("azure", {"client_id": "c"}) == {"ARM_CLIENT_ID": "c"}
+    assert integration_env("generic", {"MyKey": "v"}) == {"MyKey": "v"}
+    assert secret_env("tf_var", {"token": "t"}) == {"TF_VAR_token": "t"}
+
+
+def test_state_paths_stay_inside_their_storage():
+    assert valid_state_path("team/vpc") and valid_state_path("a.b_c-d")
+    for bad in ("/abs", "../up", "a/../b", "a//b", "", "a/"):
+        assert not valid_state_path(bad), bad
+
+
+def test_plan_summary_counts_like_terraform():
+    plan = {"resource_changes": [
+        {"address": "a", "change": {"actions": ["create"]}},
+        {"address": "b", "change": {"actions": ["delete", "create"]}},
+        {"address": "c", "change": {"actions": ["update"]}},
+        {"address": "d", "change": {"actions": ["no-op"]}},
+    ]}
+    s = plan_summary_from_json(plan)
+    assert (s.add, s.change, s.destroy) == (2, 1, 1) and [a for a, _ in s.resource_changes] == ["a", "b", "c"]
+
+
+def test_the_state_table():
+    assert can_move("provision", "provisioned") and can_move("provision", "provision")
+    assert can_move("provisioned", "destroy") and can_move("destroy", "provisioned")
+    assert can_move("destroyed", "provision")
+    assert not can_move("provision", "destroy") and not can_move("destroyed", "provisioned")
+
+
+def test_variable_types_are_checked_on_the_outer_type():
+    assert type_problem("string", 5) == "must be of type string"
+    assert type_problem("number", True) and not type_problem("number", 2.5)
+    assert not type_problem("list(string)", ["a"]) and type_problem("map(string)", ["a"])
+    assert not type_problem("", {"any": 1}) and not type_problem("object({a=string})", {"a": "b"})
+
+
+def test_inheritance_is_the_union_of_inheritable_tags_and_configs():
+    a = Resource(id="a", name="a", template_id="t", dependency_tags=[DependencyTag("team", "x", True),
+                                                                     DependencyTag("own", "y", False)],
+                 dependency_configs=[DependencyConfig("region", "eu", True)])
+    b = Resource(id="b", name="b", template_id="t", dependency_tags=[DependencyTag("env", "prod", True)],
+                 dependency_configs=[DependencyConfig("region", "us", True), DependencyConfig("size", 3, True)])
+    tags, configs = inherited([a, b])
+    assert {(t.name, t.value) for t in tags} == {("team", "x"), ("env", "prod")}
+    assert {c.name: c.value for c in configs} == {"region": "eu", "size": 3}
+    assert default_storage_path("vpc", "prod east/1") == "vpc/prod-east-1"
+
+
+def test_variable_precedence_and_ready_queue():
+    wiring = [WiringRule("vpc", "vpc_id", "eks", "vpc_id"), WiringRule("vpc", "vpc_id", "rds", "vpc_id")]
+    vpc = Step("s1", "w", "vpc", "VPC", 0, status=DONE, outputs={"vpc_id": "vpc-1"})
+    eks = Step("s2", "w", "eks", "EKS", 1, depends_on=["s1"], defaults={"vpc_id": "d", "size": 1},
+               overrides={"size": 3})
+    rds = Step("s3", "w", "rds", "RDS", 1, depends_on=["s1"], overrides={"vpc_id": "forced"})
+    assert resolve_variables(eks, wiring, {"vpc": vpc}) == {"vpc_id": "vpc-1", "size": 3}
+    assert resolve_variables(rds, wiring, {"vpc": vpc}) == {"vpc_id": "forced"}
+    slow = Step("s4", "w", "slow", "SLOW", 1, depends_on=["s1"], status=IN_PROGRESS)
+    leaf = Step("s5", "w", "leaf", "LEAF", 2, depends_on=["s2"])
+    eks.status = DONE
+    w = Workflow("w", "b", 1)
+    # The leaf starts once its own dependency is done, whatever its level-mate does.
+    assert [s.id for s in ready_steps(w, [vpc, eks, rds, slow, leaf])] == ["s3", "s5"]
+    w.max_parallel_steps = 2
+    assert [s.id for s in ready_steps(w, [vpc, eks, rds, slow, leaf])] == ["s3"]
+    assert rds.status == PENDING
