@@ -13,7 +13,8 @@ from services.resource.consumers.events import consumers, reconciler
 
 def setup(runtime) -> None:
     runtime.clients = ServiceClients(runtime.settings, "resource")
-    runtime.lifecycle = Lifecycle(Remote(runtime.clients), runtime.uow)
+    cache = float(runtime.settings.env.get("IK_RESOURCE_CATALOG_CACHE_SECONDS", "5"))
+    runtime.lifecycle = Lifecycle(Remote(runtime.clients, cache), runtime.uow)
 
 
 DEFINITION = ServiceDefinition(

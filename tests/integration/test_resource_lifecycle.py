@@ -438,3 +438,32 @@ async def test_a_child_recreated_before_its_parent_is_pending_then_starts(p):
     await p.wait(net.id, PROVISIONED, DONE)
     app = await p.wait(app.id, PROVISIONED, DONE)
     assert app.revision == 2
+
+
+async def test_listing_filters_and_pages(p):
+    team = await p.create("team", "platform", labels=["core"])
+    region = await p.create("region", "eu")
+    net = await p.create("network", "n", parents=[team.id], variables={"cidr": "10.0.0.0/16"}, labels=["prod"])
+
+    async def names(**filters):
+        listed = await p.resource.ListResources(rp.ListResourcesRequest(**filters), metadata=p.as_("r", Role.READ))
+        return sorted(r.name for r in listed.resources)
+    assert await names(template_id=p.catalog.templates["team"]) == ["platform"]
+    assert await names(state=PROVISION) == ["n"]
+    assert await names(status=READY) == ["n"]
+    assert await names(state=PROVISIONED, status=DONE) == ["eu", "platform"]
+    assert await names(label="prod") == ["n"]
+    assert await names(parent_id=team.id) == ["n"]
+    first = await p.resource.ListResources(rp.ListResourcesRequest(page_size=2), metadata=p.md)
+    second = await p.resource.ListResources(rp.ListResourcesRequest(page_size=2, page_token=first.next_page_token),
+                                            metadata=p.md)
+    assert [r.id for r in [*first.resources, *second.resources]] == [team.id, region.id, net.id]
+    assert not second.next_page_token
+
+
+async def test_create_and_provision_in_one_call(p):
+    request = p.new("network", "now", variables={"cidr": "10.0.0.0/16"})
+    request.provision = True
+    started = await p.resource.CreateResource(request, metadata=p.md)
+    assert started.state == PROVISION and started.status in (QUEUED, IN_PROGRESS) and started.last_job_id
+    await p.wait(started.id, PROVISIONED, DONE)

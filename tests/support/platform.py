@@ -138,7 +138,9 @@ class Platform:
             {"blueprint": BLUEPRINT, "executor": EXECUTOR, "approval": APPROVAL, "resource": RESOURCE,
              "workflow": WORKFLOW}, dbs,
             event_prefix, nats_url, tmp_path / "data",
-            {"IK_RESOURCE_RECONCILE_INTERVAL": "30", "IK_TERRAFORM_LOCK_TIMEOUT": "5s", **(extra_env or {})})
+            # No catalog cache: tests disable templates and expect the next create to see it.
+            {"IK_RESOURCE_RECONCILE_INTERVAL": "30", "IK_TERRAFORM_LOCK_TIMEOUT": "5s",
+             "IK_RESOURCE_CATALOG_CACHE_SECONDS": "0", **(extra_env or {})})
         self.tmp_path = tmp_path
         self.catalog = Catalog()
 

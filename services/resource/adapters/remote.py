@@ -2,6 +2,7 @@
 services, over gRPC. Everything returned is plain Python (domain-facing)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,14 +104,39 @@ class JobSubmission:
     correlation: dict = field(default_factory=dict)
 
 
+class _Cache:
+    """A few seconds of memory for catalog reads that every create and job
+    submission repeats (templates, source code versions, integrations)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._entries: dict[tuple, tuple[float, object]] = {}
+
+    async def get(self, key: tuple, load):
+        if self.seconds <= 0:
+            return await load()
+        now = time.monotonic()
+        hit = self._entries.get(key)
+        if hit is not None and now - hit[0] < self.seconds:
+            return hit[1]
+        value = await load()
+        if value is not None:
+            self._entries[key] = (now, value)
+        return value
+
+
 class Remote:
-    def __init__(self, clients: ServiceClients):
+    def __init__(self, clients: ServiceClients, cache_seconds: float = 5.0):
         self.clients = clients
+        self.cache = _Cache(cache_seconds)
         self.blueprint = blueprint_pb2_grpc.BlueprintServiceStub(clients.channel("blueprint"))
         self.executor = executor_pb2_grpc.ExecutorServiceStub(clients.channel("executor"))
         self.approval = approval_pb2_grpc.ApprovalServiceStub(clients.channel("approval"))
 
     async def template(self, id_: str) -> TemplateInfo | None:
+        return await self.cache.get(("template", id_), lambda: self._template(id_))
+
+    async def _template(self, id_: str) -> TemplateInfo | None:
         try:
             t = await self.clients.call("blueprint", self.blueprint.GetTemplate, blueprint_pb2.GetTemplateRequest(id=id_))
         except RemoteError as err:
@@ -120,6 +146,9 @@ class Remote:
         return TemplateInfo(t.id, t.key, t.enabled, t.abstract, tuple(t.parent_template_ids))
 
     async def version(self, id_: str) -> VersionInfo | None:
+        return await self.cache.get(("version", id_), lambda: self._version_of(id_))
+
+    async def _version_of(self, id_: str) -> VersionInfo | None:
         try:
             v = await self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,
                                         blueprint_pb2.GetSourceCodeVersionRequest(id=id_))
@@ -137,6 +166,9 @@ class Remote:
         return next((v for v in versions if v.is_default), versions[-1] if versions else None)
 
     async def integration_exists(self, id_: str) -> bool:
+        return bool(await self.cache.get(("integration", id_), lambda: self._integration_exists(id_)))
+
+    async def _integration_exists(self, id_: str) -> bool:
         try:
             await self.clients.call("executor", self.executor.GetIntegration,
                                     executor_pb2.GetIntegrationRequest(id=id_))

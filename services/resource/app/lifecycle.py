@@ -137,7 +137,8 @@ class Lifecycle:
 
     # --- create ----------------------------------------------------------------
 
-    async def create(self, uow, principal: Principal, r: Resource, request_id: str = "") -> Resource:
+    async def create(self, uow, principal: Principal, r: Resource, request_id: str = "",
+                     provision: bool = False) -> Resource:
         if (existing := await uow.find_request("CreateResource", request_id)) is not None:
             return await self.get(uow, existing)
         violations: list[FieldViolation] = []
@@ -205,6 +206,8 @@ class Lifecycle:
         await self._emit(uow, "resource_created", created, principal.user)
         if created.status == APPROVAL_PENDING:
             await self._emit(uow, "resource_status_changed", created, principal.user)
+        elif provision and created.status == READY:  # parents were checked provisioned above
+            created = await self._start(uow, principal.user, created, OP_PROVISION, "provision")
         return created
 
     async def _check_parents(self, uow, principal: Principal, parent_ids: list[str], template,

@@ -224,7 +224,7 @@ class Workflows:
                                      variables=to_struct(variables), parent_ids=[*parents, *st.parent_resource_ids],
                                      integration_ids=w.integration_ids, secret_ids=w.secret_ids,
                                      storage_id=w.storage_id),
-                request_id=st.id, workflow_id=w.id, step_id=st.id))
+                request_id=st.id, workflow_id=w.id, step_id=st.id, provision=True))
             await self._record(st.id, resource_id=resource.id, job_id=resource.last_job_id)
             if resource.state == "provisioned" and resource.status == "done":
                 await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
