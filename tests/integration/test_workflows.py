@@ -92,6 +92,11 @@ async def test_variable_precedence_overrides_over_wired_over_defaults(p):
     assert steps["network"].resolved_variables["cidr"] == "10.7.0.0/16"  # override over default
     assert steps["app"].resolved_variables["size"] == 5  # override over default
     assert steps["app"].resolved_variables["vpc_id"].startswith("vpc-")  # wired over default
+    secret = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, app={"password": "hunter2-override"}),
+        **shared(p)), metadata=p.md)
+    assert by_template(p, secret)["app"].resolved_variables["password"] == "***"
+    assert "hunter2-override" not in str(secret)
     forced = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
         blueprint_id=blueprint.id, variable_overrides=overrides(p, app={"vpc_id": "forced-vpc"}), **shared(p)),
         metadata=p.md)

@@ -60,6 +60,12 @@ class Remote:
     async def template(self, id_: str):
         return await self.clients.call("blueprint", self.blueprint.GetTemplate, bp.GetTemplateRequest(id=id_))
 
+    async def sensitive_variables(self, version_id: str) -> list[str]:
+        """Names of the version's sensitive variables (masked wherever the workflow shows them)."""
+        v = await self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,
+                                    bp.GetSourceCodeVersionRequest(id=version_id))
+        return [x.name for x in v.variables if x.sensitive]
+
     async def version_exists(self, id_: str, template_id: str) -> bool:
         try:
             v = await self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from infrakitchen.workflow.v1 import workflow_pb2 as pb
 from services.common.values import from_struct, to_struct, to_timestamp
-from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow
+from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow, masked
 
 STATUS = {pb.WORKFLOW_STATUS_PENDING: PENDING, pb.WORKFLOW_STATUS_IN_PROGRESS: IN_PROGRESS,
           pb.WORKFLOW_STATUS_DONE: DONE, pb.WORKFLOW_STATUS_ERROR: ERROR}
@@ -35,13 +35,14 @@ def step_to_pb(st: Step, w: Workflow) -> pb.Step:
 
 
 def workflow_to_pb(w: Workflow, steps: list[Step]) -> pb.Workflow:
+    sensitive = {s.template_id: s.sensitive_variables for s in steps}
     return pb.Workflow(
         id=w.id, blueprint_id=w.blueprint_id, blueprint_revision=w.blueprint_revision, status=STATUS_PB[w.status],
         error_message=w.error_message, steps=[step_to_pb(s, w) for s in steps],
         wiring_snapshot=[pb.WiringRule(source_template_id=r.source_template_id, source_output=r.source_output,
                                        target_template_id=r.target_template_id, target_variable=r.target_variable)
                          for r in w.wiring],
-        variable_overrides=[pb.TemplateVariables(template_id=t, variables=to_struct(v))
+        variable_overrides=[pb.TemplateVariables(template_id=t, variables=to_struct(masked(v, sensitive.get(t, []))))
                             for t, v in w.variable_overrides.items()],
         source_code_version_overrides=[pb.SourceCodeVersionOverride(template_id=t, source_code_version_id=v)
                                        for t, v in w.version_overrides.items()],

@@ -83,8 +83,10 @@ class Workflows:
             for tid in keys:
                 if tid not in members:
                     violations.append(FieldViolation(f"{field}[{tid}]", "is not a template of the blueprint"))
+        bad_versions = set()
         for tid, vid in version_overrides.items():
             if tid in members and not await self.remote.version_exists(vid, tid):
+                bad_versions.add(tid)
                 violations.append(FieldViolation(f"source_code_version_overrides[{tid}]",
                                                  f"{vid!r} is not a source code version of the template"))
         if max_parallel < 0:
@@ -119,17 +121,19 @@ class Workflows:
             external_parents = [r for p in template.parent_template_ids if p in external
                                 for r in parent_overrides.get(p, [])]
             own = parent_overrides.get(tid, []) if tid not in external else []
+            version_id = version_overrides.get(tid) or members[tid].source_code_version_id
             steps.append(Step(
+                sensitive_variables=[] if tid in bad_versions else await self.remote.sensitive_variables(version_id),
                 id=step_ids[tid], workflow_id=w.id, template_id=tid, template_name=planned.template_name,
                 position=planned.position,
                 depends_on=[step_ids[d] for d in planned.depends_on_template_ids if d in step_ids],
-                source_code_version_id=version_overrides.get(tid) or members[tid].source_code_version_id,
+                source_code_version_id=version_id,
                 defaults=from_struct(members[tid].default_variables), overrides=dict(overrides),
                 parent_template_ids=in_blueprint, parent_resource_ids=[*external_parents, *own]))
         if violations:
             raise InvalidArgument("invalid workflow", violations)
         for st in steps:
-            st.resolved_variables = resolve_variables(st, w.wiring, {})
+            st.resolved_variables = masked(resolve_variables(st, w.wiring, {}), st.sensitive_variables)
         await uow.workflows.add(w)
         for st in steps:
             await uow.steps.add(st)
@@ -190,9 +194,10 @@ class Workflows:
         for st in ready_steps(w, steps):
             now = utcnow()
             resolved = resolve_variables(st, w.wiring, upstream)
-            sensitive = [name for name in resolved if any(
+            wired_secret = [name for name in resolved if any(
                 r.target_template_id == st.template_id and r.target_variable == name
                 and r.source_output in upstream.get(r.source_template_id, st).sensitive_outputs for r in w.wiring)]
+            sensitive = sorted({*st.sensitive_variables, *wired_secret})
             running = replace(st, status=IN_PROGRESS, start_time=now, resolved_variables=masked(resolved, sensitive),
                               sensitive_variables=sensitive, version=st.version + 1)
             if not await uow.steps.update(running, st.version):
