@@ -467,3 +467,19 @@ async def test_create_and_provision_in_one_call(p):
     started = await p.resource.CreateResource(request, metadata=p.md)
     assert started.state == PROVISION and started.status in (QUEUED, IN_PROGRESS) and started.last_job_id
     await p.wait(started.id, PROVISIONED, DONE)
+
+
+async def test_a_dry_run_plans_without_changing_the_resource(p):
+    net = await p.create("network", "n", variables={"cidr": "10.0.0.0/16"})
+    planned = await p.resource.DryRunResource(rp.DryRunResourceRequest(id=net.id), metadata=p.md)
+    assert (planned.state, planned.status) == (PROVISION, READY)
+    for _ in range(600):
+        jobs = (await p.executor.ListJobs(ep.ListJobsRequest(resource_id=net.id), metadata=p.md)).jobs
+        if jobs and jobs[0].status == ep.JOB_STATUS_SUCCEEDED:
+            break
+        await asyncio.sleep(0.1)
+    assert jobs[0].action == ep.JOB_ACTION_PLAN and jobs[0].plan_summary.add == 1
+    assert (await p.get(net.id)).status == READY
+    # Provisioning afterwards runs the current code (not the dry run's plan).
+    await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=net.id), metadata=p.md)
+    await p.wait(net.id, PROVISIONED, DONE)

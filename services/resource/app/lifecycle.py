@@ -395,11 +395,13 @@ class Lifecycle:
         if r is None or r.job_request_id != request_id or r.last_job_id:
             return
         try:
-            version = await self._version(r.source_code_version_id) if not r.plan_job_id else None
+            # An approved update applies exactly the reviewed plan; everything
+            # else runs the source code version as it is now.
+            reviewed = r.plan_job_id if r.pending_operation == OP_UPDATE else ""
+            version = None if reviewed else await self._version(r.source_code_version_id)
             action = "destroy" if r.pending_operation == OP_DESTROY else "apply"
             submission = self._submission(r, version, action, request_id)
-            if r.pending_operation == OP_UPDATE and r.plan_job_id:
-                submission.plan_job_id = r.plan_job_id
+            submission.plan_job_id = reviewed
             job_id = await self.remote.submit_job(submission, actor)
             error = ""
         except DomainError as exc:
