@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -59,8 +60,16 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
         assert rds.start_time.ToDatetime() < eks.completion_time.ToDatetime()
         assert vpc.completion_time.ToDatetime() <= min(eks.start_time.ToDatetime(), rds.start_time.ToDatetime())
 
-        got = {name: resources.GetResource(rp.GetResourceRequest(id=s.resource_id), metadata=md)
-               for name, s in steps.items()}
+        # The resource service applies the same executor events on its own, so
+        # it may be a moment behind the workflow.
+        deadline = time.monotonic() + 20
+        while True:
+            got = {name: resources.GetResource(rp.GetResourceRequest(id=s.resource_id), metadata=md)
+                   for name, s in steps.items()}
+            if all((r.state, r.status) == (rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
+                   for r in got.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         for r in got.values():
             assert (r.state, r.status) == (rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE) and r.outputs
         vpc_outputs = {o.name: o.value for o in got["VPC"].outputs}

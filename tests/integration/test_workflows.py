@@ -68,8 +68,9 @@ async def test_steps_follow_the_graph_and_wired_outputs_flow_downstream(p):
     done = await run(p, w)
     assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
     steps = by_template(p, done)
-    net = await p.get(steps["network"].resource_id)
-    app = await p.get(steps["app"].resource_id)
+    # The resource service applies the executor's events on its own: it may be a moment behind.
+    net = await p.wait(steps["network"].resource_id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
+    app = await p.wait(steps["app"].resource_id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
     vpc_id = {o.name: o.value.string_value for o in net.outputs}["vpc_id"]
     assert steps["app"].resolved_variables["vpc_id"] == vpc_id and app.variables["vpc_id"] == vpc_id
     assert list(app.parent_ids) == [net.id] and app.workflow_id == done.id
