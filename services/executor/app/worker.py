@@ -64,21 +64,30 @@ def work_queue(names) -> StreamConfig:
 
 class LogWriter:
     """Buffers a job's lines and writes them in small batches (every 0.2 s),
-    numbered in order, so followers see them while the job runs."""
+    numbered in order, so followers see them while the job runs.
+
+    One task does every write, the last one included: a write cancelled half
+    way could not tell whether its lines were stored, and a second writer
+    would race it for the same line numbers."""
 
     def __init__(self, uow_factory, job_id: str, next_number: int):
         self.uow_factory = uow_factory
         self.job_id = job_id
         self.next_number = next_number
         self._buffer: list = []
+        self._closing = asyncio.Event()
         self._task = asyncio.create_task(self._loop())
 
     def add(self, stream: str, text: str) -> None:
         self._buffer.append((utcnow(), stream, text[:MAX_LINE]))
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.2)
+        while not self._closing.is_set():
+            try:
+                async with asyncio.timeout(0.2):
+                    await self._closing.wait()
+            except TimeoutError:
+                pass
             try:
                 await self.flush()
             except Exception as exc:  # noqa: BLE001 - kept in the buffer, written next time
@@ -98,7 +107,9 @@ class LogWriter:
         self.next_number += len(lines)
 
     async def close(self) -> None:
-        self._task.cancel()
+        """Writes what is left; raises if the last write failed."""
+        self._closing.set()
+        await self._task
         await self.flush()
 
 
