@@ -240,3 +240,69 @@ async def test_validation_and_permissions(p):
     await p.workflow.DeleteWorkflow(wp.DeleteWorkflowRequest(id=w.id), metadata=p.admin)
     gone = await rpc_error(p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=p.md))
     assert gone.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def wait_teardown(p, workflow_id, timeout=120) -> wp.Workflow:
+    async with asyncio.timeout(timeout):
+        async for change in p.workflow.WatchWorkflow(wp.WatchWorkflowRequest(id=workflow_id), metadata=p.md):
+            if change.workflow.teardown_status in (wp.TEARDOWN_STATUS_DONE, wp.TEARDOWN_STATUS_ERROR):
+                return change.workflow
+    return await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=workflow_id), metadata=p.md)
+
+
+async def test_teardown_destroys_dependents_first_and_waits_for_outside_dependents(p):
+    blueprint = await p.blueprint_of(
+        "stack", {"network": {"cidr": "10.0.0.0/16"}, "app": {}, "tail": {}},
+        [("network", "vpc_id", "app", "vpc_id"), ("app", "endpoint", "tail", "upstream")])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    done = await run(p, w)
+    assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
+    steps = by_template(p, done)
+    resource_of = {k: s.resource_id for k, s in steps.items()}
+    for rid in resource_of.values():
+        await p.wait(rid, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
+
+    # A resource outside the workflow whose parent is the workflow's app.
+    outsider = await p.provisioned("tail", "outsider", [resource_of["app"]], variables={"upstream": "x"})
+    preview = await p.workflow.PreviewWorkflowTeardown(wp.PreviewWorkflowTeardownRequest(id=w.id), metadata=p.md)
+    planned = {s.resource_id: s for s in preview.steps}
+    assert [(planned[resource_of[k]].level) for k in ("tail", "app", "network")] == [0, 1, 2]
+    assert list(planned[resource_of["network"]].blocked_by_resource_ids) == [resource_of["app"]]
+    assert list(planned[resource_of["app"]].blocked_by_resource_ids) == [resource_of["tail"]]
+    assert list(planned[resource_of["app"]].external_dependent_resource_ids) == [outsider.id]
+
+    denied = await rpc_error(p.workflow.TeardownWorkflow(wp.TeardownWorkflowRequest(id=w.id), metadata=p.md))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    blocked = await rpc_error(p.workflow.TeardownWorkflow(wp.TeardownWorkflowRequest(id=w.id), metadata=p.admin))
+    assert blocked.code() == grpc.StatusCode.FAILED_PRECONDITION and outsider.id in str(blocked.details()) + str(
+        blocked.trailing_metadata())
+    untouched = await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=p.md)
+    assert untouched.teardown_status == wp.TEARDOWN_STATUS_UNSPECIFIED
+    assert all(s.teardown_status == wp.TEARDOWN_STATUS_UNSPECIFIED for s in untouched.steps)
+    assert (await p.get(resource_of["app"])).state == rp.RESOURCE_STATE_PROVISIONED
+
+    await p.resource.DestroyResource(rp.DestroyResourceRequest(id=outsider.id), metadata=p.admin)
+    await p.wait(outsider.id, rp.RESOURCE_STATE_DESTROYED, rp.RESOURCE_STATUS_DONE)
+    started = await p.workflow.TeardownWorkflow(wp.TeardownWorkflowRequest(id=w.id), metadata=p.admin)
+    assert started.teardown_status == wp.TEARDOWN_STATUS_IN_PROGRESS and started.status == wp.WORKFLOW_STATUS_DONE
+    torn = await wait_teardown(p, w.id)
+    assert torn.teardown_status == wp.TEARDOWN_STATUS_DONE, torn.teardown_error_message
+    assert torn.teardown_start_time.seconds and torn.teardown_completion_time.seconds
+    assert all(s.teardown_status == wp.TEARDOWN_STATUS_DONE and s.teardown_job_id for s in torn.steps)
+    for rid in resource_of.values():
+        await p.wait(rid, rp.RESOURCE_STATE_DESTROYED, rp.RESOURCE_STATUS_DONE)
+
+    # Dependents went first: each destroy started after its dependent's destroy ended.
+    jobs = (await p.executor.ListJobs(ep.ListJobsRequest(workflow_id=w.id), metadata=p.md)).jobs
+    destroys = {j.correlation.step_id: j for j in jobs if j.action == ep.JOB_ACTION_DESTROY}
+    order = [destroys[steps[k].id] for k in ("tail", "app", "network")]
+    assert all(a.end_time.ToDatetime() <= b.start_time.ToDatetime() for a, b in zip(order, order[1:]))
+    assert {j.id for j in order} == {s.teardown_job_id for s in torn.steps}
+
+    again = await rpc_error(p.workflow.TeardownWorkflow(wp.TeardownWorkflowRequest(id=w.id), metadata=p.admin))
+    assert again.code() == grpc.StatusCode.FAILED_PRECONDITION
+    rerun = await rpc_error(p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md))
+    assert rerun.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert not (await p.workflow.PreviewWorkflowTeardown(wp.PreviewWorkflowTeardownRequest(id=w.id),
+                                                         metadata=p.md)).steps

@@ -5,8 +5,8 @@ from services.executor.domain.model import (Redactor, integration_env, plan_summ
                                             valid_state_path)
 from services.resource.domain.model import (DependencyConfig, DependencyTag, Resource, can_move,
                                             default_storage_path, inherited, type_problem)
-from services.workflow.domain.model import DONE, IN_PROGRESS, PENDING, Step, WiringRule, Workflow, ready_steps, \
-    resolve_variables
+from services.workflow.domain.model import (DONE, IN_PROGRESS, PENDING, Step, WiringRule, Workflow, ready_steps,
+                                            resolve_variables, teardown_order, teardown_ready)
 
 
 def test_redactor_hides_every_secret_longest_first():
@@ -82,3 +82,26 @@ def test_variable_precedence_and_ready_queue():
     w.max_parallel_steps = 2
     assert [s.id for s in ready_steps(w, [vpc, eks, rds, slow, leaf])] == ["s3"]
     assert rds.status == PENDING
+
+
+def test_teardown_goes_in_reverse_dependency_order():
+    vpc = Step("s1", "w", "vpc", "VPC", 0, resource_id="r1")
+    eks = Step("s2", "w", "eks", "EKS", 1, depends_on=["s1"], resource_id="r2")
+    rds = Step("s3", "w", "rds", "RDS", 1, depends_on=["s1"], resource_id="r3")
+    app = Step("s4", "w", "app", "APP", 2, depends_on=["s2", "s3"], resource_id="r4")
+    order = teardown_order([vpc, eks, rds, app])
+    assert [(i.step.id, i.level) for i in order] == [("s4", 0), ("s2", 1), ("s3", 1), ("s1", 2)]
+    assert [d.id for d in order[-1].blocked_by] == ["s2", "s3"]
+    # Without the app (destroyed already), EKS and RDS have no dependents left.
+    assert [(i.step.id, i.level) for i in teardown_order([vpc, eks, rds])] == [("s2", 0), ("s3", 0), ("s1", 1)]
+
+    w = Workflow("w", "b", 1)
+    for s in (vpc, eks, rds, app):
+        s.teardown_status = PENDING
+    assert [s.id for s in teardown_ready(w, [vpc, eks, rds, app])] == ["s4"]
+    app.teardown_status = DONE
+    eks.teardown_status = IN_PROGRESS
+    # The VPC waits for both of its dependents; RDS need not wait for EKS.
+    assert [s.id for s in teardown_ready(w, [vpc, eks, rds, app])] == ["s3"]
+    w.max_parallel_steps = 1
+    assert teardown_ready(w, [vpc, eks, rds, app]) == []

@@ -85,6 +85,29 @@ class Remote:
                                                      rp.ProvisionResourceRequest(id=resource_id), user=user,
                                                      role=Role.WRITE))
 
+    async def destroy(self, user: str, resource_id: str) -> ResourceInfo:
+        return resource_info(await self.clients.call("resource", self.resource.DestroyResource,
+                                                     rp.DestroyResourceRequest(id=resource_id), user=user,
+                                                     role=Role.ADMIN))
+
+    async def find_resource(self, resource_id: str) -> ResourceInfo | None:
+        """The resource, or None when it no longer exists."""
+        try:
+            return await self.get_resource(resource_id)
+        except RemoteError as err:
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    async def children(self, resource_id: str) -> list[ResourceInfo]:
+        found, token = [], ""
+        while True:
+            page = await self.clients.call("resource", self.resource.ListResources, rp.ListResourcesRequest(
+                parent_id=resource_id, page_size=200, page_token=token))
+            found += [resource_info(r) for r in page.resources]
+            if not (token := page.next_page_token):
+                return found
+
     async def get_resource(self, resource_id: str) -> ResourceInfo:
         return resource_info(await self.clients.call("resource", self.resource.GetResource,
                                                      rp.GetResourceRequest(id=resource_id)))

@@ -12,9 +12,23 @@ from services.workflow.domain.model import Step, WiringRule, Workflow
 
 _STEP_DATA = ("template_name", "depends_on", "source_code_version_id", "defaults", "overrides",
               "resolved_variables", "sensitive_variables", "parent_template_ids", "parent_resource_ids", "outputs",
-              "sensitive_outputs")
+              "sensitive_outputs", "teardown_status", "teardown_error_message", "teardown_job_id",
+              "teardown_start_time")
 _SPEC = ("variable_overrides", "version_overrides", "parent_overrides", "integration_ids", "secret_ids",
-         "storage_id", "max_parallel_steps")
+         "storage_id", "max_parallel_steps", "teardown_error_message", "torn_down_by", "teardown_start_time",
+         "teardown_completion_time")
+
+
+def _to_json(name: str, value):
+    """Timestamps kept in the JSON columns are ISO 8601 strings."""
+    if name.endswith("_time"):
+        return value.isoformat() if value is not None else None
+    return value
+
+
+def _from_json(values: dict) -> dict:
+    return {k: (_aware(dt.datetime.fromisoformat(v)) if k.endswith("_time") and v else v)
+            for k, v in values.items()}
 
 
 def _aware(moment):
@@ -29,22 +43,22 @@ class WorkflowRepository:
 
     @staticmethod
     def _row(w: Workflow) -> dict:
-        spec = {k: getattr(w, k) for k in _SPEC}
+        spec = {k: _to_json(k, getattr(w, k)) for k in _SPEC}
         spec["wiring"] = [vars(r) for r in w.wiring]
         return dict(id=w.id, blueprint_id=w.blueprint_id, blueprint_revision=w.blueprint_revision, status=w.status,
                     error_message=w.error_message, spec=spec, creator=w.creator, executor=w.executor,
                     create_time=w.create_time, start_time=w.start_time, completion_time=w.completion_time,
-                    update_time=w.update_time, version=w.version)
+                    update_time=w.update_time, version=w.version, teardown_status=w.teardown_status)
 
     @staticmethod
     def _workflow(r) -> Workflow:
-        spec = dict(r.spec)
+        spec = _from_json(r.spec)
         wiring = [WiringRule(**x) for x in spec.pop("wiring")]
         return Workflow(id=r.id, blueprint_id=r.blueprint_id, blueprint_revision=r.blueprint_revision,
                         status=r.status, error_message=r.error_message, wiring=wiring, creator=r.creator,
                         executor=r.executor, create_time=_aware(r.create_time), start_time=_aware(r.start_time),
                         completion_time=_aware(r.completion_time), update_time=_aware(r.update_time),
-                        version=r.version, **spec)
+                        version=r.version, teardown_status=r.teardown_status, **spec)
 
     async def add(self, w: Workflow) -> None:
         await self.s.execute(sa.insert(workflows).values(**self._row(w)))
@@ -62,8 +76,9 @@ class WorkflowRepository:
         return [self._workflow(r) for r in await self.s.execute(q)]
 
     async def in_progress(self) -> list[Workflow]:
-        return [self._workflow(r) for r in await self.s.execute(
-            sa.select(workflows).where(workflows.c.status == "in_progress"))]
+        """Workflows executing or being torn down."""
+        return [self._workflow(r) for r in await self.s.execute(sa.select(workflows).where(
+            sa.or_(workflows.c.status == "in_progress", workflows.c.teardown_status == "in_progress")))]
 
     async def update(self, w: Workflow, read_version: int) -> None:
         values = self._row(w)
@@ -87,7 +102,7 @@ class StepRepository:
     def _row(st: Step) -> dict:
         return dict(id=st.id, workflow_id=st.workflow_id, template_id=st.template_id, position=st.position,
                     status=st.status, error_message=st.error_message, waiting_reason=st.waiting_reason,
-                    resource_id=st.resource_id, job_id=st.job_id, data={k: getattr(st, k) for k in _STEP_DATA},
+                    resource_id=st.resource_id, job_id=st.job_id, data={k: _to_json(k, getattr(st, k)) for k in _STEP_DATA},
                     start_time=st.start_time, completion_time=st.completion_time, version=st.version)
 
     @staticmethod
@@ -95,7 +110,7 @@ class StepRepository:
         return Step(id=r.id, workflow_id=r.workflow_id, template_id=r.template_id, position=r.position,
                     status=r.status, error_message=r.error_message, waiting_reason=r.waiting_reason,
                     resource_id=r.resource_id, job_id=r.job_id, start_time=_aware(r.start_time),
-                    completion_time=_aware(r.completion_time), version=r.version, **dict(r.data))
+                    completion_time=_aware(r.completion_time), version=r.version, **_from_json(r.data))
 
     async def add(self, st: Step) -> None:
         await self.s.execute(sa.insert(steps).values(**self._row(st)))

@@ -23,6 +23,8 @@ workflows = sa.Table(
     sa.Column("completion_time", TS, nullable=True),
     sa.Column("update_time", TS, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
+    # A column (not in spec) so the reconciler finds teardowns under way.
+    sa.Column("teardown_status", sa.String(16), nullable=False, server_default=""),
 )
 
 steps = sa.Table(

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from infrakitchen.workflow.v1 import workflow_pb2 as pb
 from services.common.values import from_struct, to_struct, to_timestamp
-from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow, masked
+from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, TeardownItem, Workflow, masked
 
 STATUS = {pb.WORKFLOW_STATUS_PENDING: PENDING, pb.WORKFLOW_STATUS_IN_PROGRESS: IN_PROGRESS,
           pb.WORKFLOW_STATUS_DONE: DONE, pb.WORKFLOW_STATUS_ERROR: ERROR}
 STATUS_PB = {v: k for k, v in STATUS.items()}
 STEP_STATUS_PB = {PENDING: pb.STEP_STATUS_PENDING, IN_PROGRESS: pb.STEP_STATUS_IN_PROGRESS,
                   DONE: pb.STEP_STATUS_DONE, ERROR: pb.STEP_STATUS_ERROR}
+TEARDOWN_STATUS_PB = {"": pb.TEARDOWN_STATUS_UNSPECIFIED, PENDING: pb.TEARDOWN_STATUS_PENDING,
+                      IN_PROGRESS: pb.TEARDOWN_STATUS_IN_PROGRESS, DONE: pb.TEARDOWN_STATUS_DONE,
+                      ERROR: pb.TEARDOWN_STATUS_ERROR}
 
 
 def overrides_from_pb(request: pb.CreateWorkflowRequest):
@@ -31,7 +34,8 @@ def step_to_pb(st: Step, w: Workflow) -> pb.Step:
         parent_resource_ids=st.parent_resource_ids, integration_ids=w.integration_ids, secret_ids=w.secret_ids,
         source_code_version_id=st.source_code_version_id, storage_id=w.storage_id,
         depends_on_step_ids=st.depends_on, job_id=st.job_id, start_time=to_timestamp(st.start_time),
-        completion_time=to_timestamp(st.completion_time))
+        completion_time=to_timestamp(st.completion_time), teardown_status=TEARDOWN_STATUS_PB[st.teardown_status],
+        teardown_error_message=st.teardown_error_message, teardown_job_id=st.teardown_job_id)
 
 
 def workflow_to_pb(w: Workflow, steps: list[Step]) -> pb.Workflow:
@@ -50,4 +54,15 @@ def workflow_to_pb(w: Workflow, steps: list[Step]) -> pb.Workflow:
         integration_ids=w.integration_ids, secret_ids=w.secret_ids, storage_id=w.storage_id,
         max_parallel_steps=w.max_parallel_steps, creator=w.creator, create_time=to_timestamp(w.create_time),
         start_time=to_timestamp(w.start_time), completion_time=to_timestamp(w.completion_time),
-        update_time=to_timestamp(w.update_time), etag=w.etag)
+        update_time=to_timestamp(w.update_time), etag=w.etag,
+        teardown_status=TEARDOWN_STATUS_PB[w.teardown_status], teardown_error_message=w.teardown_error_message,
+        teardown_start_time=to_timestamp(w.teardown_start_time),
+        teardown_completion_time=to_timestamp(w.teardown_completion_time))
+
+
+def teardown_to_pb(items: list[TeardownItem], external: dict[str, list[str]]) -> pb.PreviewWorkflowTeardownResponse:
+    return pb.PreviewWorkflowTeardownResponse(steps=[pb.TeardownStep(
+        resource_id=i.step.resource_id, template_id=i.step.template_id, level=i.level,
+        blocked_by_resource_ids=[d.resource_id for d in i.blocked_by], step_id=i.step.id,
+        template_name=i.step.template_name, external_dependent_resource_ids=external.get(i.step.id, []))
+        for i in items])

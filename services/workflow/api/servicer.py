@@ -56,8 +56,20 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
             await uow.commit()
         return empty_pb2.Empty()
 
+    async def PreviewWorkflowTeardown(self, request, context):
+        async with self.uow() as uow:
+            items, external = await self.workflows.preview_teardown(uow, request.id)
+        return convert.teardown_to_pb(items, external)
+
+    async def TeardownWorkflow(self, request, context):
+        async with self.uow() as uow:
+            await self.workflows.teardown(uow, current_principal(), request.id)
+            await uow.commit()
+        return await self._read(request.id)
+
     async def WatchWorkflow(self, request, context):
-        """Every change of the workflow or its steps, until it has ended."""
+        """Every change of the workflow or its steps, until it has ended (and
+        a teardown under way has ended too)."""
         last = None
         while True:
             current = await self._read(request.id)
@@ -65,7 +77,8 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
             if snapshot != last:
                 last = snapshot
                 yield pb.WatchWorkflowResponse(workflow=current)
-            if current.status in (pb.WORKFLOW_STATUS_DONE, pb.WORKFLOW_STATUS_ERROR):
+            if current.status in (pb.WORKFLOW_STATUS_DONE, pb.WORKFLOW_STATUS_ERROR) \
+                    and current.teardown_status != pb.TEARDOWN_STATUS_IN_PROGRESS:
                 return
             await asyncio.sleep(WATCH_POLL_SECONDS)
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from infrakitchen.executor.v1 import executor_pb2
 from infrakitchen.resource.v1 import resource_pb2
 from services.common.consumer import ConsumerSpec
 from services.common.events import Envelope, body_of
 from services.common.values import from_value
+
+_JOB_ENDED_BADLY = ("job_failed", "job_cancelled", "job_timed_out")
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +25,24 @@ def consumers(runtime) -> list[ConsumerSpec]:
     async def on_job(uow, env: Envelope) -> None:
         kind, body = body_of(env)
         step_id = body.correlation.step_id
-        if not step_id or body.action != executor_pb2.JOB_ACTION_APPLY:
+        if not step_id:
             return
         actor = env.actor or "system:executor"
+        if body.action == executor_pb2.JOB_ACTION_DESTROY:  # a teardown destroying the step's resource
+            if kind == "job_succeeded":
+                await workflows.teardown_step_done(step_id, body.job_id, actor, uow=uow)
+            elif kind in _JOB_ENDED_BADLY:
+                await workflows.teardown_step_failed(step_id, body.error_message or f"the job ended {kind[4:]}",
+                                                     actor, job_id=body.job_id, uow=uow)
+            return
+        if body.action != executor_pb2.JOB_ACTION_APPLY:
+            return
         if kind == "job_succeeded":
             await workflows.step_succeeded(
                 step_id, body.correlation.resource_id, body.job_id,
                 {o.name: from_value(o.value) for o in body.outputs},
                 [o.name for o in body.outputs if o.sensitive], actor, uow=uow)
-        elif kind in ("job_failed", "job_cancelled", "job_timed_out"):
+        elif kind in _JOB_ENDED_BADLY:
             await workflows.step_failed(step_id, body.error_message or f"the job ended {kind[4:]}", actor, uow=uow)
 
     async def on_resource(uow, env: Envelope) -> None:
@@ -38,24 +50,44 @@ def consumers(runtime) -> list[ConsumerSpec]:
         step_id = env.correlation.step_id
         if not step_id or kind != "resource_status_changed":
             return
+        st = await uow.steps.get(step_id)
+        if st is None:
+            return
+        if st.teardown_status == "in_progress":
+            await on_teardown_resource(uow, st, body, env.actor)
+            return
         if body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING:
-            reason = f"resource {body.resource_id} waits for an owner's approval"
-            st = await uow.steps.get(step_id)
-            if st is not None and st.status == "in_progress" and st.waiting_reason != reason:
-                from dataclasses import replace
-                waiting = replace(st, waiting_reason=reason, resource_id=body.resource_id, version=st.version + 1)
-                if await uow.steps.update(waiting, st.version):
-                    await workflows._step_event(uow, "step_waiting", waiting, env.actor)
+            await wait(uow, st, f"resource {body.resource_id} waits for an owner's approval", env.actor,
+                       resource_id=body.resource_id)
         elif body.status == resource_pb2.RESOURCE_STATUS_REJECTED:
             await workflows.step_failed(step_id, f"the approval of resource {body.resource_id} was rejected",
                                         env.actor, uow=uow)
         elif body.status == resource_pb2.RESOURCE_STATUS_ERROR and not body.job_id:
             await workflows.step_failed(step_id, body.error_message or "the resource failed", env.actor, uow=uow)
         elif body.status in (resource_pb2.RESOURCE_STATUS_QUEUED, resource_pb2.RESOURCE_STATUS_IN_PROGRESS):
-            st = await uow.steps.get(step_id)
-            if st is not None and st.status == "in_progress" and st.waiting_reason:
-                from dataclasses import replace
+            if st.status == "in_progress" and st.waiting_reason:
                 await uow.steps.update(replace(st, waiting_reason="", version=st.version + 1), st.version)
+
+    async def on_teardown_resource(uow, st, body, actor: str) -> None:
+        if body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING:
+            await wait(uow, st, f"the destroy of resource {body.resource_id} waits for an owner's approval", actor)
+        elif (body.state, body.previous_state) == (resource_pb2.RESOURCE_STATE_PROVISIONED,
+                                                   resource_pb2.RESOURCE_STATE_DESTROY):
+            await workflows.teardown_step_failed(st.id, f"the destroy of resource {body.resource_id} was rejected "
+                                                        "or withdrawn", actor, uow=uow)
+        elif body.status == resource_pb2.RESOURCE_STATUS_ERROR and not body.job_id:
+            await workflows.teardown_step_failed(st.id, body.error_message or "the destroy failed", actor, uow=uow)
+        elif body.status in (resource_pb2.RESOURCE_STATUS_QUEUED, resource_pb2.RESOURCE_STATUS_IN_PROGRESS) \
+                and st.waiting_reason:
+            await uow.steps.update(replace(st, waiting_reason="", version=st.version + 1), st.version)
+
+    async def wait(uow, st, reason: str, actor: str, resource_id: str = "") -> None:
+        if "in_progress" not in (st.status, st.teardown_status) or st.waiting_reason == reason:
+            return
+        waiting = replace(st, waiting_reason=reason, resource_id=resource_id or st.resource_id,
+                          version=st.version + 1)
+        if await uow.steps.update(waiting, st.version):
+            await workflows._step_event(uow, "step_waiting", waiting, actor)
 
     return [
         ConsumerSpec(durable="workflow-job-events", context="executor", filter_subject="ik.executor.job.>",

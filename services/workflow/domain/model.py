@@ -42,6 +42,11 @@ class Step:
     sensitive_outputs: list[str] = field(default_factory=list)
     start_time: dt.datetime | None = None
     completion_time: dt.datetime | None = None
+    # The destroy of this step's resource during a teardown ("": not part of one).
+    teardown_status: str = ""
+    teardown_error_message: str = ""
+    teardown_job_id: str = ""
+    teardown_start_time: dt.datetime | None = None
     version: int = 1
 
 
@@ -66,6 +71,12 @@ class Workflow:
     start_time: dt.datetime | None = None
     completion_time: dt.datetime | None = None
     update_time: dt.datetime | None = None
+    # A teardown destroys the workflow's resources; status keeps describing the execution.
+    teardown_status: str = ""  # "": never torn down
+    teardown_error_message: str = ""
+    torn_down_by: str = ""
+    teardown_start_time: dt.datetime | None = None
+    teardown_completion_time: dt.datetime | None = None
     version: int = 1
 
     @property
@@ -105,3 +116,45 @@ def ready_steps(workflow: Workflow, steps: list[Step]) -> list[Step]:
 
 def masked(values: dict[str, Any], sensitive: list[str]) -> dict[str, Any]:
     return {k: (MASK if k in sensitive else v) for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class TeardownItem:
+    step: Step
+    level: int  # resources of one level may be destroyed at the same time
+    blocked_by: tuple[Step, ...]  # steps whose resources must be destroyed first
+
+
+def teardown_order(steps: list[Step]) -> list[TeardownItem]:
+    """The given steps (those whose resources still exist) in reverse
+    dependency order: a step's resource goes only after the resources of every
+    step that depends on it. Level 0 has no dependents among them."""
+    by_id = {s.id: s for s in steps}
+    dependents: dict[str, list[Step]] = {s.id: [] for s in steps}
+    for s in steps:
+        for d in s.depends_on:
+            if d in dependents:
+                dependents[d].append(s)
+    levels: dict[str, int] = {}
+
+    def level(step_id: str) -> int:
+        if step_id not in levels:
+            levels[step_id] = 1 + max((level(d.id) for d in dependents[step_id]), default=-1)
+        return levels[step_id]
+
+    items = [TeardownItem(s, level(s.id), tuple(sorted(dependents[s.id], key=lambda d: d.position)))
+             for s in by_id.values()]
+    return sorted(items, key=lambda i: (i.level, -i.step.position, i.step.template_name))
+
+
+def teardown_ready(workflow: Workflow, steps: list[Step]) -> list[Step]:
+    """Steps waiting in a teardown whose dependents' resources are all
+    destroyed, within the workflow's parallelism limit."""
+    in_teardown = {s.id: s for s in steps if s.teardown_status}
+    blocked = {d for s in in_teardown.values() if s.teardown_status != DONE for d in s.depends_on}
+    running = sum(1 for s in in_teardown.values() if s.teardown_status == IN_PROGRESS)
+    ready = sorted((s for s in in_teardown.values() if s.teardown_status == PENDING and s.id not in blocked),
+                   key=lambda s: (-s.position, s.template_name))
+    if workflow.max_parallel_steps > 0:
+        ready = ready[:max(0, workflow.max_parallel_steps - running)]
+    return ready
