@@ -306,3 +306,46 @@ async def test_teardown_destroys_dependents_first_and_waits_for_outside_dependen
     assert rerun.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert not (await p.workflow.PreviewWorkflowTeardown(wp.PreviewWorkflowTeardownRequest(id=w.id),
                                                          metadata=p.md)).steps
+
+
+async def test_with_the_approval_flow_a_teardown_waits_for_owners_and_a_rejection_fails_it(p):
+    blueprint = await p.blueprint_of("single", {"network": {"cidr": "10.0.0.0/16"}}, [])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    done = await run(p, w)
+    [step] = done.steps
+    await p.wait(step.resource_id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
+    await p.approval.UpdateApprovalFlow(ap.UpdateApprovalFlowRequest(enabled=True), metadata=p.admin)
+
+    async def known():
+        async with p.inner["resource"].runtime.uow() as uow:
+            return await uow.settings.get("approval_flow") is True
+    await eventually(known)
+
+    async def waiting_request():
+        got = await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=p.md)
+        requests = await p.approval.ListApprovalRequests(ap.ListApprovalRequestsRequest(
+            resource_id=step.resource_id, status=ap.APPROVAL_STATUS_PENDING), metadata=p.md)
+        return got.steps[0].waiting_reason and requests.approval_requests and (got, requests.approval_requests[0])
+
+    await p.workflow.TeardownWorkflow(wp.TeardownWorkflowRequest(id=w.id), metadata=p.admin)
+    got, request = await eventually(waiting_request, timeout=60)
+    assert "approval" in got.steps[0].waiting_reason
+    assert got.steps[0].teardown_status == wp.TEARDOWN_STATUS_IN_PROGRESS
+    assert request.operation == ap.APPROVAL_OPERATION_DESTROY
+    await p.approval.RejectRequest(ap.RejectRequestRequest(id=request.id, comment="not yet"), metadata=p.admin)
+    failed = await wait_teardown(p, w.id)
+    assert failed.teardown_status == wp.TEARDOWN_STATUS_ERROR and "rejected" in failed.teardown_error_message
+    assert failed.steps[0].teardown_status == wp.TEARDOWN_STATUS_ERROR
+    await p.wait(step.resource_id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
+    destroys = [j for j in (await p.executor.ListJobs(ep.ListJobsRequest(workflow_id=w.id), metadata=p.md)).jobs
+                if j.action == ep.JOB_ACTION_DESTROY]
+    assert not destroys
+
+    # Retried, and approved this time.
+    await p.workflow.TeardownWorkflow(wp.TeardownWorkflowRequest(id=w.id), metadata=p.admin)
+    _, request = await eventually(waiting_request, timeout=60)
+    await p.approval.ApproveRequest(ap.ApproveRequestRequest(id=request.id), metadata=p.md)
+    torn = await wait_teardown(p, w.id)
+    assert torn.teardown_status == wp.TEARDOWN_STATUS_DONE, torn.teardown_error_message
+    await p.wait(step.resource_id, rp.RESOURCE_STATE_DESTROYED, rp.RESOURCE_STATUS_DONE)
