@@ -199,6 +199,28 @@ def workflow_list(token: Optional[str] = typer.Option(None)) -> None:
     console.print(table)
 
 
+@workflow_app.command("teardown")
+def workflow_teardown(workflow_id: str,
+                      preview: bool = typer.Option(False, "--preview", help="Only show what would be destroyed."),
+                      watch: bool = typer.Option(True, help="Follow the destroys live until the teardown ends."),
+                      token: Optional[str] = typer.Option(None)) -> None:
+    """Destroys the workflow's resources, dependents first (needs an admin token)."""
+    client = Client(token)
+    plan = client(client.workflow.PreviewWorkflowTeardown, wp.PreviewWorkflowTeardownRequest(id=workflow_id))
+    table = Table("order", "step", "resource", "after", "outside dependents")
+    for s in plan.steps:
+        table.add_row(str(s.level), s.template_name, s.resource_id, ", ".join(s.blocked_by_resource_ids),
+                      Text(", ".join(s.external_dependent_resource_ids), style="red"))
+    console.print(table if plan.steps else "Nothing left to destroy.")
+    if preview:
+        return
+    w = client(client.workflow.TeardownWorkflow, wp.TeardownWorkflowRequest(id=workflow_id))
+    console.print(f"Teardown of workflow [bold]{w.id}[/bold] started.")
+    if watch:
+        w = _watch(client, w.id)
+        raise typer.Exit(0 if w.teardown_status == wp.TEARDOWN_STATUS_DONE else 1)
+
+
 @resource_app.command("logs")
 def resource_logs(resource_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
                   token: Optional[str] = typer.Option(None)) -> None:
@@ -239,6 +261,11 @@ def _tree(w: wp.Workflow, details: bool = False) -> Tree:
     root = Tree(Text.assemble(("workflow ", "bold"), (w.id, ""), ("  " + status, WORKFLOW_STYLE[w.status])))
     if w.error_message:
         root.add(Text(w.error_message, style="red"))
+    if w.teardown_status:
+        teardown = wp.TeardownStatus.Name(w.teardown_status).removeprefix("TEARDOWN_STATUS_").lower()
+        root.add(Text(f"teardown {teardown}", style="bold"))
+        if w.teardown_error_message:
+            root.add(Text(w.teardown_error_message, style="red"))
     for position in sorted({s.position for s in w.steps}):
         level = root.add(Text(f"position {position}", style="bold"))
         for s in sorted((s for s in w.steps if s.position == position), key=lambda s: s.template_name):
@@ -253,6 +280,11 @@ def _tree(w: wp.Workflow, details: bool = False) -> Tree:
                 node.add(Text(s.waiting_reason, style="yellow"))
             if s.error_message:
                 node.add(Text(s.error_message, style="red"))
+            if s.teardown_status:
+                teardown = wp.TeardownStatus.Name(s.teardown_status).removeprefix("TEARDOWN_STATUS_").lower()
+                node.add(Text(f"destroy {teardown}" + (f": {s.teardown_error_message}"
+                                                       if s.teardown_error_message else ""),
+                              style="red" if s.teardown_error_message else "dim"))
             if details and s.resolved_variables:
                 node.add(Text(json.dumps(dict(s.resolved_variables.items()), default=str), style="dim"))
     return root

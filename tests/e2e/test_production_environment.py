@@ -85,3 +85,21 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
     assert shown.returncode == 0 and "EKS Cluster" in shown.stdout and vpc_id in shown.stdout
     logs = ik(platform, tmp_path, "resource", "logs", vpc.resource_id, "--follow")
     assert logs.returncode == 0 and "Apply complete!" in logs.stdout
+
+    # Tear it down: EKS and RDS first (side by side), then the VPC.
+    preview = ik(platform, tmp_path, "workflow", "teardown", w.id, "--preview")
+    assert preview.returncode == 0 and all(name in preview.stdout for name in steps), preview.stdout
+    torn = ik(platform, tmp_path, "workflow", "teardown", w.id)
+    assert torn.returncode == 0, torn.stdout + torn.stderr
+    assert "teardown done" in torn.stdout
+    with grpc.insecure_channel(platform.target("resource")) as rc:
+        resources = resource_pb2_grpc.ResourceServiceStub(rc)
+        deadline = time.monotonic() + 20
+        while True:
+            got = {name: resources.GetResource(rp.GetResourceRequest(id=s.resource_id), metadata=md)
+                   for name, s in steps.items()}
+            if all(r.state == rp.RESOURCE_STATE_DESTROYED for r in got.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert all((r.state, r.status) == (rp.RESOURCE_STATE_DESTROYED, rp.RESOURCE_STATUS_DONE) and not r.outputs
+                   for r in got.values())
