@@ -8,6 +8,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from services.common.sqlite_driver import async_creator
+
 UTC_NOW = sa.func.now()
 
 
@@ -63,7 +65,7 @@ class Database:
         u = async_url(url)
         _ensure_sqlite_dir(u)
         self.is_postgres = u.get_backend_name() == "postgresql"
-        kwargs = {"pool_pre_ping": True} if self.is_postgres else {}
+        kwargs = {"pool_pre_ping": True} if self.is_postgres else {"async_creator": async_creator(u)}
         self.engine: AsyncEngine = create_async_engine(u, **kwargs)
         if not self.is_postgres:
             sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
