@@ -10,6 +10,7 @@ finds its parent's job finished) apply the job's outcome exactly once: only
 while the resource still waits for that very job."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -49,6 +50,10 @@ _OPERATION = {v: k for k, v in _OPERATION_PB.items()}
 
 class JobNotRecordedYet(Exception):
     """A job event arrived before the submitter stored the job id; retried."""
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _busy(r: Resource, action: str) -> FailedPrecondition:
@@ -144,7 +149,10 @@ class Lifecycle:
         violations: list[FieldViolation] = []
         if not r.name.strip():
             violations.append(FieldViolation("resource.name", "must not be empty"))
-        template = await self.remote.template(r.template_id) if r.template_id else None
+        # Both from the blueprint service, at once: they are on the way of every workflow step.
+        template, given_version = await asyncio.gather(
+            self.remote.template(r.template_id) if r.template_id else _nothing(),
+            self.remote.version(r.source_code_version_id) if r.source_code_version_id else _nothing())
         if template is None:
             violations.append(FieldViolation("resource.template_id", f"unknown template {r.template_id!r}"))
             raise InvalidArgument("invalid resource", violations)
@@ -154,8 +162,7 @@ class Lifecycle:
                 reason="TEMPLATE_DISABLED")
         version: VersionInfo | None = None
         if not template.abstract:
-            version = (await self.remote.version(r.source_code_version_id) if r.source_code_version_id
-                       else await self.remote.default_version(template.id))
+            version = given_version if r.source_code_version_id else await self.remote.default_version(template.id)
             if version is None or version.template_id != template.id:
                 violations.append(FieldViolation("resource.source_code_version_id",
                                                  "unknown source code version of this template"
@@ -374,7 +381,7 @@ class Lifecycle:
         queued = await self._save(uow, r, replace(r, state=state, status=QUEUED, pending_operation=operation,
                                                   job_request_id=request_id, last_job_id="", error_message=""),
                                   actor, action)
-        uow.after_commit(lambda: self.submit(queued.id, request_id, actor))
+        uow.after_commit(lambda: self.submit(queued.id, request_id, actor, queued))
         return queued
 
     def _submission(self, r: Resource, version: VersionInfo | None, action: str, request_id: str,
@@ -386,12 +393,15 @@ class Lifecycle:
             state_path=r.storage_path, resource_id=r.id, revision=r.revision, workflow_id=r.workflow_id,
             step_id=r.step_id, temporary_state_id=temporary_state_id or r.temporary_state_id, request_id=request_id)
 
-    async def submit(self, resource_id: str, request_id: str, actor: str) -> None:
+    async def submit(self, resource_id: str, request_id: str, actor: str, queued: Resource | None = None) -> None:
         """Submits the job of a queued resource (idempotent by request id) and
         records its id. On failure the resource shows the error instead of
-        staying queued."""
-        async with self.uow_factory() as uow:
-            r = await uow.resources.get(resource_id)
+        staying queued. `queued` is the resource as just committed, if the
+        caller has it."""
+        r = queued
+        if r is None:
+            async with self.uow_factory() as uow:
+                r = await uow.resources.get(resource_id)
         if r is None or r.job_request_id != request_id or r.last_job_id:
             return
         try:

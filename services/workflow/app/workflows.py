@@ -213,15 +213,22 @@ class Workflows:
             await self._step_event(uow, "step_started", running, actor)
             # Resources are created on behalf of whoever executed the workflow
             # (they own them), whatever event triggered this step.
-            uow.after_commit(lambda step_id=st.id, user=w.executor or w.creator: self.start_step(step_id, user))
+            uow.after_commit(lambda step=running, user=w.executor or w.creator, done=list(upstream.values()):
+                             self.start_step(step.id, user, loaded=(step, w, done)))
 
-    async def start_step(self, step_id: str, actor: str) -> None:
+    async def start_step(self, step_id: str, actor: str,
+                         loaded: tuple[Step, Workflow, list[Step]] | None = None) -> None:
         """Creates (idempotently) and provisions the step's resource. Failures
-        fail the step; the workflow goes to error."""
-        async with self.uow_factory() as uow:
-            st = await uow.steps.get(step_id)
-            w = await uow.workflows.get(st.workflow_id) if st else None
-            steps = await uow.steps.of(st.workflow_id) if st else []
+        fail the step; the workflow goes to error. `loaded` is (step,
+        workflow, done steps) as the scheduler just committed them, which
+        spares reading them again on the way to the step's job."""
+        if loaded is not None:
+            st, w, steps = loaded
+        else:
+            async with self.uow_factory() as uow:
+                st = await uow.steps.get(step_id)
+                w = await uow.workflows.get(st.workflow_id) if st else None
+                steps = await uow.steps.of(st.workflow_id) if st else []
         if st is None or w is None or st.status != IN_PROGRESS:
             return
         try:
