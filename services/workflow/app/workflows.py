@@ -20,8 +20,8 @@ from infrakitchen.events.v1 import events_pb2
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from services.common.auth import Principal
 from services.common.clients import RemoteError
-from services.common.errors import (DomainError, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
-                                    PreconditionViolation)
+from services.common.errors import (Aborted, DomainError, FailedPrecondition, FieldViolation, InvalidArgument,
+                                    NotFound, PreconditionViolation)
 from services.common.events import Correlation, new_event
 from services.common.paging import paginate
 from services.common.uow import utcnow
@@ -291,12 +291,8 @@ class Workflows:
 
     async def step_succeeded(self, step_id: str, resource_id: str, job_id: str, outputs: dict,
                              sensitive_outputs: list[str], actor: str, uow=None) -> None:
-        if uow is None:
-            async with self.uow_factory() as own:
-                if await self._succeed(own, step_id, resource_id, job_id, outputs, sensitive_outputs, actor):
-                    await own.commit()
-            return
-        await self._succeed(uow, step_id, resource_id, job_id, outputs, sensitive_outputs, actor)
+        await self._in_uow(uow, lambda u: self._succeed(u, step_id, resource_id, job_id, outputs, sensitive_outputs,
+                                                        actor))
 
     async def _succeed(self, uow, step_id, resource_id, job_id, outputs, sensitive_outputs, actor) -> bool:
         st = await uow.steps.get(step_id)
@@ -312,12 +308,7 @@ class Workflows:
         return True
 
     async def step_failed(self, step_id: str, message: str, actor: str, uow=None) -> None:
-        if uow is None:
-            async with self.uow_factory() as own:
-                if await self._fail(own, step_id, message, actor):
-                    await own.commit()
-            return
-        await self._fail(uow, step_id, message, actor)
+        await self._in_uow(uow, lambda u: self._fail(u, step_id, message, actor))
 
     async def _fail(self, uow, step_id: str, message: str, actor: str) -> bool:
         """The step and the workflow go to error; steps not started stay
@@ -389,8 +380,8 @@ class Workflows:
             if (st.teardown_status, st.teardown_error_message) != (status, ""):
                 changed = replace(st, teardown_status=status, teardown_error_message="", version=st.version + 1)
                 if not await uow.steps.update(changed, st.version):
-                    raise FailedPrecondition(f"workflow {w.id} changed at the same moment", [PreconditionViolation(
-                        "CONCURRENT_CHANGE", f"workflows/{w.id}", "read it again and retry")])
+                    raise Aborted(f"workflow {w.id} changed at the same moment; read it again and retry",
+                                  reason="CONCURRENT_CHANGE")
         now = utcnow()
         started = replace(w, teardown_status=IN_PROGRESS, teardown_error_message="", torn_down_by=principal.user,
                           teardown_start_time=now, teardown_completion_time=None, update_time=now,
@@ -497,7 +488,9 @@ class Workflows:
         await self._in_uow(uow, apply)
 
     async def _in_uow(self, uow, apply) -> None:
-        """Runs `apply` in the caller's unit of work, or in one of its own that it commits."""
+        """Runs `apply` in the caller's unit of work (an event handler's,
+        committed with its inbox record), or in one of its own, committed when
+        `apply` changed something."""
         if uow is not None:
             await apply(uow)
             return
