@@ -483,3 +483,23 @@ async def test_a_dry_run_plans_without_changing_the_resource(p):
     # Provisioning afterwards runs the current code (not the dry run's plan).
     await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=net.id), metadata=p.md)
     await p.wait(net.id, PROVISIONED, DONE)
+
+
+async def test_a_parent_destroyed_right_after_its_childs_destroy_finished_is_not_refused(p):
+    team, region = await p.base()
+    net = await p.provisioned("network", "n", [team.id, region.id], variables={"cidr": "10.0.0.0/16"})
+    app = await p.provisioned("app", "a", [net.id], variables={"vpc_id": "vpc-1"})
+    # The resource service does not see the child's completion event yet.
+    for consumer, _ in p.inner["resource"].runtime.consumers:
+        if consumer.spec.durable == "resource-job-events":
+            consumer.stop()
+    started = await p.resource.DestroyResource(rp.DestroyResourceRequest(id=app.id), metadata=p.admin)
+    for _ in range(600):
+        job = await p.executor.GetJob(ep.GetJobRequest(id=started.last_job_id), metadata=p.md)
+        if job.status == ep.JOB_STATUS_SUCCEEDED:
+            break
+        await asyncio.sleep(0.1)
+    assert (await p.get(app.id)).state == rp.RESOURCE_STATE_DESTROY
+    parent = await p.resource.DestroyResource(rp.DestroyResourceRequest(id=net.id), metadata=p.admin)
+    assert parent.state == rp.RESOURCE_STATE_DESTROY
+    assert (await p.get(app.id)).state == rp.RESOURCE_STATE_DESTROYED

@@ -514,16 +514,24 @@ class Lifecycle:
             raise _busy(r, "destroy")
         if not (r.state == PROVISIONED or (r.state == DESTROY and r.status in (READY, ERROR, UNKNOWN))):
             raise _wrong_state(r, "destroy", "state provisioned")
-        await self._guard_dependents(uow, r)
+        await self._guard_dependents(uow, r, principal.user)
         if r.state == PROVISIONED:
             r = await self._save(uow, r, replace(r, state=DESTROY, status=READY, error_message=""), principal.user,
                                  "destroy_requested")
         return await self._start_or_ask(uow, principal, r, OP_DESTROY, "destroy")
 
-    async def _guard_dependents(self, uow, r: Resource) -> None:
+    async def _guard_dependents(self, uow, r: Resource, actor: str) -> None:
         """The product document's "Dependencies exist" error: every child not
-        destroyed is listed (id, name, state)."""
-        blocking = [c for c in await uow.resources.children(r.id) if c.state != DESTROYED]
+        destroyed is listed (id, name, state). A child whose destroy job may
+        have just finished is settled with the executor first, so a parent
+        destroyed right after its last child's completion event (a workflow
+        teardown does exactly that) is not refused (DESIGN §3)."""
+        blocking = []
+        for child in await uow.resources.children(r.id):
+            if child.state != DESTROYED:
+                child = await self.settle(uow, child, actor)
+            if child.state != DESTROYED:
+                blocking.append(child)
         if blocking:
             dependencies = [{"resource_id": c.id, "resource_name": c.name, "state": c.state} for c in blocking]
             raise FailedPrecondition(
