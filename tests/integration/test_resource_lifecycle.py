@@ -378,19 +378,27 @@ async def test_a_redelivered_completion_event_changes_nothing(p):
     assert len(revisions.revisions) == 1
 
 
-async def test_a_child_created_right_after_its_parents_job_finished_is_not_rejected(p):
-    # The resource service does not see the parent's completion event yet.
-    resource_rt = p.inner["resource"].runtime
-    for consumer, _ in resource_rt.consumers:
+def hold_back_job_events(p) -> None:
+    """From now on the resource service does not see the executor's job events."""
+    for consumer, _ in p.inner["resource"].runtime.consumers:
         if consumer.spec.durable == "resource-job-events":
             consumer.stop()
+
+
+async def job_succeeded(p, job_id: str) -> None:
+    for _ in range(600):
+        job = await p.executor.GetJob(ep.GetJobRequest(id=job_id), metadata=p.md)
+        if job.status == ep.JOB_STATUS_SUCCEEDED:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"job {job_id} is {ep.JobStatus.Name(job.status)}, not succeeded")
+
+
+async def test_a_child_created_right_after_its_parents_job_finished_is_not_rejected(p):
+    hold_back_job_events(p)
     net = await p.create("network", "n", variables={"cidr": "10.0.0.0/16"})
     started = await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=net.id), metadata=p.md)
-    for _ in range(600):
-        job = await p.executor.GetJob(ep.GetJobRequest(id=started.last_job_id), metadata=p.md)
-        if job.status == ep.JOB_STATUS_SUCCEEDED:
-            break
-        await asyncio.sleep(0.1)
+    await job_succeeded(p, started.last_job_id)
     assert (await p.get(net.id)).status in (QUEUED, IN_PROGRESS)
     child = await p.create("app", "a", parents=[net.id], variables={"vpc_id": "vpc-1"})
     assert child.state == PROVISION
@@ -489,16 +497,9 @@ async def test_a_parent_destroyed_right_after_its_childs_destroy_finished_is_not
     team, region = await p.base()
     net = await p.provisioned("network", "n", [team.id, region.id], variables={"cidr": "10.0.0.0/16"})
     app = await p.provisioned("app", "a", [net.id], variables={"vpc_id": "vpc-1"})
-    # The resource service does not see the child's completion event yet.
-    for consumer, _ in p.inner["resource"].runtime.consumers:
-        if consumer.spec.durable == "resource-job-events":
-            consumer.stop()
+    hold_back_job_events(p)
     started = await p.resource.DestroyResource(rp.DestroyResourceRequest(id=app.id), metadata=p.admin)
-    for _ in range(600):
-        job = await p.executor.GetJob(ep.GetJobRequest(id=started.last_job_id), metadata=p.md)
-        if job.status == ep.JOB_STATUS_SUCCEEDED:
-            break
-        await asyncio.sleep(0.1)
+    await job_succeeded(p, started.last_job_id)
     assert (await p.get(app.id)).state == rp.RESOURCE_STATE_DESTROY
     parent = await p.resource.DestroyResource(rp.DestroyResourceRequest(id=net.id), metadata=p.admin)
     assert parent.state == rp.RESOURCE_STATE_DESTROY
