@@ -102,7 +102,8 @@ class StepRepository:
     def _row(st: Step) -> dict:
         return dict(id=st.id, workflow_id=st.workflow_id, template_id=st.template_id, position=st.position,
                     status=st.status, error_message=st.error_message, waiting_reason=st.waiting_reason,
-                    resource_id=st.resource_id, job_id=st.job_id, data={k: _to_json(k, getattr(st, k)) for k in _STEP_DATA},
+                    resource_id=st.resource_id, job_id=st.job_id,
+                    data={k: _to_json(k, getattr(st, k)) for k in _STEP_DATA},
                     start_time=st.start_time, completion_time=st.completion_time, version=st.version)
 
     @staticmethod

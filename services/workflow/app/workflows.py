@@ -278,16 +278,21 @@ class Workflows:
                     await uow.commit()
                     return
 
-    async def step_waiting(self, step_id: str, reason: str, actor: str) -> None:
-        """A running step (or a step whose resource a teardown is destroying) waits, e.g. for an approval."""
-        async with self.uow_factory() as uow:
-            st = await uow.steps.get(step_id)
+    async def step_waiting(self, step_id: str, reason: str, actor: str, uow=None, resource_id: str = "") -> None:
+        """A running step (or one whose resource a teardown is destroying)
+        waits, e.g. for an approval; an empty reason says it moves again."""
+        async def apply(u) -> bool:
+            st = await u.steps.get(step_id)
             if st is None or IN_PROGRESS not in (st.status, st.teardown_status) or st.waiting_reason == reason:
-                return
-            waiting = replace(st, waiting_reason=reason, version=st.version + 1)
-            if await uow.steps.update(waiting, st.version):
-                await self._step_event(uow, "step_waiting", waiting, actor)
-                await uow.commit()
+                return False
+            changed = replace(st, waiting_reason=reason, resource_id=resource_id or st.resource_id,
+                              version=st.version + 1)
+            if not await u.steps.update(changed, st.version):
+                return False
+            if reason:
+                await self._step_event(u, "step_waiting", changed, actor)
+            return True
+        await self._in_uow(uow, apply)
 
     async def step_succeeded(self, step_id: str, resource_id: str, job_id: str, outputs: dict,
                              sensitive_outputs: list[str], actor: str, uow=None) -> None:

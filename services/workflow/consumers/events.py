@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 
 from infrakitchen.executor.v1 import executor_pb2
 from infrakitchen.resource.v1 import resource_pb2
@@ -53,41 +52,30 @@ def consumers(runtime) -> list[ConsumerSpec]:
         st = await uow.steps.get(step_id)
         if st is None:
             return
-        if st.teardown_status == "in_progress":
-            await on_teardown_resource(uow, st, body, env.actor)
-            return
-        if body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING:
-            await wait(uow, st, f"resource {body.resource_id} waits for an owner's approval", env.actor,
-                       resource_id=body.resource_id)
+        if body.status in (resource_pb2.RESOURCE_STATUS_QUEUED, resource_pb2.RESOURCE_STATUS_IN_PROGRESS):
+            await workflows.step_waiting(step_id, "", env.actor, uow=uow)  # its job runs: no longer waiting
+        elif st.teardown_status == "in_progress":
+            await on_teardown_resource(uow, step_id, body, env.actor)
+        elif body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING:
+            await workflows.step_waiting(step_id, f"resource {body.resource_id} waits for an owner's approval",
+                                         env.actor, uow=uow, resource_id=body.resource_id)
         elif body.status == resource_pb2.RESOURCE_STATUS_REJECTED:
             await workflows.step_failed(step_id, f"the approval of resource {body.resource_id} was rejected",
                                         env.actor, uow=uow)
         elif body.status == resource_pb2.RESOURCE_STATUS_ERROR and not body.job_id:
             await workflows.step_failed(step_id, body.error_message or "the resource failed", env.actor, uow=uow)
-        elif body.status in (resource_pb2.RESOURCE_STATUS_QUEUED, resource_pb2.RESOURCE_STATUS_IN_PROGRESS):
-            if st.status == "in_progress" and st.waiting_reason:
-                await uow.steps.update(replace(st, waiting_reason="", version=st.version + 1), st.version)
 
-    async def on_teardown_resource(uow, st, body, actor: str) -> None:
+    async def on_teardown_resource(uow, step_id: str, body, actor: str) -> None:
         if body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING:
-            await wait(uow, st, f"the destroy of resource {body.resource_id} waits for an owner's approval", actor)
+            await workflows.step_waiting(step_id, f"the destroy of resource {body.resource_id} waits for an "
+                                                  "owner's approval", actor, uow=uow)
         elif (body.state, body.previous_state) == (resource_pb2.RESOURCE_STATE_PROVISIONED,
                                                    resource_pb2.RESOURCE_STATE_DESTROY):
-            await workflows.teardown_step_failed(st.id, f"the destroy of resource {body.resource_id} was rejected "
-                                                        "or withdrawn", actor, uow=uow)
+            await workflows.teardown_step_failed(step_id, f"the destroy of resource {body.resource_id} was rejected "
+                                                          "or withdrawn", actor, uow=uow)
         elif body.status == resource_pb2.RESOURCE_STATUS_ERROR and not body.job_id:
-            await workflows.teardown_step_failed(st.id, body.error_message or "the destroy failed", actor, uow=uow)
-        elif body.status in (resource_pb2.RESOURCE_STATUS_QUEUED, resource_pb2.RESOURCE_STATUS_IN_PROGRESS) \
-                and st.waiting_reason:
-            await uow.steps.update(replace(st, waiting_reason="", version=st.version + 1), st.version)
-
-    async def wait(uow, st, reason: str, actor: str, resource_id: str = "") -> None:
-        if "in_progress" not in (st.status, st.teardown_status) or st.waiting_reason == reason:
-            return
-        waiting = replace(st, waiting_reason=reason, resource_id=resource_id or st.resource_id,
-                          version=st.version + 1)
-        if await uow.steps.update(waiting, st.version):
-            await workflows._step_event(uow, "step_waiting", waiting, actor)
+            await workflows.teardown_step_failed(step_id, body.error_message or "the destroy failed", actor,
+                                                 uow=uow)
 
     return [
         ConsumerSpec(durable="workflow-job-events", context="executor", filter_subject="ik.executor.job.>",
