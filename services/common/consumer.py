@@ -39,6 +39,9 @@ class ConsumerSpec:
     # Delay before the n-th redelivery after a handler error (last one repeats).
     retry_delays: list[float] = field(default_factory=lambda: [0.5, 1, 2, 5, 10, 30])
     batch: int = 32
+    # Events the handler ignores whatever the state: acked without opening a
+    # unit of work (no inbox row, no transaction). None: every event counts.
+    wants: Callable[[Envelope], bool] | None = None
 
 
 class EventConsumer:
@@ -101,6 +104,9 @@ class EventConsumer:
             envelope = Envelope.FromString(msg.data)
         except DecodeError as exc:
             await self._dead_letter(msg, f"not an Envelope: {exc}")
+            return
+        if self.spec.wants is not None and not self.spec.wants(envelope):
+            await msg.ack()
             return
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:

@@ -40,14 +40,20 @@ def _ensure_sqlite_dir(url: sa.URL) -> None:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _sqlite_pragmas(dbapi_conn, _record, busy_timeout_ms: int = 30000) -> None:
     # WAL lets readers run beside the single writer; busy_timeout makes
     # concurrent writers wait instead of failing with "database is locked".
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _async_sqlite_pragmas(dbapi_conn, record) -> None:
+    # The serving engine never waits inside SQLite: its driver queues writers
+    # on the event loop instead (services/common/sqlite_driver.py).
+    _sqlite_pragmas(dbapi_conn, record, busy_timeout_ms=0)
 
 
 def create_sync_engine(url: str) -> sa.Engine:
@@ -68,7 +74,7 @@ class Database:
         kwargs = {"pool_pre_ping": True} if self.is_postgres else {"async_creator": async_creator(u)}
         self.engine: AsyncEngine = create_async_engine(u, **kwargs)
         if not self.is_postgres:
-            sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.engine.sync_engine, "connect", _async_sqlite_pragmas)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> AsyncSession:

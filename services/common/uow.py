@@ -8,6 +8,8 @@ import datetime as dt
 from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.bus import Names
@@ -69,17 +71,13 @@ class UnitOfWork:
         self._emitted += 1
 
     async def already_processed(self, consumer: str, event_id: str) -> bool:
-        """Records the event as processed by `consumer` unless it already was.
-        A concurrent duplicate fails this transaction's commit on the primary
-        key, which the consumer treats as 'already processed'."""
-        seen = await self.session.scalar(
-            sa.select(sa.func.count()).select_from(self._inbox).where(
-                self._inbox.c.consumer == consumer, self._inbox.c.event_id == event_id))
-        if seen:
-            return True
-        await self.session.execute(sa.insert(self._inbox).values(
-            consumer=consumer, event_id=event_id, processed_at=utcnow()))
-        return False
+        """Records the event as processed by `consumer` unless it already was
+        (one statement: an insert that does nothing on a known id). A
+        concurrent duplicate waits for this transaction and then finds the id."""
+        insert = (pg_insert if self.db.is_postgres else sqlite_insert)(self._inbox)
+        result = await self.session.execute(insert.values(
+            consumer=consumer, event_id=event_id, processed_at=utcnow()).on_conflict_do_nothing())
+        return result.rowcount == 0
 
     async def find_request(self, scope: str, request_id: str) -> str | None:
         """The id of what an earlier create with this request_id made, if any."""

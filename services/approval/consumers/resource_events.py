@@ -27,7 +27,7 @@ async def on_resource_event(uow, env: Envelope) -> None:
         return
     if not kind.startswith("resource_"):
         return
-    if body.owners:
+    if body.owners and await uow.owners.get(body.resource_id) != list(body.owners):
         await uow.owners.set(body.resource_id, list(body.owners), utcnow())
     if (body.previous_status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING
             and body.status != resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING):

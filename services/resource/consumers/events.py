@@ -40,7 +40,8 @@ def consumers(runtime) -> list[ConsumerSpec]:
     return [
         # Short first retries: a job event can overtake the submitter recording the job id.
         ConsumerSpec(durable="resource-job-events", context="executor", filter_subject="ik.executor.job.>",
-                     handler=on_job, retry_delays=[0.2, 0.5, 1, 2, 5, 10]),
+                     handler=on_job, retry_delays=[0.2, 0.5, 1, 2, 5, 10],
+                     wants=lambda env: env.type != "ik.executor.job.queued"),
         ConsumerSpec(durable="resource-approval-events", context="approval", filter_subject="ik.approval.>",
                      handler=on_approval),
     ]

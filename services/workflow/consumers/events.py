@@ -14,6 +14,7 @@ from services.common.events import Envelope, body_of
 from services.common.values import from_value
 
 _JOB_ENDED_BADLY = ("job_failed", "job_cancelled", "job_timed_out")
+_JOB_ENDED = {f"ik.executor.job.{kind[4:]}" for kind in ("job_succeeded", *_JOB_ENDED_BADLY)}
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,12 @@ def consumers(runtime) -> list[ConsumerSpec]:
                                                  uow=uow)
 
     return [
+        # Only a job's end moves a step; queued and started change nothing here.
         ConsumerSpec(durable="workflow-job-events", context="executor", filter_subject="ik.executor.job.>",
-                     handler=on_job),
+                     handler=on_job, wants=lambda env: bool(env.correlation.step_id) and env.type in _JOB_ENDED),
         ConsumerSpec(durable="workflow-resource-events", context="resource",
-                     filter_subject="ik.resource.resource.status_changed", handler=on_resource),
+                     filter_subject="ik.resource.resource.status_changed", handler=on_resource,
+                     wants=lambda env: bool(env.correlation.step_id)),
     ]
 
 
