@@ -116,6 +116,22 @@ class EventBus:
             hdrs["Nats-Msg-Id"] = msg_id
         await self.js.publish(subject, payload, headers=hdrs or None)
 
+    async def publish_in_order(self, messages: list[tuple[str, bytes, str]], timeout: float = 5.0) -> None:
+        """Publishes (subject, payload, msg_id) messages in this order without
+        waiting for each ack before sending the next; returns once the streams
+        acked them all, raises if any was refused or unacked in time."""
+        assert self.js is not None
+        acks = []
+        try:
+            for subject, payload, msg_id in messages:
+                acks.append(await self.js.publish_async(subject, payload, headers={"Nats-Msg-Id": msg_id}))
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*acks)
+        finally:
+            for ack in acks:  # frees the client's slot of an ack that never came
+                if not ack.done():
+                    ack.cancel()
+
     async def delete_streams(self) -> None:
         """Removes every stream of this prefix (test clean-up)."""
         assert self.js is not None

@@ -12,6 +12,7 @@
 | IK_AUTH_SECRET           | generated into <data>/auth-secret| HMAC key of bearer tokens |
 | IK_LOG_LEVEL             | INFO                             | Python logging level |
 | IK_SHUTDOWN_GRACE        | 5                                | seconds in-flight calls get on SIGTERM |
+| IK_SQLITE_SYNCHRONOUS    | NORMAL                           | SQLite commit durability: NORMAL (no fsync per commit in WAL mode; a power cut may lose the last transactions) or FULL |
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class Settings:
     auth_secret: str = ""
     log_level: str = "INFO"
     shutdown_grace: float = 5.0
+    sqlite_synchronous: str = "NORMAL"
     # The whole environment the settings came from, for service-specific
     # variables (e.g. the executor's IK_EXECUTOR_*); not compared or printed.
     env: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -82,8 +84,15 @@ class Settings:
             auth_secret=env.get("IK_AUTH_SECRET") or load_or_create_secret(data_dir),
             log_level=env.get("IK_LOG_LEVEL", "INFO"),
             shutdown_grace=float(env.get("IK_SHUTDOWN_GRACE", "5")),
+            sqlite_synchronous=_sqlite_synchronous(env.get("IK_SQLITE_SYNCHRONOUS", "NORMAL")),
             env=env,
         )
+
+
+def _sqlite_synchronous(value: str) -> str:
+    if value.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ConfigError("IK_SQLITE_SYNCHRONOUS must be NORMAL or FULL (or OFF, EXTRA)")
+    return value.upper()
 
 
 def load_or_create_secret(data_dir: Path, name: str = "auth-secret", make=lambda: secrets.token_hex(32)) -> str:

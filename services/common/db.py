@@ -2,6 +2,7 @@
 PostgreSQL by URL. SQLAlchemy 2.0 async for serving, sync for migrations."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -40,20 +41,18 @@ def _ensure_sqlite_dir(url: sa.URL) -> None:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sqlite_pragmas(dbapi_conn, _record, busy_timeout_ms: int = 30000) -> None:
+SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def _sqlite_pragmas(dbapi_conn, _record, busy_timeout_ms: int = 30000, synchronous: str = "FULL") -> None:
     # WAL lets readers run beside the single writer; busy_timeout makes
     # concurrent writers wait instead of failing with "database is locked".
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+    cur.execute(f"PRAGMA synchronous={synchronous}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
-
-
-def _async_sqlite_pragmas(dbapi_conn, record) -> None:
-    # The serving engine never waits inside SQLite: its driver queues writers
-    # on the event loop instead (services/common/sqlite_driver.py).
-    _sqlite_pragmas(dbapi_conn, record, busy_timeout_ms=0)
 
 
 def create_sync_engine(url: str) -> sa.Engine:
@@ -66,7 +65,17 @@ def create_sync_engine(url: str) -> sa.Engine:
 
 
 class Database:
-    def __init__(self, url: str):
+    """The serving engine. On SQLite it never waits inside SQLite (its driver
+    queues writers on the event loop: services/common/sqlite_driver.py), and
+    commits with `sqlite_synchronous` (IK_SQLITE_SYNCHRONOUS): NORMAL, the
+    default, does not fsync at each commit in WAL mode; a process crash
+    loses nothing, a power cut may lose the last transactions (as NATS, which
+    syncs its file store every two minutes by default, may lose the last
+    messages). FULL fsyncs every commit, about a millisecond each here."""
+
+    def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL"):
+        if sqlite_synchronous.upper() not in SQLITE_SYNCHRONOUS:
+            raise ValueError(f"sqlite synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}")
         self.url = url
         u = async_url(url)
         _ensure_sqlite_dir(u)
@@ -74,7 +83,8 @@ class Database:
         kwargs = {"pool_pre_ping": True} if self.is_postgres else {"async_creator": async_creator(u)}
         self.engine: AsyncEngine = create_async_engine(u, **kwargs)
         if not self.is_postgres:
-            sa.event.listen(self.engine.sync_engine, "connect", _async_sqlite_pragmas)
+            sa.event.listen(self.engine.sync_engine, "connect", functools.partial(
+                _sqlite_pragmas, busy_timeout_ms=0, synchronous=sqlite_synchronous.upper()))
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> AsyncSession:

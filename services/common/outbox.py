@@ -1,6 +1,16 @@
 """The outbox relay: publishes committed outbox rows to JetStream, in order,
 each with Nats-Msg-Id = event id, and deletes them once the stream acked.
 
+Two ways in, one task doing the publishing (so order is kept):
+- the fast path: a unit of work that committed rows hands them over at once
+  (`notify(rows)`), and the relay publishes them from memory without reading
+  the table first; this is the way of every event on a step dispatch;
+- the table: at start, after any publishing failure and every poll interval
+  the relay reads the table in `seq` order, which covers rows of a crashed
+  process, of another process sharing the database, and failures.
+The fast path is used only while the table holds nothing older (after a
+drained read), so an event never overtakes an older one waiting there.
+
 A crash between the publish and the delete publishes the row again after a
 restart; the stream's duplicate window drops the copy, and consumers' inboxes
 drop it after the window. On PostgreSQL several relays share the table with
@@ -9,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
+from collections.abc import Iterable
 
 import sqlalchemy as sa
 
@@ -16,6 +28,9 @@ from services.common.bus import EventBus
 from services.common.db import Database
 
 log = logging.getLogger(__name__)
+
+# (event id, prefixed subject, payload)
+OutboxRow = tuple[str, str, bytes]
 
 
 class OutboxRelay:
@@ -28,43 +43,66 @@ class OutboxRelay:
         self.poll_interval = poll_interval
         self._wake = asyncio.Event()
         self._stopping = False
+        self._ready: OrderedDict[str, OutboxRow] = OrderedDict()
+        self._table_drained = False  # nothing older than the fast-path rows waits in the table
 
     def stop(self) -> None:
         """Finish the batch under way, then return from run()."""
         self._stopping = True
         self._wake.set()
 
-    def notify(self) -> None:
-        """Called after a commit that wrote outbox rows: relay now, not at the next poll."""
+    def notify(self, rows: Iterable[OutboxRow] = ()) -> None:
+        """Called after a commit that wrote outbox rows: relay now, not at the
+        next poll, and without reading back what the caller just wrote."""
+        for row in rows:
+            self._ready[row[0]] = row
         self._wake.set()
 
     async def relay_once(self) -> int:
-        """Publishes one batch; returns how many rows it published."""
+        """Publishes one batch read from the table; returns how many rows it published."""
         async with self.db.session() as session, session.begin():
             query = sa.select(self.outbox.c.seq, self.outbox.c.event_id, self.outbox.c.subject,
                               self.outbox.c.payload).order_by(self.outbox.c.seq).limit(self.batch_size)
             if self.db.is_postgres:
                 query = query.with_for_update(skip_locked=True)
             rows = (await session.execute(query)).all()
-            for row in rows:
-                await self.bus.publish(row.subject, row.payload, msg_id=row.event_id)
             if rows:
+                await self.bus.publish_in_order([(row.subject, row.payload, row.event_id) for row in rows])
                 await session.execute(sa.delete(self.outbox).where(
                     self.outbox.c.seq.in_([row.seq for row in rows])))
+            for row in rows:
+                self._ready.pop(row.event_id, None)
             return len(rows)
+
+    async def _relay_ready(self) -> int:
+        """Publishes the rows handed over by commits, then deletes them."""
+        rows = list(self._ready.values())
+        await self.bus.publish_in_order([(subject, payload, event_id) for event_id, subject, payload in rows])
+        for event_id, _, _ in rows:
+            self._ready.pop(event_id, None)
+        async with self.db.session() as session, session.begin():
+            await session.execute(sa.delete(self.outbox).where(
+                self.outbox.c.event_id.in_([event_id for event_id, _, _ in rows])))
+        return len(rows)
 
     async def run(self) -> None:
         while not self._stopping:
             self._wake.clear()
             try:
-                published = await self.relay_once()
+                if self._ready and self._table_drained:
+                    published = 0
+                    await self._relay_ready()
+                else:
+                    published = await self.relay_once()
+                    self._table_drained = published < self.batch_size
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - NATS or DB hiccup: retry later
+            except Exception as exc:  # noqa: BLE001 - NATS or DB hiccup: retry from the table later
                 log.warning("outbox relay: %s; retrying", exc)
+                self._table_drained = False
                 published = 0
                 await asyncio.sleep(self.poll_interval)
-            if published == self.batch_size or self._stopping:
+            if published == self.batch_size or self._stopping or (self._ready and self._table_drained):
                 continue
             # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow
             # a cancellation that arrives as the event is set.

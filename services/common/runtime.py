@@ -66,7 +66,7 @@ class Runtime:
     def __init__(self, definition: ServiceDefinition, settings: Settings):
         self.definition = definition
         self.settings = settings
-        self.db = Database(settings.database_url)
+        self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         self.bus = EventBus(settings.nats_url, settings.event_prefix, client_name=f"ik-{definition.name}")
         md = definition.metadata
         if "outbox" not in md.tables:

@@ -27,13 +27,13 @@ class UnitOfWork:
     their repositories in `_open()`."""
 
     def __init__(self, db: Database, outbox: sa.Table, inbox: sa.Table, names: Names,
-                 on_commit: Callable[[], None] | None = None):
+                 on_commit: Callable[[list[tuple[str, str, bytes]]], None] | None = None):
         self.db = db
         self._outbox = outbox
         self._inbox = inbox
         self._names = names
         self._on_commit = on_commit
-        self._emitted = 0
+        self._emitted: list[tuple[str, str, bytes]] = []  # outbox rows of this transaction
         self._after_commit: list[Callable[[], Awaitable[None]]] = []
         self.session: AsyncSession
 
@@ -54,30 +54,25 @@ class UnitOfWork:
             await self.session.close()
 
     async def emit(self, envelope: Envelope) -> None:
-        await self.session.execute(sa.insert(self._outbox).values(
-            event_id=envelope.event_id,
-            subject=self._names.subject(envelope.type),
-            payload=envelope.SerializeToString(),
-            created_at=utcnow(),
-        ))
-        self._emitted += 1
+        await self.enqueue(envelope.type, envelope.SerializeToString(), envelope.event_id)
 
     async def enqueue(self, unprefixed_subject: str, payload: bytes, message_id: str) -> None:
-        """A non-event message (e.g. a job dispatch to a work queue), sent
+        """A message (an event, or e.g. a job dispatch to a work queue), sent
         through the outbox so it leaves only if this transaction commits."""
+        subject = self._names.subject(unprefixed_subject)
         await self.session.execute(sa.insert(self._outbox).values(
-            event_id=message_id, subject=self._names.subject(unprefixed_subject),
-            payload=payload, created_at=utcnow()))
-        self._emitted += 1
+            event_id=message_id, subject=subject, payload=payload, created_at=utcnow()))
+        self._emitted.append((message_id, subject, payload))
 
     async def already_processed(self, consumer: str, event_id: str) -> bool:
         """Records the event as processed by `consumer` unless it already was
         (one statement: an insert that does nothing on a known id). A
         concurrent duplicate waits for this transaction and then finds the id."""
         insert = (pg_insert if self.db.is_postgres else sqlite_insert)(self._inbox)
-        result = await self.session.execute(insert.values(
-            consumer=consumer, event_id=event_id, processed_at=utcnow()).on_conflict_do_nothing())
-        return result.rowcount == 0
+        inserted = await self.session.scalar(insert.values(
+            consumer=consumer, event_id=event_id, processed_at=utcnow()).on_conflict_do_nothing().returning(
+            self._inbox.c.event_id))
+        return inserted is None
 
     async def find_request(self, scope: str, request_id: str) -> str | None:
         """The id of what an earlier create with this request_id made, if any."""
@@ -101,14 +96,14 @@ class UnitOfWork:
 
     async def commit(self) -> None:
         await self.session.commit()
-        if self._emitted and self._on_commit is not None:
-            self._on_commit()
-        self._emitted = 0
+        emitted, self._emitted = self._emitted, []
+        if emitted and self._on_commit is not None:
+            self._on_commit(emitted)
         actions, self._after_commit = self._after_commit, []
         for action in actions:
             await action()
 
     async def rollback(self) -> None:
         await self.session.rollback()
-        self._emitted = 0
+        self._emitted = []
         self._after_commit = []

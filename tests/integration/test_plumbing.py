@@ -96,11 +96,12 @@ class CrashingBus:
     def __init__(self, bus: EventBus, survive: int):
         self.bus, self.left = bus, survive
 
-    async def publish(self, *args, **kwargs):
-        if self.left == 0:
-            raise RelayCrash()
-        self.left -= 1
-        await self.bus.publish(*args, **kwargs)
+    async def publish_in_order(self, messages):
+        for subject, payload, msg_id in messages:
+            if self.left == 0:
+                raise RelayCrash()
+            self.left -= 1
+            await self.bus.publish(subject, payload, msg_id=msg_id)
 
 
 async def run_consumer(p: Plumbing, spec: ConsumerSpec) -> asyncio.Task:
@@ -169,6 +170,39 @@ async def test_consumer_catches_up_after_restart_and_relay_loop_publishes_on_com
         await stop(consumer_task)
         await stop(relay_task)
     assert await p.applications() == {env.event_id: 1 for env in first + second}
+
+
+async def test_committed_rows_are_published_from_memory_after_older_rows_of_the_table(plumbing):
+    p = plumbing
+    left_over = await p.emit_jobs(3)  # rows a crashed process left behind
+    relay = OutboxRelay(p.db, outbox_table, p.bus, poll_interval=30)  # no poll during the test
+    table_reads = 0
+    read_table = relay.relay_once
+
+    async def counting_read():
+        nonlocal table_reads
+        table_reads += 1
+        return await read_table()
+    relay.relay_once = counting_read
+    relay_task = asyncio.create_task(relay.run())
+    reader = await p.bus.js.pull_subscribe(p.bus.names.subject("ik.executor.job.*"), durable="order-reader",
+                                           stream=p.bus.names.context_stream("executor"))
+    try:
+        new = []
+        for start in (3, 5):  # two commits through a unit of work wired to the relay
+            envs = [new_event("executor", "job_succeeded", events_pb2.JobChanged(job_id=f"job-{i}"))
+                    for i in range(start, start + 2)]
+            async with UnitOfWork(p.db, outbox_table, inbox_table, p.bus.names, on_commit=relay.notify) as uow:
+                for env in envs:
+                    await uow.emit(env)
+                await uow.commit()
+            new += envs
+            await eventually(lambda: p.outbox_empty())
+        got = [events_pb2.Envelope.FromString(m.data).event_id for m in await reader.fetch(7, timeout=5)]
+    finally:
+        await stop(relay_task)
+    assert got == [env.event_id for env in left_over + new], "published in commit order, the table's rows first"
+    assert table_reads == 1, "after the first read drained the table, commits are relayed without reading it"
 
 
 async def test_failed_handler_is_retried_and_its_changes_rolled_back(plumbing):

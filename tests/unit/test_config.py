@@ -32,6 +32,14 @@ def test_prefix_must_be_safe_for_subjects():
         Settings.from_env("workflow", {"IK_EVENT_PREFIX": "a.b>"})
 
 
+def test_sqlite_commit_durability_is_normal_unless_asked_for_more(tmp_path):
+    env = {"IK_DATA_DIR": str(tmp_path), "IK_AUTH_SECRET": "x"}
+    assert Settings.from_env("workflow", env).sqlite_synchronous == "NORMAL"
+    assert Settings.from_env("workflow", {**env, "IK_SQLITE_SYNCHRONOUS": "full"}).sqlite_synchronous == "FULL"
+    with pytest.raises(ConfigError):
+        Settings.from_env("workflow", {**env, "IK_SQLITE_SYNCHRONOUS": "sometimes"})
+
+
 def test_names_with_and_without_prefix():
     assert Names("").context_stream("executor") == "IK_EXECUTOR"
     assert Names("").subject("ik.executor.job.queued") == "ik.executor.job.queued"
