@@ -3,7 +3,8 @@ from pathlib import Path
 
 from services.common.clients import ServiceClients
 from services.common.runtime import ServiceDefinition, run_service
-from services.resource.adapters.remote import Remote
+from services.resource.adapters.catalog import CatalogFollower, follow
+from services.resource.adapters.remote import Remote, template_info, version_info
 from services.resource.adapters.tables import metadata
 from services.resource.adapters.uow import ResourceUnitOfWork
 from services.resource.api.servicer import register
@@ -13,8 +14,14 @@ from services.resource.consumers.events import consumers, reconciler
 
 def setup(runtime) -> None:
     runtime.clients = ServiceClients(runtime.settings, "resource")
-    cache = float(runtime.settings.env.get("IK_RESOURCE_CATALOG_CACHE_SECONDS", "5"))
-    runtime.lifecycle = Lifecycle(Remote(runtime.clients, cache), runtime.uow)
+    cache = float(runtime.settings.env.get("IK_RESOURCE_CATALOG_CACHE_SECONDS", "300"))
+    remote = Remote(runtime.clients, cache)
+    runtime.lifecycle = Lifecycle(remote, runtime.uow)
+    runtime.catalog = CatalogFollower(runtime.bus, remote.cache, template_info, version_info)
+
+
+def background(runtime) -> list:
+    return [reconciler(runtime), follow(runtime.catalog)]
 
 
 DEFINITION = ServiceDefinition(
@@ -25,7 +32,7 @@ DEFINITION = ServiceDefinition(
     uow_class=ResourceUnitOfWork,
     setup=setup,
     consumers=consumers,
-    background=lambda runtime: [reconciler(runtime)],
+    background=background,
 )
 
 if __name__ == "__main__":

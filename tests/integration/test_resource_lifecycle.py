@@ -504,3 +504,35 @@ async def test_a_parent_destroyed_right_after_its_childs_destroy_finished_is_not
     parent = await p.resource.DestroyResource(rp.DestroyResourceRequest(id=net.id), metadata=p.admin)
     assert parent.state == rp.RESOURCE_STATE_DESTROY
     assert (await p.get(app.id)).state == rp.RESOURCE_STATE_DESTROYED
+
+
+async def test_the_catalog_is_followed_through_blueprint_events(tmp_path, event_prefix, nats_url):
+    """With the catalog cache on (as the services run by default), templates and
+    versions come to the resource service in the blueprint service's events:
+    it creates resources while the blueprint service is down, and sees a
+    template disabled a moment after the change."""
+    from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
+    from tests.support.waiting import eventually
+    async with Platform(tmp_path, event_prefix, nats_url,
+                        extra_env={"IK_RESOURCE_CATALOG_CACHE_SECONDS": "300"}) as p:
+        versions = p.catalog.versions
+        await p.inner.stop("blueprint")
+        net = await p.create("network", "while-down", variables={"cidr": "10.0.0.0/16"},
+                             source_code_version_id=versions["network"])
+        assert net.state == PROVISION and net.source_code_version_id == versions["network"]
+
+        await p.restart("blueprint")
+        app = p.catalog.templates["app"]
+        await p.blueprint.UpdateTemplate(bp.UpdateTemplateRequest(template=bp.Template(id=app, enabled=False),
+                                                                  update_mask=["enabled"]), metadata=p.admin)
+
+        attempts = iter(range(1000))
+
+        async def refused_as_disabled() -> bool:
+            try:
+                await p.create("app", f"a{next(attempts)}", variables={"vpc_id": "v"},
+                               source_code_version_id=versions["app"])
+            except grpc.aio.AioRpcError as err:
+                return err.code() == grpc.StatusCode.FAILED_PRECONDITION and reason(err) == "TEMPLATE_DISABLED"
+            return False
+        await eventually(refused_as_disabled, timeout=5)

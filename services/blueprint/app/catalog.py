@@ -38,8 +38,9 @@ def _new_id() -> str:
 # --- templates -------------------------------------------------------------
 
 async def _template_event(uow, field: str, t: Template, actor: str) -> None:
+    from services.blueprint.api.convert import template_to_pb  # api owns proto conversion
     await uow.emit(new_event(SOURCE, field, events_pb2.TemplateChanged(
-        template_id=t.id, key=t.key, name=t.name, enabled=t.enabled), actor=actor))
+        template_id=t.id, key=t.key, name=t.name, enabled=t.enabled, template=template_to_pb(t)), actor=actor))
 
 
 async def _check_parents(uow, template_id: str, parent_ids: list[str], field: str) -> None:
@@ -146,9 +147,10 @@ def _check_configs(configs: list[VariableConfig], declared: set[str]) -> None:
 
 
 async def _version_event(uow, field: str, v: SourceCodeVersion, actor: str) -> None:
+    from services.blueprint.api.convert import version_to_pb  # api owns proto conversion
     await uow.emit(new_event(SOURCE, field, events_pb2.SourceCodeVersionChanged(
         source_code_version_id=v.id, template_id=v.template_id, repository_url=v.source.repository_url,
-        ref=v.source.ref, commit=v.commit), actor=actor))
+        ref=v.source.ref, commit=v.commit, source_code_version=version_to_pb(v)), actor=actor))
 
 
 async def create_source_code_version(uow, principal: Principal, read_module: ModuleReader, template_id: str,
@@ -208,6 +210,7 @@ async def update_source_code_version(uow, principal: Principal, id_: str, etag: 
     await uow.versions.update(updated, current.version)
     if updated.is_default and not current.is_default:
         await uow.versions.clear_default(updated.template_id, except_id=updated.id)
+    await _version_event(uow, "source_code_version_updated", updated, principal.user)
     return updated
 
 

@@ -2,7 +2,6 @@
 services, over gRPC. Everything returned is plain Python (domain-facing)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,7 @@ from services.common.auth import Role
 from services.common.clients import RemoteError, ServiceClients
 from services.common.errors import AlreadyExists
 from services.common.values import from_value, to_struct
+from services.resource.adapters.catalog import INTEGRATION_SECONDS, CatalogCache, revision_of
 from services.resource.domain.model import Output
 
 
@@ -104,31 +104,10 @@ class JobSubmission:
     correlation: dict = field(default_factory=dict)
 
 
-class _Cache:
-    """A few seconds of memory for catalog reads that every create and job
-    submission repeats (templates, source code versions, integrations)."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self._entries: dict[tuple, tuple[float, object]] = {}
-
-    async def get(self, key: tuple, load):
-        if self.seconds <= 0:
-            return await load()
-        now = time.monotonic()
-        hit = self._entries.get(key)
-        if hit is not None and now - hit[0] < self.seconds:
-            return hit[1]
-        value = await load()
-        if value is not None:
-            self._entries[key] = (now, value)
-        return value
-
-
 class Remote:
-    def __init__(self, clients: ServiceClients, cache_seconds: float = 5.0):
+    def __init__(self, clients: ServiceClients, cache_seconds: float = 300.0):
         self.clients = clients
-        self.cache = _Cache(cache_seconds)
+        self.cache = CatalogCache(cache_seconds)
         self.blueprint = blueprint_pb2_grpc.BlueprintServiceStub(clients.channel("blueprint"))
         self.executor = executor_pb2_grpc.ExecutorServiceStub(clients.channel("executor"))
         self.approval = approval_pb2_grpc.ApprovalServiceStub(clients.channel("approval"))
@@ -136,46 +115,47 @@ class Remote:
     async def template(self, id_: str) -> TemplateInfo | None:
         return await self.cache.get(("template", id_), lambda: self._template(id_))
 
-    async def _template(self, id_: str) -> TemplateInfo | None:
+    async def _template(self, id_: str) -> tuple[int, TemplateInfo | None]:
         try:
             t = await self.clients.call("blueprint", self.blueprint.GetTemplate, blueprint_pb2.GetTemplateRequest(id=id_))
         except RemoteError as err:
             if err.code == grpc.StatusCode.NOT_FOUND:
-                return None
+                return 0, None
             raise
-        return TemplateInfo(t.id, t.key, t.enabled, t.abstract, tuple(t.parent_template_ids))
+        return revision_of(t.etag), template_info(t)
 
     async def version(self, id_: str) -> VersionInfo | None:
         return await self.cache.get(("version", id_), lambda: self._version_of(id_))
 
-    async def _version_of(self, id_: str) -> VersionInfo | None:
+    async def _version_of(self, id_: str) -> tuple[int, VersionInfo | None]:
         try:
             v = await self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,
                                         blueprint_pb2.GetSourceCodeVersionRequest(id=id_))
         except RemoteError as err:
             if err.code == grpc.StatusCode.NOT_FOUND:
-                return None
+                return 0, None
             raise
-        return _version(v)
+        return revision_of(v.etag), version_info(v)
 
     async def default_version(self, template_id: str) -> VersionInfo | None:
         page = await self.clients.call("blueprint", self.blueprint.ListSourceCodeVersions,
                                        blueprint_pb2.ListSourceCodeVersionsRequest(template_id=template_id,
                                                                                    page_size=1000))
-        versions = [_version(v) for v in page.source_code_versions]
+        versions = [version_info(v) for v in page.source_code_versions]
         return next((v for v in versions if v.is_default), versions[-1] if versions else None)
 
     async def integration_exists(self, id_: str) -> bool:
-        return bool(await self.cache.get(("integration", id_), lambda: self._integration_exists(id_)))
+        return bool(await self.cache.get(("integration", id_), lambda: self._integration_exists(id_),
+                                         max_age=INTEGRATION_SECONDS))
 
-    async def _integration_exists(self, id_: str) -> bool:
+    async def _integration_exists(self, id_: str) -> tuple[int, bool | None]:
         try:
             await self.clients.call("executor", self.executor.GetIntegration,
                                     executor_pb2.GetIntegrationRequest(id=id_))
-            return True
+            return 0, True
         except RemoteError as err:
             if err.code == grpc.StatusCode.NOT_FOUND:
-                return False
+                return 0, None
             raise
 
     async def claim_state_path(self, storage_id: str, path: str, resource_id: str) -> None:
@@ -226,7 +206,11 @@ class Remote:
         return flow.enabled
 
 
-def _version(v) -> VersionInfo:
+def template_info(t) -> TemplateInfo:
+    return TemplateInfo(t.id, t.key, t.enabled, t.abstract, tuple(t.parent_template_ids))
+
+
+def version_info(v) -> VersionInfo:
     return VersionInfo(
         id=v.id, template_id=v.template_id, repository_url=v.source.repository_url, ref=v.source.ref,
         path=v.source.path, commit=v.commit, is_default=v.is_default,

@@ -1,0 +1,139 @@
+"""The resource service's copy of the catalog it reads on every create and
+job submission: templates and source code versions (owned by the blueprint
+service) and which integrations exist (owned by the executor).
+
+Templates and versions are kept current by the blueprint service's events,
+which carry the whole entity after each change: an ordered push consumer
+from the moment the service starts (no durable state, nothing written to the
+database) puts each one in the cache or forgets it. What was not seen since
+then is read through over gRPC on first use. Each entry remembers the
+revision it holds, so a late event never replaces a newer read, and a
+deleted entity is remembered as deleted for a while so a read that started
+before the delete does not bring it back. `max_age` bounds how long any
+entry is trusted, in case an event was ever missed (0 turns the cache off).
+
+Integration existence has no events; it is reused for at most a few seconds
+(the executor checks the integrations again when the job is submitted)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.js.api import DeliverPolicy
+
+from services.common.bus import EventBus
+from services.common.events import Envelope, body_of
+
+log = logging.getLogger(__name__)
+
+INTEGRATION_SECONDS = 5.0
+_GONE = object()  # a deleted entity, remembered as such
+
+
+def revision_of(etag: str) -> int:
+    """The blueprint service's etags are 'v<version>'."""
+    try:
+        return int(etag.lstrip("v"))
+    except ValueError:
+        return 0
+
+
+class CatalogCache:
+    def __init__(self, max_age: float):
+        self.max_age = max_age
+        self._entries: dict[tuple[str, str], tuple[float, int, Any]] = {}  # key -> (stored at, revision, value)
+
+    async def get(self, key: tuple[str, str], load: Callable[[], Awaitable[tuple[int, Any]]],
+                  max_age: float | None = None) -> Any:
+        """The cached value, or what `load` answers as (revision, value);
+        None for something that does not exist."""
+        limit = self.max_age if max_age is None else min(max_age, self.max_age)
+        if limit <= 0:
+            return (await load())[1]
+        hit = self._entries.get(key)
+        if hit is not None and time.monotonic() - hit[0] < limit:
+            return None if hit[2] is _GONE else hit[2]
+        revision, value = await load()
+        if value is not None:
+            self._store(key, revision, value)
+        return value
+
+    def put(self, key: tuple[str, str], revision: int, value: Any) -> None:
+        if self.max_age > 0:
+            self._store(key, revision, value)
+
+    def forget(self, key: tuple[str, str], revision: int) -> None:
+        if self.max_age > 0:
+            self._store(key, revision, _GONE)
+
+    def _store(self, key: tuple[str, str], revision: int, value: Any) -> None:
+        current = self._entries.get(key)
+        if current is not None and current[1] > revision:
+            return  # what we hold is newer
+        self._entries[key] = (time.monotonic(), revision, value)
+
+
+class CatalogFollower:
+    """Applies the blueprint service's template and version events to the cache."""
+
+    def __init__(self, bus: EventBus, cache: CatalogCache, template_info, version_info):
+        self.bus = bus
+        self.cache = cache
+        self.template_info = template_info  # pb.Template -> TemplateInfo
+        self.version_info = version_info  # pb.SourceCodeVersion -> VersionInfo
+        self._sub = None
+
+    async def start(self) -> None:
+        names = self.bus.names
+        self._sub = await self.bus.js.subscribe(
+            names.subject("ik.blueprint.>"), stream=names.context_stream("blueprint"), cb=self._on_message,
+            ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, idle_heartbeat=5.0)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection may be gone already
+                pass
+            self._sub = None
+
+    async def _on_message(self, msg) -> None:
+        try:
+            self.apply(Envelope.FromString(msg.data))
+        except Exception as exc:  # noqa: BLE001 - a bad event must not stop the follower; entries age out
+            log.warning("catalog event on %s not applied: %s", msg.subject, exc)
+
+    def apply(self, env: Envelope) -> None:
+        kind, body = body_of(env)
+        if kind in ("template_created", "template_updated") and body.HasField("template"):
+            self.cache.put(("template", body.template_id), revision_of(body.template.etag),
+                           self.template_info(body.template))
+        elif kind == "template_deleted":
+            self.cache.forget(("template", body.template_id), revision_of(body.template.etag) + 1)
+        elif kind in ("source_code_version_created", "source_code_version_updated") \
+                and body.HasField("source_code_version"):
+            self.cache.put(("version", body.source_code_version_id),
+                           revision_of(body.source_code_version.etag), self.version_info(body.source_code_version))
+        elif kind == "source_code_version_deleted":
+            self.cache.forget(("version", body.source_code_version_id),
+                              revision_of(body.source_code_version.etag) + 1)
+
+
+async def follow(follower: CatalogFollower) -> None:
+    """Background task: follows the catalog until cancelled."""
+    while True:
+        try:
+            await follower.start()
+            break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - NATS not ready: reads go through gRPC meanwhile
+            log.warning("cannot follow catalog events yet: %s", exc)
+            await asyncio.sleep(2)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await follower.stop()
