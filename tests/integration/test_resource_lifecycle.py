@@ -167,6 +167,11 @@ async def test_create_validation_checks(p):
     path = await rpc_error(p.create("network", "third", variables={"cidr": "10.4.0.0/16"},
                                     storage_path=first.storage_path))
     assert path.code() == grpc.StatusCode.ALREADY_EXISTS
+    escaping = await rpc_error(p.create("network", "fourth", variables={"cidr": "10.5.0.0/16"},
+                                        storage_path="../elsewhere"))
+    assert escaping.code() == grpc.StatusCode.INVALID_ARGUMENT and "resource.storage_path" in field_violations(escaping)
+    no_storage = await rpc_error(p.create("network", "fifth", variables={"cidr": "10.6.0.0/16"}, storage_id="ghost"))
+    assert field_violations(no_storage) == {"resource.storage_id": "unknown storage 'ghost'"}
     # Parents: must exist, be provisioned, and be of the template's parent templates.
     not_ready = await rpc_error(p.create("app", "a", parents=[first.id], variables={"vpc_id": "v"}))
     assert "not provisioned" in field_violations(not_ready)["resource.parent_ids[0]"]

@@ -12,7 +12,6 @@ from infrakitchen.blueprint.v1 import blueprint_pb2, blueprint_pb2_grpc
 from infrakitchen.executor.v1 import executor_pb2, executor_pb2_grpc
 from services.common.auth import Role
 from services.common.clients import RemoteError, ServiceClients
-from services.common.errors import AlreadyExists
 from services.common.values import from_value, to_struct
 from services.resource.adapters.catalog import INTEGRATION_SECONDS, CatalogCache, revision_of
 from services.resource.domain.model import Output
@@ -158,18 +157,17 @@ class Remote:
                 return 0, None
             raise
 
-    async def claim_state_path(self, storage_id: str, path: str, resource_id: str) -> None:
+    async def storage_exists(self, id_: str) -> bool:
+        return bool(await self.cache.get(("storage", id_), lambda: self._storage_exists(id_),
+                                         max_age=INTEGRATION_SECONDS))
+
+    async def _storage_exists(self, id_: str) -> tuple[int, bool | None]:
         try:
-            await self.clients.call("executor", self.executor.ClaimStatePath, executor_pb2.ClaimStatePathRequest(
-                storage_id=storage_id, state_path=path, resource_id=resource_id))
+            await self.clients.call("executor", self.executor.GetStorage, executor_pb2.GetStorageRequest(id=id_))
+            return 0, True
         except RemoteError as err:
-            if err.code == grpc.StatusCode.ALREADY_EXISTS:
-                raise AlreadyExists("storage path", path, f"storage path {path!r} is used by another resource") \
-                    from None
-            if err.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                from services.common.errors import InvalidArgument
-                raise InvalidArgument.of("resource.storage_id" if err.code == grpc.StatusCode.NOT_FOUND
-                                         else "resource.storage_path", err.details) from None
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                return 0, None
             raise
 
     async def release_state_path(self, storage_id: str, path: str, resource_id: str) -> None:

@@ -7,9 +7,10 @@ import datetime as dt
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.common.errors import Aborted
+from services.common.errors import AlreadyExists, Aborted
 from services.resource.adapters.tables import (audit_entries, resource_links, resource_revisions, resources,
                                                settings, temporary_states)
 from services.resource.domain.model import (AuditEntry, DependencyConfig, DependencyTag, Output, Resource, Revision,
@@ -65,7 +66,12 @@ class ResourceRepository:
         return Resource(**m)
 
     async def add(self, r: Resource) -> None:
-        await self.s.execute(sa.insert(resources).values(**self._row(r)))
+        try:
+            await self.s.execute(sa.insert(resources).values(**self._row(r)))
+        except IntegrityError:
+            # A create that raced another with the same name or storage path.
+            raise AlreadyExists("resource", r.name, f"a resource named {r.name!r} or with storage path "
+                                                    f"{r.storage_path!r} was created at the same moment") from None
         if r.parent_ids:
             await self.s.execute(sa.insert(resource_links), [dict(parent_id=p, child_id=r.id) for p in r.parent_ids])
 
@@ -83,6 +89,10 @@ class ResourceRepository:
         return bool(await self.s.scalar(sa.select(sa.func.count()).where(
             resources.c.template_id == template_id, resources.c.source_code_version_id == version_id,
             resources.c.name == name)))
+
+    async def storage_path_taken(self, storage_id: str, storage_path: str) -> bool:
+        return bool(await self.s.scalar(sa.select(sa.func.count()).where(
+            resources.c.storage_id == storage_id, resources.c.storage_path == storage_path)))
 
     async def of_template(self, template_id: str) -> list[Resource]:
         rows = await self.s.execute(sa.select(resources).where(resources.c.template_id == template_id))

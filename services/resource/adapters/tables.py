@@ -49,6 +49,9 @@ resources = sa.Table(
     sa.Column("version", sa.Integer, nullable=False),
     sa.UniqueConstraint("template_id", "source_code_version_id", "name", name="uq_resources_name"),
 )
+# Abstract resources have no storage path ('').
+sa.Index("uq_resources_storage_path", resources.c.storage_id, resources.c.storage_path, unique=True,
+         sqlite_where=resources.c.storage_path != "", postgresql_where=resources.c.storage_path != "")
 
 # Parent -> child links, for children lookups (the destroy guard, the tree).
 resource_links = sa.Table(

@@ -32,7 +32,8 @@ from services.resource.domain.model import (APPROVAL_PENDING, BUSY, DESTROY, PEN
                                             OP_DESTROY, OP_PROVISION, OP_UPDATE, PROVISION, PROVISIONED, QUEUED,
                                             READY, REJECTED, TS_APPROVAL_PENDING, TS_MERGED, TS_PENDING, TS_REJECTED,
                                             UNKNOWN, AuditEntry, Resource, Revision, TemporaryState, can_move,
-                                            default_storage_path, inherited, mask, type_problem)
+                                            default_storage_path, inherited, mask, type_problem,
+                                            valid_storage_path)
 
 log = logging.getLogger(__name__)
 
@@ -188,18 +189,25 @@ class Lifecycle:
             for i, iid in enumerate(r.integration_ids):
                 if not await self.remote.integration_exists(iid):
                     violations.append(FieldViolation(f"resource.integration_ids[{i}]", f"unknown integration {iid!r}"))
-        if violations:
-            raise InvalidArgument("invalid resource", violations)
-
-        now = utcnow()
-        resource_id = str(uuid.uuid4())
         storage_path = r.storage_path or ("" if template.abstract else default_storage_path(template.key, r.name))
         if not template.abstract:
-            await self.remote.claim_state_path(r.storage_id, storage_path, resource_id)
+            # (without a name there is no default path to judge; the name's violation says why)
+            if (r.storage_path or r.name.strip()) and not valid_storage_path(storage_path):
+                violations.append(FieldViolation("resource.storage_path", "must be a relative path of letters, "
+                                                 "digits, '.', '_', '-' and '/', without '..'"))
+            if r.storage_id and not await self.remote.storage_exists(r.storage_id):
+                violations.append(FieldViolation("resource.storage_id", f"unknown storage {r.storage_id!r}"))
+        if violations:
+            raise InvalidArgument("invalid resource", violations)
+        if storage_path and await uow.resources.storage_path_taken(r.storage_id, storage_path):
+            raise AlreadyExists("storage path", storage_path,
+                                f"storage path {storage_path!r} is used by another resource")
+
+        now = utcnow()
         flag = await self.approval_flow_on(uow)
         own_tags = {(t.name, t.value) for t in r.dependency_tags}
         created = replace(
-            r, id=resource_id, source_code_version_id=version_id, abstract=template.abstract,
+            r, id=str(uuid.uuid4()), source_code_version_id=version_id, abstract=template.abstract,
             variables=variables, sensitive_variables=sensitive, storage_path=storage_path,
             dependency_tags=list(r.dependency_tags) + [t for t in tags if (t.name, t.value) not in own_tags],
             dependency_configs=list(r.dependency_configs), revision=1, owners=[principal.user],
@@ -207,15 +215,21 @@ class Lifecycle:
             state=PROVISIONED if template.abstract else PROVISION,
             status=DONE if template.abstract else (APPROVAL_PENDING if flag else READY),
             pending_operation=OP_PROVISION if flag and not template.abstract else "")
-        await uow.resources.add(created)
+        # Created and provisioned in one call (parents were checked provisioned
+        # above): stored queued at once, recorded as a create and a provision.
+        start = provision and created.status == READY
+        stored = self._queued(created, OP_PROVISION) if start else created
+        await uow.resources.add(stored)
         await uow.remember_request("CreateResource", request_id, created.id)
         await self._audit(uow, principal.user, "create", None, created)
         await self._emit(uow, "resource_created", created, principal.user)
         if created.status == APPROVAL_PENDING:
             await self._emit(uow, "resource_status_changed", created, principal.user)
-        elif provision and created.status == READY:  # parents were checked provisioned above
-            created = await self._start(uow, principal.user, created, OP_PROVISION, "provision")
-        return created
+        elif start:
+            await self._audit(uow, principal.user, "provision", created, stored)
+            await self._emit(uow, "resource_status_changed", stored, principal.user, created)
+            self._submit_after_commit(uow, stored, principal.user)
+        return stored
 
     async def _check_parents(self, uow, principal: Principal, parent_ids: list[str], template,
                              violations: list[FieldViolation]) -> list[Resource]:
@@ -376,13 +390,19 @@ class Lifecycle:
         return await self._start(uow, principal.user, r, operation, action)
 
     async def _start(self, uow, actor: str, r: Resource, operation: str, action: str) -> Resource:
-        request_id = str(uuid.uuid4())
-        state = DESTROY if operation == OP_DESTROY else r.state
-        queued = await self._save(uow, r, replace(r, state=state, status=QUEUED, pending_operation=operation,
-                                                  job_request_id=request_id, last_job_id="", error_message=""),
-                                  actor, action)
-        uow.after_commit(lambda: self.submit(queued.id, request_id, actor, queued))
+        queued = await self._save(uow, r, self._queued(r, operation), actor, action)
+        self._submit_after_commit(uow, queued, actor)
         return queued
+
+    @staticmethod
+    def _queued(r: Resource, operation: str) -> Resource:
+        """The resource waiting for the job of `operation` (submitted after commit)."""
+        return replace(r, state=DESTROY if operation == OP_DESTROY else r.state, status=QUEUED,
+                       pending_operation=operation, job_request_id=str(uuid.uuid4()), last_job_id="",
+                       error_message="")
+
+    def _submit_after_commit(self, uow, queued: Resource, actor: str) -> None:
+        uow.after_commit(lambda: self.submit(queued.id, queued.job_request_id, actor, queued))
 
     def _submission(self, r: Resource, version: VersionInfo | None, action: str, request_id: str,
                     variables: dict | None = None, temporary_state_id: str = "") -> JobSubmission:

@@ -219,6 +219,13 @@ def inherited(parents: list[Resource]) -> tuple[list[DependencyTag], list[Depend
 
 
 _PATH_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_STORAGE_PATH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+def valid_storage_path(path: str) -> bool:
+    """The naming convention of storage paths: relative, segments of letters,
+    digits, '.', '_' and '-', no '..' (the executor keeps state files under it)."""
+    return bool(_STORAGE_PATH.match(path)) and ".." not in path.split("/") and len(path) <= 512
 
 
 def default_storage_path(template_key: str, name: str) -> str:
