@@ -29,6 +29,8 @@ from services.common.db import Database
 
 log = logging.getLogger(__name__)
 
+DELETE_WHEN_IDLE_FOR = 0.05  # seconds without new rows before published rows are deleted
+
 # (event id, prefixed subject, payload)
 OutboxRow = tuple[str, str, bytes]
 
@@ -45,6 +47,7 @@ class OutboxRelay:
         self._stopping = False
         self._ready: OrderedDict[str, OutboxRow] = OrderedDict()
         self._table_drained = False  # nothing older than the fast-path rows waits in the table
+        self._published: list[str] = []  # published from memory, deleted once the relay is idle
 
     def stop(self) -> None:
         """Finish the batch under way, then return from run()."""
@@ -60,6 +63,7 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """Publishes one batch read from the table; returns how many rows it published."""
+        await self._delete_published()
         async with self.db.session() as session, session.begin():
             query = sa.select(self.outbox.c.seq, self.outbox.c.event_id, self.outbox.c.subject,
                               self.outbox.c.payload).order_by(self.outbox.c.seq).limit(self.batch_size)
@@ -75,15 +79,23 @@ class OutboxRelay:
             return len(rows)
 
     async def _relay_ready(self) -> int:
-        """Publishes the rows handed over by commits, then deletes them."""
+        """Publishes the rows handed over by commits; they are deleted a moment
+        later, when the relay is idle (the delete is off the way of whatever
+        the events set going, and one delete covers several commits)."""
         rows = list(self._ready.values())
         await self.bus.publish_in_order([(subject, payload, event_id) for event_id, subject, payload in rows])
         for event_id, _, _ in rows:
             self._ready.pop(event_id, None)
-        async with self.db.session() as session, session.begin():
-            await session.execute(sa.delete(self.outbox).where(
-                self.outbox.c.event_id.in_([event_id for event_id, _, _ in rows])))
+            self._published.append(event_id)
         return len(rows)
+
+    async def _delete_published(self) -> None:
+        if not self._published:
+            return
+        ids = self._published[:]
+        async with self.db.session() as session, session.begin():
+            await session.execute(sa.delete(self.outbox).where(self.outbox.c.event_id.in_(ids)))
+        del self._published[:len(ids)]
 
     async def run(self) -> None:
         while not self._stopping:
@@ -91,6 +103,9 @@ class OutboxRelay:
             try:
                 if self._ready and self._table_drained:
                     published = 0
+                    # The commit that woke us may have started more work (e.g. a call
+                    # to the next service on a step's way to its job): let it go first.
+                    await asyncio.sleep(0)
                     await self._relay_ready()
                 else:
                     published = await self.relay_once()
@@ -106,8 +121,22 @@ class OutboxRelay:
                 continue
             # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow
             # a cancellation that arrives as the event is set.
+            while self._published and not self._wake.is_set():
+                try:
+                    async with asyncio.timeout(DELETE_WHEN_IDLE_FOR):
+                        await self._wake.wait()
+                except TimeoutError:
+                    try:
+                        await self._delete_published()
+                    except Exception as exc:  # noqa: BLE001 - kept for the next try; a restart republishes (deduplicated)
+                        log.warning("outbox relay: deleting published rows: %s", exc)
+                        break
             try:
                 async with asyncio.timeout(self.poll_interval):
                     await self._wake.wait()
             except TimeoutError:
                 pass
+        try:
+            await self._delete_published()
+        except Exception as exc:  # noqa: BLE001 - the next start republishes them; the stream drops the copies
+            log.warning("outbox relay: deleting published rows at stop: %s", exc)

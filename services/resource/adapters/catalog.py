@@ -12,8 +12,9 @@ deleted entity is remembered as deleted for a while so a read that started
 before the delete does not bring it back. `max_age` bounds how long any
 entry is trusted, in case an event was ever missed (0 turns the cache off).
 
-Integration existence has no events; it is reused for at most a few seconds
-(the executor checks the integrations again when the job is submitted)."""
+Which integrations and storages exist has no events; an answer is reused
+for at most a minute (the executor checks them again when a job is
+submitted, so a deleted one fails the job with a clear error)."""
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +30,7 @@ from services.common.events import Envelope, body_of
 
 log = logging.getLogger(__name__)
 
-INTEGRATION_SECONDS = 5.0
+INTEGRATION_SECONDS = 60.0
 _GONE = object()  # a deleted entity, remembered as such
 
 
