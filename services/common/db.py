@@ -92,3 +92,19 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def guarded_update(table: sa.Table) -> sa.Update:
+    """An UPDATE of every column of the row with this id and this version
+    (optimistic concurrency), built once: its bind parameters are the columns
+    plus w_id and w_version. Building a statement costs more than running it
+    on SQLite, so repositories keep the statements of their hot paths."""
+    return sa.update(table).where(table.c.id == sa.bindparam("w_id"), table.c.version == sa.bindparam("w_version")) \
+        .values({c.name: sa.bindparam(c.name) for c in table.columns if c.name != "id"})
+
+
+def guarded_update_params(row: dict, read_version: int) -> dict:
+    """A repository's row (with its id) as the parameters of guarded_update."""
+    params = dict(row)
+    params.update(w_id=params.pop("id"), w_version=read_version)
+    return params

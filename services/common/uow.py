@@ -5,6 +5,7 @@ all; the relay publishes them after the commit."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Awaitable, Callable
 
 import sqlalchemy as sa
@@ -19,6 +20,23 @@ from services.common.events import Envelope
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+# Statements built once: building one costs more than running it on SQLite.
+@functools.cache
+def _insert(table: sa.Table) -> sa.Insert:
+    return sa.insert(table)
+
+
+@functools.cache
+def _inbox_insert(inbox: sa.Table, postgres: bool):
+    return (pg_insert if postgres else sqlite_insert)(inbox).on_conflict_do_nothing().returning(inbox.c.event_id)
+
+
+@functools.cache
+def _find_request(request_ids: sa.Table) -> sa.Select:
+    return sa.select(request_ids.c.resource_id).where(request_ids.c.scope == sa.bindparam("scope"),
+                                                      request_ids.c.request_id == sa.bindparam("request_id"))
 
 
 class UnitOfWork:
@@ -60,7 +78,7 @@ class UnitOfWork:
         """A message (an event, or e.g. a job dispatch to a work queue), sent
         through the outbox so it leaves only if this transaction commits."""
         subject = self._names.subject(unprefixed_subject)
-        await self.session.execute(sa.insert(self._outbox).values(
+        await self.session.execute(_insert(self._outbox), dict(
             event_id=message_id, subject=subject, payload=payload, created_at=utcnow()))
         self._emitted.append((message_id, subject, payload))
 
@@ -68,24 +86,20 @@ class UnitOfWork:
         """Records the event as processed by `consumer` unless it already was
         (one statement: an insert that does nothing on a known id). A
         concurrent duplicate waits for this transaction and then finds the id."""
-        insert = (pg_insert if self.db.is_postgres else sqlite_insert)(self._inbox)
-        inserted = await self.session.scalar(insert.values(
-            consumer=consumer, event_id=event_id, processed_at=utcnow()).on_conflict_do_nothing().returning(
-            self._inbox.c.event_id))
+        inserted = await self.session.scalar(_inbox_insert(self._inbox, self.db.is_postgres), dict(
+            consumer=consumer, event_id=event_id, processed_at=utcnow()))
         return inserted is None
 
     async def find_request(self, scope: str, request_id: str) -> str | None:
         """The id of what an earlier create with this request_id made, if any."""
         if not request_id:
             return None
-        table = self._outbox.metadata.tables["request_ids"]
-        return await self.session.scalar(sa.select(table.c.resource_id).where(
-            table.c.scope == scope, table.c.request_id == request_id))
+        return await self.session.scalar(_find_request(self._outbox.metadata.tables["request_ids"]),
+                                         dict(scope=scope, request_id=request_id))
 
     async def remember_request(self, scope: str, request_id: str, resource_id: str) -> None:
         if request_id:
-            table = self._outbox.metadata.tables["request_ids"]
-            await self.session.execute(sa.insert(table).values(
+            await self.session.execute(_insert(self._outbox.metadata.tables["request_ids"]), dict(
                 scope=scope, request_id=request_id, resource_id=resource_id, created_at=utcnow()))
 
     def after_commit(self, action: Callable[[], Awaitable[None]]) -> None:

@@ -35,6 +35,25 @@ def _summary_from_json(d) -> PlanSummary | None:
                        tuple((a, tuple(actions)) for a, actions in d["resource_changes"]))
 
 
+# Built once (the statements on a job's way from submission to its worker):
+# building a statement costs more than running it on SQLite.
+_JOB = sa.select(jobs).where(jobs.c.id == sa.bindparam("id"))
+_INSERT_JOB = sa.insert(jobs)
+_SAVE_JOB = sa.update(jobs).where(jobs.c.id == sa.bindparam("w_id")).values(
+    {c.name: sa.bindparam(c.name) for c in jobs.columns if c.name not in ("id", "plan_file")})
+_CLAIM_JOB = sa.update(jobs).where(
+    jobs.c.id == sa.bindparam("w_id"),
+    sa.or_(jobs.c.status == "queued", sa.and_(jobs.c.status == "running", jobs.c.lease_until < sa.bindparam("now"))),
+    jobs.c.cancel_requested == sa.false(),
+).values(status="running", worker=sa.bindparam("worker"), lease_until=sa.bindparam("lease_until"),
+         attempt=jobs.c.attempt + 1, start_time=sa.func.coalesce(jobs.c.start_time, sa.bindparam("now")))
+_INTEGRATION = sa.select(integrations).where(integrations.c.id == sa.bindparam("id"))
+_STORAGE = sa.select(storages).where(storages.c.id == sa.bindparam("id"))
+_CLAIM = sa.select(state_path_claims).where(state_path_claims.c.storage_id == sa.bindparam("storage_id"),
+                                            state_path_claims.c.state_path == sa.bindparam("state_path"))
+_INSERT_CLAIM = sa.insert(state_path_claims)
+
+
 class JobRepository:
     def __init__(self, session: AsyncSession, vault: Vault):
         self.s = session
@@ -83,31 +102,23 @@ class JobRepository:
         )
 
     async def add(self, j: Job) -> None:
-        await self.s.execute(sa.insert(jobs).values(**self._row(j), plan_file=None))
+        await self.s.execute(_INSERT_JOB, {**self._row(j), "plan_file": None})
 
     async def get(self, id_: str, *, for_update: bool = False) -> Job | None:
-        query = sa.select(jobs).where(jobs.c.id == id_)
-        if for_update:
-            query = query.with_for_update()
-        row = (await self.s.execute(query)).first()
+        query = _JOB.with_for_update() if for_update else _JOB
+        row = (await self.s.execute(query, {"id": id_})).first()
         return self._job(row) if row else None
 
     async def save(self, j: Job) -> None:
         values = self._row(j)
-        values.pop("id")
-        await self.s.execute(sa.update(jobs).where(jobs.c.id == j.id).values(**values))
+        values["w_id"] = values.pop("id")
+        await self.s.execute(_SAVE_JOB, values)
 
     async def claim(self, id_: str, worker: str, now: dt.datetime, lease_until: dt.datetime) -> bool:
         """Atomically makes `worker` the job's runner: only a queued job, or a
         running one whose runner's lease expired (it died), can be claimed.
         Two workers racing for one job: exactly one update matches."""
-        result = await self.s.execute(sa.update(jobs).where(
-            jobs.c.id == id_,
-            sa.or_(jobs.c.status == "queued",
-                   sa.and_(jobs.c.status == "running", jobs.c.lease_until < now)),
-            jobs.c.cancel_requested == sa.false(),
-        ).values(status="running", worker=worker, lease_until=lease_until, attempt=jobs.c.attempt + 1,
-                 start_time=sa.func.coalesce(jobs.c.start_time, now)))
+        result = await self.s.execute(_CLAIM_JOB, dict(w_id=id_, now=now, worker=worker, lease_until=lease_until))
         return result.rowcount == 1
 
     async def renew_lease(self, id_: str, worker: str, lease_until: dt.datetime) -> bool:
@@ -204,7 +215,7 @@ class IntegrationRepository:
         await self.s.execute(sa.insert(integrations).values(**self._row(i)))
 
     async def get(self, id_: str) -> Integration | None:
-        row = (await self.s.execute(sa.select(integrations).where(integrations.c.id == id_))).first()
+        row = (await self.s.execute(_INTEGRATION, {"id": id_})).first()
         return self._integration(row) if row else None
 
     async def name_taken(self, name: str) -> bool:
@@ -283,7 +294,7 @@ class StorageRepository:
             pg_schema=x.pg_schema, creator=x.creator, create_time=x.create_time, version=x.version))
 
     async def get(self, id_: str) -> Storage | None:
-        row = (await self.s.execute(sa.select(storages).where(storages.c.id == id_))).first()
+        row = (await self.s.execute(_STORAGE, {"id": id_})).first()
         return self._storage(row) if row else None
 
     async def name_taken(self, name: str) -> bool:
@@ -298,12 +309,11 @@ class StorageRepository:
         await self.s.execute(sa.delete(storages).where(storages.c.id == id_))
 
     async def claim(self, storage_id: str, state_path: str) -> StatePathClaim | None:
-        row = (await self.s.execute(sa.select(state_path_claims).where(
-            state_path_claims.c.storage_id == storage_id, state_path_claims.c.state_path == state_path))).first()
+        row = (await self.s.execute(_CLAIM, dict(storage_id=storage_id, state_path=state_path))).first()
         return StatePathClaim(row.storage_id, row.state_path, row.resource_id, _aware(row.create_time)) if row else None
 
     async def add_claim(self, c: StatePathClaim) -> None:
-        await self.s.execute(sa.insert(state_path_claims).values(
+        await self.s.execute(_INSERT_CLAIM, dict(
             storage_id=c.storage_id, state_path=c.state_path, resource_id=c.resource_id, create_time=c.create_time))
 
     async def remove_claim(self, storage_id: str, state_path: str) -> None:

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.common.db import guarded_update, guarded_update_params
 from services.common.errors import AlreadyExists, Aborted
 from services.resource.adapters.tables import (audit_entries, resource_links, resource_revisions, resources,
                                                settings, temporary_states)
@@ -29,6 +30,21 @@ def _outputs_json(outputs: list[Output]) -> list[dict]:
 
 def _outputs(data) -> list[Output]:
     return [Output(o["name"], o["value"], o["sensitive"]) for o in data]
+
+
+# Built once: building a statement costs more than running it on SQLite.
+_RESOURCE = sa.select(resources).where(resources.c.id == sa.bindparam("id"))
+_RESOURCES = sa.select(resources).where(resources.c.id.in_(sa.bindparam("ids", expanding=True)))
+_NAME_TAKEN = sa.select(sa.func.count()).where(
+    resources.c.template_id == sa.bindparam("template_id"),
+    resources.c.source_code_version_id == sa.bindparam("version_id"), resources.c.name == sa.bindparam("name"))
+_PATH_TAKEN = sa.select(sa.func.count()).where(resources.c.storage_id == sa.bindparam("storage_id"),
+                                               resources.c.storage_path == sa.bindparam("storage_path"))
+_CHILDREN = sa.select(resources).join(resource_links, resource_links.c.child_id == resources.c.id).where(
+    resource_links.c.parent_id == sa.bindparam("id")).order_by(resources.c.create_time)
+_UPDATE_RESOURCE = guarded_update(resources)
+_INSERT = {t.name: sa.insert(t) for t in (resources, resource_links, resource_revisions, audit_entries)}
+_SETTING = sa.select(settings.c.value).where(settings.c.key == sa.bindparam("key"))
 
 
 class ResourceRepository:
@@ -67,42 +83,36 @@ class ResourceRepository:
 
     async def add(self, r: Resource) -> None:
         try:
-            await self.s.execute(sa.insert(resources).values(**self._row(r)))
+            await self.s.execute(_INSERT["resources"], self._row(r))
         except IntegrityError:
             # A create that raced another with the same name or storage path.
             raise AlreadyExists("resource", r.name, f"a resource named {r.name!r} or with storage path "
                                                     f"{r.storage_path!r} was created at the same moment") from None
         if r.parent_ids:
-            await self.s.execute(sa.insert(resource_links), [dict(parent_id=p, child_id=r.id) for p in r.parent_ids])
+            await self.s.execute(_INSERT["resource_links"], [dict(parent_id=p, child_id=r.id) for p in r.parent_ids])
 
     async def get(self, id_: str) -> Resource | None:
-        row = (await self.s.execute(sa.select(resources).where(resources.c.id == id_))).first()
+        row = (await self.s.execute(_RESOURCE, {"id": id_})).first()
         return self._resource(row) if row else None
 
     async def get_many(self, ids: list[str]) -> dict[str, Resource]:
         if not ids:
             return {}
-        rows = await self.s.execute(sa.select(resources).where(resources.c.id.in_(ids)))
-        return {r.id: self._resource(r) for r in rows}
+        return {r.id: self._resource(r) for r in await self.s.execute(_RESOURCES, {"ids": list(ids)})}
 
     async def name_taken(self, template_id: str, version_id: str, name: str) -> bool:
-        return bool(await self.s.scalar(sa.select(sa.func.count()).where(
-            resources.c.template_id == template_id, resources.c.source_code_version_id == version_id,
-            resources.c.name == name)))
+        return bool(await self.s.scalar(_NAME_TAKEN, dict(template_id=template_id, version_id=version_id,
+                                                          name=name)))
 
     async def storage_path_taken(self, storage_id: str, storage_path: str) -> bool:
-        return bool(await self.s.scalar(sa.select(sa.func.count()).where(
-            resources.c.storage_id == storage_id, resources.c.storage_path == storage_path)))
+        return bool(await self.s.scalar(_PATH_TAKEN, dict(storage_id=storage_id, storage_path=storage_path)))
 
     async def of_template(self, template_id: str) -> list[Resource]:
         rows = await self.s.execute(sa.select(resources).where(resources.c.template_id == template_id))
         return [self._resource(r) for r in rows]
 
     async def children(self, id_: str) -> list[Resource]:
-        rows = await self.s.execute(sa.select(resources).join(
-            resource_links, resource_links.c.child_id == resources.c.id).where(resource_links.c.parent_id == id_)
-            .order_by(resources.c.create_time))
-        return [self._resource(r) for r in rows]
+        return [self._resource(r) for r in await self.s.execute(_CHILDREN, {"id": id_})]
 
     async def busy_since(self, before: dt.datetime) -> list[Resource]:
         """Resources with an operation under way that has not moved since `before`."""
@@ -131,10 +141,7 @@ class ResourceRepository:
         return [r for r in rows if label in r.labels][offset:offset + limit]
 
     async def update(self, r: Resource, read_version: int) -> None:
-        values = self._row(r)
-        values.pop("id")
-        result = await self.s.execute(sa.update(resources).where(
-            resources.c.id == r.id, resources.c.version == read_version).values(**values))
+        result = await self.s.execute(_UPDATE_RESOURCE, guarded_update_params(self._row(r), read_version))
         if result.rowcount != 1:
             raise Aborted(f"resource {r.id} was changed by someone else just now; read it again and retry",
                           reason="CONCURRENT_CHANGE")
@@ -205,7 +212,7 @@ class RevisionRepository:
         self.s = session
 
     async def add(self, r: Revision) -> None:
-        await self.s.execute(sa.insert(resource_revisions).values(
+        await self.s.execute(_INSERT["resource_revisions"], dict(
             resource_id=r.resource_id, revision=r.revision, source_code_version_id=r.source_code_version_id,
             variables=r.variables, outputs=_outputs_json(r.outputs), job_id=r.job_id, actor=r.actor,
             create_time=r.create_time))
@@ -223,7 +230,7 @@ class AuditRepository:
         self.s = session
 
     async def add(self, e: AuditEntry) -> None:
-        await self.s.execute(sa.insert(audit_entries).values(
+        await self.s.execute(_INSERT["audit_entries"], dict(
             id=e.id, resource_id=e.resource_id, resource_name=e.resource_name, actor=e.actor, action=e.action,
             revision=e.revision, before=e.before, after=e.after, time=e.time))
 
@@ -239,7 +246,7 @@ class SettingsRepository:
         self.s = session
 
     async def get(self, key: str, default=None):
-        value = await self.s.scalar(sa.select(settings.c.value).where(settings.c.key == key))
+        value = await self.s.scalar(_SETTING, {"key": key})
         return default if value is None else value
 
     async def set(self, key: str, value, now: dt.datetime) -> None:

@@ -6,6 +6,7 @@ import datetime as dt
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.common.db import guarded_update, guarded_update_params
 from services.common.errors import Aborted
 from services.workflow.adapters.tables import steps, workflows
 from services.workflow.domain.model import Step, WiringRule, Workflow
@@ -37,6 +38,16 @@ def _aware(moment):
     return moment
 
 
+# Built once: building a statement costs more than running it on SQLite.
+_WORKFLOW = sa.select(workflows).where(workflows.c.id == sa.bindparam("id"))
+_UPDATE_WORKFLOW = guarded_update(workflows)
+_STEP = sa.select(steps).where(steps.c.id == sa.bindparam("id"))
+_STEPS_OF = sa.select(steps).where(steps.c.workflow_id == sa.bindparam("workflow_id")).order_by(steps.c.position,
+                                                                                               steps.c.id)
+_UPDATE_STEP = guarded_update(steps)
+_INSERT_WORKFLOW, _INSERT_STEP = sa.insert(workflows), sa.insert(steps)
+
+
 class WorkflowRepository:
     def __init__(self, session: AsyncSession):
         self.s = session
@@ -61,10 +72,10 @@ class WorkflowRepository:
                         version=r.version, teardown_status=r.teardown_status, **spec)
 
     async def add(self, w: Workflow) -> None:
-        await self.s.execute(sa.insert(workflows).values(**self._row(w)))
+        await self.s.execute(_INSERT_WORKFLOW, self._row(w))
 
     async def get(self, id_: str) -> Workflow | None:
-        row = (await self.s.execute(sa.select(workflows).where(workflows.c.id == id_))).first()
+        row = (await self.s.execute(_WORKFLOW, {"id": id_})).first()
         return self._workflow(row) if row else None
 
     async def list(self, offset: int, limit: int, blueprint_id: str = "", status: str = "") -> list[Workflow]:
@@ -81,10 +92,7 @@ class WorkflowRepository:
             sa.or_(workflows.c.status == "in_progress", workflows.c.teardown_status == "in_progress")))]
 
     async def update(self, w: Workflow, read_version: int) -> None:
-        values = self._row(w)
-        values.pop("id")
-        result = await self.s.execute(sa.update(workflows).where(
-            workflows.c.id == w.id, workflows.c.version == read_version).values(**values))
+        result = await self.s.execute(_UPDATE_WORKFLOW, guarded_update_params(self._row(w), read_version))
         if result.rowcount != 1:
             raise Aborted(f"workflow {w.id} was changed at the same moment; read it again and retry",
                           reason="CONCURRENT_CHANGE")
@@ -114,21 +122,16 @@ class StepRepository:
                     completion_time=_aware(r.completion_time), version=r.version, **_from_json(r.data))
 
     async def add(self, st: Step) -> None:
-        await self.s.execute(sa.insert(steps).values(**self._row(st)))
+        await self.s.execute(_INSERT_STEP, self._row(st))
 
     async def get(self, id_: str) -> Step | None:
-        row = (await self.s.execute(sa.select(steps).where(steps.c.id == id_))).first()
+        row = (await self.s.execute(_STEP, {"id": id_})).first()
         return self._step(row) if row else None
 
     async def of(self, workflow_id: str) -> list[Step]:
-        rows = await self.s.execute(sa.select(steps).where(steps.c.workflow_id == workflow_id)
-                                    .order_by(steps.c.position, steps.c.id))
-        return [self._step(r) for r in rows]
+        return [self._step(r) for r in await self.s.execute(_STEPS_OF, {"workflow_id": workflow_id})]
 
     async def update(self, st: Step, read_version: int) -> bool:
         """False when someone else changed the step first (the caller lost the race)."""
-        values = self._row(st)
-        values.pop("id")
-        result = await self.s.execute(sa.update(steps).where(
-            steps.c.id == st.id, steps.c.version == read_version).values(**values))
+        result = await self.s.execute(_UPDATE_STEP, guarded_update_params(self._row(st), read_version))
         return result.rowcount == 1
