@@ -102,3 +102,27 @@ async def test_a_killed_process_loses_no_job_and_none_runs_twice_at_once(executo
         # and never ran beside its re-run.
         assert runs[-1] == finished[0]
         assert len(runs) == 2 if ids[n] in {j.id for j in inside} else len(runs) <= 2
+
+
+async def test_a_job_started_directly_by_a_killed_process_is_run_again_by_the_other(executors, tmp_path):
+    """A job submitted to a process with an idle worker starts there at once,
+    without the work queue; when that process dies, the other one's lease
+    reaper puts the job back on the queue and it runs again."""
+    repo = module_repo(tmp_path / "modules")
+    victim = executors.procs["executor-b"].pid
+    md = executors.metadata()
+    async with grpc.aio.insecure_channel(executors.target("executor-b")) as channel:
+        job = await executor_pb2_grpc.ExecutorServiceStub(channel).SubmitJob(submit_request(
+            repo, "marker", "direct/0", variables={"marker": str(tmp_path / "marker-direct"), "seconds": 3}),
+            metadata=md)
+    assert job.status == pb.JOB_STATUS_RUNNING and job.worker.endswith(f":{victim}"), "started at submission"
+    while not (tmp_path / "marker-direct").exists():  # inside terraform apply
+        await asyncio.sleep(0.1)
+    executors.stop("executor-b", sig=signal.SIGKILL)
+    async with grpc.aio.insecure_channel(executors.target("executor")) as channel:
+        done = await wait_job(executor_pb2_grpc.ExecutorServiceStub(channel), job.id, md, timeout=120)
+    assert done.status == pb.JOB_STATUS_SUCCEEDED and done.attempt == 2, done.error_message
+    assert done.worker.endswith(f":{executors.procs['executor'].pid}")
+    await asyncio.sleep(4)  # a run that outlived its process would write its end by now
+    runs = marker_runs(tmp_path / "marker-direct")
+    assert len(runs) == 2 and runs[0][1] is None and runs[1][1] is not None

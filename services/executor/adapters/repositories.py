@@ -121,6 +121,12 @@ class JobRepository:
         result = await self.s.execute(_CLAIM_JOB, dict(w_id=id_, now=now, worker=worker, lease_until=lease_until))
         return result.rowcount == 1
 
+    async def lease_expired_before(self, moment: dt.datetime) -> list[tuple[str, int]]:
+        """(id, attempt) of running jobs whose runner's lease ended before `moment`."""
+        rows = await self.s.execute(sa.select(jobs.c.id, jobs.c.attempt).where(
+            jobs.c.status == "running", jobs.c.lease_until < moment))
+        return [(r.id, r.attempt) for r in rows]
+
     async def renew_lease(self, id_: str, worker: str, lease_until: dt.datetime) -> bool:
         """False when the job is no longer this worker's (it lost the lease)."""
         result = await self.s.execute(sa.update(jobs).where(

@@ -22,14 +22,29 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     def __init__(self, runtime):
         self.uow = runtime.uow
         self.default_timeout = runtime.executor_config.default_timeout
+        self.config = runtime.executor_config
+        self.workers = runtime.workers
 
     # --- jobs --------------------------------------------------------------
 
     async def SubmitJob(self, request, context):
-        async with self.uow() as uow:
-            job = await jobs.submit_job(uow, current_principal(), convert.job_from_submit(request),
-                                        self.default_timeout, request.request_id)
-            await uow.commit()
+        # An idle worker of this process takes the job as it is stored; else the work queue does.
+        turn = self.workers.reserve()
+        try:
+            async with self.uow() as uow:
+                job, created = await jobs.submit_job(
+                    uow, current_principal(), convert.job_from_submit(request), self.default_timeout,
+                    request.request_id, start_as=(self.config.worker_id, self.config.lease) if turn else None)
+                await uow.commit()
+        except BaseException:
+            if turn is not None:
+                turn.give_back()
+            raise
+        if turn is not None:
+            if created:
+                self.workers.start_claimed(turn, job)
+            else:
+                turn.give_back()
         return convert.job_to_pb(job)
 
     async def GetJob(self, request, context):

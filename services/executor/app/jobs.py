@@ -14,7 +14,7 @@ from services.common.events import Correlation as EventCorrelation
 from services.common.events import new_event
 from services.common.paging import paginate
 from services.common.uow import utcnow
-from services.executor.domain.model import (ACTIONS, APPLY, PLAN, QUEUED, SUCCEEDED, Job,
+from services.executor.domain.model import (ACTIONS, APPLY, PLAN, QUEUED, RUNNING, SUCCEEDED, Job,
                                             StatePathClaim, valid_state_path)
 
 SOURCE = "executor"
@@ -35,9 +35,13 @@ async def emit_job_event(uow, job: Job, actor: str = "") -> None:
                                                           temporary_state_id=c.temporary_state_id)))
 
 
-async def submit_job(uow, principal: Principal, job: Job, default_timeout: float, request_id: str = "") -> Job:
+async def submit_job(uow, principal: Principal, job: Job, default_timeout: float, request_id: str = "",
+                     start_as: tuple[str, float] | None = None) -> tuple[Job, bool]:
+    """(the job, whether this call created it). With `start_as` (worker id,
+    lease seconds) the job is stored already claimed by that worker, which
+    runs it once this commits; otherwise it goes on the work queue."""
     if (existing := await uow.find_request("SubmitJob", request_id)) is not None:
-        return await get_job(uow, existing)
+        return await get_job(uow, existing), False
     violations = []
     if job.action not in ACTIONS:
         violations.append(FieldViolation("action", "must be plan, apply or destroy"))
@@ -76,11 +80,18 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
         job = await _from_saved_plan(uow, job)
     if job.correlation.resource_id:
         await claim_state_path(uow, job.storage_id, job.state_path, job.correlation.resource_id)
-    await uow.jobs.add(job)
+    await emit_job_event(uow, job, principal.user)  # queued
+    if start_as is None:
+        await uow.jobs.add(job)
+        await uow.enqueue(DISPATCH_SUBJECT, job.id.encode(), f"dispatch-{job.id}")
+    else:
+        worker, lease = start_as
+        job = replace(job, status=RUNNING, worker=worker, attempt=1, start_time=utcnow(),
+                      lease_until=lease_deadline(lease))
+        await uow.jobs.add(job)
+        await emit_job_event(uow, job)  # started
     await uow.remember_request("SubmitJob", request_id, job.id)
-    await emit_job_event(uow, job, principal.user)
-    await uow.enqueue(DISPATCH_SUBJECT, job.id.encode(), f"dispatch-{job.id}")
-    return job
+    return job, True
 
 
 async def _from_saved_plan(uow, job: Job) -> Job:

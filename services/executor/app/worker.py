@@ -7,10 +7,19 @@ conditional update, renewed with the message's in_progress heartbeat). When a
 worker dies, its message is redelivered after ack_wait and its lease expires
 at about the same time; the next worker claims the job, breaks the dead run's
 stale state lock and runs the job again (attempt + 1). Two live workers never
-run one job: the claim succeeds only for a queued job or an expired lease."""
+run one job: the claim succeeds only for a queued job or an expired lease.
+
+Direct start: a job submitted to a process with an idle worker is stored
+already claimed by that worker and starts the moment its submission commits,
+without a trip through the work queue (the way of every workflow step). The
+idle worker lends its turn: while the job runs it fetches nothing (a message
+its last fetch still brings is handed back to the queue). Such a job has no
+message to be redelivered if its process dies; the lease reaper of any
+executor process puts a job whose lease ran out back on the queue instead."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import socket
@@ -18,6 +27,7 @@ from dataclasses import dataclass
 
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from sqlalchemy.exc import IntegrityError
 
 from services.common.config import Settings
 from services.common.uow import utcnow
@@ -121,6 +131,8 @@ class JobWorkers:
         self._stopping = asyncio.Event()
         self._runs: dict[str, TerraformRun] = {}
         self._tasks: list[asyncio.Task] = []
+        self._idle: list[int] = []  # workers waiting in a fetch, whose turn can be lent
+        self._lent: dict[int, asyncio.Event] = {}  # worker -> set when the job it lent its turn to ended
 
     async def run(self) -> None:
         """Background task of the service: the worker pool."""
@@ -132,7 +144,60 @@ class JobWorkers:
             filter_subject=bus.names.subject(DISPATCH_SUBJECT)))
         self._tasks = [asyncio.create_task(self._work(stream, n), name=f"executor-worker-{n}")
                        for n in range(self.config.workers)]
+        self._tasks.append(asyncio.create_task(self._reap(), name="executor-lease-reaper"))
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def reserve(self) -> "Turn | None":
+        """An idle worker's turn for a job about to be submitted, or None."""
+        if self._stopping.is_set() or not self._idle:
+            return None
+        n = self._idle.pop()
+        ended = asyncio.Event()
+        self._lent[n] = ended
+        return Turn(self, n, ended)
+
+    def start_claimed(self, turn: "Turn", job: Job) -> None:
+        """Runs a job stored claimed by this process (after its commit)."""
+        async def run() -> None:
+            try:
+                await self._execute(job, None, previous_worker="")
+            except Exception:  # noqa: BLE001 - its lease runs out and the reaper queues it again
+                log.exception("job %s failed to run", job.id)
+            finally:
+                turn.give_back()
+        task = asyncio.create_task(run(), name=f"executor-job-{job.id}")
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _reap(self) -> None:
+        """Jobs whose runner stopped renewing its lease for a whole lease (its
+        process died) go back on the work queue, once per attempt; a job that
+        came through the queue usually got there first by redelivery."""
+        while not self._stopping.is_set():
+            try:
+                async with asyncio.timeout(self.config.lease / 2):
+                    await self._stopping.wait()
+                return
+            except TimeoutError:
+                pass
+            try:
+                async with self.runtime.uow() as uow:
+                    lost = await uow.jobs.lease_expired_before(utcnow() - dt.timedelta(seconds=self.config.lease))
+                for job_id, attempt in lost:
+                    await self._requeue(job_id, attempt)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - database or NATS trouble: next round
+                log.warning("lease reaper: %s", exc)
+
+    async def _requeue(self, job_id: str, attempt: int) -> None:
+        try:
+            async with self.runtime.uow() as uow:
+                await uow.enqueue(DISPATCH_SUBJECT, job_id.encode(), f"dispatch-{job_id}-lost-{attempt}")
+                await uow.commit()
+            log.warning("job %s: its runner's lease ran out (attempt %d); queued again", job_id, attempt)
+        except IntegrityError:
+            pass  # another executor process queued it already
 
     async def stop(self) -> None:
         """Shutdown: take no new jobs; interrupt running ones and hand them
@@ -147,6 +212,11 @@ class JobWorkers:
         sub = await self.runtime.bus.js.pull_subscribe_bind(DURABLE, stream)
         try:
             while not self._stopping.is_set():
+                if n in self._lent:  # its turn runs a job started directly
+                    await self._lent[n].wait()
+                    del self._lent[n]
+                    continue
+                self._idle.append(n)
                 try:
                     msgs = await sub.fetch(1, timeout=1.0)
                 except (NatsTimeoutError, asyncio.TimeoutError):
@@ -155,7 +225,13 @@ class JobWorkers:
                     log.warning("worker %d: fetch failed: %s", n, exc)
                     await asyncio.sleep(1.0)
                     continue
+                finally:
+                    if n in self._idle:
+                        self._idle.remove(n)
                 for msg in msgs:
+                    if n in self._lent:  # the turn was lent while this fetch waited: back to the queue
+                        await _quietly(msg.nak(delay=0))
+                        continue
                     try:
                         await self._handle(msg)
                     except Exception:  # noqa: BLE001 - the message is redelivered; keep working
@@ -191,11 +267,18 @@ class JobWorkers:
                 return
             job = await uow.jobs.get(job_id)
             await emit_job_event(uow, job)
+            await uow.commit()
+        await self._execute(job, msg, previous_worker)
+
+    async def _execute(self, job: Job, msg, previous_worker: str) -> None:
+        """Runs a job this worker has claimed; `msg` is its work-queue message
+        (None for a job started directly), heartbeated and acked here."""
+        cfg = self.config
+        async with self.runtime.uow() as uow:
             storage = await uow.storages.get(job.storage_id) if job.storage_id else None
             env, redact = await self._environment(uow, job)
             plan_file = await uow.jobs.plan_file(job.plan_job_id) if job.plan_job_id else None
             next_number = await uow.logs.last_number(job.id) + 1
-            await uow.commit()
 
         logs = LogWriter(self.runtime.uow, job.id, next_number)
         if previous_worker:
@@ -218,8 +301,11 @@ class JobWorkers:
         if result.interrupted == "shutdown":
             async with self.runtime.uow() as uow:
                 await uow.jobs.release(job.id, cfg.worker_id)
+                if msg is None:  # started directly: a message for the next worker
+                    await uow.enqueue(DISPATCH_SUBJECT, job.id.encode(), f"dispatch-{job.id}-released-{job.attempt}")
                 await uow.commit()
-            await msg.nak(delay=0)
+            if msg is not None:
+                await msg.nak(delay=0)
             return
         if result.interrupted == "lost":
             return  # another worker holds the job now; it finishes it
@@ -233,7 +319,8 @@ class JobWorkers:
         async with self.runtime.uow() as uow:
             current = await uow.jobs.get(job.id)
             if current is None or current.worker != cfg.worker_id or current.ended:
-                await msg.ack()
+                if msg is not None:
+                    await msg.ack()
                 return
             current.commit = result.commit or current.commit
             current.outputs = result.outputs
@@ -243,7 +330,8 @@ class JobWorkers:
             if result.plan_file is not None and status == SUCCEEDED:
                 await uow.jobs.set_plan_file(job.id, result.plan_file)
             await uow.commit()
-        await msg.ack()
+        if msg is not None:
+            await msg.ack()
 
     async def _end(self, uow, job: Job, status: str, error: str) -> None:
         job.status, job.error_message, job.end_time, job.lease_until = status, error, utcnow(), None
@@ -288,7 +376,8 @@ class JobWorkers:
                         run.interrupt("cancelled")
             if now >= next_heartbeat and not run.interrupted:
                 next_heartbeat = now + self.config.lease / 3
-                await _quietly(msg.in_progress())
+                if msg is not None:
+                    await _quietly(msg.in_progress())
                 async with self.runtime.uow() as uow:
                     kept = await uow.jobs.renew_lease(job.id, self.config.worker_id,
                                                       lease_deadline(self.config.lease))
@@ -296,6 +385,19 @@ class JobWorkers:
                 if not kept:
                     run.interrupt("lost")
         return task.result()
+
+
+class Turn:
+    """An idle worker's turn, lent to a job submitted to this process."""
+
+    def __init__(self, workers: JobWorkers, worker: int, ended: asyncio.Event):
+        self.workers = workers
+        self.worker = worker
+        self._ended = ended
+
+    def give_back(self) -> None:
+        """The job ended, or its submission did not commit: the worker fetches again."""
+        self._ended.set()
 
 
 async def _quietly(awaitable) -> None:
