@@ -62,17 +62,17 @@ output "done" {
 }
 '''
 
-# Written under the dispatch figures: where the time goes, and what would cut it.
+# Written under the dispatch figures: what one dispatch crosses.
 WHY_DISPATCH = (
-    'Why dispatch stays above 20 ms: one dependent step crosses three processes and about eight database '
-    'transactions on its way to its job (the executor records the job end; the workflow consumer records '
-    'the step and starts the next; the resource service validates, claims the state path, stores the '
-    'resource and submits the job; the executor stores the job; a worker claims it), with five gRPC or '
-    "NATS hops between them. On SQLite a statement costs about 0.5 ms through SQLAlchemy's async layer "
-    'even with one thread round trip per statement (`services/common/sqlite_driver.py`; aiosqlite alone '
-    'made it four), and a commit about 1 ms. Reaching 20 ms would take fewer transactions on the path '
-    '(e.g. the resource service submitting the job in the transaction that stores the resource, through '
-    'the outbox, instead of by a gRPC call after it) rather than faster ones.')
+    'What one dispatch crosses: the executor commits the job\'s end and its relay publishes the completion '
+    'event from memory; the workflow service\'s consumer marks the step done and starts the dependent step in '
+    'one transaction; CreateResource (a gRPC hop) validates against the resource service\'s event-fed copy of '
+    'the catalog and stores the resource queued; SubmitJob (a gRPC hop) stores the job already claimed by an '
+    'idle worker of the executor, which starts it when that transaction commits. Three processes, four write '
+    'transactions, one NATS hop and two gRPC hops, on two cores shared with NATS and the other events of the '
+    'same moment (the resource and approval services apply the completion too). What made it fast is in '
+    'docs/architecture.md (Decisions): SQLite statements on the event loop\'s thread, statements built once, '
+    'the outbox published from memory, the catalog copy, the direct start.')
 
 CHAIN = 51  # templates per chain: 50 dispatches per workflow
 CHAINS = 4  # 200 dispatches
@@ -322,9 +322,9 @@ def _dispatch_stages(data_dir: Path, workflow_ids: list[str]) -> dict[str, tuple
     stages: dict[str, list[float]] = {
         "completion event -> upstream step done (outbox, NATS, workflow consumer)": [],
         "upstream step done -> dependent step started (scheduling)": [],
-        "step started -> resource stored (CreateResource: validation, catalog reads, state path claim)": [],
-        "resource stored -> job queued (commit, SubmitJob)": [],
-        "job queued -> job started (outbox, work queue, worker claim)": []}
+        "step started -> resource stored (CreateResource: validation, catalog copy, storage path)": [],
+        "resource stored -> job stored (commit, SubmitJob)": [],
+        "job stored -> job started (an idle worker at once, else outbox, work queue, claim)": []}
     values = list(stages.values())
     for sid, (start, _, deps, resource_id) in steps.items():
         if not deps or sid not in jobs or deps[0] not in jobs:

@@ -249,3 +249,57 @@ async def test_poison_event_is_dead_lettered_after_max_deliver(plumbing):
     assert "cannot handle this" in letter.error
     assert events_pb2.Envelope.FromString(letter.data).event_id == env.event_id
     assert await p.count(inbox_table) == 0
+
+
+async def test_sqlite_writers_queue_without_blocking_the_event_loop(tmp_path):
+    """SQLite statements run on the event loop's thread: writers of one process
+    take turns on an asyncio lock, and a write lock held by another process
+    (here a plain connection in a thread) is waited for with asyncio sleeps,
+    so the loop keeps serving meanwhile."""
+    import sqlite3
+    import threading
+    import time as clock
+
+    url = f"sqlite:///{tmp_path / 'writers.db'}"
+    engine = create_sync_engine(url)
+    applied.create(engine)
+    engine.dispose()
+    db = Database(url)
+    try:
+        async def write(n: int) -> None:
+            async with db.session() as s, s.begin():
+                await s.execute(sa.insert(applied).values(event_id=f"e{n}"))
+                await asyncio.sleep(0.01)  # holds its write turn across an await
+        await asyncio.gather(*[write(n) for n in range(20)])  # no "database is locked"
+
+        other_holds = threading.Event()
+
+        def other_process_writes() -> None:
+            conn = sqlite3.connect(tmp_path / "writers.db", isolation_level=None)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO applied (event_id) VALUES ('other')")
+            other_holds.set()
+            clock.sleep(0.5)
+            conn.execute("COMMIT")
+            conn.close()
+        thread = threading.Thread(target=other_process_writes)
+        thread.start()
+        await asyncio.to_thread(other_holds.wait)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+        ticker = asyncio.create_task(tick())
+        started = clock.monotonic()
+        await write(20)  # waits for the other writer, then goes through
+        waited = clock.monotonic() - started
+        ticker.cancel()
+        thread.join()
+        assert waited >= 0.3 and ticks >= 15, (waited, ticks)
+        async with db.session() as s:
+            assert await s.scalar(sa.select(sa.func.count()).select_from(applied)) == 22
+    finally:
+        await db.dispose()
