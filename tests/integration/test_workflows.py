@@ -28,6 +28,14 @@ async def p(tmp_path, event_prefix, nats_url):
         yield platform
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+async def any_db(request, tmp_path, event_prefix, nats_url, postgres):
+    """The platform on SQLite files, and with the workflow, resource and executor on PostgreSQL."""
+    urls = {} if request.param == "sqlite" else {n: postgres.create() for n in ("workflow", "resource", "executor")}
+    async with Platform(tmp_path, event_prefix, nats_url, database_urls=urls) as platform:
+        yield platform
+
+
 def shared(p) -> dict:
     return {"integration_ids": [p.catalog.integration], "storage_id": p.catalog.storage}
 
@@ -55,7 +63,8 @@ async def wait_workflow(p, workflow_id, until, timeout=120) -> wp.Workflow:
     return await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=workflow_id), metadata=p.md)
 
 
-async def test_steps_follow_the_graph_and_wired_outputs_flow_downstream(p):
+async def test_steps_follow_the_graph_and_wired_outputs_flow_downstream(any_db):
+    p = any_db
     blueprint = await p.blueprint_of("stack", {"network": {"cidr": "10.0.0.0/16"}, "app": {"vpc_id": "default"}},
                                      [("network", "vpc_id", "app", "vpc_id")])
     w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
@@ -133,7 +142,8 @@ async def test_a_failing_middle_step_then_a_fix_and_re_execution(p):
     assert per_resource[steps["gated"].resource_id] == 2
 
 
-async def test_an_unrelated_branch_is_not_held_back_by_a_slow_sibling(p):
+async def test_an_unrelated_branch_is_not_held_back_by_a_slow_sibling(any_db):
+    p = any_db
     gate = p.tmp_path / "open"
     gate.write_text("open")
     blueprint = await p.blueprint_of(

@@ -45,6 +45,20 @@ _STEP = sa.select(steps).where(steps.c.id == sa.bindparam("id"))
 _STEPS_OF = sa.select(steps).where(steps.c.workflow_id == sa.bindparam("workflow_id")).order_by(steps.c.position,
                                                                                                steps.c.id)
 _UPDATE_STEP = guarded_update(steps)
+_STEPS = sa.select(steps).where(steps.c.id.in_(sa.bindparam("ids", expanding=True)))
+_NOT_DONE = sa.select(sa.func.count()).where(steps.c.workflow_id == sa.bindparam("workflow_id"),
+                                             steps.c.status != "done")
+# Pending steps that list a given step among their dependencies (JSON list in
+# `data`): the SQL differs between SQLite and PostgreSQL.
+_PENDING_DEPENDENTS = {
+    "sqlite": sa.select(steps).where(
+        steps.c.workflow_id == sa.bindparam("workflow_id"), steps.c.status == "pending",
+        sa.text("EXISTS (SELECT 1 FROM json_each(steps.data, '$.depends_on') WHERE json_each.value = :step_id)")),
+    "postgresql": sa.select(steps).where(
+        steps.c.workflow_id == sa.bindparam("workflow_id"), steps.c.status == "pending",
+        sa.text("EXISTS (SELECT 1 FROM json_array_elements_text(steps.data -> 'depends_on') AS d(id) "
+                "WHERE d.id = :step_id)")),
+}
 _INSERT_WORKFLOW, _INSERT_STEP = sa.insert(workflows), sa.insert(steps)
 
 
@@ -130,6 +144,19 @@ class StepRepository:
 
     async def of(self, workflow_id: str) -> list[Step]:
         return [self._step(r) for r in await self.s.execute(_STEPS_OF, {"workflow_id": workflow_id})]
+
+    async def get_many(self, ids: list[str]) -> list[Step]:
+        if not ids:
+            return []
+        return [self._step(r) for r in await self.s.execute(_STEPS, {"ids": list(ids)})]
+
+    async def count_not_done(self, workflow_id: str) -> int:
+        return int(await self.s.scalar(_NOT_DONE, {"workflow_id": workflow_id}))
+
+    async def pending_dependents(self, workflow_id: str, step_id: str) -> list[Step]:
+        query = _PENDING_DEPENDENTS[self.s.bind.dialect.name]
+        return [self._step(r) for r in await self.s.execute(query, {"workflow_id": workflow_id,
+                                                                   "step_id": step_id})]
 
     async def update(self, st: Step, read_version: int) -> bool:
         """False when someone else changed the step first (the caller lost the race)."""

@@ -186,35 +186,55 @@ class Workflows:
         await self.schedule(uow, started.id, principal.user)
         return started
 
-    async def schedule(self, uow, workflow_id: str, actor: str) -> None:
-        """Starts every step that is ready; ends the workflow when all are done."""
+    async def schedule(self, uow, workflow_id: str, actor: str, completed: Step | None = None) -> None:
+        """Starts every step that is ready; ends the workflow when all are done.
+        After a step completed (`completed`), only its dependents can have
+        become ready, so without a parallelism limit only they and their own
+        dependencies are read, not the whole workflow."""
         w = await uow.workflows.get(workflow_id)
         if w is None or w.status != IN_PROGRESS:
             return
-        steps = await uow.steps.of(w.id)
-        if steps and all(s.status == DONE for s in steps) or not steps:
-            now = utcnow()
-            done = replace(w, status=DONE, completion_time=now, update_time=now, version=w.version + 1)
-            await uow.workflows.update(done, w.version)
-            await self._workflow_event(uow, "workflow_completed", done, actor)
-            return
-        upstream = {s.template_id: s for s in steps if s.status == DONE}
-        for st in ready_steps(w, steps):
-            now = utcnow()
-            resolved = resolve_variables(st, w.wiring, upstream)
-            wired_secret = [name for name in resolved if any(
-                r.target_template_id == st.template_id and r.target_variable == name
-                and r.source_output in upstream.get(r.source_template_id, st).sensitive_outputs for r in w.wiring)]
-            sensitive = sorted({*st.sensitive_variables, *wired_secret})
-            running = replace(st, status=IN_PROGRESS, start_time=now, resolved_variables=masked(resolved, sensitive),
-                              sensitive_variables=sensitive, version=st.version + 1)
-            if not await uow.steps.update(running, st.version):
-                continue  # someone else started it
-            await self._step_event(uow, "step_started", running, actor)
-            # Resources are created on behalf of whoever executed the workflow
-            # (they own them), whatever event triggered this step.
-            uow.after_commit(lambda step=running, user=w.executor or w.creator, done=list(upstream.values()):
-                             self.start_step(step.id, user, loaded=(step, w, done)))
+        if completed is not None and w.max_parallel_steps == 0:
+            if await uow.steps.count_not_done(w.id) == 0:
+                return await self._complete(uow, w, actor)
+            ready, upstream = [], {}
+            for candidate in await uow.steps.pending_dependents(w.id, completed.id):
+                deps = await uow.steps.get_many(candidate.depends_on)
+                if len(deps) == len(candidate.depends_on) and all(d.status == DONE for d in deps):
+                    ready.append(candidate)
+                    upstream.update({d.template_id: d for d in deps})
+            ready.sort(key=lambda s: (s.position, s.template_name))
+        else:
+            steps = await uow.steps.of(w.id)
+            if steps and all(s.status == DONE for s in steps) or not steps:
+                return await self._complete(uow, w, actor)
+            upstream = {s.template_id: s for s in steps if s.status == DONE}
+            ready = ready_steps(w, steps)
+        for st in ready:
+            await self._start_ready(uow, w, st, upstream, actor)
+
+    async def _complete(self, uow, w: Workflow, actor: str) -> None:
+        now = utcnow()
+        done = replace(w, status=DONE, completion_time=now, update_time=now, version=w.version + 1)
+        await uow.workflows.update(done, w.version)
+        await self._workflow_event(uow, "workflow_completed", done, actor)
+
+    async def _start_ready(self, uow, w: Workflow, st: Step, upstream: dict[str, Step], actor: str) -> None:
+        now = utcnow()
+        resolved = resolve_variables(st, w.wiring, upstream)
+        wired_secret = [name for name in resolved if any(
+            r.target_template_id == st.template_id and r.target_variable == name
+            and r.source_output in upstream.get(r.source_template_id, st).sensitive_outputs for r in w.wiring)]
+        sensitive = sorted({*st.sensitive_variables, *wired_secret})
+        running = replace(st, status=IN_PROGRESS, start_time=now, resolved_variables=masked(resolved, sensitive),
+                          sensitive_variables=sensitive, version=st.version + 1)
+        if not await uow.steps.update(running, st.version):
+            return  # someone else started it
+        await self._step_event(uow, "step_started", running, actor)
+        # Resources are created on behalf of whoever executed the workflow
+        # (they own them), whatever event triggered this step.
+        uow.after_commit(lambda step=running, user=w.executor or w.creator, done=list(upstream.values()):
+                         self.start_step(step.id, user, loaded=(step, w, done)))
 
     async def start_step(self, step_id: str, actor: str,
                          loaded: tuple[Step, Workflow, list[Step]] | None = None) -> None:
@@ -309,7 +329,7 @@ class Workflows:
         if not await uow.steps.update(done, st.version):
             return False
         await self._step_event(uow, "step_completed", done, actor)
-        await self.schedule(uow, st.workflow_id, actor)
+        await self.schedule(uow, st.workflow_id, actor, completed=done)
         return True
 
     async def step_failed(self, step_id: str, message: str, actor: str, uow=None) -> None:

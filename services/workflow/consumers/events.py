@@ -19,6 +19,16 @@ _JOB_ENDED = {f"ik.executor.job.{kind[4:]}" for kind in ("job_succeeded", *_JOB_
 log = logging.getLogger(__name__)
 
 
+def _moves_a_step(env: Envelope) -> bool:
+    """A step's resource changed in a way the step reacts to: a resource that
+    reached done moves nothing here (its job's completion event does), unless
+    a destroy was turned back (a teardown step fails)."""
+    if not env.correlation.step_id:
+        return False
+    body = env.resource_status_changed
+    return body.status != resource_pb2.RESOURCE_STATUS_DONE or body.previous_state == resource_pb2.RESOURCE_STATE_DESTROY
+
+
 def consumers(runtime) -> list[ConsumerSpec]:
     workflows = runtime.workflows
 
@@ -84,7 +94,7 @@ def consumers(runtime) -> list[ConsumerSpec]:
                      handler=on_job, wants=lambda env: bool(env.correlation.step_id) and env.type in _JOB_ENDED),
         ConsumerSpec(durable="workflow-resource-events", context="resource",
                      filter_subject="ik.resource.resource.status_changed", handler=on_resource,
-                     wants=lambda env: bool(env.correlation.step_id)),
+                     wants=_moves_a_step),
     ]
 
 
