@@ -81,11 +81,19 @@ variable "seconds" {
   type    = number
   default = 1
 }
+# Lets a blueprint chain markers (wired from the previous one's output).
+variable "upstream" {
+  type    = string
+  default = ""
+}
 resource "null_resource" "this" {
   triggers = { marker = var.marker }
   provisioner "local-exec" {
     command = "echo start $$ $(date +%s.%N) >> ${var.marker}; sleep ${var.seconds}; echo end $$ $(date +%s.%N) >> ${var.marker}"
   }
+}
+output "marker" {
+  value = var.marker
 }
 ''',
 }

@@ -22,6 +22,7 @@ from infrakitchen.events.v1 import events_pb2
 from infrakitchen.executor.v1 import executor_pb2
 from services.common.auth import Principal, Role
 from services.common.errors import (Aborted, AlreadyExists, DomainError, FailedPrecondition, FieldViolation,
+                                    Unavailable,
                                     InvalidArgument, NotFound, PermissionDenied, PreconditionViolation)
 from services.common.events import Correlation, new_event
 from services.common.paging import paginate
@@ -434,6 +435,11 @@ class Lifecycle:
             submission.plan_job_id = reviewed
             job_id = await self.remote.submit_job(submission, actor)
             error = ""
+        except Unavailable as exc:
+            # The executor is down or restarting: the resource stays queued and
+            # the reconciler submits again (the request id makes it one job).
+            log.warning("submitting the job of resource %s: %s; the reconciler retries", resource_id, exc.message)
+            return
         except DomainError as exc:
             job_id, error = "", f"could not start the job: {exc.message}"
         except Exception as exc:  # noqa: BLE001 - the resource must not stay queued silently

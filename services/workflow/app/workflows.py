@@ -21,7 +21,7 @@ from infrakitchen.resource.v1 import resource_pb2 as rp
 from services.common.auth import Principal
 from services.common.clients import RemoteError
 from services.common.errors import (Aborted, DomainError, FailedPrecondition, FieldViolation, InvalidArgument,
-                                    NotFound, PreconditionViolation)
+                                    NotFound, PreconditionViolation, Unavailable)
 from services.common.events import Correlation, new_event
 from services.common.paging import paginate
 from services.common.uow import utcnow
@@ -278,6 +278,10 @@ class Workflows:
                     await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
             elif resource.status == "rejected":
                 await self.step_failed(st.id, f"the approval of resource {resource.id} was rejected", actor)
+        except Unavailable as exc:
+            # A service on the way is down or restarting: the step stays in
+            # progress and the reconciler starts it again (idempotently).
+            log.warning("starting step %s: %s; the reconciler retries", step_id, exc.message)
         except (DomainError, RemoteError) as exc:
             message = exc.message if isinstance(exc, DomainError) else exc.details
             await self.step_failed(step_id, f"could not start: {message}", actor)
@@ -451,6 +455,9 @@ class Workflows:
             resource = await self._resource_after_refusal(st, exc, actor)
             if resource is None:
                 return
+        except Unavailable as exc:  # the reconciler asks again
+            log.warning("destroying the resource of step %s: %s; the reconciler retries", step_id, exc.message)
+            return
         except Exception as exc:  # noqa: BLE001 - never leave a teardown step silently in_progress
             log.exception("destroying the resource of step %s failed", step_id)
             await self.teardown_step_failed(step_id, f"could not start the destroy: {type(exc).__name__}", actor)
