@@ -44,7 +44,8 @@ def _ensure_sqlite_dir(url: sa.URL) -> None:
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
-def _sqlite_pragmas(dbapi_conn, _record, busy_timeout_ms: int = 30000, synchronous: str = "FULL") -> None:
+def _sqlite_pragmas(dbapi_conn, _record, busy_timeout_ms: int = 30000, synchronous: str = "FULL",
+                    autocheckpoint: bool = True) -> None:
     # WAL lets readers run beside the single writer; busy_timeout makes
     # concurrent writers wait instead of failing with "database is locked".
     cur = dbapi_conn.cursor()
@@ -52,6 +53,8 @@ def _sqlite_pragmas(dbapi_conn, _record, busy_timeout_ms: int = 30000, synchrono
     cur.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     cur.execute(f"PRAGMA synchronous={synchronous}")
     cur.execute("PRAGMA foreign_keys=ON")
+    if not autocheckpoint:
+        cur.execute("PRAGMA wal_autocheckpoint=0")
     cur.close()
 
 
@@ -84,8 +87,32 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(u, **kwargs)
         if not self.is_postgres:
             sa.event.listen(self.engine.sync_engine, "connect", functools.partial(
-                _sqlite_pragmas, busy_timeout_ms=0, synchronous=sqlite_synchronous.upper()))
+                _sqlite_pragmas, busy_timeout_ms=0, synchronous=sqlite_synchronous.upper(), autocheckpoint=False))
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._sqlite_file = None if self.is_postgres else u.database
+
+    async def checkpoints(self, interval: float = 1.0) -> None:
+        """Background task on SQLite: the WAL is copied back into the database
+        file on a thread of its own, since the serving connections run on the
+        event loop and a checkpoint (copy and fsync) there would hold it up
+        for milliseconds; PASSIVE never waits for readers or writers."""
+        if self._sqlite_file is None or self._sqlite_file == ":memory:":
+            return
+        import asyncio
+        import sqlite3
+
+        def checkpoint() -> None:
+            conn = sqlite3.connect(self._sqlite_file, timeout=5)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                conn.close()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(checkpoint)
+            except sqlite3.Error:
+                pass  # e.g. busy: the next round
 
     def session(self) -> AsyncSession:
         return self.sessionmaker()

@@ -303,3 +303,35 @@ async def test_sqlite_writers_queue_without_blocking_the_event_loop(tmp_path):
             assert await s.scalar(sa.select(sa.func.count()).select_from(applied)) == 22
     finally:
         await db.dispose()
+
+
+async def test_sqlite_wal_is_checkpointed_off_the_event_loop(tmp_path):
+    """The serving connections never checkpoint (it would hold up the loop);
+    a background task copies the WAL into the database file from a thread."""
+    import sqlite3
+
+    path = tmp_path / "checkpointed.db"
+    engine = create_sync_engine(f"sqlite:///{path}")
+    applied.create(engine)
+    engine.dispose()
+    db = Database(f"sqlite:///{path}")
+
+    def rows_in_database_file() -> int:  # the main file alone, not the WAL
+        conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+        try:
+            return conn.execute("SELECT count(*) FROM applied").fetchone()[0]
+        finally:
+            conn.close()
+    try:
+        for n in range(1100):  # past SQLite's own auto-checkpoint threshold (1000 pages)
+            async with db.session() as s, s.begin():
+                await s.execute(sa.insert(applied).values(event_id=f"e{n}" + "x" * 4000))
+        assert rows_in_database_file() == 0, "a serving connection checkpointed"
+        task = asyncio.create_task(db.checkpoints(interval=0.05))
+        try:
+            await eventually(lambda: rows_in_database_file() == 1100, timeout=10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await db.dispose()
