@@ -93,7 +93,7 @@ class Runtime:
         for config in self.definition.streams(self):
             await self.bus.ensure_stream(config)
         self._spawn("outbox-relay", self.relay.run())
-        self._spawn("database-checkpoints", self.db.checkpoints())
+        self._checkpoints = self._spawn("database-checkpoints", self.db.checkpoints())
         for spec in self.definition.consumers(self):
             consumer = EventConsumer(self.bus, self.uow, spec)
             await consumer.subscribe()  # create the durable before serving
@@ -145,6 +145,8 @@ class Runtime:
         for hook in self.definition.on_stopping:
             await hook(self)
         self.relay.stop()
+        if getattr(self, "_checkpoints", None) is not None:
+            self._checkpoints.cancel()  # it has nothing to finish; the last connection checkpoints at close
         # Consumers finish their current fetch (about a second) and the relay
         # its batch; whatever is still running then is cancelled.
         if self.tasks:
