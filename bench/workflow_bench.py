@@ -285,8 +285,9 @@ def main() -> None:
             "",
             "Dispatch overhead = the dependent step's job start_time minus its upstream job's end_time (both "
             "executor clock): completion event through the outbox and NATS, the workflow's consumer, the step "
-            "transaction, CreateResource and ProvisionResource (which call the blueprint and executor "
-            "services), SubmitJob, the work queue and a worker's claim. The level-by-level figure is computed "
+            "transaction, CreateResource (which provisions in the same call), SubmitJob and the start by an "
+            "idle worker (or, with none idle, the work queue and a worker's claim). The level-by-level figure "
+            "is computed "
             "from the measured job durations: each level waits for its slowest step, plus the measured p50 "
             "dispatch between levels. The weighted critical path is the longest dependency chain summed over "
             "measured job durations.",
