@@ -2,16 +2,22 @@
 shared auth secret for the user on whose behalf the call is made (the
 calling service already authorised that user), and an explicit deadline.
 UNAVAILABLE / DEADLINE_EXCEEDED become `Unavailable` (the dependency is down);
-other errors are re-raised as RemoteError for the caller to translate."""
+ABORTED for a concurrent change inside the callee (two writers of one row,
+no etag of ours involved) is asked again: its transaction was rolled back.
+Other errors are re-raised as RemoteError for the caller to translate."""
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 
 from services.common.auth import Role, mint_token
 from services.common.config import Settings
 from services.common.errors import Unavailable
+from services.common.grpc_errors import status_details
 
 DEFAULT_DEADLINE = 10.0
+CONFLICT_RETRY_DELAYS = (0.02, 0.1, 0.3)
 
 
 class RemoteError(Exception):
@@ -38,15 +44,25 @@ class ServiceClients:
 
     async def call(self, service: str, method, request, user: str = "", role: Role = Role.ADMIN,
                    timeout: float = DEFAULT_DEADLINE):
-        try:
-            return await method(request, metadata=self.metadata(user, role), timeout=timeout)
-        except grpc.aio.AioRpcError as err:
-            if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(f"the {service} service is not reachable; try again shortly",
-                                  reason=f"{service.upper()}_UNAVAILABLE") from None
-            raise RemoteError(service, err) from None
+        for delay in (*CONFLICT_RETRY_DELAYS, None):
+            try:
+                return await method(request, metadata=self.metadata(user, role), timeout=timeout)
+            except grpc.aio.AioRpcError as err:
+                if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise Unavailable(f"the {service} service is not reachable; try again shortly",
+                                      reason=f"{service.upper()}_UNAVAILABLE") from None
+                if delay is None or not _concurrent_change(err):
+                    raise RemoteError(service, err) from None
+            await asyncio.sleep(delay)
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+def _concurrent_change(err: grpc.aio.AioRpcError) -> bool:
+    if err.code() != grpc.StatusCode.ABORTED:
+        return False
+    info = status_details(err).get("ErrorInfo")
+    return info is not None and info.reason == "CONCURRENT_CHANGE"

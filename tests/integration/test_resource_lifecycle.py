@@ -411,6 +411,27 @@ async def test_a_child_created_right_after_its_parents_job_finished_is_not_rejec
     assert (parent.state, parent.status) == (PROVISIONED, DONE) and parent.outputs
 
 
+async def test_a_parent_destroy_racing_the_childs_completion_event_is_not_refused(p):
+    """DestroyResource of a parent settles a child whose destroy job has just
+    finished; when the completion event's consumer applies the same outcome a
+    moment earlier, the settle reads its result instead of failing the call."""
+    from dataclasses import replace
+    net = await p.provisioned("network", "n", variables={"cidr": "10.0.0.0/16"})
+    app = await p.provisioned("app", "a", [net.id], variables={"vpc_id": "vpc-1"})
+    await p.resource.DestroyResource(rp.DestroyResourceRequest(id=app.id), metadata=p.admin)
+    await p.wait(app.id, DESTROYED, DONE)
+    runtime = p.inner["resource"].runtime
+    async with runtime.uow() as uow:
+        applied = await uow.resources.get(app.id)
+        # What the parent's destroy read an instant before the consumer committed.
+        seen = replace(applied, state="destroy", status="in_progress", pending_operation="destroy",
+                       version=applied.version - 1)
+        settled = await runtime.lifecycle.settle(uow, seen, "test")
+    assert (settled.state, settled.status, settled.version) == ("destroyed", "done", applied.version)
+    destroyed = await p.resource.DestroyResource(rp.DestroyResourceRequest(id=net.id), metadata=p.admin)
+    assert destroyed.state == DESTROY
+
+
 async def test_transitions_the_state_table_does_not_allow_are_refused(p):
     net = await p.create("network", "n", variables={"cidr": "10.0.0.0/16"})
     # provision: no destroy, no recreate, no delete, no update.

@@ -1,7 +1,10 @@
 import grpc
+import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from services.common import errors
+from services.common.clients import RemoteError, ServiceClients
+from services.common.config import Settings
 from services.common.grpc_errors import to_grpc_status
 
 
@@ -53,3 +56,48 @@ def test_other_codes():
     assert to_grpc_status(errors.Aborted("stale etag")).code == grpc.StatusCode.ABORTED
     assert to_grpc_status(errors.Unavailable("executor down")).code == grpc.StatusCode.UNAVAILABLE
     assert to_grpc_status(errors.PermissionDenied("no")).code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def _rpc_error(err: errors.DomainError) -> grpc.aio.AioRpcError:
+    status = to_grpc_status(err)
+    return grpc.aio.AioRpcError(status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata),
+                                details=status.details)
+
+
+class _Callee:
+    """A remote method that answers with the given errors, then with 'ok'."""
+
+    def __init__(self, *errors_first: errors.DomainError):
+        self.answers = list(errors_first)
+        self.calls = 0
+
+    async def __call__(self, request, metadata, timeout):
+        self.calls += 1
+        if self.answers:
+            raise _rpc_error(self.answers.pop(0))
+        return "ok"
+
+
+@pytest.fixture
+def clients(monkeypatch):
+    monkeypatch.setattr("services.common.clients.CONFLICT_RETRY_DELAYS", (0, 0, 0))
+    return ServiceClients(Settings.from_env("workflow", {"IK_AUTH_SECRET": "x" * 32}), "workflow")
+
+
+async def test_a_concurrent_change_inside_the_callee_is_asked_again(clients):
+    conflict = errors.Aborted("resource r was changed by someone else just now", reason="CONCURRENT_CHANGE")
+    callee = _Callee(conflict, conflict)
+    assert await clients.call("resource", callee, None) == "ok"
+    assert callee.calls == 3
+
+
+async def test_a_stale_etag_and_a_conflict_that_persists_reach_the_caller(clients):
+    stale = _Callee(errors.Aborted("resource r was changed by someone else", reason="STALE_ETAG"))
+    with pytest.raises(RemoteError) as raised:
+        await clients.call("resource", stale, None)
+    assert raised.value.code == grpc.StatusCode.ABORTED and stale.calls == 1
+    conflict = errors.Aborted("changed", reason="CONCURRENT_CHANGE")
+    endless = _Callee(*[conflict] * 10)
+    with pytest.raises(RemoteError):
+        await clients.call("resource", endless, None)
+    assert endless.calls == 4

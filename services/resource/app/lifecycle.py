@@ -263,7 +263,14 @@ class Lifecycle:
         job = await self.remote.job(r.last_job_id)
         if job is None or job.status in ("queued", "running"):
             return r
-        return await self.apply_job_outcome(uow, r, job, actor) or r
+        try:
+            return await self.apply_job_outcome(uow, r, job, actor) or r
+        except Aborted as exc:
+            if exc.reason != "CONCURRENT_CHANGE":
+                raise
+            # The completion event was applied meanwhile (its consumer won the
+            # guarded write, before this transaction wrote anything): read its result.
+            return await uow.resources.get(r.id) or r
 
     async def _check_variables(self, uow, template_id: str, resource_id: str, version: VersionInfo,
                                variables: dict[str, Any], violations: list[FieldViolation], field: str) -> list[str]:
@@ -516,6 +523,11 @@ class Lifecycle:
         revision = r.revision + 1 if (operation == OP_UPDATE or r.ever_provisioned) else r.revision
         after = replace(base, state=PROVISIONED, status=DONE, outputs=list(job.outputs), revision=revision,
                         ever_provisioned=True, error_message="", temporary_state_id="")
+        # The guarded write of the resource comes first: a concurrent applier
+        # loses there, before it has written anything else (see settle).
+        event = "resource_updated" if operation == OP_UPDATE else "resource_provisioned"
+        done = await self._save(uow, r, after, actor, "updated" if operation == OP_UPDATE else "provisioned",
+                                events=("resource_status_changed", event))
         if operation == OP_UPDATE and r.temporary_state_id:
             t = await uow.temporary_states.get(r.temporary_state_id)
             if t is not None:
@@ -523,9 +535,6 @@ class Lifecycle:
                                                           version=t.version + 1), t.version)
         await uow.revisions.add(Revision(r.id, revision, after.source_code_version_id, after.masked_variables(),
                                          after.masked_outputs(), job.id, actor, utcnow()))
-        event = "resource_updated" if operation == OP_UPDATE else "resource_provisioned"
-        done = await self._save(uow, r, after, actor, "updated" if operation == OP_UPDATE else "provisioned",
-                                events=("resource_status_changed", event))
         if operation == OP_PROVISION:
             await self._start_waiting_children(uow, done, actor)
         return done
