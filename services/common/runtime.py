@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.bus import EventBus
+from services.common.changes import ChangeFeed
 from services.common.config import Settings
 from services.common.consumer import ConsumerSpec, EventConsumer
 from services.common.db import Database
@@ -80,11 +81,12 @@ class Runtime:
         self.consumers: list[tuple[EventConsumer, asyncio.Task]] = []
         self.port: int | None = None
         self.uow_options: dict = {}
+        self.changes = ChangeFeed()
         definition.setup(self)
 
     def uow(self) -> UnitOfWork:
         return self.definition.uow_class(self.db, self.outbox_table, self.inbox_table, self.bus.names,
-                                         on_commit=self.relay.notify, **self.uow_options)
+                                         on_commit=self.relay.notify, changes=self.changes, **self.uow_options)
 
     async def start(self) -> None:
         s = self.settings

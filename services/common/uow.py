@@ -14,6 +14,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.bus import Names
+from services.common.changes import ChangeFeed
 from services.common.db import Database
 from services.common.events import Envelope
 
@@ -45,8 +46,11 @@ class UnitOfWork:
     their repositories in `_open()`."""
 
     def __init__(self, db: Database, outbox: sa.Table, inbox: sa.Table, names: Names,
-                 on_commit: Callable[[list[tuple[str, str, bytes]]], None] | None = None):
+                 on_commit: Callable[[list[tuple[str, str, bytes]]], None] | None = None,
+                 changes: ChangeFeed | None = None):
         self.db = db
+        self._changes = changes
+        self._touched: set[str] = set()  # ids whose followers wake at commit
         self._outbox = outbox
         self._inbox = inbox
         self._names = names
@@ -102,6 +106,11 @@ class UnitOfWork:
             await self.session.execute(_insert(self._outbox.metadata.tables["request_ids"]), dict(
                 scope=scope, request_id=request_id, resource_id=resource_id, created_at=utcnow()))
 
+    def touch(self, key: str) -> None:
+        """Marks a followed id (workflow, resource, job) as changed by this
+        transaction: its streams in this process wake once it commits."""
+        self._touched.add(key)
+
     def after_commit(self, action: Callable[[], Awaitable[None]]) -> None:
         """Work that must happen only once the transaction is committed (e.g. a
         call to another service that starts a job for a state just stored).
@@ -113,6 +122,9 @@ class UnitOfWork:
         emitted, self._emitted = self._emitted, []
         if emitted and self._on_commit is not None:
             self._on_commit(emitted)
+        touched, self._touched = self._touched, set()
+        if touched and self._changes is not None:
+            self._changes.notify(touched)
         actions, self._after_commit = self._after_commit, []
         for action in actions:
             await action()
@@ -121,3 +133,4 @@ class UnitOfWork:
         await self.session.rollback()
         self._emitted = []
         self._after_commit = []
+        self._touched = set()

@@ -41,7 +41,8 @@ async def any_db(request, tmp_path, event_prefix, nats_url, postgres):
 
 
 async def watch_states(p, resource_id: str, until: tuple[int, int], seen: list) -> None:
-    """What WatchResource shows (it polls: very short-lived statuses may be skipped)."""
+    """What WatchResource shows (it reads the resource when a commit wakes it: statuses committed in
+    quick succession may show as one)."""
     async for change in p.resource.WatchResource(rp.WatchResourceRequest(id=resource_id), metadata=p.md):
         pair = (change.resource.state, change.resource.status)
         if not seen or seen[-1] != pair:

@@ -359,3 +359,51 @@ async def test_with_the_approval_flow_a_teardown_waits_for_owners_and_a_rejectio
     torn = await wait_teardown(p, w.id)
     assert torn.teardown_status == wp.TEARDOWN_STATUS_DONE, torn.teardown_error_message
     await p.wait(step.resource_id, rp.RESOURCE_STATE_DESTROYED, rp.RESOURCE_STATUS_DONE)
+
+
+async def test_watches_and_log_streams_follow_commits_not_the_poll(p, monkeypatch):
+    """A stream wakes when its service commits a change to what it follows:
+    with the fallback poll a minute long, each still follows a run to its end
+    and shows the steps in progress on the way."""
+    for constant in ("services.workflow.api.servicer.WATCH_POLL_SECONDS",
+                     "services.resource.api.servicer.WATCH_POLL_SECONDS",
+                     "services.executor.api.servicer.LOG_POLL_SECONDS"):
+        monkeypatch.setattr(constant, 60.0)
+    blueprint = await p.blueprint_of("stack", {"network": {"cidr": "10.0.0.0/16"}, "app": {}},
+                                     [("network", "vpc_id", "app", "vpc_id")])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    seen, watching = [], asyncio.Event()
+
+    async def watch() -> None:
+        async for change in p.workflow.WatchWorkflow(wp.WatchWorkflowRequest(id=w.id), metadata=p.md):
+            seen.append((change.workflow.status, tuple(s.status for s in change.workflow.steps)))
+            watching.set()
+
+    async with asyncio.timeout(45):
+        watcher = asyncio.create_task(watch())
+        await watching.wait()
+        await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
+        await watcher
+    assert seen[-1] == (wp.WORKFLOW_STATUS_DONE, (DONE, DONE))
+    assert any(wp.STEP_STATUS_IN_PROGRESS in steps for _, steps in seen[1:-1])
+
+    net = await p.create("network", "n", variables={"cidr": "10.1.0.0/16"})
+    states, watching = [], asyncio.Event()
+
+    async def watch_resource() -> None:
+        async for change in p.resource.WatchResource(rp.WatchResourceRequest(id=net.id), metadata=p.md):
+            states.append((change.resource.state, change.resource.status))
+            watching.set()
+            if states[-1] == (rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE):
+                return
+
+    async with asyncio.timeout(45):
+        watcher = asyncio.create_task(watch_resource())
+        await watching.wait()
+        started = await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=net.id), metadata=p.md)
+        chunks = [c async for c in p.executor.StreamJobLogs(ep.StreamJobLogsRequest(job_id=started.last_job_id),
+                                                            metadata=p.md)]
+        await watcher
+    assert chunks[-1].final_status == ep.JOB_STATUS_SUCCEEDED and any(c.lines for c in chunks)
+    assert states[0] == (rp.RESOURCE_STATE_PROVISION, rp.RESOURCE_STATUS_READY) and len(states) >= 3

@@ -4,6 +4,7 @@ below them sees clear text."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -55,9 +56,12 @@ _INSERT_CLAIM = sa.insert(state_path_claims)
 
 
 class JobRepository:
-    def __init__(self, session: AsyncSession, vault: Vault):
+    """`touch` marks a job whose status may have changed (its log streams wake at commit)."""
+
+    def __init__(self, session: AsyncSession, vault: Vault, touch: Callable[[str], None]):
         self.s = session
         self.vault = vault
+        self.touch = touch
 
     def _row(self, j: Job) -> dict[str, Any]:
         sensitive = {k: v for k, v in j.variables.items() if k in j.sensitive_variables}
@@ -113,6 +117,7 @@ class JobRepository:
         values = self._row(j)
         values["w_id"] = values.pop("id")
         await self.s.execute(_SAVE_JOB, values)
+        self.touch(j.id)
 
     async def claim(self, id_: str, worker: str, now: dt.datetime, lease_until: dt.datetime) -> bool:
         """Atomically makes `worker` the job's runner: only a queued job, or a
@@ -136,6 +141,7 @@ class JobRepository:
     async def cancel_if_queued(self, id_: str, reason: str, now: dt.datetime) -> bool:
         result = await self.s.execute(sa.update(jobs).where(jobs.c.id == id_, jobs.c.status == "queued").values(
             status="cancelled", cancel_requested=True, end_time=now, error_message=reason))
+        self.touch(id_)
         return result.rowcount == 1
 
     async def request_cancel_if_running(self, id_: str) -> bool:
@@ -184,14 +190,18 @@ class JobRepository:
 
 
 class JobLogRepository:
-    def __init__(self, session: AsyncSession):
+    """`touch` marks the job whose lines were written (its log streams wake at commit)."""
+
+    def __init__(self, session: AsyncSession, touch: Callable[[str], None]):
         self.s = session
+        self.touch = touch
 
     async def append(self, job_id: str, first_number: int, lines: list[tuple[dt.datetime, str, str]]) -> None:
         if lines:
             await self.s.execute(sa.insert(job_logs), [
                 dict(job_id=job_id, number=first_number + i, time=t, stream=stream, text=text)
                 for i, (t, stream, text) in enumerate(lines)])
+            self.touch(job_id)
 
     async def last_number(self, job_id: str) -> int:
         return int(await self.s.scalar(sa.select(sa.func.coalesce(sa.func.max(job_logs.c.number), 0)).where(

@@ -10,8 +10,8 @@ class ExecutorUnitOfWork(UnitOfWork):
         self.vault = vault
 
     def _open(self) -> None:
-        self.jobs = JobRepository(self.session, self.vault)
-        self.logs = JobLogRepository(self.session)
+        self.jobs = JobRepository(self.session, self.vault, self.touch)
+        self.logs = JobLogRepository(self.session, self.touch)
         self.integrations = IntegrationRepository(self.session, self.vault)
         self.secrets = SecretRepository(self.session, self.vault)
         self.storages = StorageRepository(self.session, self.vault)

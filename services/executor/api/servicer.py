@@ -2,8 +2,6 @@
 a unit of work, converts the result."""
 from __future__ import annotations
 
-import asyncio
-
 from google.protobuf import empty_pb2
 
 from infrakitchen.executor.v1 import executor_pb2 as pb
@@ -15,12 +13,16 @@ from services.executor.app import credentials, jobs
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 
-LOG_POLL_SECONDS = 0.25
+# Lines and status written by this process wake a stream at once
+# (services.common.changes); the poll finds those of a job another executor
+# process runs.
+LOG_POLL_SECONDS = 0.5
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     def __init__(self, runtime):
         self.uow = runtime.uow
+        self.changes = runtime.changes
         self.default_timeout = runtime.executor_config.default_timeout
         self.config = runtime.executor_config
         self.workers = runtime.workers
@@ -70,26 +72,28 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         after = max(request.after_line, 0)
         async with self.uow() as uow:
             await jobs.get_job(uow, request.job_id)
-        while True:
-            async with self.uow() as uow:
-                rows = await uow.logs.after(request.job_id, after)
-                status = (await uow.jobs.get(request.job_id)).status if not rows else None
-            if rows:
-                after = rows[-1].number
-                yield pb.StreamJobLogsResponse(lines=[
-                    pb.LogLine(number=r.number, time=to_timestamp(r.time), stream=r.stream, text=r.text)
-                    for r in rows])
-                continue
-            if status in ("succeeded", "failed", "cancelled", "timed_out"):
-                # A line written just before the status changed is read above
-                # on the next pass; read once more so none is missed.
+        with self.changes.watch(request.job_id) as watch:
+            while True:
+                seen = watch.changes  # before the read: a commit during it wakes the next wait at once
                 async with self.uow() as uow:
                     rows = await uow.logs.after(request.job_id, after)
+                    status = (await uow.jobs.get(request.job_id)).status if not rows else None
                 if rows:
+                    after = rows[-1].number
+                    yield pb.StreamJobLogsResponse(lines=[
+                        pb.LogLine(number=r.number, time=to_timestamp(r.time), stream=r.stream, text=r.text)
+                        for r in rows])
                     continue
-                yield pb.StreamJobLogsResponse(final_status=convert.STATUS_PB[status])
-                return
-            await asyncio.sleep(LOG_POLL_SECONDS)
+                if status in ("succeeded", "failed", "cancelled", "timed_out"):
+                    # A line written just before the status changed is read above
+                    # on the next pass; read once more so none is missed.
+                    async with self.uow() as uow:
+                        rows = await uow.logs.after(request.job_id, after)
+                    if rows:
+                        continue
+                    yield pb.StreamJobLogsResponse(final_status=convert.STATUS_PB[status])
+                    return
+                await watch.after(seen, LOG_POLL_SECONDS)
 
     async def GetJobSensitiveOutputs(self, request, context):
         async with self.uow() as uow:

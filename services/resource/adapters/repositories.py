@@ -4,6 +4,7 @@ otherwise), so two concurrent operations never both start."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,8 +49,11 @@ _SETTING = sa.select(settings.c.value).where(settings.c.key == sa.bindparam("key
 
 
 class ResourceRepository:
-    def __init__(self, session: AsyncSession):
+    """`touch` marks a written resource's id on the unit of work (its watchers wake at commit)."""
+
+    def __init__(self, session: AsyncSession, touch: Callable[[str], None]):
         self.s = session
+        self.touch = touch
 
     @staticmethod
     def _row(r: Resource) -> dict[str, Any]:
@@ -90,6 +94,7 @@ class ResourceRepository:
                                                     f"{r.storage_path!r} was created at the same moment") from None
         if r.parent_ids:
             await self.s.execute(_INSERT["resource_links"], [dict(parent_id=p, child_id=r.id) for p in r.parent_ids])
+        self.touch(r.id)
 
     async def get(self, id_: str) -> Resource | None:
         row = (await self.s.execute(_RESOURCE, {"id": id_})).first()
@@ -145,6 +150,7 @@ class ResourceRepository:
         if result.rowcount != 1:
             raise Aborted(f"resource {r.id} was changed by someone else just now; read it again and retry",
                           reason="CONCURRENT_CHANGE")
+        self.touch(r.id)
 
     async def delete(self, id_: str) -> None:
         await self.s.execute(sa.delete(resource_links).where(sa.or_(
@@ -152,6 +158,7 @@ class ResourceRepository:
         await self.s.execute(sa.delete(temporary_states).where(temporary_states.c.resource_id == id_))
         await self.s.execute(sa.delete(resource_revisions).where(resource_revisions.c.resource_id == id_))
         await self.s.execute(sa.delete(resources).where(resources.c.id == id_))
+        self.touch(id_)
 
 
 class TemporaryStateRepository:

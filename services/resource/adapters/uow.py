@@ -5,7 +5,7 @@ from services.resource.adapters.repositories import (AuditRepository, ResourceRe
 
 class ResourceUnitOfWork(UnitOfWork):
     def _open(self) -> None:
-        self.resources = ResourceRepository(self.session)
+        self.resources = ResourceRepository(self.session, self.touch)
         self.temporary_states = TemporaryStateRepository(self.session)
         self.revisions = RevisionRepository(self.session)
         self.audit = AuditRepository(self.session)

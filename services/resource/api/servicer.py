@@ -2,8 +2,6 @@
 a unit of work, converts the result."""
 from __future__ import annotations
 
-import asyncio
-
 from google.protobuf import empty_pb2
 
 from infrakitchen.resource.v1 import resource_pb2 as pb
@@ -14,7 +12,9 @@ from services.resource.api import convert
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ResourceService"].full_name
 
-WATCH_POLL_SECONDS = 0.3
+# Commits of this process wake a watch at once (services.common.changes);
+# the poll finds what another replica of the service committed.
+WATCH_POLL_SECONDS = 1.0
 _METADATA_FIELDS = ("description", "labels", "dependency_tags", "dependency_configs", "variables")
 _TS_FIELDS = ("description", "source_code_version_id", "variables", "integration_ids", "secret_ids", "labels",
               "workspace")
@@ -23,6 +23,7 @@ _TS_FIELDS = ("description", "source_code_version_id", "variables", "integration
 class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
     def __init__(self, runtime):
         self.uow = runtime.uow
+        self.changes = runtime.changes
         self.lc = runtime.lifecycle
 
     async def _run(self, use_case, *args, reread: str | None = None):
@@ -118,18 +119,20 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         """Sends the resource now and after every change, until the client leaves
         or the resource is deleted."""
         version = None
-        while True:
-            async with self.uow() as uow:
-                r = await uow.resources.get(request.id)
-            if r is None:
-                if version is None:
-                    async with self.uow() as uow:
-                        await self.lc.get(uow, request.id)  # NOT_FOUND
-                return
-            if r.version != version:
-                version = r.version
-                yield pb.WatchResourceResponse(resource=convert.resource_to_pb(r))
-            await asyncio.sleep(WATCH_POLL_SECONDS)
+        with self.changes.watch(request.id) as watch:
+            while True:
+                seen = watch.changes  # before the read: a commit during it wakes the next wait at once
+                async with self.uow() as uow:
+                    r = await uow.resources.get(request.id)
+                if r is None:
+                    if version is None:
+                        async with self.uow() as uow:
+                            await self.lc.get(uow, request.id)  # NOT_FOUND
+                    return
+                if r.version != version:
+                    version = r.version
+                    yield pb.WatchResourceResponse(resource=convert.resource_to_pb(r))
+                await watch.after(seen, WATCH_POLL_SECONDS)
 
     async def _sensitive(self, resource_id: str) -> list[str]:
         async with self.uow() as uow:

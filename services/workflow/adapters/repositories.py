@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -63,8 +64,11 @@ _INSERT_WORKFLOW, _INSERT_STEP = sa.insert(workflows), sa.insert(steps)
 
 
 class WorkflowRepository:
-    def __init__(self, session: AsyncSession):
+    """`touch` marks a written workflow's id on the unit of work (its watchers wake at commit)."""
+
+    def __init__(self, session: AsyncSession, touch: Callable[[str], None]):
         self.s = session
+        self.touch = touch
 
     @staticmethod
     def _row(w: Workflow) -> dict:
@@ -87,6 +91,7 @@ class WorkflowRepository:
 
     async def add(self, w: Workflow) -> None:
         await self.s.execute(_INSERT_WORKFLOW, self._row(w))
+        self.touch(w.id)
 
     async def get(self, id_: str) -> Workflow | None:
         row = (await self.s.execute(_WORKFLOW, {"id": id_})).first()
@@ -110,15 +115,18 @@ class WorkflowRepository:
         if result.rowcount != 1:
             raise Aborted(f"workflow {w.id} was changed at the same moment; read it again and retry",
                           reason="CONCURRENT_CHANGE")
+        self.touch(w.id)
 
     async def delete(self, id_: str) -> None:
         await self.s.execute(sa.delete(steps).where(steps.c.workflow_id == id_))
         await self.s.execute(sa.delete(workflows).where(workflows.c.id == id_))
+        self.touch(id_)
 
 
 class StepRepository:
-    def __init__(self, session: AsyncSession):
+    def __init__(self, session: AsyncSession, touch: Callable[[str], None]):
         self.s = session
+        self.touch = touch
 
     @staticmethod
     def _row(st: Step) -> dict:
@@ -137,6 +145,7 @@ class StepRepository:
 
     async def add(self, st: Step) -> None:
         await self.s.execute(_INSERT_STEP, self._row(st))
+        self.touch(st.workflow_id)
 
     async def get(self, id_: str) -> Step | None:
         row = (await self.s.execute(_STEP, {"id": id_})).first()
@@ -161,4 +170,7 @@ class StepRepository:
     async def update(self, st: Step, read_version: int) -> bool:
         """False when someone else changed the step first (the caller lost the race)."""
         result = await self.s.execute(_UPDATE_STEP, guarded_update_params(self._row(st), read_version))
-        return result.rowcount == 1
+        if result.rowcount != 1:
+            return False
+        self.touch(st.workflow_id)
+        return True

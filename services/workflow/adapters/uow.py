@@ -4,5 +4,5 @@ from services.workflow.adapters.repositories import StepRepository, WorkflowRepo
 
 class WorkflowUnitOfWork(UnitOfWork):
     def _open(self) -> None:
-        self.workflows = WorkflowRepository(self.session)
-        self.steps = StepRepository(self.session)
+        self.workflows = WorkflowRepository(self.session, self.touch)
+        self.steps = StepRepository(self.session, self.touch)

@@ -2,8 +2,6 @@
 a unit of work, converts the result."""
 from __future__ import annotations
 
-import asyncio
-
 from google.protobuf import empty_pb2
 
 from infrakitchen.workflow.v1 import workflow_pb2 as pb
@@ -12,13 +10,16 @@ from services.common.auth import current_principal
 from services.workflow.api import convert
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name
-WATCH_POLL_SECONDS = 0.2
+# Commits of this process wake a watch at once (services.common.changes);
+# the poll finds what another replica of the service committed.
+WATCH_POLL_SECONDS = 1.0
 
 
 class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
     def __init__(self, runtime):
         self.uow = runtime.uow
         self.workflows = runtime.workflows
+        self.changes = runtime.changes
 
     async def _read(self, id_: str) -> pb.Workflow:
         async with self.uow() as uow:
@@ -71,16 +72,18 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         """Every change of the workflow or its steps, until it has ended (and
         a teardown under way has ended too)."""
         last = None
-        while True:
-            current = await self._read(request.id)
-            snapshot = current.SerializeToString(deterministic=True)
-            if snapshot != last:
-                last = snapshot
-                yield pb.WatchWorkflowResponse(workflow=current)
-            if current.status in (pb.WORKFLOW_STATUS_DONE, pb.WORKFLOW_STATUS_ERROR) \
-                    and current.teardown_status != pb.TEARDOWN_STATUS_IN_PROGRESS:
-                return
-            await asyncio.sleep(WATCH_POLL_SECONDS)
+        with self.changes.watch(request.id) as watch:
+            while True:
+                seen = watch.changes  # before the read: a commit during it wakes the next wait at once
+                current = await self._read(request.id)
+                snapshot = current.SerializeToString(deterministic=True)
+                if snapshot != last:
+                    last = snapshot
+                    yield pb.WatchWorkflowResponse(workflow=current)
+                if current.status in (pb.WORKFLOW_STATUS_DONE, pb.WORKFLOW_STATUS_ERROR) \
+                        and current.teardown_status != pb.TEARDOWN_STATUS_IN_PROGRESS:
+                    return
+                await watch.after(seen, WATCH_POLL_SECONDS)
 
 
 def register(server, runtime) -> list[str]:
