@@ -141,8 +141,10 @@ class JobRepository:
     async def cancel_if_queued(self, id_: str, reason: str, now: dt.datetime) -> bool:
         result = await self.s.execute(sa.update(jobs).where(jobs.c.id == id_, jobs.c.status == "queued").values(
             status="cancelled", cancel_requested=True, end_time=now, error_message=reason))
+        if result.rowcount != 1:
+            return False
         self.touch(id_)
-        return result.rowcount == 1
+        return True
 
     async def request_cancel_if_running(self, id_: str) -> bool:
         result = await self.s.execute(sa.update(jobs).where(jobs.c.id == id_, jobs.c.status == "running").values(
