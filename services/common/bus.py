@@ -77,6 +77,11 @@ class EventBus:
                 await asyncio.sleep(delay)
         raise RuntimeError(f"cannot connect to NATS at {self.nats_url}: {last}")
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message the connected server accepts (0 when not connected)."""
+        return self.nc.max_payload if self.nc is not None and self.nc.is_connected else 0
+
     async def ensure_stream(self, config: StreamConfig) -> None:
         """Creates the stream, or brings an existing one to this config."""
         assert self.js is not None

@@ -28,21 +28,48 @@ def _pack(message) -> any_pb2.Any:
     return packed
 
 
+# Status details travel in a trailer (base64), and gRPC refuses metadata over
+# 16 KiB by default: an error that quoted a huge input would reach the caller as
+# RESOURCE_EXHAUSTED "Stream removed" instead. Every text is cut, and so is the
+# number of violations.
+MAX_MESSAGE = 1000
+MAX_TEXT = 300
+VIOLATIONS_BUDGET = 4000  # characters of all violations together
+
+
+def _cut(text: str, limit: int = MAX_TEXT) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _within_budget(violations: list, *texts) -> list:
+    kept, used = [], 0
+    for v in violations:
+        used += sum(len(_cut(getattr(v, t))) for t in texts)
+        if used > VIOLATIONS_BUDGET:
+            break
+        kept.append(v)
+    return kept
+
+
 def to_grpc_status(err: errors.DomainError) -> grpc.Status:
     code = next((c for cls, c in _CODES if isinstance(err, cls)), code_pb2.FAILED_PRECONDITION)
-    details = [_pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata))]
+    metadata = {_cut(k, 64): _cut(v, 2000) for k, v in list(err.metadata.items())[:10]}
+    details = [_pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=metadata))]
     if isinstance(err, errors.InvalidArgument) and err.violations:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in err.violations])))
+            error_details_pb2.BadRequest.FieldViolation(field=_cut(v.field), description=_cut(v.description))
+            for v in _within_budget(err.violations, "field", "description")])))
     if isinstance(err, errors.FailedPrecondition) and err.violations:
         details.append(_pack(error_details_pb2.PreconditionFailure(violations=[
-            error_details_pb2.PreconditionFailure.Violation(type=v.type, subject=v.subject, description=v.description)
-            for v in err.violations])))
+            error_details_pb2.PreconditionFailure.Violation(type=_cut(v.type), subject=_cut(v.subject),
+                                                            description=_cut(v.description))
+            for v in _within_budget(err.violations, "type", "subject", "description")])))
     if isinstance(err, (errors.NotFound, errors.AlreadyExists)):
         details.append(_pack(error_details_pb2.ResourceInfo(
-            resource_type=err.resource_type, resource_name=err.resource_name, description=err.message)))
-    return rpc_status.to_status(status_pb2.Status(code=code, message=err.message, details=details))
+            resource_type=_cut(err.resource_type), resource_name=_cut(err.resource_name),
+            description=_cut(err.message))))
+    return rpc_status.to_status(status_pb2.Status(code=code, message=_cut(err.message, MAX_MESSAGE),
+                                                  details=details))
 
 
 def status_details(rpc_error: grpc.RpcError) -> dict[str, object]:

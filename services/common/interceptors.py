@@ -13,7 +13,7 @@ import grpc
 from google.protobuf import descriptor_pool
 
 from infrakitchen.common.v1 import options_pb2
-from services.common import auth, errors
+from services.common import auth, errors, limits
 from services.common.grpc_errors import to_grpc_status
 
 log = logging.getLogger("infrakitchen.calls")
@@ -41,7 +41,28 @@ async def _iterate(behavior, request, context):
             yield item
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, around_unary, around_stream) -> grpc.RpcMethodHandler:
+class Undecodable:
+    """Stands for request bytes that are not the method's message: grpcio
+    would answer UNKNOWN for a deserializer that raises, so the error
+    interceptor's deserializer returns this and the call answers
+    INVALID_ARGUMENT instead."""
+
+
+def _lenient(deserializer):
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - DecodeError and friends: the caller sent garbage
+            return Undecodable()
+    return deserialize
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, around_unary, around_stream,
+            lenient: bool = False) -> grpc.RpcMethodHandler:
+    deserializer = _lenient(handler.request_deserializer) if lenient else handler.request_deserializer
     if handler.unary_unary is not None:
         behavior = handler.unary_unary
 
@@ -49,7 +70,7 @@ def _rewrap(handler: grpc.RpcMethodHandler, around_unary, around_stream) -> grpc
             return await around_unary(behavior, request, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            unary_unary, request_deserializer=handler.request_deserializer,
+            unary_unary, request_deserializer=deserializer,
             response_serializer=handler.response_serializer)
     if handler.unary_stream is not None:
         behavior = handler.unary_stream
@@ -59,9 +80,15 @@ def _rewrap(handler: grpc.RpcMethodHandler, around_unary, around_stream) -> grpc
                 yield item
 
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, request_deserializer=handler.request_deserializer,
+            unary_stream, request_deserializer=deserializer,
             response_serializer=handler.response_serializer)
     return handler  # client streaming is not part of the API
+
+
+def _decoded(request) -> None:
+    if isinstance(request, Undecodable):
+        raise errors.InvalidArgument("the request is not a valid protobuf message of this method",
+                                     reason="UNDECODABLE_REQUEST")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -81,6 +108,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def around_unary(behavior, request, context):
             started = time.perf_counter()
             try:
+                _decoded(request)
                 response = await _call_unary(behavior, request, context)
             except BaseException as exc:
                 await self._fail(method, exc, context, started)
@@ -91,6 +119,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def around_stream(behavior, request, context):
             started = time.perf_counter()
             try:
+                _decoded(request)
                 async for item in _iterate(behavior, request, context):
                     yield item
             except BaseException as exc:
@@ -98,7 +127,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 raise
             self._log(method, "OK", started)
 
-        return _rewrap(handler, around_unary, around_stream)
+        return _rewrap(handler, around_unary, around_stream, lenient=True)
 
     def _log(self, method: str, code: str, started: float, extra: str = "") -> None:
         try:
@@ -136,7 +165,9 @@ def required_role(method: str) -> auth.Role:
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks 'authorization: Bearer <token>' and the method's required role,
-    and makes the caller available as auth.current_principal()."""
+    and makes the caller available as auth.current_principal(); then checks
+    the request against the documented bounds (services.common.limits), so an
+    authenticated caller learns what is wrong with the request."""
 
     def __init__(self, secret: str):
         self.secret = secret
@@ -159,10 +190,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # (logging) interceptor, and to nothing else.
         async def around_unary(behavior, request, context):
             auth.set_current_principal(authenticate(context))
+            limits.check_request(request)
             return await _call_unary(behavior, request, context)
 
         async def around_stream(behavior, request, context):
             auth.set_current_principal(authenticate(context))
+            limits.check_request(request)
             async for item in _iterate(behavior, request, context):
                 yield item
 

@@ -23,11 +23,16 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 import sqlalchemy as sa
+from nats.errors import MaxPayloadError
 
+from infrakitchen.events.v1 import events_pb2
 from services.common.bus import EventBus
 from services.common.db import Database
 
 log = logging.getLogger(__name__)
+
+# Room left in a dead letter for the envelope around the refused event's first bytes.
+DEAD_LETTER_DATA_BYTES = 64 * 1024
 
 DELETE_WHEN_IDLE_FOR = 0.05  # seconds without new rows before published rows are deleted
 
@@ -37,7 +42,7 @@ OutboxRow = tuple[str, str, bytes]
 
 class OutboxRelay:
     def __init__(self, db: Database, outbox: sa.Table, bus: EventBus, *, batch_size: int = 100,
-                 poll_interval: float = 0.5):
+                 poll_interval: float = 0.5, name: str = "outbox"):
         self.db = db
         self.outbox = outbox
         self.bus = bus
@@ -48,6 +53,7 @@ class OutboxRelay:
         self._ready: OrderedDict[str, OutboxRow] = OrderedDict()
         self._table_drained = False  # nothing older than the fast-path rows waits in the table
         self._published: list[str] = []  # published from memory, deleted once the relay is idle
+        self.name = name  # the dead-letter subject is ik.deadletter.<name>
 
     def stop(self) -> None:
         """Finish the batch under way, then return from run()."""
@@ -71,7 +77,7 @@ class OutboxRelay:
                 query = query.with_for_update(skip_locked=True)
             rows = (await session.execute(query)).all()
             if rows:
-                await self.bus.publish_in_order([(row.subject, row.payload, row.event_id) for row in rows])
+                await self._publish([(row.subject, row.payload, row.event_id) for row in rows])
                 await session.execute(sa.delete(self.outbox).where(
                     self.outbox.c.seq.in_([row.seq for row in rows])))
             for row in rows:
@@ -83,11 +89,39 @@ class OutboxRelay:
         later, when the relay is idle (the delete is off the way of whatever
         the events set going, and one delete covers several commits)."""
         rows = list(self._ready.values())
-        await self.bus.publish_in_order([(subject, payload, event_id) for event_id, subject, payload in rows])
+        await self._publish([(subject, payload, event_id) for event_id, subject, payload in rows])
         for event_id, _, _ in rows:
             self._ready.pop(event_id, None)
             self._published.append(event_id)
         return len(rows)
+
+    async def _publish(self, messages: list[tuple[str, bytes, str]]) -> None:
+        """Publishes in order; a message NATS refuses for good (larger than
+        the server's max payload) is dead-lettered instead, with an error in
+        the log, so it never holds back the events after it."""
+        limit = self.bus.max_payload
+        refused = [m for m in messages if limit and len(m[1]) > limit]
+        if refused:
+            await self._dead_letter(refused, f"maximum payload exceeded (over {limit} bytes)")
+            messages = [m for m in messages if not (limit and len(m[1]) > limit)]
+        try:
+            await self.bus.publish_in_order(messages)
+        except MaxPayloadError:
+            # The server's limit is lower than the one known at connect: one by one.
+            for message in messages:
+                try:
+                    await self.bus.publish_in_order([message])
+                except MaxPayloadError:
+                    await self._dead_letter([message], "maximum payload exceeded")
+
+    async def _dead_letter(self, messages: list[tuple[str, bytes, str]], error: str) -> None:
+        for subject, payload, event_id in messages:
+            log.error("outbox relay: event %s on %s (%d bytes) refused by NATS for good: %s; dead-lettered to %s",
+                      event_id, subject, len(payload), error, self.bus.names.deadletter_subject(self.name))
+            letter = events_pb2.DeadLetter(consumer=self.name, subject=subject, deliveries=0, error=error,
+                                           data=payload[:DEAD_LETTER_DATA_BYTES], headers={"Nats-Msg-Id": event_id})
+            await self.bus.publish(self.bus.names.deadletter_subject(self.name), letter.SerializeToString(),
+                                   msg_id=f"dead-{event_id}")
 
     async def _delete_published(self) -> None:
         if not self._published:
@@ -113,7 +147,8 @@ class OutboxRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - NATS or DB hiccup: retry from the table later
-                log.warning("outbox relay: %s; retrying", exc)
+                # Some NATS errors (a timeout, a reconnect) carry no message: name the type.
+                log.warning("outbox relay: %s: %s; retrying", type(exc).__name__, exc or "(no detail)")
                 self._table_drained = False
                 published = 0
                 await asyncio.sleep(self.poll_interval)

@@ -8,6 +8,8 @@ from services.common.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# Larger offsets cannot come from a real listing, and overflow SQLite's integers.
+MAX_OFFSET = 2 ** 31
 
 
 def page_window(page_size: int, page_token: str) -> tuple[int, int]:
@@ -19,7 +21,7 @@ def page_window(page_size: int, page_token: str) -> tuple[int, int]:
         return 0, limit
     try:
         kind, _, offset = base64.urlsafe_b64decode(page_token.encode()).decode().partition(":")
-        if kind != "o" or not offset.isdigit():
+        if kind != "o" or not offset.isdigit() or len(offset) > 12 or int(offset) > MAX_OFFSET:
             raise ValueError
         return int(offset), limit
     except (ValueError, binascii.Error, UnicodeDecodeError):

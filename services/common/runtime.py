@@ -74,7 +74,7 @@ class Runtime:
         if "outbox" not in md.tables:
             plumbing_tables(md)
         self.outbox_table, self.inbox_table = md.tables["outbox"], md.tables["inbox"]
-        self.relay = OutboxRelay(self.db, self.outbox_table, self.bus)
+        self.relay = OutboxRelay(self.db, self.outbox_table, self.bus, name=f"outbox-{self.definition.name}")
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.tasks: list[asyncio.Task] = []

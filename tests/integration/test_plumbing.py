@@ -95,6 +95,7 @@ class CrashingBus:
 
     def __init__(self, bus: EventBus, survive: int):
         self.bus, self.left = bus, survive
+        self.max_payload = bus.max_payload
 
     async def publish_in_order(self, messages):
         for subject, payload, msg_id in messages:
@@ -335,3 +336,43 @@ async def test_sqlite_wal_is_checkpointed_off_the_event_loop(tmp_path):
             await asyncio.gather(task, return_exceptions=True)
     finally:
         await db.dispose()
+
+
+async def test_an_event_nats_refuses_for_good_is_dead_lettered_and_the_rest_flow_on(plumbing):
+    """One event over the server's max payload (it was a 1.2 MB user name)
+    used to be retried forever, holding every later event back, across
+    restarts. It is dead-lettered with an error log; the others are relayed,
+    both from the table and from the commit fast path."""
+    p = plumbing
+    before = await p.emit_jobs(2)
+    huge = new_event("executor", "job_succeeded", events_pb2.JobChanged(job_id="huge", error_message="x" * (
+        p.bus.max_payload + 10)))
+    async with p.uow() as uow:
+        await uow.emit(huge)
+        await uow.commit()
+    after = await p.emit_jobs(2, start=2)
+    dead = await p.bus.js.pull_subscribe(p.bus.names.deadletter_subject("outbox-test"), durable="dlq-outbox",
+                                         stream=p.bus.names.deadletter_stream)
+    reader = await p.bus.js.pull_subscribe(p.bus.names.subject("ik.executor.job.*"), durable="relayed",
+                                           stream=p.bus.names.context_stream("executor"))
+    assert await OutboxRelay(p.db, outbox_table, p.bus, name="outbox-test").relay_once() == 5
+    assert await p.count(outbox_table) == 0
+    got = [events_pb2.Envelope.FromString(m.data).event_id for m in await reader.fetch(4, timeout=5)]
+    assert got == [e.event_id for e in before + after]
+    [letter_msg] = await dead.fetch(1, timeout=5)
+    letter = events_pb2.DeadLetter.FromString(letter_msg.data)
+    assert letter.consumer == "outbox-test" and "maximum payload" in letter.error
+    assert letter.headers["Nats-Msg-Id"] == huge.event_id
+
+    # The fast path (rows handed over by a commit) dead-letters it the same way.
+    relay = OutboxRelay(p.db, outbox_table, p.bus, name="outbox-test")
+    big = new_event("executor", "job_failed", events_pb2.JobChanged(job_id="big", error_message="y" * (
+        p.bus.max_payload + 10)))
+    small = new_event("executor", "job_failed", events_pb2.JobChanged(job_id="small"))
+    relay.notify([(big.event_id, p.bus.names.subject(big.type), big.SerializeToString()),
+                  (small.event_id, p.bus.names.subject(small.type), small.SerializeToString())])
+    assert await relay._relay_ready() == 2
+    [msg] = await reader.fetch(1, timeout=5)
+    assert events_pb2.Envelope.FromString(msg.data).event_id == small.event_id
+    [letter_msg] = await dead.fetch(1, timeout=5)
+    assert events_pb2.DeadLetter.FromString(letter_msg.data).headers["Nats-Msg-Id"] == big.event_id
