@@ -26,6 +26,17 @@ class RemoteError(Exception):
         self.service = service
         self.code = err.code()
         self.details = err.details() or ""
+        # What the callee said was wrong, field by field: the caller's own
+        # error (e.g. a workflow step's message) keeps it for the user.
+        found = status_details(err)
+        self.violations = [f"{v.field}: {v.description}" for v in getattr(found.get("BadRequest"),
+                                                                           "field_violations", [])]
+        self.violations += [f"{v.subject}: {v.description}" for v in getattr(found.get("PreconditionFailure"),
+                                                                              "violations", [])]
+
+    def describe(self) -> str:
+        """The callee's message with its violations."""
+        return "; ".join([self.details, *self.violations]) if self.violations else self.details
 
 
 class ServiceClients:

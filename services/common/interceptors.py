@@ -11,6 +11,7 @@ from functools import cache
 
 import grpc
 from google.protobuf import descriptor_pool
+from sqlalchemy.exc import IntegrityError
 
 from infrakitchen.common.v1 import options_pb2
 from services.common import auth, errors, limits
@@ -146,6 +147,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
         if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
             return  # already a status, or cancellation: let it through
+        if isinstance(exc, IntegrityError):
+            # A unique index noticed what a check should have (two racing
+            # writers): the transaction rolled back, nothing changed.
+            log.warning("%s: a database constraint refused the write: %s", method, exc.orig)
+            status = to_grpc_status(errors.Aborted("a concurrent change conflicts with this request; read again and "
+                                                   "retry", reason="CONFLICTING_WRITE"))
+            self._log(method, status.code.name, started, " CONFLICTING_WRITE")
+            await context.abort(status.code, status.details, status.trailing_metadata)
         ref = uuid.uuid4().hex[:12]
         log.exception("%s INTERNAL ref=%s", method, ref)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (reference {ref})")

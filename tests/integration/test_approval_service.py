@@ -81,17 +81,17 @@ async def test_role_table(svc):
         err = await rpc_error(call(pb.ApproveRequestRequest(id=r.id) if call == svc.stub.ApproveRequest
                                    else pb.RejectRequestRequest(id=r.id), metadata=svc.as_("wendy")))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    # Another writer neither; a reader cannot even try.
+    # Another writer neither, nor a reader who owns nothing.
     assert (await rpc_error(svc.stub.ApproveRequest(pb.ApproveRequestRequest(id=r.id), metadata=svc.as_("walt")))
             ).code() == grpc.StatusCode.PERMISSION_DENIED
     assert (await rpc_error(svc.stub.ApproveRequest(pb.ApproveRequestRequest(id=r.id),
-                                                    metadata=svc.as_("olivia", Role.READ)))
+                                                    metadata=svc.as_("rita", Role.READ)))
             ).code() == grpc.StatusCode.PERMISSION_DENIED
     unchanged = await svc.stub.GetApprovalRequest(pb.GetApprovalRequestRequest(id=r.id), metadata=svc.as_("wendy"))
     assert unchanged.status == pb.APPROVAL_STATUS_PENDING and not unchanged.decisions
-    # The owner approves.
+    # The owner approves: ownership counts, not the platform role (olivia only reads).
     approved = await svc.stub.ApproveRequest(pb.ApproveRequestRequest(id=r.id, comment="lgtm"),
-                                             metadata=svc.as_("olivia"))
+                                             metadata=svc.as_("olivia", Role.READ))
     assert approved.status == pb.APPROVAL_STATUS_APPROVED
     assert [(d.user, d.outcome, d.comment) for d in approved.decisions] == \
         [("olivia", pb.DECISION_OUTCOME_APPROVED, "lgtm")]

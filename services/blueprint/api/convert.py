@@ -38,6 +38,7 @@ def config_from_pb(m: pb.VariableConfig) -> VariableConfig:
 
 
 def version_to_pb(v: SourceCodeVersion) -> pb.SourceCodeVersion:
+    configured = {c.name for c in v.variable_configs if c.has_default}
     return pb.SourceCodeVersion(
         id=v.id, template_id=v.template_id,
         source=pb.ModuleSource(repository_url=v.source.repository_url, ref=v.source.ref, path=v.source.path),
@@ -46,7 +47,8 @@ def version_to_pb(v: SourceCodeVersion) -> pb.SourceCodeVersion:
         variables=[pb.Variable(
             name=x.name, type=x.type, description=x.description, has_default=x.has_default,
             default=to_value(planning.MASK if x.sensitive else x.default) if x.has_default else None,
-            sensitive=x.sensitive, required=x.required, frozen=x.frozen, unique=x.unique)
+            sensitive=x.sensitive, required=x.required, frozen=x.frozen, unique=x.unique,
+            platform_default=x.name in configured)
             for x in v.variables],
         outputs=[pb.Output(name=o.name, description=o.description, sensitive=o.sensitive) for o in v.outputs])
 

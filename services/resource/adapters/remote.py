@@ -36,6 +36,8 @@ class VariableInfo:
     sensitive: bool
     frozen: bool
     unique: bool
+    # The default is the platform team's (a variable_configs default), not the module's.
+    platform_default: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,4 +216,4 @@ def version_info(v) -> VersionInfo:
         path=v.source.path, commit=v.commit, is_default=v.is_default,
         variables=tuple(VariableInfo(x.name, x.type, x.required, x.has_default,
                                      from_value(x.default) if x.has_default else None, x.sensitive, x.frozen,
-                                     x.unique) for x in v.variables))
+                                     x.unique, x.platform_default) for x in v.variables))

@@ -38,7 +38,8 @@ _RESOURCE = sa.select(resources).where(resources.c.id == sa.bindparam("id"))
 _RESOURCES = sa.select(resources).where(resources.c.id.in_(sa.bindparam("ids", expanding=True)))
 _NAME_TAKEN = sa.select(sa.func.count()).where(
     resources.c.template_id == sa.bindparam("template_id"),
-    resources.c.source_code_version_id == sa.bindparam("version_id"), resources.c.name == sa.bindparam("name"))
+    resources.c.source_code_version_id == sa.bindparam("version_id"), resources.c.name == sa.bindparam("name"),
+    resources.c.id != sa.bindparam("exclude_id"))
 _PATH_TAKEN = sa.select(sa.func.count()).where(resources.c.storage_id == sa.bindparam("storage_id"),
                                                resources.c.storage_path == sa.bindparam("storage_path"))
 _CHILDREN = sa.select(resources).join(resource_links, resource_links.c.child_id == resources.c.id).where(
@@ -105,9 +106,10 @@ class ResourceRepository:
             return {}
         return {r.id: self._resource(r) for r in await self.s.execute(_RESOURCES, {"ids": list(ids)})}
 
-    async def name_taken(self, template_id: str, version_id: str, name: str) -> bool:
+    async def name_taken(self, template_id: str, version_id: str, name: str, exclude_id: str = "") -> bool:
+        """Another resource (not `exclude_id`) has this name for the template and version."""
         return bool(await self.s.scalar(_NAME_TAKEN, dict(template_id=template_id, version_id=version_id,
-                                                          name=name)))
+                                                          name=name, exclude_id=exclude_id)))
 
     async def storage_path_taken(self, storage_id: str, storage_path: str) -> bool:
         return bool(await self.s.scalar(_PATH_TAKEN, dict(storage_id=storage_id, storage_path=storage_path)))

@@ -26,6 +26,14 @@ class ResourceInfo:
     last_job_id: str
     outputs: dict[str, Any]
     sensitive_outputs: tuple[str, ...]
+    template_id: str = ""
+    ever_provisioned: bool = False  # its revision moved past a provisioning
+
+
+@dataclass(frozen=True)
+class VersionVariables:
+    names: frozenset[str]
+    sensitive: tuple[str, ...]
 
 
 _STATE = {v: k.lower().removeprefix("resource_state_") for k, v in rp.ResourceState.items()}
@@ -35,7 +43,7 @@ _STATUS = {v: k.lower().removeprefix("resource_status_") for k, v in rp.Resource
 def resource_info(r) -> ResourceInfo:
     return ResourceInfo(r.id, _STATE[r.state], _STATUS[r.status], r.error_message, r.last_job_id,
                         {o.name: from_value(o.value) for o in r.outputs},
-                        tuple(o.name for o in r.outputs if o.sensitive))
+                        tuple(o.name for o in r.outputs if o.sensitive), r.template_id)
 
 
 class Remote:
@@ -45,10 +53,12 @@ class Remote:
         self.resource = resource_pb2_grpc.ResourceServiceStub(clients.channel("resource"))
         self.executor = executor_pb2_grpc.ExecutorServiceStub(clients.channel("executor"))
 
-    async def blueprint_and_plan(self, id_: str):
-        """(blueprint, preview) or None when there is no such blueprint."""
+    async def blueprint_and_plan(self, id_: str, revision: int = 0):
+        """(blueprint, preview) or None when there is no such blueprint (at
+        that revision; 0: the current one)."""
         try:
-            b = await self.clients.call("blueprint", self.blueprint.GetBlueprint, bp.GetBlueprintRequest(id=id_))
+            b = await self.clients.call("blueprint", self.blueprint.GetBlueprint,
+                                        bp.GetBlueprintRequest(id=id_, revision=revision))
         except RemoteError as err:
             if err.code == grpc.StatusCode.NOT_FOUND:
                 return None
@@ -60,11 +70,12 @@ class Remote:
     async def template(self, id_: str):
         return await self.clients.call("blueprint", self.blueprint.GetTemplate, bp.GetTemplateRequest(id=id_))
 
-    async def sensitive_variables(self, version_id: str) -> list[str]:
-        """Names of the version's sensitive variables (masked wherever the workflow shows them)."""
+    async def version_variables(self, version_id: str) -> VersionVariables:
+        """The version's variables, and which are sensitive (masked wherever the workflow shows them)."""
         v = await self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,
                                     bp.GetSourceCodeVersionRequest(id=version_id))
-        return [x.name for x in v.variables if x.sensitive]
+        return VersionVariables(frozenset(x.name for x in v.variables), tuple(x.name for x in v.variables
+                                                                              if x.sensitive))
 
     async def version_exists(self, id_: str, template_id: str) -> bool:
         try:
@@ -84,6 +95,14 @@ class Remote:
         return resource_info(await self.clients.call("resource", self.resource.ProvisionResource,
                                                      rp.ProvisionResourceRequest(id=resource_id), user=user,
                                                      role=Role.WRITE))
+
+    async def update_inputs(self, user: str, resource_id: str, variables: dict, version_id: str,
+                            parent_ids: list[str]) -> ResourceInfo:
+        """New inputs of a resource never provisioned (a step run again after UpdateWorkflow)."""
+        return resource_info(await self.clients.call("resource", self.resource.UpdateResource, rp.UpdateResourceRequest(
+            resource=rp.Resource(id=resource_id, variables=to_struct(variables), source_code_version_id=version_id,
+                                 parent_ids=parent_ids),
+            update_mask=["variables", "source_code_version_id", "parent_ids"]), user=user, role=Role.WRITE))
 
     async def destroy(self, user: str, resource_id: str) -> ResourceInfo:
         return resource_info(await self.clients.call("resource", self.resource.DestroyResource,

@@ -15,7 +15,7 @@ TEARDOWN_STATUS_PB = {"": pb.TEARDOWN_STATUS_UNSPECIFIED, PENDING: pb.TEARDOWN_S
                       ERROR: pb.TEARDOWN_STATUS_ERROR}
 
 
-def overrides_from_pb(request: pb.CreateWorkflowRequest):
+def overrides_from_pb(request: pb.CreateWorkflowRequest | pb.Workflow):
     variables: dict[str, dict] = {}
     for o in request.variable_overrides:
         variables.setdefault(o.template_id, {}).update(from_struct(o.variables))
@@ -26,12 +26,16 @@ def overrides_from_pb(request: pb.CreateWorkflowRequest):
     return variables, versions, parents
 
 
-def step_to_pb(st: Step, w: Workflow) -> pb.Step:
+def step_to_pb(st: Step, w: Workflow, resource_of: dict[str, str]) -> pb.Step:
+    # Parents from the template hierarchy (the resources of the upstream
+    # steps, once they exist), then the overrides (external parents).
+    parents = list(dict.fromkeys([*(resource_of[t] for t in st.parent_template_ids if resource_of.get(t)),
+                                  *st.parent_resource_ids]))
     return pb.Step(
         id=st.id, template_id=st.template_id, template_name=st.template_name, resource_id=st.resource_id,
         position=st.position, status=STEP_STATUS_PB[st.status], error_message=st.error_message,
         waiting_reason=st.waiting_reason, resolved_variables=to_struct(st.resolved_variables),
-        parent_resource_ids=st.parent_resource_ids, integration_ids=w.integration_ids, secret_ids=w.secret_ids,
+        parent_resource_ids=parents, integration_ids=w.integration_ids, secret_ids=w.secret_ids,
         source_code_version_id=st.source_code_version_id, storage_id=w.storage_id,
         depends_on_step_ids=st.depends_on, job_id=st.job_id, start_time=to_timestamp(st.start_time),
         completion_time=to_timestamp(st.completion_time), teardown_status=TEARDOWN_STATUS_PB[st.teardown_status],
@@ -40,9 +44,10 @@ def step_to_pb(st: Step, w: Workflow) -> pb.Step:
 
 def workflow_to_pb(w: Workflow, steps: list[Step]) -> pb.Workflow:
     sensitive = {s.template_id: s.sensitive_variables for s in steps}
+    resource_of = {s.template_id: s.resource_id for s in steps}
     return pb.Workflow(
         id=w.id, blueprint_id=w.blueprint_id, blueprint_revision=w.blueprint_revision, status=STATUS_PB[w.status],
-        error_message=w.error_message, steps=[step_to_pb(s, w) for s in steps],
+        error_message=w.error_message, steps=[step_to_pb(s, w, resource_of) for s in steps],
         wiring_snapshot=[pb.WiringRule(source_template_id=r.source_template_id, source_output=r.source_output,
                                        target_template_id=r.target_template_id, target_variable=r.target_variable)
                          for r in w.wiring],

@@ -51,6 +51,16 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
             await uow.commit()
         return await self._read(request.id)
 
+    async def UpdateWorkflow(self, request, context):
+        variables, versions, parents = convert.overrides_from_pb(request.workflow)
+        mask = list(request.update_mask) or [f for f in ("variable_overrides", "source_code_version_overrides",
+                                                         "parent_overrides") if getattr(request.workflow, f)]
+        async with self.uow() as uow:
+            await self.workflows.update(uow, current_principal(), request.workflow.id, variables, versions, parents,
+                                        mask, request.workflow.etag)
+            await uow.commit()
+        return await self._read(request.workflow.id)
+
     async def DeleteWorkflow(self, request, context):
         async with self.uow() as uow:
             await self.workflows.delete(uow, current_principal(), request.id)

@@ -1,0 +1,85 @@
+"""What the families of workflow use cases share (events, reading, the
+own-or-caller unit of work). The use cases live beside this file, one module
+per family (create and update, execution, teardown, reconciliation), and
+`workflows.Workflows` puts them together.
+
+Use cases of workflows (workflows.md) and the scheduler that advances them.
+
+Scheduling is a ready queue: a step starts as soon as its own dependencies
+are done (not its whole BFS level), within the workflow's parallelism limit.
+Marking a step in_progress is one version-guarded update, so two executions or
+two events never start it twice; creating and provisioning its resource
+happens after that commit and is idempotent (the step id is the resource's
+request id), so it can be repeated after a crash. Executor completion events
+(correlated to the step) advance the workflow."""
+from __future__ import annotations
+
+import logging
+import re
+
+from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
+from infrakitchen.events.v1 import events_pb2
+from services.common.errors import NotFound
+from services.common.events import Correlation, new_event
+from services.workflow.adapters.remote import Remote, ResourceInfo
+from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow
+
+log = logging.getLogger(__name__)
+
+SOURCE = "workflow"
+_WF_STATUS = {PENDING: 1, IN_PROGRESS: 2, DONE: 3, ERROR: 4}
+_TEARDOWN_STATUS = {"": 0, PENDING: 1, IN_PROGRESS: 2, DONE: 3, ERROR: 4}
+_NEEDS_INPUT = (bp.VARIABLE_ORIGIN_RUNTIME_INPUT, bp.VARIABLE_ORIGIN_UNRESOLVED)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-") or "step"
+
+
+class WorkflowsBase:
+    def __init__(self, remote: Remote, uow_factory):
+        self.remote = remote
+        self.uow_factory = uow_factory
+
+    # --- events --------------------------------------------------------------------
+
+    async def _workflow_event(self, uow, field: str, w: Workflow, actor: str) -> None:
+        await uow.emit(new_event(SOURCE, field, events_pb2.WorkflowChanged(
+            workflow_id=w.id, blueprint_id=w.blueprint_id, status=_WF_STATUS[w.status],
+            error_message=w.error_message, teardown_status=_TEARDOWN_STATUS[w.teardown_status],
+            teardown_error_message=w.teardown_error_message), actor=actor, correlation=Correlation(workflow_id=w.id,
+                                                                                blueprint_id=w.blueprint_id)))
+
+    async def _step_event(self, uow, field: str, st: Step, actor: str) -> None:
+        await uow.emit(new_event(SOURCE, field, events_pb2.StepChanged(
+            workflow_id=st.workflow_id, step_id=st.id, template_id=st.template_id, resource_id=st.resource_id,
+            status=_WF_STATUS[st.status], error_message=st.error_message, waiting_reason=st.waiting_reason,
+            teardown_status=_TEARDOWN_STATUS[st.teardown_status], teardown_error_message=st.teardown_error_message),
+            actor=actor, correlation=Correlation(workflow_id=st.workflow_id, step_id=st.id,
+                                                 resource_id=st.resource_id)))
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def get(self, uow, id_: str) -> Workflow:
+        w = await uow.workflows.get(id_) if id_ else None
+        if w is None:
+            raise NotFound("workflow", id_)
+        return w
+
+    async def _in_uow(self, uow, apply) -> None:
+        """Runs `apply` in the caller's unit of work (an event handler's,
+        committed with its inbox record), or in one of its own, committed when
+        `apply` changed something."""
+        if uow is not None:
+            await apply(uow)
+            return
+        async with self.uow_factory() as own:
+            if await apply(own):
+                await own.commit()
+
+    @staticmethod
+    def external_upstream(w: Workflow, stand_ins: dict[str, ResourceInfo]) -> dict[str, Step]:
+        """External templates' resources as done upstream steps, for wiring."""
+        return {tid: Step(id="", workflow_id=w.id, template_id=tid, template_name="", position=-1, status=DONE,
+                          resource_id=r.id, job_id=r.last_job_id, outputs=dict(r.outputs),
+                          sensitive_outputs=list(r.sensitive_outputs)) for tid, r in stand_ins.items()}

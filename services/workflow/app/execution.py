@@ -1,0 +1,249 @@
+"""Execution: the ready queue that starts steps, and the step outcomes that advance it."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from infrakitchen.resource.v1 import resource_pb2 as rp
+from services.common.auth import Principal
+from services.common.clients import RemoteError
+from services.common.errors import DomainError, FailedPrecondition, PreconditionViolation, Unavailable
+from services.common.uow import utcnow
+from services.common.values import to_struct
+from services.workflow.domain.model import (DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow, masked, ready_steps,
+                                            resolve_variables)
+from services.workflow.app.base import WorkflowsBase, _slug, log
+
+
+class Execution(WorkflowsBase):
+    # --- execute and advance -----------------------------------------------------------------
+
+    async def execute(self, uow, principal: Principal, id_: str) -> Workflow:
+        w = await self.get(uow, id_)
+        if w.teardown_status:
+            raise FailedPrecondition(f"workflow {w.id} was torn down", [PreconditionViolation(
+                "WORKFLOW_TORN_DOWN", f"workflows/{w.id}", "its resources are (being) destroyed; create a new "
+                                                           "workflow from the blueprint")])
+        if w.status not in (PENDING, ERROR):
+            raise FailedPrecondition(f"workflow {w.id} is {w.status}", [PreconditionViolation(
+                "WORKFLOW_NOT_EXECUTABLE", f"workflows/{w.id}", "execute needs status pending (or error, to retry)")])
+        steps = await uow.steps.of(w.id)
+        for st in steps:
+            if st.status == ERROR:  # retried; its resource (if any) is reused
+                reset = replace(st, status=PENDING, error_message="", waiting_reason="", completion_time=None,
+                                version=st.version + 1)
+                await uow.steps.update(reset, st.version)
+        now = utcnow()
+        started = replace(w, status=IN_PROGRESS, start_time=w.start_time or now, completion_time=None,
+                          error_message="", executor=principal.user, update_time=now, version=w.version + 1)
+        await uow.workflows.update(started, w.version)
+        await self._workflow_event(uow, "workflow_started", started, principal.user)
+        await self.schedule(uow, started.id, principal.user)
+        return started
+
+    async def schedule(self, uow, workflow_id: str, actor: str, completed: Step | None = None) -> None:
+        """Starts every step that is ready; ends the workflow when all are done.
+        After a step completed (`completed`), only its dependents can have
+        become ready, so without a parallelism limit only they and their own
+        dependencies are read, not the whole workflow."""
+        w = await uow.workflows.get(workflow_id)
+        if w is None or w.status != IN_PROGRESS:
+            return
+        if completed is not None and w.max_parallel_steps == 0:
+            if await uow.steps.count_not_done(w.id) == 0:
+                return await self._complete(uow, w, actor)
+            ready, upstream = [], {}
+            for candidate in await uow.steps.pending_dependents(w.id, completed.id):
+                deps = await uow.steps.get_many(candidate.depends_on)
+                if len(deps) == len(candidate.depends_on) and all(d.status == DONE for d in deps):
+                    ready.append(candidate)
+                    upstream.update({d.template_id: d for d in deps})
+            ready.sort(key=lambda s: (s.position, s.template_name))
+        else:
+            steps = await uow.steps.of(w.id)
+            if steps and all(s.status == DONE for s in steps) or not steps:
+                return await self._complete(uow, w, actor)
+            upstream = {s.template_id: s for s in steps if s.status == DONE}
+            ready = ready_steps(w, steps)
+        for st in ready:
+            await self._start_ready(uow, w, st, upstream, actor)
+
+    async def _complete(self, uow, w: Workflow, actor: str) -> None:
+        now = utcnow()
+        done = replace(w, status=DONE, completion_time=now, update_time=now, version=w.version + 1)
+        await uow.workflows.update(done, w.version)
+        await self._workflow_event(uow, "workflow_completed", done, actor)
+
+    async def _start_ready(self, uow, w: Workflow, st: Step, upstream: dict[str, Step], actor: str) -> None:
+        now = utcnow()
+        resolved = resolve_variables(st, w.wiring, upstream)
+        sensitive = self._sensitive(st, w, upstream)
+        running = replace(st, status=IN_PROGRESS, start_time=now, resolved_variables=masked(resolved, sensitive),
+                          sensitive_variables=sensitive, version=st.version + 1)
+        if not await uow.steps.update(running, st.version):
+            return  # someone else started it
+        await self._step_event(uow, "step_started", running, actor)
+        # Resources are created on behalf of whoever executed the workflow
+        # (they own them), whatever event triggered this step.
+        uow.after_commit(lambda step=running, user=w.executor or w.creator, done=list(upstream.values()):
+                         self.start_step(step.id, user, loaded=(step, w, done)))
+
+    async def start_step(self, step_id: str, actor: str,
+                         loaded: tuple[Step, Workflow, list[Step]] | None = None) -> None:
+        """Creates (idempotently) and provisions the step's resource. Failures
+        fail the step; the workflow goes to error. `loaded` is (step,
+        workflow, done steps) as the scheduler just committed them, which
+        spares reading them again on the way to the step's job."""
+        if loaded is not None:
+            st, w, steps = loaded
+        else:
+            async with self.uow_factory() as uow:
+                st = await uow.steps.get(step_id)
+                w = await uow.workflows.get(st.workflow_id) if st else None
+                steps = await uow.steps.of(st.workflow_id) if st else []
+        if st is None or w is None or st.status != IN_PROGRESS:
+            return
+        try:
+            upstream = {s.template_id: s for s in steps if s.status == DONE}
+            externals = await self._external_sources(w, st, upstream)
+            upstream.update(externals)
+            for s in upstream.values():
+                if s.sensitive_outputs and s.job_id:
+                    s.outputs = {**s.outputs, **await self.remote.sensitive_outputs(s.job_id)}
+            variables = resolve_variables(st, w.wiring, upstream)
+            if externals:  # shown with what the external resources' outputs wire in
+                await self._record(st.id, resolved_variables=masked(variables, self._sensitive(st, w, upstream)))
+            parents = list(dict.fromkeys([*(upstream[t].resource_id for t in st.parent_template_ids
+                                            if t in upstream), *st.parent_resource_ids]))
+            resource = await self.remote.create_resource(actor, rp.CreateResourceRequest(
+                resource=rp.Resource(name=f"{_slug(st.template_name)}-{w.id[:8]}", template_id=st.template_id,
+                                     source_code_version_id=st.source_code_version_id,
+                                     variables=to_struct(variables), parent_ids=parents,
+                                     integration_ids=w.integration_ids, secret_ids=w.secret_ids,
+                                     storage_id=w.storage_id),
+                request_id=st.id, workflow_id=w.id, step_id=st.id, provision=True))
+            await self._record(st.id, resource_id=resource.id, job_id=resource.last_job_id)
+            if resource.state == "provision" and resource.status in ("ready", "error"):
+                # The step runs again (a re-execution, perhaps after
+                # UpdateWorkflow): its resource, never provisioned, takes the
+                # step's inputs as they are now (no change: nothing happens).
+                resource = await self.remote.update_inputs(actor, resource.id, variables,
+                                                           st.source_code_version_id, parents)
+            if resource.state == "provisioned" and resource.status == "done":
+                await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
+                                          list(resource.sensitive_outputs), actor)
+            elif resource.status == "approval_pending":
+                await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
+            elif resource.status in ("ready", "error", "unknown", "pending") and resource.state == "provision":
+                provisioned = await self.remote.provision(actor, resource.id)
+                await self._record(st.id, job_id=provisioned.last_job_id)
+                if provisioned.status == "approval_pending":
+                    await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
+            elif resource.status == "rejected":
+                await self.step_failed(st.id, f"the approval of resource {resource.id} was rejected", actor)
+        except Unavailable as exc:
+            # A service on the way is down or restarting: the step stays in
+            # progress and the reconciler starts it again (idempotently).
+            log.warning("starting step %s: %s; the reconciler retries", step_id, exc.message)
+        except (DomainError, RemoteError) as exc:
+            # The callee's field violations say what to fix: keep them.
+            message = exc.message if isinstance(exc, DomainError) else exc.describe()
+            log.warning("step %s could not start: %s", step_id, message)
+            await self.step_failed(step_id, f"could not start: {message}", actor)
+        except Exception as exc:  # noqa: BLE001 - never leave a step silently in_progress
+            log.exception("starting step %s failed", step_id)
+            await self.step_failed(step_id, f"could not start: {type(exc).__name__}", actor)
+
+    async def _external_sources(self, w: Workflow, st: Step, upstream: dict[str, Step]) -> dict[str, Step]:
+        """The resources of external templates (parent overrides) whose
+        outputs are wired into this step, read now, as done upstream steps."""
+        sources = {r.source_template_id for r in w.wiring if r.target_template_id == st.template_id
+                   and r.source_template_id not in upstream and w.parent_overrides.get(r.source_template_id)}
+        found = {}
+        for tid in sorted(sources):
+            resource = await self.remote.find_resource(w.parent_overrides[tid][0])
+            if resource is None or resource.state != "provisioned":
+                raise FailedPrecondition(f"the resource standing for external template {tid} is not provisioned",
+                                         [PreconditionViolation("EXTERNAL_NOT_PROVISIONED",
+                                                                f"resources/{w.parent_overrides[tid][0]}",
+                                                                "provision it, or point the workflow at another "
+                                                                "resource with UpdateWorkflow")])
+            found[tid] = resource
+        return self.external_upstream(w, found)
+
+    @staticmethod
+    def _sensitive(st: Step, w: Workflow, upstream: dict[str, Step]) -> list[str]:
+        """The step's sensitive variables: its version's, and those wired from sensitive outputs."""
+        wired = [r.target_variable for r in w.wiring if r.target_template_id == st.template_id
+                 and r.source_output in getattr(upstream.get(r.source_template_id), "sensitive_outputs", ())]
+        return sorted({*st.sensitive_variables, *wired})
+
+    async def _record(self, step_id: str, **fields) -> None:
+        for _ in range(5):
+            async with self.uow_factory() as uow:
+                st = await uow.steps.get(step_id)
+                if st is None:
+                    return
+                changes = {k: v for k, v in fields.items() if v and getattr(st, k) != v}
+                if not changes:
+                    return
+                if await uow.steps.update(replace(st, **changes, version=st.version + 1), st.version):
+                    await uow.commit()
+                    return
+
+    async def step_waiting(self, step_id: str, reason: str, actor: str, uow=None, resource_id: str = "") -> None:
+        """A running step (or one whose resource a teardown is destroying)
+        waits, e.g. for an approval; an empty reason says it moves again."""
+        async def apply(u) -> bool:
+            st = await u.steps.get(step_id)
+            if st is None or IN_PROGRESS not in (st.status, st.teardown_status) or st.waiting_reason == reason:
+                return False
+            changed = replace(st, waiting_reason=reason, resource_id=resource_id or st.resource_id,
+                              version=st.version + 1)
+            if not await u.steps.update(changed, st.version):
+                return False
+            if reason:
+                await self._step_event(u, "step_waiting", changed, actor)
+            return True
+        await self._in_uow(uow, apply)
+
+    async def step_succeeded(self, step_id: str, resource_id: str, job_id: str, outputs: dict,
+                             sensitive_outputs: list[str], actor: str, uow=None) -> None:
+        await self._in_uow(uow, lambda u: self._succeed(u, step_id, resource_id, job_id, outputs, sensitive_outputs,
+                                                        actor))
+
+    async def _succeed(self, uow, step_id, resource_id, job_id, outputs, sensitive_outputs, actor) -> bool:
+        st = await uow.steps.get(step_id)
+        if st is None or st.status != IN_PROGRESS:
+            return False
+        done = replace(st, status=DONE, resource_id=resource_id or st.resource_id, job_id=job_id or st.job_id,
+                       outputs=dict(outputs), sensitive_outputs=list(sensitive_outputs), waiting_reason="",
+                       completion_time=utcnow(), version=st.version + 1)
+        if not await uow.steps.update(done, st.version):
+            return False
+        await self._step_event(uow, "step_completed", done, actor)
+        await self.schedule(uow, st.workflow_id, actor, completed=done)
+        return True
+
+    async def step_failed(self, step_id: str, message: str, actor: str, uow=None) -> None:
+        await self._in_uow(uow, lambda u: self._fail(u, step_id, message, actor))
+
+    async def _fail(self, uow, step_id: str, message: str, actor: str) -> bool:
+        """The step and the workflow go to error; steps not started stay
+        pending, running siblings finish, nothing is rolled back."""
+        st = await uow.steps.get(step_id)
+        if st is None or st.status != IN_PROGRESS:
+            return False
+        now = utcnow()
+        failed = replace(st, status=ERROR, error_message=message, waiting_reason="", completion_time=now,
+                         version=st.version + 1)
+        if not await uow.steps.update(failed, st.version):
+            return False
+        await self._step_event(uow, "step_failed", failed, actor)
+        w = await uow.workflows.get(st.workflow_id)
+        if w is not None and w.status == IN_PROGRESS:
+            errored = replace(w, status=ERROR, error_message=f"step {st.template_name} failed: {message}",
+                              completion_time=now, update_time=now, version=w.version + 1)
+            await uow.workflows.update(errored, w.version)
+            await self._workflow_event(uow, "workflow_failed", errored, actor)
+        return True
+

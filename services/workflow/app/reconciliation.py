@@ -1,0 +1,57 @@
+"""Reconciliation: steps of running workflows (and teardowns) that have not moved for a while."""
+from __future__ import annotations
+
+import datetime as dt
+
+from services.common.uow import utcnow
+from services.workflow.adapters.remote import ResourceInfo
+from services.workflow.domain.model import IN_PROGRESS, Step, Workflow
+from services.workflow.app.base import WorkflowsBase
+
+
+class Reconciliation(WorkflowsBase):
+    # --- reconciliation -----------------------------------------------------------------------
+
+    async def reconcile(self, older_than_seconds: float) -> None:
+        """Steps of running workflows that have not moved for a while: a start
+        that never happened is repeated; an outcome whose event was missed is
+        read from the resource service."""
+        cutoff = utcnow() - dt.timedelta(seconds=older_than_seconds)
+        async with self.uow_factory() as uow:
+            running = [(w, await uow.steps.of(w.id)) for w in await uow.workflows.in_progress()]
+        for w, steps in running:
+            if w.teardown_status == IN_PROGRESS:
+                await self._reconcile_teardown(w, steps, cutoff)
+                continue
+            for st in steps:
+                if st.status != IN_PROGRESS or (st.start_time and st.start_time > cutoff):
+                    continue
+                if not st.resource_id:
+                    await self.start_step(st.id, w.executor or w.creator)
+                    continue
+                resource: ResourceInfo = await self.remote.get_resource(st.resource_id)
+                if resource.state == "provisioned" and resource.status == "done":
+                    await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
+                                              list(resource.sensitive_outputs), "system:reconciler")
+                elif resource.status in ("error", "rejected", "unknown"):
+                    await self.step_failed(st.id, resource.error_message or f"resource is {resource.status}",
+                                           "system:reconciler")
+                elif resource.status == "ready" and resource.state == "provision":
+                    await self.start_step(st.id, w.executor or w.creator)
+
+    async def _reconcile_teardown(self, w: Workflow, steps: list[Step], cutoff: dt.datetime) -> None:
+        actor = "system:reconciler"
+        for st in steps:
+            if st.teardown_status != IN_PROGRESS or (st.teardown_start_time and st.teardown_start_time > cutoff):
+                continue
+            resource = await self.remote.find_resource(st.resource_id)
+            if resource is None or (resource.state, resource.status) == ("destroyed", "done"):
+                await self.teardown_step_done(st.id, resource.last_job_id if resource else "", actor)
+            elif resource.state == "destroy" and resource.status in ("error", "rejected", "unknown"):
+                await self.teardown_step_failed(st.id, resource.error_message or f"resource is {resource.status}",
+                                                actor)
+            elif resource.state == "provisioned" and st.waiting_reason:  # its destroy was rejected
+                await self.teardown_step_failed(st.id, f"the destroy of resource {resource.id} was not approved",
+                                                actor)
+            elif resource.state == "provisioned":  # the destroy call was lost (a crash before it was made)
+                await self.destroy_step(st.id, w.torn_down_by or actor)
