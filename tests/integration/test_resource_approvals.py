@@ -12,9 +12,11 @@ import grpc
 import pytest
 
 from infrakitchen.approval.v1 import approval_pb2 as ap
+from infrakitchen.events.v1 import events_pb2
 from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from services.common.auth import Role
+from services.common.events import new_event
 from tests.support.grpc_asserts import rpc_error
 from tests.support.platform import Platform, struct
 from tests.support.waiting import eventually
@@ -82,10 +84,12 @@ async def test_a_rejected_create_is_rejected_and_can_be_recreated(p):
     assert not await jobs_of(p, net.id) and rejected.approval_request_id == request.id
     again = await p.resource.RecreateResource(rp.RecreateResourceRequest(id=net.id), metadata=p.md)
     assert (again.state, again.status) == (PROVISION, APPROVAL_PENDING)
+    assert again.revision == 2, "recreate increments the revision (resource-workflows.md)"
     second = await pending_request(p, net.id)
     assert second.id != request.id
     await p.approval.ApproveRequest(ap.ApproveRequestRequest(id=second.id), metadata=p.md)
-    await p.wait(net.id, PROVISIONED, DONE)
+    provisioned = await p.wait(net.id, PROVISIONED, DONE)
+    assert provisioned.revision == 2
 
 
 async def approved_network(p, name="n"):
@@ -141,6 +145,21 @@ async def test_a_rejected_update_and_a_discarded_one(p):
         r = await p.approval.GetApprovalRequest(ap.GetApprovalRequestRequest(id=request.id), metadata=p.md)
         return r.status == ap.APPROVAL_STATUS_CANCELLED
     await eventually(cancelled, timeout=20)
+
+    # Destroy again at once; the first request's cancellation arrives late
+    # (under load it did): it must not cancel the new request's destroy.
+    again = await p.resource.DestroyResource(rp.DestroyResourceRequest(id=net.id), metadata=p.admin)
+    assert again.approval_request_id and again.approval_request_id != request.id, "set while pending"
+    second = await pending_request(p, net.id)
+    assert second.id == again.approval_request_id
+    bus = p.inner["approval"].runtime.bus
+    late = new_event("approval", "approval_cancelled", events_pb2.ApprovalChanged(
+        approval_request_id=request.id, resource_id=net.id, operation=ap.APPROVAL_OPERATION_DESTROY,
+        status=ap.APPROVAL_STATUS_CANCELLED))
+    await bus.publish(bus.names.subject(late.type), late.SerializeToString(), msg_id=late.event_id)
+    await p.approval.ApproveRequest(ap.ApproveRequestRequest(id=second.id), metadata=p.md)
+    destroyed = await p.wait(net.id, DESTROYED, DONE)
+    assert destroyed.approval_request_id == second.id
     late = await rpc_error(p.approval.ApproveRequest(ap.ApproveRequestRequest(id=request.id), metadata=p.md))
     assert late.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert (await p.get(net.id)).status == DONE
@@ -172,6 +191,21 @@ async def test_destroy_waits_for_approval_and_a_rejection_keeps_the_resource(p):
         r = await p.approval.GetApprovalRequest(ap.GetApprovalRequestRequest(id=request.id), metadata=p.md)
         return r.status == ap.APPROVAL_STATUS_CANCELLED
     await eventually(cancelled, timeout=20)
+
+    # Destroy again at once; the first request's cancellation arrives late
+    # (under load it did): it must not cancel the new request's destroy.
+    again = await p.resource.DestroyResource(rp.DestroyResourceRequest(id=net.id), metadata=p.admin)
+    assert again.approval_request_id and again.approval_request_id != request.id, "set while pending"
+    second = await pending_request(p, net.id)
+    assert second.id == again.approval_request_id
+    bus = p.inner["approval"].runtime.bus
+    late = new_event("approval", "approval_cancelled", events_pb2.ApprovalChanged(
+        approval_request_id=request.id, resource_id=net.id, operation=ap.APPROVAL_OPERATION_DESTROY,
+        status=ap.APPROVAL_STATUS_CANCELLED))
+    await bus.publish(bus.names.subject(late.type), late.SerializeToString(), msg_id=late.event_id)
+    await p.approval.ApproveRequest(ap.ApproveRequestRequest(id=second.id), metadata=p.md)
+    destroyed = await p.wait(net.id, DESTROYED, DONE)
+    assert destroyed.approval_request_id == second.id
 
 
 async def test_an_approval_made_while_the_resource_service_is_down_is_applied_when_it_returns(p):

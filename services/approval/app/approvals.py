@@ -41,13 +41,15 @@ async def create_request(uow, principal: Principal, r: ApprovalRequest, request_
                                          "an update request names the temporary state under review"))
     if violations:
         raise InvalidArgument("invalid approval request", violations)
+    if r.id and await uow.requests.get(r.id) is not None:
+        raise AlreadyExists("approval request", r.id)
     pending = await uow.requests.pending_for(resource_id=r.resource_id)
     if pending:
         raise AlreadyExists("approval request", pending[0].id,
                             f"resource {r.resource_id} already has a pending approval request {pending[0].id}")
     owners = await uow.owners.get(r.resource_id)
     now = utcnow()
-    r = replace(r, id=str(uuid.uuid4()), requester=principal.user, status=PENDING, decisions=[],
+    r = replace(r, id=r.id or str(uuid.uuid4()), requester=principal.user, status=PENDING, decisions=[],
                 owners=owners if owners is not None else list(r.owners), create_time=now, update_time=now,
                 version=1)
     await uow.requests.add(r)

@@ -78,7 +78,8 @@ async def on_resource_event(uow, env: Envelope, known: KnownOwners | None = None
                                        resource_id=body.resource_id)
     if body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING and body.awaiting_approval:
         request = ApprovalRequest(
-            id="", resource_id=body.resource_id, resource_name=body.name,
+            # The resource service named the request it waits for.
+            id=env.correlation.approval_request_id, resource_id=body.resource_id, resource_name=body.name,
             operation=OPERATION[body.awaiting_approval], requester="", revision=body.revision,
             temporary_state_id=body.temporary_state_id, plan_job_id=body.plan_job_id,
             plan_add=body.plan_summary.add, plan_change=body.plan_summary.change,

@@ -19,7 +19,9 @@ class Approvals(LifecycleBase):
             return  # nothing waits for this decision any more
         if operation == OP_UPDATE and r.temporary_state_id != temporary_state_id:
             return
-        r = replace(r, approval_request_id=request_id)
+        if r.approval_request_id and request_id and r.approval_request_id != request_id:
+            return  # the decision of another request (e.g. a withdrawn one's late cancellation)
+        r = replace(r, approval_request_id=request_id or r.approval_request_id)
         if decision == "approved":
             ready = await self._save(uow, r, replace(r, status=READY), actor, f"{operation}_approved")
             if operation == OP_UPDATE:

@@ -96,6 +96,15 @@ class LifecycleBase:
 
     # --- events and audit ------------------------------------------------------
 
+    @staticmethod
+    def _awaiting_approval(r: Resource) -> Resource:
+        """A resource that starts waiting for approval names the request it
+        waits for before the request exists: the approval service opens the
+        request with this id (from the event's correlation), so a decision is
+        matched to exactly the request it decides, never a late one of an
+        earlier, withdrawn request."""
+        return replace(r, approval_request_id=str(uuid.uuid4()))
+
     async def _emit(self, uow, field: str, r: Resource, actor: str, before: Resource | None = None,
                     plan: JobInfo | None = None) -> None:
         body = events_pb2.ResourceChanged(
@@ -114,7 +123,8 @@ class LifecycleBase:
                                                                     destroy=plan.plan_destroy))
         await uow.emit(new_event(SOURCE, field, body, actor=actor, correlation=Correlation(
             resource_id=r.id, workflow_id=r.workflow_id, step_id=r.step_id, job_id=r.last_job_id,
-            temporary_state_id=r.temporary_state_id)))
+            temporary_state_id=r.temporary_state_id,
+            approval_request_id=r.approval_request_id if r.status == APPROVAL_PENDING else "")))
 
     async def _audit(self, uow, actor: str, action: str, before: Resource | None, after: Resource | None,
                      extra: dict | None = None) -> None:
@@ -127,6 +137,8 @@ class LifecycleBase:
     async def _save(self, uow, before: Resource, after: Resource, actor: str, action: str,
                     events: tuple[str, ...] = ("resource_status_changed",), plan: JobInfo | None = None,
                     extra: dict | None = None) -> Resource:
+        if after.status == APPROVAL_PENDING and before.status != APPROVAL_PENDING:
+            after = self._awaiting_approval(after)
         after = replace(after, update_time=utcnow(), version=before.version + 1)
         await uow.resources.update(after, before.version)
         await self._audit(uow, actor, action, before, after, extra)

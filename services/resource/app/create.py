@@ -95,6 +95,8 @@ class CreateCases(LifecycleBase):
             pending_operation=OP_PROVISION if flag and not template.abstract else "")
         # Created and provisioned in one call (parents were checked provisioned
         # above): stored queued at once, recorded as a create and a provision.
+        if created.status == APPROVAL_PENDING:
+            created = self._awaiting_approval(created)
         start = provision and created.status == READY
         stored = self._queued(created, OP_PROVISION) if start else created
         await uow.resources.add(stored)
