@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import grpc
+from google.protobuf import json_format
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -179,6 +180,53 @@ def workflow_run(blueprint: str = typer.Argument(..., help="Blueprint name or id
     if watch:
         w = _watch(client, w.id)
         raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
+
+
+@workflow_app.command("update")
+def workflow_update(workflow_id: str,
+                    var: list[str] = typer.Option([], "--var", help="<template key>.<variable>=<value> (JSON or "
+                                                                    "text); merged into that template's overrides."),
+                    version: list[str] = typer.Option([], "--version",
+                                                      help="<template key>=<source code version id>."),
+                    execute: bool = typer.Option(False, "--execute", help="Re-execute afterwards and follow it."),
+                    token: Optional[str] = typer.Option(None)) -> None:
+    """Fixes the inputs of a pending or failed workflow (steps already done
+    keep their resources), then optionally re-executes it."""
+    client = Client(token)
+    w = client(client.workflow.GetWorkflow, wp.GetWorkflowRequest(id=workflow_id))
+    keys = {}
+    for template_id in {s.template_id for s in w.steps} | {o.template_id for o in w.parent_overrides}:
+        keys[client(client.blueprint.GetTemplate, bp.GetTemplateRequest(id=template_id)).key] = template_id
+    update = wp.Workflow(id=w.id, etag=w.etag)
+    mask = []
+    if var:
+        current = {o.template_id: o for o in w.variable_overrides}
+        for tv in _parse_vars(var, keys):
+            merged = wp.TemplateVariables(template_id=tv.template_id)
+            if tv.template_id in current:  # masked values sent back keep what the server has
+                merged.variables.MergeFrom(current[tv.template_id].variables)
+            merged.variables.update(json_format.MessageToDict(tv.variables))
+            update.variable_overrides.append(merged)
+        mask.append("variable_overrides")
+    for pair in version:
+        key, sep, version_id = pair.partition("=")
+        if not sep or key not in keys:
+            console.print(f"[red]--version {pair!r}: expected <template key>=<version id>, template one of "
+                          f"{', '.join(sorted(keys))}")
+            raise typer.Exit(2)
+        update.source_code_version_overrides.add(template_id=keys[key], source_code_version_id=version_id)
+    if version:
+        mask.append("source_code_version_overrides")
+    if not mask:
+        console.print("[red]Nothing to change: give --var or --version.")
+        raise typer.Exit(2)
+    w = client(client.workflow.UpdateWorkflow, wp.UpdateWorkflowRequest(workflow=update, update_mask=mask))
+    console.print(f"Workflow [bold]{w.id}[/bold] updated.")
+    if execute:
+        client(client.workflow.ExecuteWorkflow, wp.ExecuteWorkflowRequest(id=w.id))
+        w = _watch(client, w.id)
+        raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
+    console.print(_tree(w, details=True))
 
 
 @workflow_app.command("show")

@@ -11,6 +11,8 @@ import time
 import grpc
 import pytest
 
+from infrakitchen.executor.v1 import executor_pb2 as ep
+from infrakitchen.executor.v1 import executor_pb2_grpc
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.resource.v1 import resource_pb2_grpc
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
@@ -103,3 +105,36 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
             time.sleep(0.1)
         assert all((r.state, r.status) == (rp.RESOURCE_STATE_DESTROYED, rp.RESOURCE_STATUS_DONE) and not r.outputs
                    for r in got.values())
+
+
+def test_a_failed_workflow_is_fixed_and_resumed_through_the_cli(platform, tmp_path):
+    """workflows.md, "Error Recovery", as a user does it: a wrong override
+    fails a step with a message that says which variable is wrong; `ik
+    workflow update --execute` fixes it and resumes; the done steps ran once."""
+    assert ik(platform, tmp_path, "login", "--token", platform.token()).returncode == 0
+    assert ik(platform, tmp_path, "example", "register").returncode == 0
+    run = ik(platform, tmp_path, "workflow", "run", "Production Environment", "--var", "vpc.cidr_block=10.43.0.0/16",
+             "--var", 'rds.instance_class=["not", "a", "string"]')
+    assert run.returncode == 1, run.stdout + run.stderr
+    with grpc.insecure_channel(platform.target("workflow")) as wc:
+        workflows = workflow_pb2_grpc.WorkflowServiceStub(wc)
+        md = platform.metadata()
+        [w] = workflows.ListWorkflows(wp.ListWorkflowsRequest(), metadata=md).workflows
+        assert w.status == wp.WORKFLOW_STATUS_ERROR
+        steps = {s.template_name: s for s in w.steps}
+        assert steps["RDS Database"].status == wp.STEP_STATUS_ERROR
+        assert "instance_class" in steps["RDS Database"].error_message, "the callee's field violation is kept"
+        vpc_resource = steps["VPC"].resource_id
+        fixed = ik(platform, tmp_path, "workflow", "update", w.id, "--var", "rds.instance_class=db.t3.small",
+                   "--execute")
+        assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+        done = workflows.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=md)
+        assert done.status == wp.WORKFLOW_STATUS_DONE
+        steps = {s.template_name: s for s in done.steps}
+        assert steps["VPC"].resource_id == vpc_resource
+        assert steps["RDS Database"].resolved_variables["instance_class"] == "db.t3.small"
+    with grpc.insecure_channel(platform.target("executor")) as ec:
+        jobs = executor_pb2_grpc.ExecutorServiceStub(ec).ListJobs(ep.ListJobsRequest(workflow_id=w.id),
+                                                                  metadata=md).jobs
+    applies = [j.correlation.resource_id for j in jobs if j.action == ep.JOB_ACTION_APPLY]
+    assert applies.count(vpc_resource) == 1 and len(applies) == 3
