@@ -90,3 +90,50 @@ def test_error_details_stay_small_whatever_the_message():
     assert len(status.details) <= 1000 and sum(len(v) for _, v in status.trailing_metadata) < 16 * 1024 // 2
     nf = to_grpc_status(errors.NotFound("template", "t" * 200_000))
     assert sum(len(v) for _, v in nf.trailing_metadata) < 4000
+
+
+@pytest.mark.parametrize("url", ["fd::17", "ext::sh -c id", "/etc", "../repo", "-u", "", "file:///x\n",
+                                 "https://host/x y"])
+def test_only_supported_repository_urls_are_accepted(url):
+    from services.common.git import check_repository_url
+    assert check_repository_url(url) is not None
+
+
+@pytest.mark.parametrize("url", ["file:///srv/modules", "https://git.example.com/mods.git",
+                                 "ssh://git@host/mods.git", "git@github.example:team/mods.git", "git://host/mods"])
+def test_supported_repository_urls_pass(url):
+    from services.common.git import check_repository_url
+    assert check_repository_url(url) is None
+
+
+async def test_git_dies_with_the_process_that_started_it(tmp_path):
+    """A git started by a service is killed by the kernel when the service dies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    # A git that hangs: reading a config include from a fifo nobody writes.
+    fifo = tmp_path / "hang"
+    os.mkfifo(fifo)
+    script = ("import asyncio\nfrom services.common import git\n"
+              f"asyncio.run(git._git('-c', 'include.path={fifo}', 'status', timeout=60))\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 10
+    child = None
+    while child is None and time.monotonic() < deadline:
+        out = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
+        child = int(out[0]) if out else None
+        time.sleep(0.05)
+    assert child is not None, "git did not start"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("git outlived the process that started it")

@@ -28,7 +28,7 @@ def job_from_submit(r: pb.SubmitJobRequest) -> Job:
     c = r.correlation
     return Job(
         id="", action=ACTION.get(r.action, ""),
-        source=Source(r.source.repository_url, r.source.ref, r.source.path.strip("/")),
+        source=Source(r.source.repository_url, r.source.ref, r.source.path.rstrip("/")),
         variables=from_struct(r.variables), sensitive_variables=list(dict.fromkeys(r.sensitive_variables)),
         integration_ids=list(r.integration_ids), secret_ids=list(r.secret_ids), storage_id=r.storage_id,
         state_path=r.state_path,

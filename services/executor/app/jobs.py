@@ -11,6 +11,7 @@ from services.common.auth import Principal
 from services.common.errors import (AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
                                     PreconditionViolation)
 from services.common.events import Correlation as EventCorrelation
+from services.common.git import check_repository_url
 from services.common.events import new_event
 from services.common.paging import paginate
 from services.common.uow import utcnow
@@ -48,10 +49,11 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
     if job.plan_job_id and job.action != APPLY:
         violations.append(FieldViolation("plan_job_id", "only an apply job can apply a saved plan"))
     if not job.plan_job_id:
-        if not job.source.repository_url.strip():
-            violations.append(FieldViolation("source.repository_url", "must not be empty"))
+        if problem := check_repository_url(job.source.repository_url):
+            violations.append(FieldViolation("source.repository_url", problem))
         if not job.source.ref.strip():
             violations.append(FieldViolation("source.ref", "must name a tag, branch or commit"))
+    # The same rule as the blueprint service's: a folder inside the checkout.
     if job.source.path.startswith("/") or ".." in job.source.path.split("/"):
         violations.append(FieldViolation("source.path", "must be a folder inside the repository"))
     if not valid_state_path(job.state_path):
