@@ -283,6 +283,8 @@ async def test_update_through_a_temporary_state(p):
             break
         await asyncio.sleep(0.1)
     assert (ts.plan_add, ts.plan_destroy) == (1, 1)  # the trigger changed: replace
+    assert ts.dry_run.job_id == ts.dry_run_job_id and ts.dry_run.status == rp.DRY_RUN_STATUS_SUCCEEDED
+    assert (ts.dry_run.plan_add, ts.dry_run.plan_destroy) == (1, 1) and ts.dry_run.completion_time.seconds
     before = await p.get(app.id)
     assert (before.state, before.status, before.revision) == (PROVISIONED, DONE, 1)  # a dry run changes nothing
 
@@ -506,15 +508,23 @@ async def test_create_and_provision_in_one_call(p):
 
 async def test_a_dry_run_plans_without_changing_the_resource(p):
     net = await p.create("network", "n", variables={"cidr": "10.0.0.0/16"})
+    assert not net.HasField("last_dry_run")
     planned = await p.resource.DryRunResource(rp.DryRunResourceRequest(id=net.id), metadata=p.md)
     assert (planned.state, planned.status) == (PROVISION, READY)
+    # The answer names the plan job; its outcome lands on the resource's last dry run.
+    assert planned.last_dry_run.job_id and planned.last_dry_run.start_time.seconds
+    assert planned.last_dry_run.status in (rp.DRY_RUN_STATUS_QUEUED, rp.DRY_RUN_STATUS_RUNNING)
     for _ in range(600):
-        jobs = (await p.executor.ListJobs(ep.ListJobsRequest(resource_id=net.id), metadata=p.md)).jobs
-        if jobs and jobs[0].status == ep.JOB_STATUS_SUCCEEDED:
+        seen = await p.get(net.id)
+        if seen.last_dry_run.status == rp.DRY_RUN_STATUS_SUCCEEDED:
             break
         await asyncio.sleep(0.1)
-    assert jobs[0].action == ep.JOB_ACTION_PLAN and jobs[0].plan_summary.add == 1
-    assert (await p.get(net.id)).status == READY
+    dry = seen.last_dry_run
+    assert (dry.job_id, dry.plan_add, dry.plan_change, dry.plan_destroy) == (planned.last_dry_run.job_id, 1, 0, 0)
+    assert dry.completion_time.seconds and not dry.error_message
+    job = await p.executor.GetJob(ep.GetJobRequest(id=dry.job_id), metadata=p.md)
+    assert job.action == ep.JOB_ACTION_PLAN and job.plan_summary.add == 1
+    assert (seen.state, seen.status, seen.revision) == (PROVISION, READY, 1)
     # Provisioning afterwards runs the current code (not the dry run's plan).
     await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=net.id), metadata=p.md)
     await p.wait(net.id, PROVISIONED, DONE)

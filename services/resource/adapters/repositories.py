@@ -71,7 +71,8 @@ class ResourceRepository:
             last_job_action=r.last_job_action, job_request_id=r.job_request_id,
             pending_operation=r.pending_operation, temporary_state_id=r.temporary_state_id,
             plan_job_id=r.plan_job_id, approval_request_id=r.approval_request_id, workflow_id=r.workflow_id,
-            step_id=r.step_id, ever_provisioned=r.ever_provisioned, create_time=r.create_time,
+            step_id=r.step_id, ever_provisioned=r.ever_provisioned, last_dry_run=dict(r.last_dry_run),
+            create_time=r.create_time,
             update_time=r.update_time, version=r.version)
 
     @staticmethod
@@ -83,6 +84,7 @@ class ResourceRepository:
         for key in ("parent_ids", "integration_ids", "secret_ids", "labels", "owners", "sensitive_variables"):
             m[key] = list(m[key])
         m["variables"] = dict(m["variables"])
+        m["last_dry_run"] = dict(m["last_dry_run"] or {})
         m["create_time"], m["update_time"] = _aware(m["create_time"]), _aware(m["update_time"])
         return Resource(**m)
 
@@ -173,7 +175,7 @@ class TemporaryStateRepository:
                                               "integration_ids", "secret_ids", "labels", "workspace")}
         return dict(id=t.id, resource_id=t.resource_id, status=t.status, changes=changes,
                     base_revision=t.base_revision, dry_run_job_id=t.dry_run_job_id, plan_add=t.plan_add,
-                    plan_change=t.plan_change, plan_destroy=t.plan_destroy,
+                    plan_change=t.plan_change, plan_destroy=t.plan_destroy, dry_run=dict(t.dry_run),
                     approval_request_id=t.approval_request_id, creator=t.creator, create_time=t.create_time,
                     update_time=t.update_time, version=t.version)
 
@@ -181,6 +183,7 @@ class TemporaryStateRepository:
     def _state(row) -> TemporaryState:
         m = dict(row._mapping)
         m.update(m.pop("changes"))
+        m["dry_run"] = dict(m["dry_run"] or {})
         m["create_time"], m["update_time"] = _aware(m["create_time"]), _aware(m["update_time"])
         return TemporaryState(**m)
 

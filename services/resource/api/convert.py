@@ -1,6 +1,8 @@
 """proto <-> resource domain. Sensitive variables and outputs leave masked."""
 from __future__ import annotations
 
+import datetime as dt
+
 from infrakitchen.resource.v1 import resource_pb2 as pb
 from services.common.values import from_struct, from_value, to_struct, to_timestamp, to_value
 from services.resource.domain.model import (AuditEntry, DependencyConfig, DependencyTag, Resource, Revision,
@@ -31,6 +33,21 @@ def resource_from_pb(r: pb.Resource) -> Resource:
         storage_path=r.storage_path.strip("/"), workspace=r.workspace, labels=list(r.labels))
 
 
+DRY_RUN_STATUS_PB = {"queued": pb.DRY_RUN_STATUS_QUEUED, "running": pb.DRY_RUN_STATUS_RUNNING,
+                     "succeeded": pb.DRY_RUN_STATUS_SUCCEEDED, "failed": pb.DRY_RUN_STATUS_FAILED,
+                     "cancelled": pb.DRY_RUN_STATUS_CANCELLED, "timed_out": pb.DRY_RUN_STATUS_TIMED_OUT}
+
+
+def dry_run_to_pb(d: dict) -> "pb.DryRun | None":
+    if not d:
+        return None
+    moment = lambda text: to_timestamp(dt.datetime.fromisoformat(text)) if text else None  # noqa: E731
+    return pb.DryRun(job_id=d["job_id"], status=DRY_RUN_STATUS_PB.get(d["status"], pb.DRY_RUN_STATUS_UNSPECIFIED),
+                     plan_add=d["plan_add"], plan_change=d["plan_change"], plan_destroy=d["plan_destroy"],
+                     error_message=d["error_message"], start_time=moment(d["start_time"]),
+                     completion_time=moment(d["completion_time"]))
+
+
 def resource_to_pb(r: Resource) -> pb.Resource:
     return pb.Resource(
         id=r.id, name=r.name, description=r.description, template_id=r.template_id,
@@ -48,7 +65,8 @@ def resource_to_pb(r: Resource) -> pb.Resource:
         storage_path=r.storage_path, workspace=r.workspace, labels=r.labels, revision=r.revision, owners=r.owners,
         creator=r.creator, error_message=r.error_message, last_job_id=r.last_job_id,
         approval_request_id=r.approval_request_id, workflow_id=r.workflow_id, step_id=r.step_id,
-        create_time=to_timestamp(r.create_time), update_time=to_timestamp(r.update_time), etag=r.etag)
+        create_time=to_timestamp(r.create_time), update_time=to_timestamp(r.update_time), etag=r.etag,
+        last_dry_run=dry_run_to_pb(r.last_dry_run))
 
 
 def temporary_state_from_pb(t: pb.TemporaryState) -> TemporaryState:
@@ -69,7 +87,7 @@ def temporary_state_to_pb(t: TemporaryState, sensitive: list[str]) -> pb.Tempora
         base_revision=t.base_revision, dry_run_job_id=t.dry_run_job_id, plan_add=t.plan_add,
         plan_change=t.plan_change, plan_destroy=t.plan_destroy, approval_request_id=t.approval_request_id,
         creator=t.creator, create_time=to_timestamp(t.create_time), update_time=to_timestamp(t.update_time),
-        etag=t.etag)
+        etag=t.etag, dry_run=dry_run_to_pb(t.dry_run))
     if t.description is not None:
         out.description = t.description
     if t.source_code_version_id is not None:

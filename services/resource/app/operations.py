@@ -9,7 +9,7 @@ from services.common.auth import Principal, Role
 from services.common.errors import Aborted, DomainError, FailedPrecondition, Unavailable, PreconditionViolation
 from services.common.uow import utcnow
 from services.resource.adapters.remote import JobInfo, JobSubmission, VersionInfo
-from services.resource.domain.model import (APPROVAL_PENDING, DESTROY, PENDING, DESTROYED, DONE, ERROR, IN_PROGRESS,
+from services.resource.domain.model import (dry_run_moved, dry_run_started, APPROVAL_PENDING, DESTROY, PENDING, DESTROYED, DONE, ERROR, IN_PROGRESS,
                                             OP_DESTROY, OP_PROVISION, OP_UPDATE, PROVISION, PROVISIONED, QUEUED,
                                             READY, REJECTED, TS_MERGED, UNKNOWN, Resource, Revision)
 from services.resource.app.base import JobNotRecordedYet, LifecycleBase, _busy, _check_etag, _wrong_state, log
@@ -62,8 +62,9 @@ class Operations(LifecycleBase):
         version = await self._version(r.source_code_version_id)
         job_id = await self.remote.submit_job(self._submission(r, version, "plan", f"dryrun-{uuid.uuid4()}"),
                                               principal.user)
-        after = await self._save(uow, r, replace(r, plan_job_id=job_id), principal.user, "dry_run", events=(),
-                                 extra={"job_id": job_id})
+        after = await self._save(uow, r, replace(r, plan_job_id=job_id,
+                                                 last_dry_run=dry_run_started(job_id, utcnow())),
+                                 principal.user, "dry_run", events=(), extra={"job_id": job_id})
         return after
 
     def _needs_iac(self, r: Resource, action: str) -> None:
@@ -207,12 +208,7 @@ class Operations(LifecycleBase):
 
     async def on_job_event(self, uow, job: JobInfo, resource_id: str, temporary_state_id: str, actor: str) -> None:
         if job.action == "plan":
-            if temporary_state_id:
-                t = await uow.temporary_states.get(temporary_state_id)
-                if t is not None and t.dry_run_job_id == job.id and job.status == "succeeded":
-                    await uow.temporary_states.update(replace(
-                        t, plan_add=job.plan_add, plan_change=job.plan_change, plan_destroy=job.plan_destroy,
-                        update_time=utcnow(), version=t.version + 1), t.version)
+            await self._on_dry_run_event(uow, job, resource_id, temporary_state_id)
             return
         r = await uow.resources.get(resource_id)
         if r is None:
@@ -227,6 +223,29 @@ class Operations(LifecycleBase):
             return
         if job.status in ("succeeded", "failed", "cancelled", "timed_out"):
             await self.apply_job_outcome(uow, r, job, actor)
+
+    async def _on_dry_run_event(self, uow, job: JobInfo, resource_id: str, temporary_state_id: str) -> None:
+        """A plan job moved: the dry run of the temporary state or resource
+        that asked for it shows its status, and its counts once it succeeded."""
+        now = utcnow()
+        counts = (job.plan_add, job.plan_change, job.plan_destroy)
+        if temporary_state_id:
+            t = await uow.temporary_states.get(temporary_state_id)
+            if t is None or t.dry_run_job_id != job.id or t.dry_run.get("status") == job.status:
+                return
+            moved = dry_run_moved(t.dry_run or dry_run_started(job.id, now), job.status, counts,
+                                  job.error_message, now)
+            await uow.temporary_states.update(replace(
+                t, dry_run=moved, plan_add=moved["plan_add"], plan_change=moved["plan_change"],
+                plan_destroy=moved["plan_destroy"], update_time=now, version=t.version + 1), t.version)
+            return
+        r = await uow.resources.get(resource_id)
+        if r is None or r.last_dry_run.get("job_id") != job.id or r.last_dry_run.get("status") == job.status:
+            return
+        moved = dry_run_moved(r.last_dry_run, job.status, counts, job.error_message, now)
+        # The resource's own state is untouched: only its record of the dry run moves.
+        await uow.resources.update(replace(r, last_dry_run=moved, update_time=now, version=r.version + 1),
+                                   r.version)
 
     async def apply_job_outcome(self, uow, r: Resource, job: JobInfo, actor: str) -> Resource | None:
         """Applies a finished job to the resource exactly once."""

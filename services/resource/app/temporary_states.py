@@ -11,7 +11,7 @@ from services.common.errors import (Aborted, AlreadyExists, FailedPrecondition, 
 from services.common.events import Correlation, new_event
 from services.common.paging import paginate
 from services.common.uow import utcnow
-from services.resource.domain.model import (APPROVAL_PENDING, DONE, OP_UPDATE, PROVISIONED, TS_APPROVAL_PENDING,
+from services.resource.domain.model import (dry_run_started, APPROVAL_PENDING, DONE, OP_UPDATE, PROVISIONED, TS_APPROVAL_PENDING,
                                             TS_MERGED, TS_PENDING, TS_REJECTED, Resource, TemporaryState, mask)
 from services.resource.app.base import SOURCE, LifecycleBase, _busy, _wrong_state
 
@@ -125,7 +125,9 @@ class TemporaryStates(LifecycleBase):
         job_id = await self.remote.submit_job(
             self._submission(proposed, version, "plan", f"tsdry-{t.id}-{t.version}", proposed.variables, t.id),
             principal.user)
-        updated = replace(t, dry_run_job_id=job_id, update_time=utcnow(), version=t.version + 1)
+        now = utcnow()
+        updated = replace(t, dry_run_job_id=job_id, dry_run=dry_run_started(job_id, now), plan_add=0,
+                          plan_change=0, plan_destroy=0, update_time=now, version=t.version + 1)
         await uow.temporary_states.update(updated, t.version)
         return updated
 

@@ -86,6 +86,7 @@ class Resource:
     workflow_id: str = ""
     step_id: str = ""
     ever_provisioned: bool = False
+    last_dry_run: dict[str, Any] = field(default_factory=dict)  # see dry_run_started / dry_run_ended
     create_time: dt.datetime | None = None
     update_time: dt.datetime | None = None
     version: int = 1
@@ -131,6 +132,7 @@ class TemporaryState:
     plan_add: int = 0
     plan_change: int = 0
     plan_destroy: int = 0
+    dry_run: dict[str, Any] = field(default_factory=dict)  # see dry_run_started / dry_run_ended
     approval_request_id: str = ""
     creator: str = ""
     create_time: dt.datetime | None = None
@@ -230,3 +232,19 @@ def valid_storage_path(path: str) -> bool:
 
 def default_storage_path(template_key: str, name: str) -> str:
     return f"{_PATH_SAFE.sub('-', template_key).strip('-')}/{_PATH_SAFE.sub('-', name).strip('-')}"
+
+
+def dry_run_started(job_id: str, now: dt.datetime) -> dict[str, Any]:
+    """The record of a dry run just submitted (stored as JSON)."""
+    return {"job_id": job_id, "status": "queued", "plan_add": 0, "plan_change": 0, "plan_destroy": 0,
+            "error_message": "", "start_time": now.isoformat(), "completion_time": ""}
+
+
+def dry_run_moved(record: dict[str, Any], status: str, plan: tuple[int, int, int], error_message: str,
+                  now: dt.datetime) -> dict[str, Any]:
+    """The record after the plan job's event: running, or ended with its counts or error."""
+    ended = status not in ("queued", "running")
+    add, change, destroy = plan if status == "succeeded" else (0, 0, 0)
+    return {**record, "status": status, "plan_add": add, "plan_change": change, "plan_destroy": destroy,
+            "error_message": error_message if status != "succeeded" and ended else "",
+            "completion_time": now.isoformat() if ended else ""}
