@@ -1,7 +1,9 @@
 """python -m services.executor"""
 from pathlib import Path
 
+from services.common.clients import ServiceClients
 from services.common.runtime import ServiceDefinition, run_service
+from services.executor.adapters.resources import ResourceUsers
 from services.executor.adapters.tables import metadata
 from services.executor.adapters.terraform import TerraformConfig
 from services.executor.adapters.uow import ExecutorUnitOfWork
@@ -12,6 +14,8 @@ from services.executor.app.worker import ExecutorConfig, JobWorkers, work_queue
 
 def setup(runtime) -> None:
     settings = runtime.settings
+    runtime.clients = ServiceClients(settings, "executor")
+    runtime.resource_users = ResourceUsers(runtime.clients)
     runtime.uow_options = {"vault": Vault.from_settings(settings)}
     runtime.executor_config = ExecutorConfig.from_settings(settings)
     runtime.workers = JobWorkers(runtime, runtime.executor_config, TerraformConfig.from_settings(settings))

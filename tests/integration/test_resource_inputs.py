@@ -94,3 +94,39 @@ async def test_moving_to_a_version_where_the_name_is_taken_is_already_exists(p):
     err = await rpc_error(p.resource.CreateTemporaryState(rp.CreateTemporaryStateRequest(
         temporary_state=rp.TemporaryState(resource_id=net.id, source_code_version_id=v2)), metadata=p.md))
     assert err.code() in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+async def test_an_integration_or_secret_in_use_by_resources_cannot_be_deleted(p):
+    from infrakitchen.executor.v1 import executor_pb2 as ep
+    from tests.support.grpc_asserts import precondition_violations
+    secret = await p.executor.CreateSecret(ep.CreateSecretRequest(secret=ep.Secret(
+        name="db", exposure=ep.SECRET_EXPOSURE_TF_VAR), values={"password": "pw"}), metadata=p.admin)
+    spare = await p.executor.CreateIntegration(ep.CreateIntegrationRequest(integration=ep.Integration(
+        name="spare", provider=ep.INTEGRATION_PROVIDER_GENERIC), credentials={"T": "t"}), metadata=p.admin)
+    net = await p.create("network", "user-of-both", variables={"cidr": "10.0.0.0/16"}, secret_ids=[secret.id])
+    for call, request in ((p.executor.DeleteIntegration, ep.DeleteIntegrationRequest(id=p.catalog.integration)),
+                          (p.executor.DeleteSecret, ep.DeleteSecretRequest(id=secret.id))):
+        err = await rpc_error(call(request, metadata=p.admin))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert [(kind, subject) for kind, subject, _ in precondition_violations(err)] == \
+            [("IN_USE", f"resources/{net.id}")]
+    still = await p.executor.GetIntegration(ep.GetIntegrationRequest(id=p.catalog.integration), metadata=p.admin)
+    assert still.id == p.catalog.integration
+    await p.executor.DeleteIntegration(ep.DeleteIntegrationRequest(id=spare.id), metadata=p.admin)
+    listed = await p.resource.ListResources(rp.ListResourcesRequest(secret_id=secret.id), metadata=p.md)
+    assert [r.id for r in listed.resources] == [net.id]
+    listed = await p.resource.ListResources(rp.ListResourcesRequest(secret_id=secret.id[:-1]), metadata=p.md)
+    assert not listed.resources, "a whole-id match"
+
+
+async def test_a_job_the_executor_refuses_says_why_on_the_resource(p):
+    net = await p.create("network", "refused", variables={"cidr": "10.0.0.0/16"})
+    # The storage path was claimed by someone else's job: the executor refuses the submission.
+    from infrakitchen.executor.v1 import executor_pb2 as ep
+    await p.executor.ClaimStatePath(ep.ClaimStatePathRequest(storage_id=p.catalog.storage,
+                                                             state_path=net.storage_path, resource_id="someone-else"),
+                                    metadata=p.admin)
+    await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=net.id), metadata=p.md)
+    failed = await p.wait(net.id, PROVISION, rp.RESOURCE_STATUS_ERROR)
+    assert failed.error_message.startswith("could not start the job: ")
+    assert "RemoteError" not in failed.error_message and "state path" in failed.error_message

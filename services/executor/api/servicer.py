@@ -26,6 +26,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self.default_timeout = runtime.executor_config.default_timeout
         self.config = runtime.executor_config
         self.workers = runtime.workers
+        self.resource_users = runtime.resource_users
 
     # --- jobs --------------------------------------------------------------
 
@@ -131,7 +132,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
     async def DeleteIntegration(self, request, context):
         async with self.uow() as uow:
-            await credentials.delete_integration(uow, current_principal(), request.id, request.etag)
+            await credentials.delete_integration(uow, current_principal(), request.id, request.etag,
+                                                 self.resource_users)
             await uow.commit()
         return empty_pb2.Empty()
 
@@ -164,7 +166,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
     async def DeleteSecret(self, request, context):
         async with self.uow() as uow:
-            await credentials.delete_secret(uow, current_principal(), request.id, request.etag)
+            await credentials.delete_secret(uow, current_principal(), request.id, request.etag,
+                                            self.resource_users)
             await uow.commit()
         return empty_pb2.Empty()
 

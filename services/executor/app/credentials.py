@@ -92,11 +92,22 @@ async def update_integration(uow, principal: Principal, id_: str, etag: str, nam
     return updated
 
 
-async def delete_integration(uow, principal: Principal, id_: str, etag: str) -> None:
+async def delete_integration(uow, principal: Principal, id_: str, etag: str, resource_users=None) -> None:
     current = await get_integration(uow, id_)
     _check_etag("integration", id_, etag, current.etag)
     await _refuse_if_used(uow, "integration_ids", "integration", id_)
+    await _refuse_if_resources_use(resource_users, "integration_id", "integration", id_)
     await uow.integrations.delete(id_)
+
+
+async def _refuse_if_resources_use(resource_users, field: str, kind: str, id_: str) -> None:
+    """Resources that name it would fail their next job: refused like a
+    storage that still holds state, naming them."""
+    users = await resource_users.of(field, id_) if resource_users is not None else []
+    if users:
+        raise FailedPrecondition(f"{kind} {id_} is used by resources", [
+            PreconditionViolation("IN_USE", f"resources/{rid}", f"resource {name} uses it; change or delete it first")
+            for rid, name in users], reason="IN_USE_BY_RESOURCES")
 
 
 async def _refuse_if_used(uow, column: str, kind: str, id_: str) -> None:
@@ -157,10 +168,11 @@ async def update_secret(uow, principal: Principal, id_: str, etag: str, descript
     return updated
 
 
-async def delete_secret(uow, principal: Principal, id_: str, etag: str) -> None:
+async def delete_secret(uow, principal: Principal, id_: str, etag: str, resource_users=None) -> None:
     current = await get_secret(uow, id_)
     _check_etag("secret", id_, etag, current.etag)
     await _refuse_if_used(uow, "secret_ids", "secret", id_)
+    await _refuse_if_resources_use(resource_users, "secret_id", "secret", id_)
     await uow.secrets.delete(id_)
 
 

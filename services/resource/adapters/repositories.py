@@ -4,6 +4,7 @@ otherwise), so two concurrent operations never both start."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -130,8 +131,15 @@ class ResourceRepository:
         return [self._resource(r) for r in rows]
 
     async def list(self, offset: int, limit: int, template_id: str = "", state: str = "", status: str = "",
-                   label: str = "", parent_id: str = "", workflow_id: str = "") -> list[Resource]:
+                   label: str = "", parent_id: str = "", workflow_id: str = "", integration_id: str = "",
+                   secret_id: str = "") -> list[Resource]:
         query = sa.select(resources).order_by(resources.c.create_time, resources.c.id)
+        for column, wanted in ((resources.c.integration_ids, integration_id), (resources.c.secret_ids, secret_id)):
+            if wanted:
+                # A JSON list of ids, matched as text (portable across SQLite and
+                # PostgreSQL); the quotes make it a whole-id match.
+                pattern = json.dumps(wanted).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                query = query.where(sa.cast(column, sa.Text).like(f"%{pattern}%", escape="\\"))
         if template_id:
             query = query.where(resources.c.template_id == template_id)
         if state:

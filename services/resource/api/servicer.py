@@ -55,7 +55,8 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
             found, token = await self.lc.list(
                 uow, request.page_size, request.page_token, template_id=request.template_id,
                 state=convert.STATE.get(request.state, ""), status=convert.STATUS.get(request.status, ""),
-                label=request.label, parent_id=request.parent_id, workflow_id=request.workflow_id)
+                label=request.label, parent_id=request.parent_id, workflow_id=request.workflow_id,
+                integration_id=request.integration_id, secret_id=request.secret_id)
         return pb.ListResourcesResponse(resources=[convert.resource_to_pb(r) for r in found], next_page_token=token)
 
     async def UpdateResource(self, request, context):

@@ -6,6 +6,7 @@ import uuid
 from dataclasses import replace
 
 from services.common.auth import Principal, Role
+from services.common.clients import RemoteError
 from services.common.errors import Aborted, DomainError, FailedPrecondition, Unavailable, PreconditionViolation
 from services.common.uow import utcnow
 from services.resource.adapters.remote import JobInfo, JobSubmission, VersionInfo
@@ -175,6 +176,8 @@ class Operations(LifecycleBase):
             return
         except DomainError as exc:
             job_id, error = "", f"could not start the job: {exc.message}"
+        except RemoteError as exc:  # the executor refused it: say why, with its field violations
+            job_id, error = "", f"could not start the job: {exc.describe()}"
         except Exception as exc:  # noqa: BLE001 - the resource must not stay queued silently
             log.exception("submitting the job of resource %s failed", resource_id)
             job_id, error = "", f"could not start the job: {type(exc).__name__}"
