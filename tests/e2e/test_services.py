@@ -40,7 +40,8 @@ WRITE_CALLS = {
     "workflow": (workflow_pb2_grpc.WorkflowServiceStub, "ExecuteWorkflow", workflow_pb2.ExecuteWorkflowRequest),
     "resource": (resource_pb2_grpc.ResourceServiceStub, "ProvisionResource", resource_pb2.ProvisionResourceRequest),
     "executor": (executor_pb2_grpc.ExecutorServiceStub, "SubmitJob", executor_pb2.SubmitJobRequest),
-    "approval": (approval_pb2_grpc.ApprovalServiceStub, "ApproveRequest", approval_pb2.ApproveRequestRequest),
+    "approval": (approval_pb2_grpc.ApprovalServiceStub, "CreateApprovalRequest",
+                 approval_pb2.CreateApprovalRequestRequest),
 }
 
 
