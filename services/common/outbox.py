@@ -148,7 +148,7 @@ class OutboxRelay:
                 raise
             except Exception as exc:  # noqa: BLE001 - NATS or DB hiccup: retry from the table later
                 # Some NATS errors (a timeout, a reconnect) carry no message: name the type.
-                log.warning("outbox relay: %s: %s; retrying", type(exc).__name__, exc or "(no detail)")
+                log.warning("outbox relay: %s: %s; retrying", type(exc).__name__, str(exc) or "(no detail)")
                 self._table_drained = False
                 published = 0
                 await asyncio.sleep(self.poll_interval)

@@ -329,6 +329,16 @@ async def test_bad_job_requests_change_nothing(executor, repo):
     assert set(field_violations(err)) == {"action", "source.repository_url", "source.ref", "source.path",
                                           "state_path", "storage_id", "integration_ids[0]",
                                           "sensitive_variables[0]"}
+    # An absolute module path and a transport the platform does not support
+    # are refused up front, the same way as "../up" (not at run time).
+    for source in (pb.JobSource(repository_url=repo.url, ref="v1", path="/etc"),
+                   pb.JobSource(repository_url="fd::17", ref="v1", path="ok"),
+                   pb.JobSource(repository_url="ext::sh -c id", ref="v1", path="ok")):
+        request = submit_request(repo, "ok", "y")
+        request.source.CopyFrom(source)
+        err = await rpc_error(executor.stub.SubmitJob(request, metadata=executor.md))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert set(field_violations(err)) == {"source.path" if source.path == "/etc" else "source.repository_url"}
     listed = await executor.stub.ListJobs(pb.ListJobsRequest(), metadata=executor.md)
     assert not listed.jobs
     read_only = await rpc_error(executor.stub.SubmitJob(submit_request(repo, "ok", "x"),

@@ -376,3 +376,28 @@ async def test_an_event_nats_refuses_for_good_is_dead_lettered_and_the_rest_flow
     assert events_pb2.Envelope.FromString(msg.data).event_id == small.event_id
     [letter_msg] = await dead.fetch(1, timeout=5)
     assert events_pb2.DeadLetter.FromString(letter_msg.data).headers["Nats-Msg-Id"] == big.event_id
+
+
+class SilentFailure:
+    """A bus whose publish fails the way nats-py does on a reconnect: an
+    exception with an empty message."""
+
+    max_payload = 1024 * 1024
+
+    async def publish_in_order(self, messages):
+        raise TimeoutError()
+
+
+async def test_a_relay_failure_without_a_message_still_says_what_failed(plumbing, caplog):
+    p = plumbing
+    await p.emit_jobs(1)
+    relay = OutboxRelay(p.db, outbox_table, SilentFailure(), poll_interval=0.05)
+    task = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: any("outbox relay" in r.getMessage() for r in caplog.records), timeout=5)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, timeout=5)
+    [line] = {r.getMessage() for r in caplog.records if "outbox relay" in r.getMessage()}
+    assert line == "outbox relay: TimeoutError: (no detail); retrying"
+    assert await p.count(outbox_table) == 1, "kept for the next try"
