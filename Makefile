@@ -15,7 +15,7 @@ PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_part
 export IK_DATA_DIR ?= $(CURDIR)/.data
 export IK_TERRAFORM_PLUGIN_DIR ?= $(CURDIR)/$(VENV)/terraform-plugins
 
-.PHONY: help install proto plugins nats run token test lint bench clean
+.PHONY: help install proto plugins sandbox nats run token test lint bench clean
 
 help:
 	@echo "make run    install everything and start NATS (if needed) and the five services"
@@ -35,7 +35,11 @@ $(VENV)/.installed: requirements.txt
 	printf '#!/bin/sh\nexec "%s" -m cli "$$@"\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/ik && chmod +x $(VENV)/bin/ik
 	touch $@
 
-install: $(VENV)/.installed proto plugins
+install: $(VENV)/.installed proto plugins sandbox
+
+# bubblewrap: every terraform command of a job runs in its sandbox.
+sandbox:
+	@scripts/ensure-sandbox.sh
 
 # Generated code is not committed: it is derived from protos/ in about a second
 # and committing it would let the two drift apart.

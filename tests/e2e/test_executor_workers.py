@@ -22,7 +22,10 @@ LEASE = "4"  # seconds; a dead worker's job is picked up again after about this 
 
 @pytest.fixture
 def executors(tmp_path, event_prefix, nats_url):
+    # The marker files the modules write are the one place outside a job's sandbox they may reach.
+    (tmp_path / "markers").mkdir()
     procs = ServiceProcesses(tmp_path / "data", event_prefix, nats_url, extra_env={
+        "IK_EXECUTOR_SANDBOX_BIND": str(tmp_path / "markers"),
         "IK_EXECUTOR_WORKERS": "2", "IK_EXECUTOR_LEASE": LEASE, "IK_TERRAFORM_LOCK_TIMEOUT": "20s"})
     procs.add_instance("executor-b", "executor")
     procs.start("executor")  # first alone: it migrates the shared database
@@ -48,7 +51,8 @@ async def submit_all(stub, md, repo, tmp_path, seconds: int) -> list[str]:
     ids = []
     for n in range(JOBS):
         job = await stub.SubmitJob(submit_request(
-            repo, "marker", f"jobs/{n}", variables={"marker": str(tmp_path / f"marker-{n}"), "seconds": seconds}),
+            repo, "marker", f"jobs/{n}", variables={"marker": str(tmp_path / "markers" / f"marker-{n}"),
+                                                    "seconds": seconds}),
             metadata=md)
         ids.append(job.id)
     return ids
@@ -66,7 +70,7 @@ async def test_two_processes_share_the_queue_and_run_each_job_once(executors, tm
     pids = {j.worker.rsplit(":", 1)[1] for j in jobs}
     assert pids == {str(executors.procs["executor"].pid), str(executors.procs["executor-b"].pid)}
     for n in range(JOBS):
-        runs = marker_runs(tmp_path / f"marker-{n}")
+        runs = marker_runs(tmp_path / "markers" / f"marker-{n}")
         assert len(runs) == 1 and runs[0][1] is not None
 
 
@@ -81,7 +85,7 @@ async def test_a_killed_process_loses_no_job_and_none_runs_twice_at_once(executo
         while True:
             running = (await stub.ListJobs(pb.ListJobsRequest(status=pb.JOB_STATUS_RUNNING), metadata=md)).jobs
             inside = [j for j in running if j.worker.endswith(":" + victim_pid)
-                      and (tmp_path / f"marker-{ids.index(j.id)}").exists()]
+                      and (tmp_path / "markers" / f"marker-{ids.index(j.id)}").exists()]
             if inside:
                 break
             await asyncio.sleep(0.1)
@@ -95,7 +99,7 @@ async def test_a_killed_process_loses_no_job_and_none_runs_twice_at_once(executo
             assert job.attempt == 2 and job.worker.endswith(":" + survivor)
     await asyncio.sleep(4)  # a run that outlived its process would write its end by now
     for n in range(JOBS):
-        runs = marker_runs(tmp_path / f"marker-{n}")
+        runs = marker_runs(tmp_path / "markers" / f"marker-{n}")
         finished = [r for r in runs if r[1] is not None]
         assert len(finished) == 1, f"job {n} finished {len(finished)} times"
         # Only the last run finished: the killed one died with its process
@@ -113,10 +117,11 @@ async def test_a_job_started_directly_by_a_killed_process_is_run_again_by_the_ot
     md = executors.metadata()
     async with grpc.aio.insecure_channel(executors.target("executor-b")) as channel:
         job = await executor_pb2_grpc.ExecutorServiceStub(channel).SubmitJob(submit_request(
-            repo, "marker", "direct/0", variables={"marker": str(tmp_path / "marker-direct"), "seconds": 3}),
+            repo, "marker", "direct/0", variables={"marker": str(tmp_path / "markers" / "marker-direct"),
+                                                   "seconds": 3}),
             metadata=md)
     assert job.status == pb.JOB_STATUS_RUNNING and job.worker.endswith(f":{victim}"), "started at submission"
-    while not (tmp_path / "marker-direct").exists():  # inside terraform apply
+    while not (tmp_path / "markers" / "marker-direct").exists():  # inside terraform apply
         await asyncio.sleep(0.1)
     executors.stop("executor-b", sig=signal.SIGKILL)
     async with grpc.aio.insecure_channel(executors.target("executor")) as channel:
@@ -124,5 +129,5 @@ async def test_a_job_started_directly_by_a_killed_process_is_run_again_by_the_ot
     assert done.status == pb.JOB_STATUS_SUCCEEDED and done.attempt == 2, done.error_message
     assert done.worker.endswith(f":{executors.procs['executor'].pid}")
     await asyncio.sleep(4)  # a run that outlived its process would write its end by now
-    runs = marker_runs(tmp_path / "marker-direct")
+    runs = marker_runs(tmp_path / "markers" / "marker-direct")
     assert len(runs) == 2 and runs[0][1] is None and runs[1][1] is not None

@@ -32,7 +32,10 @@ VICTIMS = ("workflow", "resource", "executor", "approval", "blueprint")
 
 @pytest.fixture
 def platform(tmp_path, event_prefix, nats_url):
+    # The marker files the modules write are the one place outside a job's sandbox they may reach.
+    (tmp_path / "markers").mkdir()
     procs = ServiceProcesses(tmp_path / "data", event_prefix, nats_url, extra_env={
+        "IK_EXECUTOR_SANDBOX_BIND": str(tmp_path / "markers"),
         "IK_EXECUTOR_LEASE": "4", "IK_WORKFLOW_RECONCILE_INTERVAL": "3", "IK_RESOURCE_RECONCILE_INTERVAL": "3",
         "IK_TERRAFORM_LOCK_TIMEOUT": "30s"})
     procs.start()
@@ -69,7 +72,7 @@ def test_killing_each_service_mid_workflow_loses_nothing_and_runs_no_apply_twice
             template_id=t.id, source=bp.ModuleSource(repository_url=repo.url, ref="v1", path="marker"),
             is_default=True), metadata=md, timeout=60)
         defaults = struct_pb2.Struct()
-        defaults.update({"marker": str(tmp_path / f"marker-{n}"), "seconds": 2})
+        defaults.update({"marker": str(tmp_path / "markers" / f"marker-{n}"), "seconds": 2})
         templates.append(bp.BlueprintTemplate(template_id=t.id, source_code_version_id=v.id,
                                               default_variables=defaults))
     # A chain: each link waits for the one before (wired through a no-op: the marker path).
@@ -88,7 +91,7 @@ def test_killing_each_service_mid_workflow_loses_nothing_and_runs_no_apply_twice
 
     for n, victim in enumerate(VICTIMS):
         # Step n's apply is running (its local-exec wrote its start): kill one service, start it again.
-        wait_for(lambda: (tmp_path / f"marker-{n}").exists(), 120, f"the apply of step {n}")
+        wait_for(lambda: (tmp_path / "markers" / f"marker-{n}").exists(), 120, f"the apply of step {n}")
         platform.stop(victim, sig=signal.SIGKILL)
         platform.start(victim)
         workflows = stub("workflow", workflow_pb2_grpc.WorkflowServiceStub)
@@ -108,7 +111,7 @@ def test_killing_each_service_mid_workflow_loses_nothing_and_runs_no_apply_twice
         assert r.revision >= 1
     time.sleep(3)  # a run that outlived its killed executor would write its end by now
     for n in range(STEPS):
-        runs = marker_runs(tmp_path / f"marker-{n}")
+        runs = marker_runs(tmp_path / "markers" / f"marker-{n}")
         finished = [run for run in runs if run[1] is not None]
         assert len(finished) == 1, f"step {n}: {len(finished)} finished applies"
         for earlier, later in zip(runs, runs[1:]):  # never two at once: each run ended (or died) before the next

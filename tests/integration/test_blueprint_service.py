@@ -184,6 +184,29 @@ async def test_unreadable_source_is_invalid_argument_and_stores_nothing(svc, rep
     assert list(listed.source_code_versions) == []
 
 
+async def test_files_outside_the_checkout_are_never_read_nor_echoed(svc, tmp_path):
+    """A module file (or folder) that is a symlink to a file of the machine
+    (the deployment's auth secret) is refused naming the path; an HCL error
+    names file and line, never the text."""
+    canary = "7cd7-canary-secret-value"
+    (tmp_path / "auth-secret").write_text(f"{canary}\n")
+    repo = ModuleRepo(tmp_path / "leaky")
+    (repo.path / "leak").mkdir()
+    (repo.path / "leak" / "main.tf").symlink_to(tmp_path / "auth-secret")
+    (repo.path / "outside").symlink_to(tmp_path)
+    repo.write("noisy/main.tf", f'variable "x" {{\n  default = 1\n}}\n{canary} = = =\n')
+    repo.commit("leaks", tag="v1")
+    vpc = await make_template(svc, "vpc")
+    for path, words in (("leak", "main.tf in 'leak' is a symbolic link that leads outside the repository"),
+                        ("outside", "leads outside the repository"), ("noisy", "main.tf: invalid HCL at line 4")):
+        err = await rpc_error(svc.stub.CreateSourceCodeVersion(pb.CreateSourceCodeVersionRequest(
+            template_id=vpc.id, source=pb.ModuleSource(repository_url=repo.url, ref="v1", path=path)),
+            metadata=svc.md))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in field_violations(err)["source.path"]
+        assert canary not in err.details() and canary not in str(field_violations(err))
+
+
 async def test_repository_credentials_never_appear_in_errors(svc):
     vpc = await make_template(svc, "vpc")
     err = await rpc_error(svc.stub.CreateSourceCodeVersion(pb.CreateSourceCodeVersionRequest(

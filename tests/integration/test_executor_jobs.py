@@ -396,3 +396,20 @@ async def test_storage_and_credential_validation(executor):
     stale = await rpc_error(executor.stub.UpdateSecret(pb.UpdateSecretRequest(
         secret=pb.Secret(id=first.id, etag=first.etag), values={"K": "value-4"}), metadata=executor.md))
     assert stale.code() == grpc.StatusCode.ABORTED
+    # Credentials may not set what changes how terraform, the shell or the linker run.
+    for name in ("PATH", "LD_PRELOAD", "TF_CLI_CONFIG_FILE", "TF_PLUGIN_CACHE_DIR", "TF_DATA_DIR", "HOME"):
+        refused = await rpc_error(executor.stub.CreateSecret(pb.CreateSecretRequest(
+            secret=pb.Secret(name=f"env-{name}", exposure=pb.SECRET_EXPOSURE_ENV), values={name: "x"}),
+            metadata=executor.md))
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "changes how terraform" in field_violations(refused)[f"values[{name!r}]"]
+        refused = await rpc_error(executor.stub.CreateIntegration(pb.CreateIntegrationRequest(
+            integration=pb.Integration(name=f"i-{name}", provider=pb.INTEGRATION_PROVIDER_GENERIC),
+            credentials={name: "x"}), metadata=executor.admin))
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    refused = await rpc_error(executor.stub.UpdateSecret(pb.UpdateSecretRequest(
+        secret=pb.Secret(id=first.id), values={"LD_LIBRARY_PATH": "/tmp"}), metadata=executor.md))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # As TF_VAR_<key> the same names are plain terraform variables.
+    await executor.stub.CreateSecret(pb.CreateSecretRequest(secret=pb.Secret(
+        name="tf-vars", exposure=pb.SECRET_EXPOSURE_TF_VAR), values={"PATH": "x"}), metadata=executor.md)

@@ -126,7 +126,7 @@ async def test_full_lifecycle_moves_through_the_documented_states(any_db):
 
 
 async def test_a_failed_provision_is_error_then_retried(p):
-    gate = p.tmp_path / "gate"
+    gate = p.shared / "gate"
     net = await p.provisioned("network", "n", variables={"cidr": "10.0.0.0/16"})
     r = await p.create("gated", "g", parents=[net.id], variables={"gate": str(gate)})
     await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=r.id), metadata=p.md)
@@ -220,7 +220,7 @@ async def test_children_inherit_tags_and_configs_from_two_parents(p):
 # --- one operation at a time ----------------------------------------------------------------
 
 async def test_one_operation_at_a_time(p):
-    gate = p.tmp_path / "open-gate"
+    gate = p.shared / "open-gate"
     gate.write_text("open")
     net = await p.provisioned("network", "n", variables={"cidr": "10.0.0.0/16"})
     r = await p.create("gated", "slow", parents=[net.id], variables={"gate": str(gate), "seconds": 4})

@@ -28,13 +28,13 @@ async def p(tmp_path, event_prefix, nats_url):
 
 
 async def test_a_bad_override_is_fixed_with_update_workflow_and_the_re_execution_finishes(p):
-    gate = p.tmp_path / "gate-open"
+    gate = p.shared / "gate-open"
     gate.write_text("open")
     blueprint = await p.blueprint_of("chain", {"network": {"cidr": "10.0.0.0/16"}, "gated": {},
                                                "leaf": {}},
                                      [("gated", "gate", "leaf", "upstream")])
     w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
-        blueprint_id=blueprint.id, variable_overrides=overrides(p, gated={"gate": str(p.tmp_path / "nope")}),
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, gated={"gate": str(p.shared / "nope")}),
         **shared(p)), metadata=p.md)
     failed = await run(p, w)
     assert failed.status == wp.WORKFLOW_STATUS_ERROR

@@ -115,7 +115,7 @@ async def test_variable_precedence_overrides_over_wired_over_defaults(p):
 
 
 async def test_a_failing_middle_step_then_a_fix_and_re_execution(p):
-    gate = p.tmp_path / "gate"
+    gate = p.shared / "gate"
     blueprint = await p.blueprint_of("chain", {"network": {"cidr": "10.0.0.0/16"}, "gated": {"gate": str(gate)},
                                                "leaf": {}},
                                      [("gated", "gate", "leaf", "upstream")])
@@ -144,7 +144,7 @@ async def test_a_failing_middle_step_then_a_fix_and_re_execution(p):
 
 async def test_an_unrelated_branch_is_not_held_back_by_a_slow_sibling(any_db):
     p = any_db
-    gate = p.tmp_path / "open"
+    gate = p.shared / "open"
     gate.write_text("open")
     blueprint = await p.blueprint_of(
         "branches", {"network": {"cidr": "10.0.0.0/16"}, "gated": {"gate": str(gate), "seconds": 10},
@@ -191,7 +191,7 @@ async def test_with_the_approval_flow_steps_wait_for_owners(p):
 
 
 async def test_a_workflow_service_restart_mid_run_loses_nothing_and_starts_nothing_twice(p):
-    gate = p.tmp_path / "open"
+    gate = p.shared / "open"
     gate.write_text("open")
     blueprint = await p.blueprint_of("chain", {"network": {"cidr": "10.0.0.0/16"},
                                                "gated": {"gate": str(gate), "seconds": 4}, "leaf": {}},

@@ -132,6 +132,10 @@ class Platform:
     def __init__(self, tmp_path, event_prefix: str, nats_url: str, extra_env: dict[str, str] | None = None,
                  database_urls: dict[str, str] | None = None):
         names = ("blueprint", "executor", "approval", "resource", "workflow")
+        # Files the test modules' local-execs read (gates) live here: the one
+        # directory outside a job's sandbox they may reach.
+        self.shared = tmp_path / "shared"
+        self.shared.mkdir(exist_ok=True)
         dbs = {n: f"sqlite:///{tmp_path / (n + '.db')}" for n in names}
         dbs.update(database_urls or {})
         self.inner = InProcessPlatform(
@@ -140,6 +144,7 @@ class Platform:
             event_prefix, nats_url, tmp_path / "data",
             # No catalog cache: tests disable templates and expect the next create to see it.
             {"IK_RESOURCE_RECONCILE_INTERVAL": "30", "IK_TERRAFORM_LOCK_TIMEOUT": "5s",
+             "IK_EXECUTOR_SANDBOX_BIND": str(self.shared),
              "IK_RESOURCE_CATALOG_CACHE_SECONDS": "0", **(extra_env or {})})
         self.tmp_path = tmp_path
         self.catalog = Catalog()

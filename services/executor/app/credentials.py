@@ -15,7 +15,8 @@ from services.common.paging import paginate
 from services.common.uow import utcnow
 from services.executor.app.jobs import claim_state_path
 from services.executor.domain.model import (AWS, AZURE, ENV, GCP, GENERIC, LOCAL, PG, TF_VAR, Integration, Secret,
-                                            StatePathClaim, Storage, valid_env_name, valid_state_path)
+                                            StatePathClaim, Storage, integration_env, protected_env_name,
+                                            valid_env_name, valid_state_path)
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -30,12 +31,25 @@ def _check_name(name: str, field: str, violations: list) -> None:
         violations.append(FieldViolation(field, "must not be empty"))
 
 
-def _check_keys(values: dict[str, str], field: str, violations: list, env_names: bool) -> None:
+def _check_keys(values: dict[str, str], field: str, violations: list, env_names: bool,
+                exported: dict[str, str] | None = None) -> None:
+    """`exported`: key -> the environment variable it becomes in a job (when it becomes one)."""
     for key, value in values.items():
         if env_names and not valid_env_name(key):
             violations.append(FieldViolation(f"{field}[{key!r}]", "must be a valid environment variable name"))
+        elif exported is not None and (why := protected_env_name(exported.get(key, key))):
+            violations.append(FieldViolation(f"{field}[{key!r}]", why))
         if not value:
             violations.append(FieldViolation(f"{field}[{key!r}]", "must not be empty"))
+
+
+def _exported_integration(provider: str, credentials: dict[str, str]) -> dict[str, str]:
+    return {key: next(iter(integration_env(provider, {key: "x"}))) for key in credentials} \
+        if provider in (AWS, AZURE, GCP, GENERIC) else {}
+
+
+def _exported_secret(exposure: str, values: dict[str, str]) -> dict[str, str] | None:
+    return {key: key for key in values} if exposure == ENV else None
 
 
 # --- integrations ----------------------------------------------------------
@@ -49,7 +63,8 @@ async def create_integration(uow, principal: Principal, i: Integration, request_
         violations.append(FieldViolation("integration.provider", "must be AWS, AZURE, GCP or GENERIC"))
     if not i.credentials:
         violations.append(FieldViolation("credentials", "must hold at least one key"))
-    _check_keys(i.credentials, "credentials", violations, env_names=True)
+    _check_keys(i.credentials, "credentials", violations, env_names=True,
+                exported=_exported_integration(i.provider, i.credentials))
     if violations:
         raise InvalidArgument("invalid integration", violations)
     if await uow.integrations.name_taken(i.name):
@@ -79,7 +94,8 @@ async def update_integration(uow, principal: Principal, id_: str, etag: str, nam
     violations: list[FieldViolation] = []
     if name is not None:
         _check_name(name, "integration.name", violations)
-    _check_keys(credentials, "credentials", violations, env_names=True)
+    _check_keys(credentials, "credentials", violations, env_names=True,
+                exported=_exported_integration(current.provider, credentials))
     if violations:
         raise InvalidArgument("invalid integration", violations)
     if name and name != current.name and await uow.integrations.name_taken(name):
@@ -131,7 +147,7 @@ async def create_secret(uow, principal: Principal, x: Secret, request_id: str = 
         violations.append(FieldViolation("secret.exposure", "must be TF_VAR or ENV"))
     if not x.values:
         violations.append(FieldViolation("values", "must hold at least one key"))
-    _check_keys(x.values, "values", violations, env_names=True)
+    _check_keys(x.values, "values", violations, env_names=True, exported=_exported_secret(x.exposure, x.values))
     if violations:
         raise InvalidArgument("invalid secret", violations)
     if await uow.secrets.name_taken(x.name):
@@ -159,7 +175,7 @@ async def update_secret(uow, principal: Principal, id_: str, etag: str, descript
     current = await get_secret(uow, id_)
     _check_etag("secret", id_, etag, current.etag)
     violations: list[FieldViolation] = []
-    _check_keys(values, "values", violations, env_names=True)
+    _check_keys(values, "values", violations, env_names=True, exported=_exported_secret(current.exposure, values))
     if violations:
         raise InvalidArgument("invalid secret", violations)
     updated = replace(current, description=current.description if description is None else description,

@@ -169,6 +169,28 @@ def valid_state_path(path: str) -> bool:
     return bool(_STATE_PATH_RE.match(path)) and ".." not in path.split("/") and len(path) <= 512
 
 
+# Environment variables that change how terraform, a shell or the dynamic
+# linker runs (or where they look for code and configuration): a secret or an
+# integration may not set them, or a writer could turn a job into something
+# else (LD_PRELOAD, TF_CLI_CONFIG_FILE with a provider override, PATH, ...).
+PROTECTED_ENV = frozenset({
+    "PATH", "HOME", "SHELL", "ENV", "BASH_ENV", "CDPATH", "IFS", "PS4", "TMPDIR", "PWD", "USER", "LOGNAME",
+    "TF_CLI_CONFIG_FILE", "TF_DATA_DIR", "TF_WORKSPACE", "TF_INPUT", "TF_IN_AUTOMATION", "TF_IGNORE",
+    "TF_REGISTRY_DISCOVERY_RETRY", "TF_REGISTRY_CLIENT_TIMEOUT", "CHECKPOINT_DISABLE", "SSL_CERT_FILE",
+    "SSL_CERT_DIR", "TERRAFORM_CONFIG"})
+PROTECTED_ENV_PREFIXES = ("LD_", "DYLD_", "TF_CLI_", "TF_PLUGIN_", "TF_LOG", "TF_REATTACH", "TF_SKIP_",
+                          "BASH_FUNC_", "PYTHON", "GIT_", "GCONV_", "MALLOC_")
+
+
+def protected_env_name(name: str) -> str | None:
+    """Why an environment variable may not be set by a job's credentials, or None."""
+    upper = name.upper()
+    if upper in PROTECTED_ENV or upper.startswith(PROTECTED_ENV_PREFIXES):
+        return (f"{name} changes how terraform, the shell or the dynamic linker runs; a job's credentials "
+                "may not set it")
+    return None
+
+
 def integration_env(provider: str, credentials: dict[str, str]) -> dict[str, str]:
     """AWS {'access_key_id': ..} -> {'AWS_ACCESS_KEY_ID': ..}; keys already
     carrying the provider's prefix, and generic keys, are exported as given."""

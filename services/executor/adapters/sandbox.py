@@ -1,0 +1,109 @@
+"""The sandbox every terraform/tofu command of a job runs in: module code is
+untrusted (any writer registers source code versions, and a `local-exec` or
+a provider runs whatever it likes).
+
+bubblewrap (`bwrap`, Debian's `bubblewrap`) builds a fresh root for each
+command in new user, mount, pid, ipc and uts namespaces, with every
+capability dropped. The command sees only:
+- the system's programs and libraries (/usr, read-only) and the few /etc
+  files name resolution and TLS need (not /etc as a whole: /etc/shadow);
+- the terraform binary and the provider plugin mirror, read-only;
+- the job's own working directory and the directory of its own local state;
+- a private /tmp, a minimal /dev and a /proc of its own pid namespace (the
+  executor's processes, environment and file descriptors are not there);
+- directories an operator lists in IK_EXECUTOR_SANDBOX_BIND (say, a shared
+  cache); nothing of the platform belongs there.
+Not visible: the data directory (auth secret, encryption key, databases),
+other jobs' directories and other resources' state. The network stays shared:
+providers need it (and the pg backend reaches its database through it).
+
+The executor says at start which isolation it uses, and refuses to start
+without one unless IK_EXECUTOR_SANDBOX=off is set explicitly (development
+only; a warning says so). Signals still reach terraform: the sandbox keeps
+the process group of the reaper that starts it (cancel's SIGINT), and
+--die-with-parent ends it with the reaper (the executor's death)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+OFF, BWRAP = "off", "bwrap"
+# What programs need from /etc to resolve names, check TLS certificates and
+# know users; read-only, and only those that exist.
+ETC_FILES = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/host.conf", "/etc/gai.conf",
+             "/etc/passwd", "/etc/group", "/etc/localtime", "/etc/ssl", "/etc/ca-certificates",
+             "/etc/pki", "/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d")
+# The merged-/usr links (or, on older systems, directories) of the root.
+ROOT_LINKS = ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+
+
+class SandboxUnavailable(RuntimeError):
+    """No isolation could be set up: the executor does not start."""
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    kind: str
+    bwrap: str = ""
+    binds: tuple[str, ...] = field(default_factory=tuple)  # operator-listed read-write directories
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> "Sandbox":
+        mode = env.get("IK_EXECUTOR_SANDBOX", BWRAP).strip().lower()
+        binds = tuple(p for p in env.get("IK_EXECUTOR_SANDBOX_BIND", "").split(":") if p.strip())
+        if mode == OFF:
+            log.warning("IK_EXECUTOR_SANDBOX=off: jobs run WITHOUT a sandbox and can read the platform's keys "
+                        "and databases; for development only")
+            return cls(OFF)
+        if mode != BWRAP:
+            raise SandboxUnavailable(f"IK_EXECUTOR_SANDBOX must be {BWRAP} or {OFF}, not {mode!r}")
+        bwrap = shutil.which("bwrap") or ""
+        if not bwrap:
+            raise SandboxUnavailable("bubblewrap (bwrap) is not installed: `make install` installs it; "
+                                     "IK_EXECUTOR_SANDBOX=off runs jobs unsandboxed (development only)")
+        sandbox = cls(BWRAP, bwrap, binds)
+        probe = subprocess.run(sandbox.wrap(["/bin/true"], cwd=Path("/"), writable=[]), capture_output=True,
+                               text=True, timeout=30, stdin=subprocess.DEVNULL)
+        if probe.returncode != 0:
+            raise SandboxUnavailable(f"bubblewrap cannot create its namespaces here: "
+                                     f"{probe.stderr.strip()[:300]}; IK_EXECUTOR_SANDBOX=off runs jobs "
+                                     "unsandboxed (development only)")
+        log.info("jobs run in a bubblewrap sandbox (user, mount, pid, ipc, uts namespaces, no capabilities; "
+                 "network shared)%s", f"; operator binds: {', '.join(binds)}" if binds else "")
+        return sandbox
+
+    @property
+    def on(self) -> bool:
+        return self.kind != OFF
+
+    def wrap(self, argv: list[str], *, cwd: Path, writable: list[Path], readable: list[str] = ()) -> list[str]:
+        """`argv` as run inside the sandbox (unchanged when it is off):
+        `writable` directories (the job's own) and `readable` files or
+        directories (binary, plugins) are the only paths of the platform it sees."""
+        if not self.on:
+            return argv
+        args = [self.bwrap, "--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-ipc",
+                "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL", "--hostname", "job",
+                "--ro-bind", "/usr", "/usr"]
+        for link in ROOT_LINKS:
+            if os.path.islink(link):
+                args += ["--symlink", os.readlink(link), link]
+            elif os.path.isdir(link):
+                args += ["--ro-bind", link, link]
+        for path in ETC_FILES:
+            args += ["--ro-bind-try", path, path]
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        for path in readable:
+            if path:
+                args += ["--ro-bind", path, path]
+        for path in writable:
+            args += ["--bind", str(path), str(path)]
+        for path in self.binds:
+            args += ["--bind-try", path, path]
+        return [*args, "--chdir", str(cwd), "--", *argv]
