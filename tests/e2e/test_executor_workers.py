@@ -39,11 +39,11 @@ def marker_runs(path) -> list[tuple[float, float | None]]:
     end is None for a run that never finished (it died)."""
     runs: dict[str, list] = {}
     for line in path.read_text().splitlines():
-        kind, pid, moment = line.split()
+        kind, run, moment = line.split()
         if kind == "start":
-            runs[pid] = [float(moment), None]
+            runs[run] = [float(moment), None]
         else:
-            runs[pid][1] = float(moment)
+            runs[run][1] = float(moment)
     return sorted(tuple(r) for r in runs.values())
 
 

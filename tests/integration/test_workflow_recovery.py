@@ -14,7 +14,9 @@ from google.protobuf import struct_pb2
 from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
+from services.common.auth import Role
 from tests.support.grpc_asserts import field_violations, precondition_violations, rpc_error
+from tests.support.jobs import all_logs, log_text
 from tests.support.platform import Platform
 from tests.integration.test_workflows import by_template, overrides, run, shared
 
@@ -140,3 +142,34 @@ async def test_overrides_of_unknown_variables_and_values_without_a_kind_are_refu
     assert list(field_violations(err)) == ["variable_overrides[0].variables.cidr"]
     listed = await p.workflow.ListWorkflows(wp.ListWorkflowsRequest(), metadata=p.md)
     assert not listed.workflows, "nothing was stored"
+
+
+async def test_a_sensitive_output_wired_downstream_stays_sensitive_there(p):
+    """app's secret_url is a sensitive output (it carries the password);
+    wired into tail's plain `upstream` variable it is sensitive on tail too:
+    masked for readers on the resource, its audit trail, revisions and job,
+    absent from the job log, and tail's output derived from it is sensitive."""
+    canary = "hunter2-canary-7f3a"
+    blueprint = await p.blueprint_of("secret-chain", {"network": {"cidr": "10.0.0.0/16"}, "app": {}, "tail": {}},
+                                     [("network", "vpc_id", "app", "vpc_id"), ("app", "secret_url", "tail",
+                                                                                "upstream")])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, app={"password": canary}), **shared(p)),
+        metadata=p.md)
+    done = await run(p, w)
+    assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
+    tail_step = by_template(p, done)["tail"]
+    assert tail_step.resolved_variables["upstream"] == "***"
+    reader = p.as_("rita", Role.READ)
+    tail = await p.wait(tail_step.resource_id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
+    tail = await p.resource.GetResource(rp.GetResourceRequest(id=tail.id), metadata=reader)
+    assert tail.variables["upstream"] == "***"
+    assert {o.name: (o.sensitive, o.value.string_value) for o in tail.outputs}["seen"] == (True, "***")
+    seen = [str(tail), str(done)]
+    seen.append(str(await p.resource.ListResourceEvents(rp.ListResourceEventsRequest(resource_id=tail.id),
+                                                        metadata=reader)))
+    seen.append(str(await p.resource.ListResourceRevisions(rp.ListResourceRevisionsRequest(resource_id=tail.id),
+                                                           metadata=reader)))
+    seen.append(str(await p.executor.GetJob(ep.GetJobRequest(id=tail.last_job_id), metadata=reader)))
+    seen.append(log_text(await all_logs(p.executor, tail.last_job_id, reader)))
+    assert not [text for text in seen if canary in text]

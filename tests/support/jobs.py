@@ -89,7 +89,8 @@ variable "upstream" {
 resource "null_resource" "this" {
   triggers = { marker = var.marker }
   provisioner "local-exec" {
-    command = "echo start $$ $(date +%s.%N) >> ${var.marker}; sleep ${var.seconds}; echo end $$ $(date +%s.%N) >> ${var.marker}"
+    # A run's id: not $$, which every sandbox (a pid namespace of its own) numbers alike.
+    command = "run=$(cat /proc/sys/kernel/random/uuid); echo start $run $(date +%s.%N) >> ${var.marker}; sleep ${var.seconds}; echo end $run $(date +%s.%N) >> ${var.marker}"
   }
 }
 output "marker" {

@@ -260,8 +260,14 @@ class TerraformRun:
             await self._terraform(["destroy", "-input=false", "-no-color", lock, "-auto-approve"], module, env)
         if spec.action in (APPLY, DESTROY):
             shown = await self._terraform(["output", "-json"], module, env, capture=True)
-            result.outputs = [Output(name, o.get("value"), bool(o.get("sensitive")))
+            # An output that carries a sensitive value (a secret, a sensitive
+            # variable wired in) is sensitive, whatever the module declares.
+            result.outputs = [Output(name, o.get("value"), bool(o.get("sensitive")) or self._carries_secret(o))
                               for name, o in sorted(json.loads(shown or "{}").items())]
+
+    def _carries_secret(self, output: dict) -> bool:
+        text = json.dumps(output.get("value"))
+        return self.redact(text) != text
 
     def _write_backend(self, workdir: Path, module: Path) -> list[str]:
         """An override file wins over any backend block the module declares."""

@@ -40,6 +40,7 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
     async def CreateResource(self, request, context):
         r = convert.resource_from_pb(request.resource)
         r.workflow_id, r.step_id = request.workflow_id, request.step_id
+        r.sensitive_variables = list(dict.fromkeys(request.sensitive_variables))
         created = await self._run(self.lc.create, r, request.request_id, request.provision)
         if request.provision:  # the job submission ran after the commit
             async with self.uow() as uow:

@@ -86,7 +86,9 @@ class CreateCases(LifecycleBase):
         own_tags = {(t.name, t.value) for t in r.dependency_tags}
         created = replace(
             r, id=str(uuid.uuid4()), source_code_version_id=version_id, abstract=template.abstract,
-            variables=variables, sensitive_variables=sensitive, storage_path=storage_path,
+            variables=variables, storage_path=storage_path,
+            # The version's sensitive variables, and those the caller marks (wired from sensitive outputs).
+            sensitive_variables=sorted({*sensitive, *(n for n in r.sensitive_variables if n in variables)}),
             dependency_tags=list(r.dependency_tags) + [t for t in tags if (t.name, t.value) not in own_tags],
             dependency_configs=list(r.dependency_configs), revision=1, owners=[principal.user],
             creator=principal.user, create_time=now, update_time=now, version=1, outputs=[],

@@ -97,7 +97,9 @@ class Metadata(LifecycleBase):
                 violations.append(FieldViolation(f"resource.integration_ids[{i}]", f"unknown integration {iid!r}"))
         if violations:
             raise InvalidArgument("invalid resource update", violations)
-        after = replace(after, variables=variables, sensitive_variables=sensitive)
+        # What was marked sensitive at create (wired from a sensitive output) stays so.
+        after = replace(after, variables=variables, sensitive_variables=sorted(
+            {*sensitive, *(n for n in r.sensitive_variables if n in variables)}))
         if all(getattr(after, f) == getattr(r, f) for f in (*self.INPUTS, *metadata)):
             return r  # nothing changes: no revision, no audit entry
         return await self._save(uow, r, replace(after, revision=r.revision + 1), principal.user, "inputs_updated",

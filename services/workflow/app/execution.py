@@ -110,8 +110,9 @@ class Execution(WorkflowsBase):
                 if s.sensitive_outputs and s.job_id:
                     s.outputs = {**s.outputs, **await self.remote.sensitive_outputs(s.job_id)}
             variables = resolve_variables(st, w.wiring, upstream)
+            sensitive = self._sensitive(st, w, upstream)
             if externals:  # shown with what the external resources' outputs wire in
-                await self._record(st.id, resolved_variables=masked(variables, self._sensitive(st, w, upstream)))
+                await self._record(st.id, resolved_variables=masked(variables, sensitive))
             parents = list(dict.fromkeys([*(upstream[t].resource_id for t in st.parent_template_ids
                                             if t in upstream), *st.parent_resource_ids]))
             resource = await self.remote.create_resource(actor, rp.CreateResourceRequest(
@@ -120,7 +121,8 @@ class Execution(WorkflowsBase):
                                      variables=to_struct(variables), parent_ids=parents,
                                      integration_ids=w.integration_ids, secret_ids=w.secret_ids,
                                      storage_id=w.storage_id),
-                request_id=st.id, workflow_id=w.id, step_id=st.id, provision=True))
+                request_id=st.id, workflow_id=w.id, step_id=st.id, provision=True,
+                sensitive_variables=sensitive))
             await self._record(st.id, resource_id=resource.id, job_id=resource.last_job_id)
             if resource.state == "provision" and resource.status in ("ready", "error"):
                 # The step runs again (a re-execution, perhaps after
