@@ -7,7 +7,7 @@ from services.executor.adapters.resources import ResourceUsers
 from services.executor.adapters.tables import metadata
 from services.executor.adapters.terraform import TerraformConfig
 from services.executor.adapters.uow import ExecutorUnitOfWork
-from services.executor.adapters.vault import Vault
+from services.common.vault import Vault
 from services.executor.api.servicer import register
 from services.executor.app.worker import ExecutorConfig, JobWorkers, work_queue
 

@@ -3,6 +3,7 @@ from pathlib import Path
 
 from services.common.clients import ServiceClients
 from services.common.runtime import ServiceDefinition, run_service
+from services.common.vault import Vault
 from services.resource.adapters.catalog import CatalogFollower, follow
 from services.resource.adapters.remote import Remote, template_info, version_info
 from services.resource.adapters.tables import metadata
@@ -13,6 +14,7 @@ from services.resource.consumers.events import consumers, reconciler
 
 
 def setup(runtime) -> None:
+    runtime.uow_options = {"vault": Vault.from_settings(runtime.settings)}
     runtime.clients = ServiceClients(runtime.settings, "resource")
     cache = float(runtime.settings.env.get("IK_RESOURCE_CATALOG_CACHE_SECONDS", "300"))
     remote = Remote(runtime.clients, cache)

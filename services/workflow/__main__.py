@@ -3,6 +3,7 @@ from pathlib import Path
 
 from services.common.clients import ServiceClients
 from services.common.runtime import ServiceDefinition, run_service
+from services.common.vault import Vault
 from services.workflow.adapters.remote import Remote
 from services.workflow.adapters.tables import metadata
 from services.workflow.adapters.uow import WorkflowUnitOfWork
@@ -12,6 +13,7 @@ from services.workflow.consumers.events import consumers, reconciler
 
 
 def setup(runtime) -> None:
+    runtime.uow_options = {"vault": Vault.from_settings(runtime.settings)}
     runtime.clients = ServiceClients(runtime.settings, "workflow")
     runtime.workflows = Workflows(Remote(runtime.clients), runtime.uow)
 

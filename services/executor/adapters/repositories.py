@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.errors import Aborted
 from services.executor.adapters.tables import integrations, job_logs, jobs, secrets, state_path_claims, storages
-from services.executor.adapters.vault import Vault
+from services.common.vault import Vault
 from services.executor.domain.model import (Correlation, Integration, Job, Output, PlanSummary, Secret, Source,
                                             StatePathClaim, Storage)
 

@@ -1,7 +1,7 @@
 from services.common.uow import UnitOfWork
 from services.executor.adapters.repositories import (IntegrationRepository, JobLogRepository, JobRepository,
                                                      SecretRepository, StorageRepository)
-from services.executor.adapters.vault import Vault
+from services.common.vault import Vault
 
 
 class ExecutorUnitOfWork(UnitOfWork):

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.db import guarded_update, guarded_update_params
 from services.common.errors import AlreadyExists, Aborted
+from services.common.vault import Vault
 from services.resource.adapters.tables import (audit_entries, resource_links, resource_revisions, resources,
                                                settings, temporary_states)
 from services.resource.domain.model import (AuditEntry, DependencyConfig, DependencyTag, Output, Resource, Revision,
@@ -53,16 +54,19 @@ _SETTING = sa.select(settings.c.value).where(settings.c.key == sa.bindparam("key
 class ResourceRepository:
     """`touch` marks a written resource's id on the unit of work (its watchers wake at commit)."""
 
-    def __init__(self, session: AsyncSession, touch: Callable[[str], None]):
+    def __init__(self, session: AsyncSession, touch: Callable[[str], None], vault: Vault):
         self.s = session
         self.touch = touch
+        self.vault = vault
 
-    @staticmethod
-    def _row(r: Resource) -> dict[str, Any]:
+    def _row(self, r: Resource) -> dict[str, Any]:
+        # Sensitive values are sealed (encrypted at rest); the others stay readable in the database.
+        secret = {k: v for k, v in r.variables.items() if k in r.sensitive_variables}
+        plain = {k: v for k, v in r.variables.items() if k not in r.sensitive_variables}
         return dict(
             id=r.id, name=r.name, template_id=r.template_id, source_code_version_id=r.source_code_version_id,
             description=r.description, state=r.state, status=r.status, abstract=r.abstract,
-            variables=dict(r.variables), sensitive_variables=list(r.sensitive_variables),
+            variables=self.vault.seal_into(plain, secret), sensitive_variables=list(r.sensitive_variables),
             outputs=_outputs_json(r.outputs), parent_ids=list(r.parent_ids),
             dependency_tags=[vars(t) for t in r.dependency_tags],
             dependency_configs=[vars(c) for c in r.dependency_configs],
@@ -76,15 +80,14 @@ class ResourceRepository:
             create_time=r.create_time,
             update_time=r.update_time, version=r.version)
 
-    @staticmethod
-    def _resource(row) -> Resource:
+    def _resource(self, row) -> Resource:
         m = dict(row._mapping)
         m["outputs"] = _outputs(m["outputs"])
         m["dependency_tags"] = [DependencyTag(**t) for t in m["dependency_tags"]]
         m["dependency_configs"] = [DependencyConfig(**c) for c in m["dependency_configs"]]
         for key in ("parent_ids", "integration_ids", "secret_ids", "labels", "owners", "sensitive_variables"):
             m[key] = list(m[key])
-        m["variables"] = dict(m["variables"])
+        m["variables"] = self.vault.open_from(m["variables"])
         m["last_dry_run"] = dict(m["last_dry_run"] or {})
         m["create_time"], m["update_time"] = _aware(m["create_time"]), _aware(m["update_time"])
         return Resource(**m)
@@ -174,23 +177,25 @@ class ResourceRepository:
 
 
 class TemporaryStateRepository:
-    def __init__(self, session: AsyncSession):
+    def __init__(self, session: AsyncSession, vault: Vault):
         self.s = session
+        self.vault = vault
 
-    @staticmethod
-    def _row(t: TemporaryState) -> dict[str, Any]:
-        changes = {k: getattr(t, k) for k in ("description", "source_code_version_id", "variables",
-                                              "integration_ids", "secret_ids", "labels", "workspace")}
+    def _row(self, t: TemporaryState) -> dict[str, Any]:
+        changes = {k: getattr(t, k) for k in ("description", "source_code_version_id", "integration_ids",
+                                              "secret_ids", "labels", "workspace")}
+        # Proposed values are sealed whole: which of them are sensitive is the resource's business.
+        changes["variables"] = self.vault.seal_into({}, dict(t.variables))
         return dict(id=t.id, resource_id=t.resource_id, status=t.status, changes=changes,
                     base_revision=t.base_revision, dry_run_job_id=t.dry_run_job_id, plan_add=t.plan_add,
                     plan_change=t.plan_change, plan_destroy=t.plan_destroy, dry_run=dict(t.dry_run),
                     approval_request_id=t.approval_request_id, creator=t.creator, create_time=t.create_time,
                     update_time=t.update_time, version=t.version)
 
-    @staticmethod
-    def _state(row) -> TemporaryState:
+    def _state(self, row) -> TemporaryState:
         m = dict(row._mapping)
         m.update(m.pop("changes"))
+        m["variables"] = self.vault.open_from(m["variables"])
         m["dry_run"] = dict(m["dry_run"] or {})
         m["create_time"], m["update_time"] = _aware(m["create_time"]), _aware(m["update_time"])
         return TemporaryState(**m)

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.db import guarded_update, guarded_update_params
 from services.common.errors import Aborted
+from services.common.vault import Vault
 from services.workflow.adapters.tables import steps, workflows
 from services.workflow.domain.model import Step, WiringRule, Workflow
 
@@ -64,24 +65,26 @@ _INSERT_WORKFLOW, _INSERT_STEP = sa.insert(workflows), sa.insert(steps)
 
 
 class WorkflowRepository:
-    """`touch` marks a written workflow's id on the unit of work (its watchers wake at commit)."""
+    """`touch` marks a written workflow's id on the unit of work (its watchers wake at commit).
+    Variable overrides are sealed (encrypted at rest): some are sensitive."""
 
-    def __init__(self, session: AsyncSession, touch: Callable[[str], None]):
+    def __init__(self, session: AsyncSession, touch: Callable[[str], None], vault: Vault):
         self.s = session
         self.touch = touch
+        self.vault = vault
 
-    @staticmethod
-    def _row(w: Workflow) -> dict:
+    def _row(self, w: Workflow) -> dict:
         spec = {k: _to_json(k, getattr(w, k)) for k in _SPEC}
+        spec["variable_overrides"] = self.vault.seal_into({}, w.variable_overrides)
         spec["wiring"] = [vars(r) for r in w.wiring]
         return dict(id=w.id, blueprint_id=w.blueprint_id, blueprint_revision=w.blueprint_revision, status=w.status,
                     error_message=w.error_message, spec=spec, creator=w.creator, executor=w.executor,
                     create_time=w.create_time, start_time=w.start_time, completion_time=w.completion_time,
                     update_time=w.update_time, version=w.version, teardown_status=w.teardown_status)
 
-    @staticmethod
-    def _workflow(r) -> Workflow:
+    def _workflow(self, r) -> Workflow:
         spec = _from_json(r.spec)
+        spec["variable_overrides"] = self.vault.open_from(spec["variable_overrides"])
         wiring = [WiringRule(**x) for x in spec.pop("wiring")]
         return Workflow(id=r.id, blueprint_id=r.blueprint_id, blueprint_revision=r.blueprint_revision,
                         status=r.status, error_message=r.error_message, wiring=wiring, creator=r.creator,
@@ -124,24 +127,31 @@ class WorkflowRepository:
 
 
 class StepRepository:
-    def __init__(self, session: AsyncSession, touch: Callable[[str], None]):
+    """A step's overrides and blueprint defaults are sealed (encrypted at rest);
+    its resolved variables and outputs are stored masked already."""
+
+    def __init__(self, session: AsyncSession, touch: Callable[[str], None], vault: Vault):
         self.s = session
         self.touch = touch
+        self.vault = vault
 
-    @staticmethod
-    def _row(st: Step) -> dict:
+    def _row(self, st: Step) -> dict:
+        data = {k: _to_json(k, getattr(st, k)) for k in _STEP_DATA}
+        data["overrides"] = self.vault.seal_into({}, st.overrides)
+        data["defaults"] = self.vault.seal_into({}, st.defaults)
         return dict(id=st.id, workflow_id=st.workflow_id, template_id=st.template_id, position=st.position,
                     status=st.status, error_message=st.error_message, waiting_reason=st.waiting_reason,
-                    resource_id=st.resource_id, job_id=st.job_id,
-                    data={k: _to_json(k, getattr(st, k)) for k in _STEP_DATA},
+                    resource_id=st.resource_id, job_id=st.job_id, data=data,
                     start_time=st.start_time, completion_time=st.completion_time, version=st.version)
 
-    @staticmethod
-    def _step(r) -> Step:
+    def _step(self, r) -> Step:
+        data = _from_json(r.data)
+        data["overrides"] = self.vault.open_from(data["overrides"])
+        data["defaults"] = self.vault.open_from(data["defaults"])
         return Step(id=r.id, workflow_id=r.workflow_id, template_id=r.template_id, position=r.position,
                     status=r.status, error_message=r.error_message, waiting_reason=r.waiting_reason,
                     resource_id=r.resource_id, job_id=r.job_id, start_time=_aware(r.start_time),
-                    completion_time=_aware(r.completion_time), version=r.version, **_from_json(r.data))
+                    completion_time=_aware(r.completion_time), version=r.version, **data)
 
     async def add(self, st: Step) -> None:
         await self.s.execute(_INSERT_STEP, self._row(st))

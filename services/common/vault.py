@@ -1,7 +1,10 @@
-"""Encryption at rest of credentials, secret values, sensitive variables and
-outputs and saved plans (Fernet: AES-128-CBC + HMAC-SHA256, from the
-`cryptography` package). The key comes from IK_ENCRYPTION_KEY, or is created
-once into <data>/encryption-key (mode 0600) for a local installation."""
+"""Encryption at rest (Fernet: AES-128-CBC + HMAC-SHA256, from the
+`cryptography` package): the executor's credentials, secret values, sensitive
+variables and outputs and saved plans; the resource service's sensitive
+variable values and proposed changes; the workflow service's overrides. The
+key comes from IK_ENCRYPTION_KEY, or is created once into
+<data>/encryption-key (mode 0600) for a local installation: each service has
+its own unless they share the variable."""
 from __future__ import annotations
 
 import json
@@ -42,3 +45,19 @@ class Vault:
         if not token:
             return default
         return json.loads(self.open(token))
+
+    # Values inside a JSON column: a sealed dict is kept under SEALED ("$" is no
+    # character of a Terraform identifier, so no variable has this name).
+    SEALED = "$sealed"
+
+    def seal_into(self, plain: dict[str, Any], secret: dict[str, Any]) -> dict[str, Any]:
+        """`plain` with `secret` sealed in (nothing added when `secret` is empty)."""
+        return {**plain, self.SEALED: self.seal_json(secret).decode()} if secret else dict(plain)
+
+    def open_from(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """The values of a dict written by seal_into (or an older, all-plain one)."""
+        values = dict(stored or {})
+        token = values.pop(self.SEALED, None)
+        if token:
+            values.update(self.open_json(token.encode(), {}))
+        return values
