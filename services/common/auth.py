@@ -1,7 +1,9 @@
 """Bearer tokens and the caller's identity.
 
-A token is an HS256 JWT signed with the deployment's auth secret, carrying the
-user (`sub`) and a platform role: read < write < admin. Per-object ownership is
+A local token is an HS256 JWT signed with the deployment's auth secret,
+carrying the user (`sub`) and a platform role: read < write < admin. With an
+identity provider configured (services.common.oidc), its RS/ES-signed access
+tokens are accepted too. Per-object ownership is
 decided by each service; this module only says who is calling and with which
 role."""
 from __future__ import annotations
@@ -61,13 +63,26 @@ def verify_token(secret: str, token: str) -> Principal:
         raise Unauthenticated("invalid token", reason="TOKEN_INVALID") from None
 
 
-def principal_from_metadata(secret: str, authorization: str | None) -> Principal:
+def bearer_token(authorization: str | None) -> str:
     if not authorization:
         raise Unauthenticated("missing 'authorization: Bearer <token>' metadata", reason="TOKEN_MISSING")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("authorization metadata must be 'Bearer <token>'", reason="TOKEN_INVALID")
-    return verify_token(secret, token.strip())
+    return token.strip()
+
+
+def is_local_token(token: str) -> bool:
+    """HS256 tokens are the deployment's own (make token, service calls);
+    anything else is left to the identity provider's verifier."""
+    try:
+        return str(jwt.get_unverified_header(token).get("alg", "")).upper().startswith("HS")
+    except jwt.InvalidTokenError:
+        return True  # not a JWT at all: the local check says so
+
+
+def principal_from_metadata(secret: str, authorization: str | None) -> Principal:
+    return verify_token(secret, bearer_token(authorization))
 
 
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("ik_principal", default=None)

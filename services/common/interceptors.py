@@ -3,6 +3,7 @@ authenticates the caller and checks the method's required role (declared in
 the proto with the infrakitchen.common.v1.required_role option)."""
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -16,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from infrakitchen.common.v1 import options_pb2
 from services.common import auth, errors, limits
 from services.common.grpc_errors import to_grpc_status
+from services.common.oidc import OidcVerifier
 
 log = logging.getLogger("infrakitchen.calls")
 
@@ -178,8 +180,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     the request against the documented bounds (services.common.limits), so an
     authenticated caller learns what is wrong with the request."""
 
-    def __init__(self, secret: str):
+    def __init__(self, secret: str, oidc: OidcVerifier | None = None):
         self.secret = secret
+        self.oidc = oidc
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -188,9 +191,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         needed = required_role(method)
 
-        def authenticate(context) -> auth.Principal:
+        async def authenticate(context) -> auth.Principal:
             metadata = dict(context.invocation_metadata() or ())
-            principal = auth.principal_from_metadata(self.secret, metadata.get("authorization"))
+            token = auth.bearer_token(metadata.get("authorization"))
+            if self.oidc is not None and not auth.is_local_token(token):
+                # A thread: verifying may fetch the provider's keys.
+                principal = await asyncio.to_thread(self.oidc.verify, token)
+            else:
+                principal = auth.verify_token(self.secret, token)
             auth.require_role(principal, needed, method.rsplit("/", 1)[-1])
             return principal
 
@@ -198,12 +206,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # principal set here is visible to the servicer and to the outer
         # (logging) interceptor, and to nothing else.
         async def around_unary(behavior, request, context):
-            auth.set_current_principal(authenticate(context))
+            auth.set_current_principal(await authenticate(context))
             limits.check_request(request)
             return await _call_unary(behavior, request, context)
 
         async def around_stream(behavior, request, context):
-            auth.set_current_principal(authenticate(context))
+            auth.set_current_principal(await authenticate(context))
             limits.check_request(request)
             async for item in _iterate(behavior, request, context):
                 yield item

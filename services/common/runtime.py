@@ -25,6 +25,7 @@ from services.common.config import Settings
 from services.common.consumer import ConsumerSpec, EventConsumer
 from services.common.db import Database
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor
+from services.common.oidc import OidcVerifier
 from services.common.migrations import upgrade
 from services.common.outbox import OutboxRelay
 from services.common.tables import plumbing_tables
@@ -104,7 +105,8 @@ class Runtime:
             self._spawn(f"background-{i}", coro)
 
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.definition.name), AuthInterceptor(s.auth_secret)],
+            interceptors=[ErrorInterceptor(self.definition.name),
+                          AuthInterceptor(s.auth_secret, OidcVerifier.from_env(s.env))],
             # No SO_REUSEPORT: a second process on the same port must fail, not share it.
             options=[("grpc.so_reuseport", 0)],
         )
