@@ -72,13 +72,15 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
-def is_local_token(token: str) -> bool:
-    """HS256 tokens are the deployment's own (make token, service calls);
-    anything else is left to the identity provider's verifier."""
+def token_algorithm(token: str) -> str:
+    """The `alg` a token says it is signed with: it picks the verifier (HS256:
+    local tokens; EdDSA: another service; RS/ES/PS: the identity provider).
+    Each verifier accepts only its own algorithms, so saying another one
+    gains nothing. "" for what is not a JWT (the local check refuses it)."""
     try:
-        return str(jwt.get_unverified_header(token).get("alg", "")).upper().startswith("HS")
+        return str(jwt.get_unverified_header(token).get("alg", ""))
     except jwt.InvalidTokenError:
-        return True  # not a JWT at all: the local check says so
+        return ""
 
 
 def principal_from_metadata(secret: str, authorization: str | None) -> Principal:

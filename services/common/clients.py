@@ -1,6 +1,7 @@
-"""gRPC clients of the other services. Calls carry a token minted with the
-shared auth secret for the user on whose behalf the call is made (the
-calling service already authorised that user), and an explicit deadline.
+"""gRPC clients of the other services. Calls carry a token signed with this
+service's own key (services.common.identities) naming the user on whose
+behalf the call is made (the calling service already authorised that user),
+and an explicit deadline.
 UNAVAILABLE / DEADLINE_EXCEEDED become `Unavailable` (the dependency is down);
 ABORTED for a concurrent change inside the callee (two writers of one row,
 no etag of ours involved) is asked again: its transaction was rolled back.
@@ -11,10 +12,11 @@ import asyncio
 
 import grpc
 
-from services.common.auth import Role, mint_token
+from services.common.auth import Role
 from services.common.config import Settings
 from services.common.errors import Unavailable
 from services.common.grpc_errors import status_details
+from services.common.identities import ServiceIdentity
 
 DEFAULT_DEADLINE = 10.0
 CONFLICT_RETRY_DELAYS = (0.02, 0.1, 0.3)
@@ -40,24 +42,31 @@ class RemoteError(Exception):
 
 
 class ServiceClients:
-    def __init__(self, settings: Settings, caller: str):
+    def __init__(self, settings: Settings, caller: str, identity: ServiceIdentity | None = None):
         self.settings = settings
         self.caller = caller
+        self._identity = identity
         self._channels: dict[str, grpc.aio.Channel] = {}
+
+    @property
+    def identity(self) -> ServiceIdentity:
+        if self._identity is None:
+            self._identity = ServiceIdentity.from_settings(self.caller, self.settings.env, self.settings.data_dir)
+        return self._identity
 
     def channel(self, service: str) -> grpc.aio.Channel:
         if service not in self._channels:
             self._channels[service] = grpc.aio.insecure_channel(self.settings.targets[service])
         return self._channels[service]
 
-    def metadata(self, user: str, role: Role = Role.ADMIN) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {mint_token(self.settings.auth_secret, user or 'system:' + self.caller, role, 300)}")]
+    def metadata(self, callee: str, user: str, role: Role = Role.ADMIN) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.identity.token(callee, user, role)}")]
 
     async def call(self, service: str, method, request, user: str = "", role: Role = Role.ADMIN,
                    timeout: float = DEFAULT_DEADLINE):
         for delay in (*CONFLICT_RETRY_DELAYS, None):
             try:
-                return await method(request, metadata=self.metadata(user, role), timeout=timeout)
+                return await method(request, metadata=self.metadata(service, user, role), timeout=timeout)
             except grpc.aio.AioRpcError as err:
                 if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise Unavailable(f"the {service} service is not reachable; try again shortly",

@@ -81,7 +81,10 @@ class Settings:
             host=host,
             port=int(env.get(f"IK_{upper}_PORT", DEFAULT_PORTS[service])),
             targets=targets,
-            auth_secret=env.get("IK_AUTH_SECRET") or load_or_create_secret(data_dir),
+            # IK_LOCAL_TOKENS=off: only an identity provider's tokens (and other
+            # services') are accepted, and this service holds no key that mints one.
+            auth_secret="" if env.get("IK_LOCAL_TOKENS", "on").strip().lower() == "off" else (
+                env.get("IK_AUTH_SECRET") or load_or_create_secret(data_dir)),
             log_level=env.get("IK_LOG_LEVEL", "INFO"),
             shutdown_grace=float(env.get("IK_SHUTDOWN_GRACE", "5")),
             sqlite_synchronous=_sqlite_synchronous(env.get("IK_SQLITE_SYNCHRONOUS", "NORMAL")),

@@ -17,6 +17,8 @@ from sqlalchemy.exc import IntegrityError
 from infrakitchen.common.v1 import options_pb2
 from services.common import auth, errors, limits
 from services.common.grpc_errors import to_grpc_status
+from services.common.identities import ALGORITHM as SERVICE_ALGORITHM
+from services.common.identities import ServiceIdentity
 from services.common.oidc import OidcVerifier
 
 log = logging.getLogger("infrakitchen.calls")
@@ -180,9 +182,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     the request against the documented bounds (services.common.limits), so an
     authenticated caller learns what is wrong with the request."""
 
-    def __init__(self, secret: str, oidc: OidcVerifier | None = None):
-        self.secret = secret
+    def __init__(self, secret: str, oidc: OidcVerifier | None = None, identity: ServiceIdentity | None = None):
+        self.secret = secret  # empty: local tokens are off
         self.oidc = oidc
+        self.identity = identity
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -194,9 +197,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def authenticate(context) -> auth.Principal:
             metadata = dict(context.invocation_metadata() or ())
             token = auth.bearer_token(metadata.get("authorization"))
-            if self.oidc is not None and not auth.is_local_token(token):
+            algorithm = auth.token_algorithm(token)
+            if algorithm == SERVICE_ALGORITHM and self.identity is not None:
+                principal = self.identity.verify(token)  # another service, acting for a user
+            elif self.oidc is not None and not algorithm.upper().startswith("HS"):
                 # A thread: verifying may fetch the provider's keys.
                 principal = await asyncio.to_thread(self.oidc.verify, token)
+            elif not self.secret:
+                raise errors.Unauthenticated("local tokens are off here (IK_LOCAL_TOKENS=off)",
+                                             reason="LOCAL_TOKENS_OFF")
             else:
                 principal = auth.verify_token(self.secret, token)
             auth.require_role(principal, needed, method.rsplit("/", 1)[-1])

@@ -25,6 +25,7 @@ from services.common.config import Settings
 from services.common.consumer import ConsumerSpec, EventConsumer
 from services.common.db import Database
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor
+from services.common.identities import ServiceIdentity
 from services.common.oidc import OidcVerifier
 from services.common.migrations import upgrade
 from services.common.outbox import OutboxRelay
@@ -106,7 +107,8 @@ class Runtime:
 
         self.server = grpc.aio.server(
             interceptors=[ErrorInterceptor(self.definition.name),
-                          AuthInterceptor(s.auth_secret, OidcVerifier.from_env(s.env))],
+                          AuthInterceptor(s.auth_secret, OidcVerifier.from_env(s.env),
+                                          ServiceIdentity.from_settings(self.definition.name, s.env, s.data_dir))],
             # No SO_REUSEPORT: a second process on the same port must fail, not share it.
             options=[("grpc.so_reuseport", 0)],
         )

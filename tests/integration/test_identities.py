@@ -134,3 +134,40 @@ async def test_identity_provider_tokens_and_every_forged_variant(svc, jwks):
         err = await rpc_error(svc.stub.GetApprovalFlow(pb.GetApprovalFlowRequest(), metadata=bearer(token)))
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED, (want, err.code(), err.details())
         assert reason(err) == ("TOKEN_INVALID" if want == "tampered" else want), want
+
+
+async def test_services_prove_who_they_are_and_act_only_where_allowed(tmp_path, event_prefix, nats_url):
+    """A service's call carries a token signed with its own key: accepted from
+    a service allowed to act for users towards the callee, refused when
+    forged, expired, meant for another service, or from a service not allowed.
+    With IK_LOCAL_TOKENS=off the service holds no key that mints a user's token."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from services.common.identities import ServiceIdentity
+    data = tmp_path / "data"
+    async with InProcessService(DEFINITION, f"sqlite:///{tmp_path / 'approval.db'}", event_prefix, nats_url, data,
+                                extra_env={"IK_LOCAL_TOKENS": "off"}) as svc:
+        stub = approval_pb2_grpc.ApprovalServiceStub(svc.channel)
+        resource = ServiceIdentity.from_settings("resource", {}, data)
+        flow = await stub.UpdateApprovalFlow(pb.UpdateApprovalFlowRequest(enabled=True), metadata=bearer(
+            resource.token("approval", "olivia", Role.ADMIN)))
+        assert flow.updated_by == "olivia", "the service acts for the user it names"
+        blueprint = ServiceIdentity.from_settings("blueprint", {}, data)
+        impostor = ServiceIdentity("resource", Ed25519PrivateKey.generate(), data / "service-keys")
+        expired = jwt.encode({"iss": "service:resource", "aud": "approval", "sub": "olivia", "role": "admin",
+                              "exp": int(time.time()) - 600}, resource._private, algorithm="EdDSA",
+                             headers={"kid": "resource"})
+        cases = {
+            ("PERMISSION_DENIED", "SERVICE_NOT_ALLOWED"): blueprint.token("approval", "olivia", Role.ADMIN),
+            ("UNAUTHENTICATED", "TOKEN_INVALID"): impostor.token("approval", "olivia", Role.ADMIN),
+            ("UNAUTHENTICATED", "TOKEN_WRONG_AUDIENCE"): resource.token("executor", "olivia", Role.ADMIN),
+            ("UNAUTHENTICATED", "TOKEN_EXPIRED"): expired,
+            ("UNAUTHENTICATED", "SERVICE_UNKNOWN"): ServiceIdentity("mallory", Ed25519PrivateKey.generate(),
+                                                                    data / "service-keys").token(
+                "approval", "olivia", Role.ADMIN),
+            ("UNAUTHENTICATED", "LOCAL_TOKENS_OFF"): svc.metadata(Role.ADMIN)[0][1].removeprefix("Bearer "),
+        }
+        for (code, why), token in cases.items():
+            err = await rpc_error(stub.GetApprovalFlow(pb.GetApprovalFlowRequest(), metadata=bearer(token)))
+            assert (err.code().name, reason(err)) == (code, why)
+    assert not (data / "auth-secret").exists(), "no key that mints a user's token was made"

@@ -79,9 +79,10 @@ class _Callee:
 
 
 @pytest.fixture
-def clients(monkeypatch):
+def clients(monkeypatch, tmp_path):
     monkeypatch.setattr("services.common.clients.CONFLICT_RETRY_DELAYS", (0, 0, 0))
-    return ServiceClients(Settings.from_env("workflow", {"IK_AUTH_SECRET": "x" * 32}), "workflow")
+    return ServiceClients(Settings.from_env("workflow", {"IK_AUTH_SECRET": "x" * 32, "IK_DATA_DIR": str(tmp_path)}),
+                          "workflow")
 
 
 async def test_a_concurrent_change_inside_the_callee_is_asked_again(clients):
