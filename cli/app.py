@@ -30,6 +30,7 @@ from infrakitchen.resource.v1 import resource_pb2_grpc
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
 from infrakitchen.workflow.v1 import workflow_pb2_grpc
 from services.common.config import DEFAULT_PORTS
+from services.common.tls import GrpcTls
 
 app = typer.Typer(help="InfraKitchen: run blueprints as workflows and follow them.", no_args_is_help=True)
 workflow_app = typer.Typer(help="Create, run and inspect workflows.", no_args_is_help=True)
@@ -65,7 +66,8 @@ def _token(explicit: str | None = None) -> str:
 
 def _channel(service: str) -> grpc.Channel:
     target = os.environ.get(f"IK_{service.upper()}_TARGET") or f"127.0.0.1:{DEFAULT_PORTS[service]}"
-    return grpc.insecure_channel(target)
+    # IK_TLS_CA_FILE (and, for mutual TLS, IK_TLS_CERT_FILE / IK_TLS_KEY_FILE) as the services read them.
+    return GrpcTls.from_env(dict(os.environ)).channel(target)
 
 
 class Client:

@@ -54,10 +54,12 @@ class Names:
 
 
 class EventBus:
-    def __init__(self, nats_url: str, prefix: str = "", client_name: str = "infrakitchen"):
+    def __init__(self, nats_url: str, prefix: str = "", client_name: str = "infrakitchen",
+                 connect_options: dict | None = None):
         self.nats_url = nats_url
         self.names = Names(prefix)
         self.client_name = client_name
+        self.connect_options = dict(connect_options or {})  # TLS and credentials (services.common.tls)
         self.nc: nats.NATS | None = None
         self.js: JetStreamContext | None = None
 
@@ -67,7 +69,7 @@ class EventBus:
             try:
                 self.nc = await nats.connect(
                     self.nats_url, name=self.client_name, connect_timeout=2,
-                    max_reconnect_attempts=-1, reconnect_time_wait=1, drain_timeout=3,
+                    max_reconnect_attempts=-1, reconnect_time_wait=1, drain_timeout=3, **self.connect_options,
                 )
                 self.js = self.nc.jetstream(timeout=5)
                 return

@@ -17,6 +17,7 @@ from services.common.config import Settings
 from services.common.errors import Unavailable
 from services.common.grpc_errors import status_details
 from services.common.identities import ServiceIdentity
+from services.common.tls import GrpcTls
 
 DEFAULT_DEADLINE = 10.0
 CONFLICT_RETRY_DELAYS = (0.02, 0.1, 0.3)
@@ -56,7 +57,7 @@ class ServiceClients:
 
     def channel(self, service: str) -> grpc.aio.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.aio.insecure_channel(self.settings.targets[service])
+            self._channels[service] = GrpcTls.from_env(self.settings.env).aio_channel(self.settings.targets[service])
         return self._channels[service]
 
     def metadata(self, callee: str, user: str, role: Role = Role.ADMIN) -> list[tuple[str, str]]:

@@ -27,6 +27,7 @@ from services.common.db import Database
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor
 from services.common.identities import ServiceIdentity
 from services.common.oidc import OidcVerifier
+from services.common.tls import GrpcTls, nats_options
 from services.common.migrations import upgrade
 from services.common.outbox import OutboxRelay
 from services.common.tables import plumbing_tables
@@ -71,7 +72,8 @@ class Runtime:
         self.definition = definition
         self.settings = settings
         self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
-        self.bus = EventBus(settings.nats_url, settings.event_prefix, client_name=f"ik-{definition.name}")
+        self.bus = EventBus(settings.nats_url, settings.event_prefix, client_name=f"ik-{definition.name}",
+                            connect_options=nats_options(settings.env))
         md = definition.metadata
         if "outbox" not in md.tables:
             plumbing_tables(md)
@@ -117,8 +119,11 @@ class Runtime:
         reflection.enable_server_reflection(
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server)
+        tls = GrpcTls.from_env(s.env)
         try:
-            self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+            address = f"{s.host}:{s.port}"
+            self.port = self.server.add_secure_port(address, tls.server_credentials()) if tls.serving \
+                else self.server.add_insecure_port(address)
         except RuntimeError:
             raise StartupError(f"cannot listen on {s.host}:{s.port} (port taken? set IK_{self.definition.name.upper()}_PORT)") from None
         await self.server.start()
@@ -128,7 +133,8 @@ class Runtime:
         # What start-up made (modules, protos, statements) lives as long as the
         # process: out of the collector's way, so its full passes stay short.
         gc.freeze()
-        log.info("%s service listening on %s:%d", self.definition.name, s.host, self.port)
+        log.info("%s service listening on %s:%d%s", self.definition.name, s.host, self.port,
+                 (" with mutual TLS" if tls.require_client_cert else " with TLS") if tls.serving else "")
 
     def _spawn(self, name: str, coro) -> asyncio.Task:
         task = asyncio.create_task(coro, name=f"{self.definition.name}-{name}")

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.auth import Role, mint_token
 from services.common.config import SERVICES
+from services.common.tls import GrpcTls
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,9 +76,13 @@ class ServiceProcesses:
         for name in names or SERVICES:
             self.wait_serving(name, timeout)
 
+    def channel(self, name: str) -> grpc.Channel:
+        """A channel to a service, with TLS when the services are told to use it."""
+        return GrpcTls.from_env(self.env).channel(self.target(name))
+
     def wait_serving(self, name: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target(name)) as channel:
+        with self.channel(name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 proc = self.procs[name]
