@@ -51,11 +51,10 @@ def _check_string(value: str, field: str, name: str, problems: _Problems) -> Non
         problems.add(field, "contains a NUL character")
 
 
-def check_value(value: struct_pb2.Value, field: str, problems: list, depth: int = 0) -> None:
+def check_value(value: struct_pb2.Value, field: str, problems: _Problems, depth: int = 0) -> None:
     """A Value must have its kind set (a client that sent `{}` or misspelled
     `string_value` would otherwise store null), numbers must be finite, and
     nesting and keys are bounded."""
-    problems = problems if isinstance(problems, _Problems) else _Problems(problems)
     if depth > MAX_STRUCT_DEPTH:
         problems.add(field, f"is nested deeper than {MAX_STRUCT_DEPTH} levels")
         return
@@ -74,8 +73,7 @@ def check_value(value: struct_pb2.Value, field: str, problems: list, depth: int 
             check_value(item, f"{field}[{i}]", problems, depth + 1)
 
 
-def check_struct(struct: struct_pb2.Struct, field: str, problems: list, depth: int = 0) -> None:
-    problems = problems if isinstance(problems, _Problems) else _Problems(problems)
+def check_struct(struct: struct_pb2.Struct, field: str, problems: _Problems, depth: int = 0) -> None:
     for key, value in struct.fields.items():
         if len(key) > MAX_STRUCT_KEY or not key or "\x00" in key:
             problems.add(field, f"has a key that is empty, longer than {MAX_STRUCT_KEY} characters or contains NUL")
