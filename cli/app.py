@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -229,6 +230,49 @@ def workflow_update(workflow_id: str,
         w = _watch(client, w.id)
         raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
     console.print(_tree(w, details=True))
+
+
+@workflow_app.command("execute")
+def workflow_execute(workflow_id: str, watch: bool = typer.Option(True, help="Follow the steps live."),
+                     token: Optional[str] = typer.Option(None)) -> None:
+    """Executes a pending workflow, or one in error again (done steps are skipped)."""
+    client = Client(token)
+    w = client(client.workflow.ExecuteWorkflow, wp.ExecuteWorkflowRequest(id=workflow_id))
+    console.print(f"Workflow [bold]{w.id}[/bold] started.")
+    if watch:
+        w = _watch(client, w.id)
+        raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
+
+
+@workflow_app.command("plan")
+def workflow_plan(workflow_id: str, token: Optional[str] = typer.Option(None)) -> None:
+    """Plans every step that is not done, before anything is applied: a table
+    of each step's changes, or the inputs a deferred step waits for."""
+    client = Client(token)
+    w = client(client.workflow.PlanWorkflow, wp.PlanWorkflowRequest(id=workflow_id))
+    with console.status("planning"):
+        while w.plan_status == wp.PLAN_STATUS_IN_PROGRESS:
+            time.sleep(0.5)
+            w = client(client.workflow.GetWorkflow, wp.GetWorkflowRequest(id=workflow_id))
+    names = {s.id: s.template_name for s in w.steps}
+    table = Table("step", "plan", "+", "~", "-", "changes / waits for")
+    for s in sorted(w.steps, key=lambda s: (s.position, s.template_name)):
+        status = wp.StepPlanStatus.Name(s.plan.status).removeprefix("STEP_PLAN_STATUS_").lower() \
+            if s.HasField("plan") else "done before"
+        if s.plan.status == wp.STEP_PLAN_STATUS_DEFERRED:
+            detail = ", ".join(f"{d.variable} <- {names.get(d.source_step_id, d.source_template_id)}."
+                               f"{d.source_output}" for d in s.plan.deferred_inputs)
+        elif s.plan.status == wp.STEP_PLAN_STATUS_ERROR:
+            detail = Text(s.plan.error_message, style="red")
+        else:
+            detail = ", ".join(f"{c.action} {c.address}" for c in s.plan.changes)
+        counts = [str(n) for n in (s.plan.add, s.plan.change, s.plan.destroy)] \
+            if s.plan.status == wp.STEP_PLAN_STATUS_PLANNED else ["", "", ""]
+        table.add_row(s.template_name, status, *counts, detail)
+    console.print(table)
+    if w.plan_status == wp.PLAN_STATUS_ERROR:
+        console.print(f"[red]The plan failed: {w.plan_error_message}")
+        raise typer.Exit(1)
 
 
 @workflow_app.command("show")

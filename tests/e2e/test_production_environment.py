@@ -110,7 +110,8 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
 def test_a_failed_workflow_is_fixed_and_resumed_through_the_cli(platform, tmp_path):
     """workflows.md, "Error Recovery", as a user does it: a wrong override
     fails a step with a message that says which variable is wrong; `ik
-    workflow update --execute` fixes it and resumes; the done steps ran once."""
+    workflow update` fixes it, `ik workflow plan` shows what is left to do,
+    `ik workflow execute` resumes; the done steps ran once."""
     assert ik(platform, tmp_path, "login", "--token", platform.token()).returncode == 0
     assert ik(platform, tmp_path, "example", "register").returncode == 0
     run = ik(platform, tmp_path, "workflow", "run", "Production Environment", "--var", "vpc.cidr_block=10.43.0.0/16",
@@ -125,9 +126,15 @@ def test_a_failed_workflow_is_fixed_and_resumed_through_the_cli(platform, tmp_pa
         assert steps["RDS Database"].status == wp.STEP_STATUS_ERROR
         assert "instance_class" in steps["RDS Database"].error_message, "the callee's field violation is kept"
         vpc_resource = steps["VPC"].resource_id
-        fixed = ik(platform, tmp_path, "workflow", "update", w.id, "--var", "rds.instance_class=db.t3.small",
-                   "--execute")
+        fixed = ik(platform, tmp_path, "workflow", "update", w.id, "--var", "rds.instance_class=db.t3.small")
         assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+        # Before applying anything, the plan of what is left: RDS would create its database.
+        plan = ik(platform, tmp_path, "workflow", "plan", w.id)
+        assert plan.returncode == 0, plan.stdout + plan.stderr
+        [rds_row] = [line for line in plan.stdout.splitlines() if "RDS Database" in line]
+        assert "planned" in rds_row and "create null_resource" in rds_row
+        resumed = ik(platform, tmp_path, "workflow", "execute", w.id)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         done = workflows.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=md)
         assert done.status == wp.WORKFLOW_STATUS_DONE
         steps = {s.template_name: s for s in done.steps}

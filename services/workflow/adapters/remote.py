@@ -77,6 +77,18 @@ class Remote:
         return VersionVariables(frozenset(x.name for x in v.variables), tuple(x.name for x in v.variables
                                                                               if x.sensitive))
 
+    async def version_source(self, version_id: str) -> ep.JobSource:
+        """Where the version's module is, as a job checks it out."""
+        v = await self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,
+                                    bp.GetSourceCodeVersionRequest(id=version_id))
+        # The commit the version was read at: a plan is made of exactly that code.
+        return ep.JobSource(repository_url=v.source.repository_url, ref=v.commit or v.source.ref, path=v.source.path)
+
+    async def submit_plan(self, user: str, request: ep.SubmitJobRequest) -> str:
+        """A plan job (idempotent by request id); returns its id."""
+        job = await self.clients.call("executor", self.executor.SubmitJob, request, user=user, role=Role.WRITE)
+        return job.id
+
     async def version_exists(self, id_: str, template_id: str) -> bool:
         try:
             v = await self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,

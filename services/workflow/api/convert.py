@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from infrakitchen.workflow.v1 import workflow_pb2 as pb
 from services.common.values import from_struct, to_struct, to_timestamp
-from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, TeardownItem, Workflow, masked
+from services.workflow.domain.model import (DEFERRED, DONE, ERROR, IN_PROGRESS, PENDING, PLANNED, PLANNING, Step,
+                                            TeardownItem, Workflow, masked)
 
 STATUS = {pb.WORKFLOW_STATUS_PENDING: PENDING, pb.WORKFLOW_STATUS_IN_PROGRESS: IN_PROGRESS,
           pb.WORKFLOW_STATUS_DONE: DONE, pb.WORKFLOW_STATUS_ERROR: ERROR}
@@ -26,6 +27,24 @@ def overrides_from_pb(request: pb.CreateWorkflowRequest | pb.Workflow):
     return variables, versions, parents
 
 
+PLAN_STATUS_PB = {"": pb.PLAN_STATUS_UNSPECIFIED, IN_PROGRESS: pb.PLAN_STATUS_IN_PROGRESS,
+                  DONE: pb.PLAN_STATUS_DONE, ERROR: pb.PLAN_STATUS_ERROR}
+STEP_PLAN_STATUS_PB = {PLANNING: pb.STEP_PLAN_STATUS_PLANNING, PLANNED: pb.STEP_PLAN_STATUS_PLANNED,
+                       DEFERRED: pb.STEP_PLAN_STATUS_DEFERRED, ERROR: pb.STEP_PLAN_STATUS_ERROR}
+
+
+def step_plan_to_pb(plan: dict) -> pb.StepPlan | None:
+    if not plan:
+        return None
+    return pb.StepPlan(
+        status=STEP_PLAN_STATUS_PB.get(plan.get("status", ""), pb.STEP_PLAN_STATUS_UNSPECIFIED),
+        job_id=plan.get("job_id", ""), add=plan.get("add", 0), change=plan.get("change", 0),
+        destroy=plan.get("destroy", 0),
+        changes=[pb.PlannedChange(address=a, action=act) for a, act in plan.get("changes", [])],
+        inputs_hash=plan.get("inputs_hash", ""), error_message=plan.get("error_message", ""),
+        deferred_inputs=[pb.DeferredInput(**d) for d in plan.get("deferred_inputs", [])])
+
+
 def step_to_pb(st: Step, w: Workflow, resource_of: dict[str, str]) -> pb.Step:
     # Parents from the template hierarchy (the resources of the upstream
     # steps, once they exist), then the overrides (external parents).
@@ -39,7 +58,8 @@ def step_to_pb(st: Step, w: Workflow, resource_of: dict[str, str]) -> pb.Step:
         source_code_version_id=st.source_code_version_id, storage_id=w.storage_id,
         depends_on_step_ids=st.depends_on, job_id=st.job_id, start_time=to_timestamp(st.start_time),
         completion_time=to_timestamp(st.completion_time), teardown_status=TEARDOWN_STATUS_PB[st.teardown_status],
-        teardown_error_message=st.teardown_error_message, teardown_job_id=st.teardown_job_id)
+        teardown_error_message=st.teardown_error_message, teardown_job_id=st.teardown_job_id,
+        plan=step_plan_to_pb(st.plan))
 
 
 def workflow_to_pb(w: Workflow, steps: list[Step]) -> pb.Workflow:
@@ -62,7 +82,9 @@ def workflow_to_pb(w: Workflow, steps: list[Step]) -> pb.Workflow:
         update_time=to_timestamp(w.update_time), etag=w.etag,
         teardown_status=TEARDOWN_STATUS_PB[w.teardown_status], teardown_error_message=w.teardown_error_message,
         teardown_start_time=to_timestamp(w.teardown_start_time),
-        teardown_completion_time=to_timestamp(w.teardown_completion_time))
+        teardown_completion_time=to_timestamp(w.teardown_completion_time),
+        plan_status=PLAN_STATUS_PB[w.plan_status], plan_error_message=w.plan_error_message,
+        plan_start_time=to_timestamp(w.plan_start_time), plan_completion_time=to_timestamp(w.plan_completion_time))
 
 
 def teardown_to_pb(items: list[TeardownItem], external: dict[str, list[str]]) -> pb.PreviewWorkflowTeardownResponse:

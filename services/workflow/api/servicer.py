@@ -61,6 +61,12 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
             await uow.commit()
         return await self._read(request.workflow.id)
 
+    async def PlanWorkflow(self, request, context):
+        async with self.uow() as uow:
+            await self.workflows.plan(uow, current_principal(), request.id)
+            await uow.commit()
+        return await self._read(request.id)
+
     async def DeleteWorkflow(self, request, context):
         async with self.uow() as uow:
             await self.workflows.delete(uow, current_principal(), request.id)
@@ -80,7 +86,8 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
 
     async def WatchWorkflow(self, request, context):
         """Every change of the workflow or its steps, until it has ended (and
-        a teardown under way has ended too)."""
+        a teardown or a plan under way has ended too; a pending workflow's
+        stream ends with its plan when one runs)."""
         last = None
         with self.changes.watch(request.id) as watch:
             while True:
@@ -91,7 +98,8 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
                     last = snapshot
                     yield pb.WatchWorkflowResponse(workflow=current)
                 if current.status in (pb.WORKFLOW_STATUS_DONE, pb.WORKFLOW_STATUS_ERROR) \
-                        and current.teardown_status != pb.TEARDOWN_STATUS_IN_PROGRESS:
+                        and current.teardown_status != pb.TEARDOWN_STATUS_IN_PROGRESS \
+                        and current.plan_status != pb.PLAN_STATUS_IN_PROGRESS:
                     return
                 await watch.after(seen, WATCH_POLL_SECONDS)
 

@@ -19,7 +19,7 @@ import re
 
 from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
 from infrakitchen.events.v1 import events_pb2
-from services.common.errors import NotFound
+from services.common.errors import FailedPrecondition, NotFound, PreconditionViolation
 from services.common.events import Correlation, new_event
 from services.workflow.adapters.remote import Remote, ResourceInfo
 from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow
@@ -83,3 +83,27 @@ class WorkflowsBase:
         return {tid: Step(id="", workflow_id=w.id, template_id=tid, template_name="", position=-1, status=DONE,
                           resource_id=r.id, job_id=r.last_job_id, outputs=dict(r.outputs),
                           sensitive_outputs=list(r.sensitive_outputs)) for tid, r in stand_ins.items()}
+
+    async def _external_sources(self, w: Workflow, st: Step, upstream: dict[str, Step]) -> dict[str, Step]:
+        """The resources of external templates (parent overrides) whose
+        outputs are wired into this step, read now, as done upstream steps."""
+        sources = {r.source_template_id for r in w.wiring if r.target_template_id == st.template_id
+                   and r.source_template_id not in upstream and w.parent_overrides.get(r.source_template_id)}
+        found = {}
+        for tid in sorted(sources):
+            resource = await self.remote.find_resource(w.parent_overrides[tid][0])
+            if resource is None or resource.state != "provisioned":
+                raise FailedPrecondition(f"the resource standing for external template {tid} is not provisioned",
+                                         [PreconditionViolation("EXTERNAL_NOT_PROVISIONED",
+                                                                f"resources/{w.parent_overrides[tid][0]}",
+                                                                "provision it, or point the workflow at another "
+                                                                "resource with UpdateWorkflow")])
+            found[tid] = resource
+        return self.external_upstream(w, found)
+
+    @staticmethod
+    def _sensitive(st: Step, w: Workflow, upstream: dict[str, Step]) -> list[str]:
+        """The step's sensitive variables: its version's, and those wired from sensitive outputs."""
+        wired = [r.target_variable for r in w.wiring if r.target_template_id == st.template_id
+                 and r.source_output in getattr(upstream.get(r.source_template_id), "sensitive_outputs", ())]
+        return sorted({*st.sensitive_variables, *wired})

@@ -26,6 +26,9 @@ class Execution(WorkflowsBase):
         if w.status not in (PENDING, ERROR):
             raise FailedPrecondition(f"workflow {w.id} is {w.status}", [PreconditionViolation(
                 "WORKFLOW_NOT_EXECUTABLE", f"workflows/{w.id}", "execute needs status pending (or error, to retry)")])
+        if w.plan_status == IN_PROGRESS:
+            raise FailedPrecondition(f"workflow {w.id} is being planned", [PreconditionViolation(
+                "PLAN_IN_PROGRESS", f"workflows/{w.id}", "execute once the plan is done")])
         steps = await uow.steps.of(w.id)
         for st in steps:
             if st.status == ERROR:  # retried; its resource (if any) is reused
@@ -154,30 +157,6 @@ class Execution(WorkflowsBase):
         except Exception as exc:  # noqa: BLE001 - never leave a step silently in_progress
             log.exception("starting step %s failed", step_id)
             await self.step_failed(step_id, f"could not start: {type(exc).__name__}", actor)
-
-    async def _external_sources(self, w: Workflow, st: Step, upstream: dict[str, Step]) -> dict[str, Step]:
-        """The resources of external templates (parent overrides) whose
-        outputs are wired into this step, read now, as done upstream steps."""
-        sources = {r.source_template_id for r in w.wiring if r.target_template_id == st.template_id
-                   and r.source_template_id not in upstream and w.parent_overrides.get(r.source_template_id)}
-        found = {}
-        for tid in sorted(sources):
-            resource = await self.remote.find_resource(w.parent_overrides[tid][0])
-            if resource is None or resource.state != "provisioned":
-                raise FailedPrecondition(f"the resource standing for external template {tid} is not provisioned",
-                                         [PreconditionViolation("EXTERNAL_NOT_PROVISIONED",
-                                                                f"resources/{w.parent_overrides[tid][0]}",
-                                                                "provision it, or point the workflow at another "
-                                                                "resource with UpdateWorkflow")])
-            found[tid] = resource
-        return self.external_upstream(w, found)
-
-    @staticmethod
-    def _sensitive(st: Step, w: Workflow, upstream: dict[str, Step]) -> list[str]:
-        """The step's sensitive variables: its version's, and those wired from sensitive outputs."""
-        wired = [r.target_variable for r in w.wiring if r.target_template_id == st.template_id
-                 and r.source_output in getattr(upstream.get(r.source_template_id), "sensitive_outputs", ())]
-        return sorted({*st.sensitive_variables, *wired})
 
     async def _record(self, step_id: str, **fields) -> None:
         for _ in range(5):

@@ -45,6 +45,10 @@ def consumers(runtime) -> list[ConsumerSpec]:
                 await workflows.teardown_step_failed(step_id, body.error_message or f"the job ended {kind[4:]}",
                                                      actor, job_id=body.job_id, uow=uow)
             return
+        if body.action == executor_pb2.JOB_ACTION_PLAN:  # a step's part of PlanWorkflow
+            await workflows.step_plan_ended(step_id, body.job_id, kind[4:], actor, summary=body.plan_summary,
+                                            error=body.error_message, uow=uow)
+            return
         if body.action != executor_pb2.JOB_ACTION_APPLY:
             return
         if kind == "job_succeeded":

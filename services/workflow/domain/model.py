@@ -47,6 +47,10 @@ class Step:
     teardown_error_message: str = ""
     teardown_job_id: str = ""
     teardown_start_time: dt.datetime | None = None
+    # Its part of the workflow's last plan: status (planning, planned,
+    # deferred, error), job_id, add/change/destroy, changes [[address,
+    # action]], inputs_hash, deferred_inputs, error_message.
+    plan: dict[str, Any] = field(default_factory=dict)
     version: int = 1
 
 
@@ -77,6 +81,11 @@ class Workflow:
     torn_down_by: str = ""
     teardown_start_time: dt.datetime | None = None
     teardown_completion_time: dt.datetime | None = None
+    # The last PlanWorkflow ("": never planned; in_progress, done, error).
+    plan_status: str = ""
+    plan_error_message: str = ""
+    plan_start_time: dt.datetime | None = None
+    plan_completion_time: dt.datetime | None = None
     version: int = 1
 
     @property
@@ -158,3 +167,40 @@ def teardown_ready(workflow: Workflow, steps: list[Step]) -> list[Step]:
     if workflow.max_parallel_steps > 0:
         ready = ready[:max(0, workflow.max_parallel_steps - running)]
     return ready
+
+
+# --- planning ------------------------------------------------------------------------
+
+PLANNING, PLANNED, DEFERRED = "planning", "planned", "deferred"
+
+
+def deferred_inputs(step: Step, wiring: list[WiringRule], steps_by_template: dict[str, Step]) -> list[dict]:
+    """The inputs of `step` that are not known before upstream steps run: a
+    wired variable (not overridden at runtime, which would win) whose source
+    step is not done. External templates' resources exist, so their outputs
+    are known."""
+    unknown = []
+    for rule in wiring:
+        if rule.target_template_id != step.template_id or rule.target_variable in step.overrides:
+            continue
+        source = steps_by_template.get(rule.source_template_id)
+        if source is not None and source.status != DONE:
+            unknown.append({"variable": rule.target_variable, "source_step_id": source.id,
+                            "source_template_id": rule.source_template_id, "source_output": rule.source_output})
+    return unknown
+
+
+def plan_action(actions: list[str] | tuple[str, ...]) -> str:
+    """Terraform's action list as one word: create, update, replace, delete."""
+    actions = tuple(actions)
+    if set(actions) == {"create", "delete"}:
+        return "replace"
+    return "+".join(actions) if len(actions) != 1 else actions[0]
+
+
+def inputs_hash(version_id: str, variables: dict[str, Any]) -> str:
+    """What a plan was made from: a changed input makes the plan stale."""
+    import hashlib
+    import json
+    text = json.dumps({"version": version_id, "variables": variables}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
