@@ -96,10 +96,14 @@ class Planning(WorkflowsBase):
         await self._record_plan(step_id, job_id, inputs_hash(st.source_code_version_id, variables))
 
     async def _record_plan(self, step_id: str, job_id: str, hashed: str) -> None:
+        """Records the plan job and the inputs it was made from. The job's
+        completion event may come first (and end the step's plan): the hash
+        is still recorded then, on that same job."""
         for _ in range(5):  # the job's completion event may be changing the step at the same moment
             async with self.uow_factory() as uow:
                 st = await uow.steps.get(step_id)
-                if st is None or st.plan.get("job_id") or st.plan.get("status") != PLANNING:
+                if st is None or st.plan.get("inputs_hash") or st.plan.get("job_id") not in (None, "", job_id) \
+                        or not st.plan.get("status"):
                     return
                 changed = replace(st, plan={**st.plan, "job_id": job_id, "inputs_hash": hashed},
                                   version=st.version + 1)
