@@ -52,10 +52,7 @@ class CreateCases(LifecycleBase):
         parents = await self._check_parents(uow, principal, r.parent_ids, template, violations)
         tags, configs = inherited(parents)
         variables = dict(r.variables)
-        for config in configs:  # inherited configs pre-fill variables of the same name
-            if config.name not in variables and (version is None or version.variable(config.name)):
-                variables[config.name] = config.value
-        self._platform_defaults(version, variables)
+        self._prefill(version, variables, configs)
         sensitive: list[str] = []
         if version is not None:
             sensitive = await self._check_variables(uow, template.id, "", version, variables, violations,
@@ -152,6 +149,14 @@ class CreateCases(LifecycleBase):
             # The completion event was applied meanwhile (its consumer won the
             # guarded write, before this transaction wrote anything): read its result.
             return await uow.resources.get(r.id) or r
+
+    def _prefill(self, version: VersionInfo | None, variables: dict[str, Any], configs) -> None:
+        """What a resource takes without being told: configs inherited from its
+        parents (variables of the same name), then the platform team's defaults."""
+        for config in configs:
+            if config.name not in variables and (version is None or version.variable(config.name)):
+                variables[config.name] = config.value
+        self._platform_defaults(version, variables)
 
     @staticmethod
     def _platform_defaults(version: VersionInfo | None, variables: dict[str, Any]) -> None:

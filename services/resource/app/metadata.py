@@ -12,7 +12,7 @@ from services.resource.app.base import LifecycleBase, _busy, _check_etag
 
 
 class Metadata(LifecycleBase):
-    # (uses CreateCases' _check_parents, _check_variables and _platform_defaults)
+    # (uses CreateCases' _check_parents, _check_variables and _prefill)
     # --- metadata updates and owners --------------------------------------------------------
 
     IMMUTABLE = ("name", "template_id", "storage_id", "storage_path", "parent_ids")
@@ -83,10 +83,7 @@ class Metadata(LifecycleBase):
             await self._check_parents(uow, principal, after.parent_ids, template, violations)
         variables = dict(after.variables)
         _, configs = inherited(list((await uow.resources.get_many(after.parent_ids)).values()))
-        for config in configs:  # as at create: inherited configs pre-fill variables of the same name
-            if config.name not in variables and version.variable(config.name):
-                variables[config.name] = config.value
-        self._platform_defaults(version, variables)
+        self._prefill(version, variables, configs)  # as at create
         sensitive = await self._check_variables(uow, r.template_id, r.id, version, variables, violations,
                                                 "resource.variables")
         if "integration_ids" in inputs and not after.integration_ids:
