@@ -226,9 +226,7 @@ def workflow_update(workflow_id: str,
     w = client(client.workflow.UpdateWorkflow, wp.UpdateWorkflowRequest(workflow=update, update_mask=mask))
     console.print(f"Workflow [bold]{w.id}[/bold] updated.")
     if execute:
-        client(client.workflow.ExecuteWorkflow, wp.ExecuteWorkflowRequest(id=w.id))
-        w = _watch(client, w.id)
-        raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
+        _execute(client, w.id, watch=True)
     console.print(_tree(w, details=True))
 
 
@@ -236,7 +234,10 @@ def workflow_update(workflow_id: str,
 def workflow_execute(workflow_id: str, watch: bool = typer.Option(True, help="Follow the steps live."),
                      token: Optional[str] = typer.Option(None)) -> None:
     """Executes a pending workflow, or one in error again (done steps are skipped)."""
-    client = Client(token)
+    _execute(Client(token), workflow_id, watch)
+
+
+def _execute(client: Client, workflow_id: str, watch: bool) -> None:
     w = client(client.workflow.ExecuteWorkflow, wp.ExecuteWorkflowRequest(id=workflow_id))
     console.print(f"Workflow [bold]{w.id}[/bold] started.")
     if watch:

@@ -25,6 +25,17 @@ from services.workflow.app.base import WorkflowsBase, _NEEDS_INPUT
 OVERRIDE_FIELDS = ("variable_overrides", "source_code_version_overrides", "parent_overrides")
 
 
+def _per_template(current: dict, given: dict) -> dict:
+    """Each template the update names gets the given override; an empty one removes it."""
+    merged = dict(current)
+    for template_id, value in given.items():
+        if value:
+            merged[template_id] = value
+        else:
+            merged.pop(template_id, None)
+    return merged
+
+
 class CreateCases(WorkflowsBase):
     # --- create -------------------------------------------------------------------------
 
@@ -166,31 +177,19 @@ class CreateCases(WorkflowsBase):
                 "update needs status pending or error, and no teardown")])
         steps = await uow.steps.of(w.id)
         sensitive = {s.template_id: set(s.sensitive_variables) for s in steps}
-        variables = dict(w.variable_overrides)
+        variables, versions, parents = w.variable_overrides, w.version_overrides, w.parent_overrides
         if "variable_overrides" in mask_:
-            for tid, values in variable_overrides.items():
-                # A masked value sent back as it was read keeps the stored one.
+            def unmasked(tid: str, values: dict) -> dict:
+                """A masked value sent back as it was read keeps the stored one."""
                 old = w.variable_overrides.get(tid, {})
-                kept = {k: (old[k] if v == MASK and k in sensitive.get(tid, ()) and k in old else v)
+                return {k: (old[k] if v == MASK and k in sensitive.get(tid, ()) and k in old else v)
                         for k, v in values.items()}
-                if kept:
-                    variables[tid] = kept
-                else:
-                    variables.pop(tid, None)
-        versions = dict(w.version_overrides)
+            variables = _per_template(variables, {tid: unmasked(tid, values)
+                                                  for tid, values in variable_overrides.items()})
         if "source_code_version_overrides" in mask_:
-            for tid, vid in version_overrides.items():
-                if vid:
-                    versions[tid] = vid
-                else:
-                    versions.pop(tid, None)
-        parents = dict(w.parent_overrides)
+            versions = _per_template(versions, version_overrides)
         if "parent_overrides" in mask_:
-            for tid, ids in parent_overrides.items():
-                if ids:
-                    parents[tid] = list(ids)
-                else:
-                    parents.pop(tid, None)
+            parents = _per_template(parents, {tid: list(ids) for tid, ids in parent_overrides.items()})
         changed = replace(w, variable_overrides=variables, version_overrides=versions, parent_overrides=parents)
         got = await self.remote.blueprint_and_plan(w.blueprint_id, w.blueprint_revision)
         if got is None:
