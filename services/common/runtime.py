@@ -78,6 +78,8 @@ class Runtime:
         if "outbox" not in md.tables:
             plumbing_tables(md)
         self.outbox_table, self.inbox_table = md.tables["outbox"], md.tables["inbox"]
+        # This service's key pair: it signs calls to the others (clients) and checks theirs (server).
+        self.identity = ServiceIdentity.from_settings(definition.name, settings.env, settings.data_dir)
         self.relay = OutboxRelay(self.db, self.outbox_table, self.bus, name=f"outbox-{self.definition.name}")
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -109,8 +111,7 @@ class Runtime:
 
         self.server = grpc.aio.server(
             interceptors=[ErrorInterceptor(self.definition.name),
-                          AuthInterceptor(s.auth_secret, OidcVerifier.from_env(s.env),
-                                          ServiceIdentity.from_settings(self.definition.name, s.env, s.data_dir))],
+                          AuthInterceptor(s.auth_secret, OidcVerifier.from_env(s.env), self.identity)],
             # No SO_REUSEPORT: a second process on the same port must fail, not share it.
             options=[("grpc.so_reuseport", 0)],
         )

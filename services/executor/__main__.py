@@ -14,7 +14,7 @@ from services.executor.app.worker import ExecutorConfig, JobWorkers, work_queue
 
 def setup(runtime) -> None:
     settings = runtime.settings
-    runtime.clients = ServiceClients(settings, "executor")
+    runtime.clients = ServiceClients(settings, "executor", runtime.identity)
     runtime.resource_users = ResourceUsers(runtime.clients)
     runtime.uow_options = {"vault": Vault.from_settings(settings)}
     runtime.executor_config = ExecutorConfig.from_settings(settings)

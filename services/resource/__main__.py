@@ -15,7 +15,7 @@ from services.resource.consumers.events import consumers, reconciler
 
 def setup(runtime) -> None:
     runtime.uow_options = {"vault": Vault.from_settings(runtime.settings)}
-    runtime.clients = ServiceClients(runtime.settings, "resource")
+    runtime.clients = ServiceClients(runtime.settings, "resource", runtime.identity)
     cache = float(runtime.settings.env.get("IK_RESOURCE_CATALOG_CACHE_SECONDS", "300"))
     remote = Remote(runtime.clients, cache)
     runtime.lifecycle = Lifecycle(remote, runtime.uow)

@@ -14,7 +14,7 @@ from services.workflow.consumers.events import consumers, reconciler
 
 def setup(runtime) -> None:
     runtime.uow_options = {"vault": Vault.from_settings(runtime.settings)}
-    runtime.clients = ServiceClients(runtime.settings, "workflow")
+    runtime.clients = ServiceClients(runtime.settings, "workflow", runtime.identity)
     runtime.workflows = Workflows(Remote(runtime.clients), runtime.uow)
 
 
