@@ -7,6 +7,8 @@ key comes from IK_ENCRYPTION_KEY, or is created once into
 its own unless they share the variable."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from typing import Any
 
@@ -17,8 +19,9 @@ from services.common.config import Settings, load_or_create_secret
 
 class Vault:
     def __init__(self, key: str):
+        self._key = key.encode()
         try:
-            self._fernet = Fernet(key.encode())
+            self._fernet = Fernet(self._key)
         except (ValueError, TypeError):
             raise ValueError("IK_ENCRYPTION_KEY must be a Fernet key (32 url-safe base64-encoded bytes)") from None
 
@@ -27,6 +30,10 @@ class Vault:
         key = settings.env.get("IK_ENCRYPTION_KEY") or load_or_create_secret(
             settings.data_dir, "encryption-key", lambda: Fernet.generate_key().decode())
         return cls(key)
+
+    def derive(self, purpose: str) -> bytes:
+        """A key of its own for `purpose` (e.g. keyed digests), from this one."""
+        return hmac.new(self._key, purpose.encode(), hashlib.sha256).digest()
 
     def seal(self, data: bytes) -> bytes:
         return self._fernet.encrypt(data)

@@ -13,9 +13,10 @@ from services.workflow.consumers.events import consumers, reconciler
 
 
 def setup(runtime) -> None:
-    runtime.uow_options = {"vault": Vault.from_settings(runtime.settings)}
+    vault = Vault.from_settings(runtime.settings)
+    runtime.uow_options = {"vault": vault}
     runtime.clients = ServiceClients(runtime.settings, "workflow", runtime.identity)
-    runtime.workflows = Workflows(Remote(runtime.clients), runtime.uow)
+    runtime.workflows = Workflows(Remote(runtime.clients), runtime.uow, hash_key=vault.derive("plan-inputs"))
 
 
 DEFINITION = ServiceDefinition(

@@ -105,3 +105,13 @@ def test_teardown_goes_in_reverse_dependency_order():
     assert [s.id for s in teardown_ready(w, [vpc, eks, rds, app])] == ["s3"]
     w.max_parallel_steps = 1
     assert teardown_ready(w, [vpc, eks, rds, app]) == []
+
+
+def test_a_plans_inputs_digest_is_keyed_so_readers_cannot_test_guesses_of_secrets():
+    from services.workflow.domain.model import inputs_hash
+    variables = {"name": "db", "password": "hunter2"}
+    digest = inputs_hash("v1", variables, b"service-key")
+    assert digest == inputs_hash("v1", dict(reversed(list(variables.items()))), b"service-key")
+    assert digest != inputs_hash("v1", variables, b"another-key"), "without the key a guess cannot be checked"
+    assert digest != inputs_hash("v1", {**variables, "password": "hunter3"}, b"service-key")
+    assert digest != inputs_hash("v2", variables, b"service-key")

@@ -37,9 +37,10 @@ def _slug(text: str) -> str:
 
 
 class WorkflowsBase:
-    def __init__(self, remote: Remote, uow_factory):
+    def __init__(self, remote: Remote, uow_factory, hash_key: bytes = b""):
         self.remote = remote
         self.uow_factory = uow_factory
+        self.hash_key = hash_key  # keys the digests of plan inputs (see inputs_hash)
 
     # --- events --------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ class Planning(WorkflowsBase):
             message = exc.message if isinstance(exc, DomainError) else exc.describe()
             await self.step_plan_ended(step_id, "", "error", actor, error=f"could not plan: {message}")
             return
-        await self._record_plan(step_id, job_id, inputs_hash(st.source_code_version_id, variables))
+        await self._record_plan(step_id, job_id, inputs_hash(st.source_code_version_id, variables, self.hash_key))
 
     async def _record_plan(self, step_id: str, job_id: str, hashed: str) -> None:
         """Records the plan job and the inputs it was made from. The job's

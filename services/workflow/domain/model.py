@@ -198,9 +198,13 @@ def plan_action(actions: list[str] | tuple[str, ...]) -> str:
     return "+".join(actions) if len(actions) != 1 else actions[0]
 
 
-def inputs_hash(version_id: str, variables: dict[str, Any]) -> str:
-    """What a plan was made from: a changed input makes the plan stale."""
+def inputs_hash(version_id: str, variables: dict[str, Any], key: bytes) -> str:
+    """What a plan was made from: a changed input makes the plan stale. Keyed
+    (HMAC-SHA-256 with a key of the service's own): a reader sees the hash and
+    the non-sensitive variables, and must not be able to test guesses of a
+    sensitive one against it."""
     import hashlib
+    import hmac
     import json
     text = json.dumps({"version": version_id, "variables": variables}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
