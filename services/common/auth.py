@@ -38,6 +38,9 @@ class Role(enum.IntEnum):
 class Principal:
     user: str
     role: Role
+    # The service acting for the user ("" for a user calling directly): some
+    # inputs only a service may set (e.g. a workflow plan's approval).
+    via: str = ""
 
     def has(self, role: Role) -> bool:
         return self.role >= role

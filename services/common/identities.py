@@ -41,7 +41,7 @@ CALLERS: dict[str, frozenset[str]] = {
     "blueprint": frozenset({"workflow", "resource"}),
     "resource": frozenset({"workflow", "executor"}),
     "executor": frozenset({"workflow", "resource"}),
-    "approval": frozenset({"resource"}),
+    "approval": frozenset({"resource", "workflow"}),
     "workflow": frozenset(),
 }
 
@@ -135,6 +135,6 @@ class ServiceIdentity:
             raise PermissionDenied(f"service {caller} may not act for users towards the {self.service} service",
                                    reason="SERVICE_NOT_ALLOWED")
         try:
-            return Principal(user=str(claims["sub"]), role=Role.parse(str(claims.get("role", ""))))
+            return Principal(user=str(claims["sub"]), role=Role.parse(str(claims.get("role", ""))), via=caller)
         except ValueError:
             raise Unauthenticated("invalid service token", reason="TOKEN_INVALID") from None

@@ -11,11 +11,13 @@ import asyncio
 import grpc
 import pytest
 
+from infrakitchen.approval.v1 import approval_pb2 as ap
 from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
-from tests.integration.test_workflows import by_template, overrides, run, shared
-from tests.support.grpc_asserts import precondition_violations, rpc_error
+from tests.integration.test_workflows import by_template, overrides, run, shared, wait_workflow
+from tests.support.grpc_asserts import precondition_violations, reason, rpc_error
+from tests.support.waiting import eventually
 from tests.support.platform import Platform
 
 PLANNED, DEFERRED = wp.STEP_PLAN_STATUS_PLANNED, wp.STEP_PLAN_STATUS_DEFERRED
@@ -90,6 +92,153 @@ async def test_a_failed_workflow_is_planned_again_with_the_real_outputs_of_its_d
     steps = by_template(p, done)
     assert not steps["network"].HasField("plan"), "a done step is not part of the plan"
     gated = steps["gated"].plan
-    assert gated.status == PLANNED and (gated.add, gated.destroy) == (1, 0)
+    # Planned against the state its failed resource left (a tainted instance): a replace, honestly.
+    resource = await p.get(steps["gated"].resource_id)
+    assert gated.status == PLANNED and (gated.add, gated.destroy) == (1, 1)
+    assert [c.action for c in gated.changes] == ["replace"]
+    assert gated.state_path == resource.storage_path and gated.state_serial >= 1
     job = await p.executor.GetJob(ep.GetJobRequest(id=gated.job_id), metadata=p.md)
     assert job.variables["gate"] == "10.0.0.0/16", "the done step's real output, not a placeholder"
+    assert job.plan_summary.state_serial == gated.state_serial and job.plan_summary.state_lineage
+
+
+# --- executing a plan ------------------------------------------------------------------------------
+
+async def set_flow(p, enabled: bool) -> None:
+    """The approval flow, as the resource service knows it too (it learns it from an event)."""
+    await p.approval.UpdateApprovalFlow(ap.UpdateApprovalFlowRequest(enabled=enabled), metadata=p.admin)
+
+    async def known():
+        async with p.inner["resource"].runtime.uow() as uow:
+            return await uow.settings.get("approval_flow") == enabled
+    await eventually(known, timeout=20)
+
+
+async def plan_request(p, workflow_id: str, step_id: str = "") -> ap.ApprovalRequest:
+    """The pending approval request of the workflow's plan (or of one step's new plan)."""
+    async def found():
+        listed = await p.approval.ListApprovalRequests(ap.ListApprovalRequestsRequest(
+            status=ap.APPROVAL_STATUS_PENDING, awaiting_my_decision=True), metadata=p.md)
+        return next((r for r in listed.approval_requests if r.workflow_id == workflow_id and r.step_id == step_id
+                     and r.operation == ap.APPROVAL_OPERATION_WORKFLOW_PLAN), None)
+    return await eventually(found, timeout=30)
+
+
+async def jobs_of_workflow(p, workflow_id: str) -> list[ep.Job]:
+    return list((await p.executor.ListJobs(ep.ListJobsRequest(workflow_id=workflow_id, page_size=100),
+                                           metadata=p.md)).jobs)
+
+
+async def test_an_approved_plan_is_applied_exactly_and_a_deferred_step_that_only_creates_goes_on(p):
+    await set_flow(p, True)
+    blueprint = await p.blueprint_of("net-app", {"network": {"cidr": "10.0.0.0/16"}, "app": {}},
+                                     [("network", "vpc_id", "app", "vpc_id")])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    await p.workflow.PlanWorkflow(wp.PlanWorkflowRequest(id=w.id), metadata=p.md)
+    first = await planned(p, w.id)
+    # A newer plan replaces it: executing the older one is refused, and nothing starts.
+    await p.workflow.PlanWorkflow(wp.PlanWorkflowRequest(id=w.id), metadata=p.md)
+    done = await planned(p, w.id)
+    assert done.plan_status == wp.PLAN_STATUS_DONE and done.plan_id != first.plan_id
+    old = await rpc_error(p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id, plan_id=first.plan_id),
+                                                     metadata=p.md))
+    assert old.code() == grpc.StatusCode.ABORTED and reason(old) == "PLAN_NOT_LATEST"
+
+    started = await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id, plan_id=done.plan_id),
+                                               metadata=p.md)
+    assert started.executed_plan_id == done.plan_id and started.plan_approval_status == "pending"
+    # One approval for the whole plan, listing every step's plan; nothing starts before it.
+    request = await plan_request(p, w.id)
+    steps = by_template(p, done)
+    listed = {s.step_id: s for s in request.planned_steps}
+    assert listed[steps["network"].id].status == "planned"
+    assert listed[steps["network"].id].plan_job_id == steps["network"].plan.job_id
+    assert listed[steps["network"].id].changes == ["null_resource.vpc create"]
+    assert listed[steps["app"].id].status == "deferred" and not listed[steps["app"].id].plan_job_id
+    assert request.owners == ["alice"] and request.workflow_plan_id == done.plan_id
+    assert not (await p.resource.ListResources(rp.ListResourcesRequest(workflow_id=w.id), metadata=p.md)).resources
+    # Approvers are admins and the listed owners: another writer is not one.
+    denied = await rpc_error(p.approval.ApproveRequest(ap.ApproveRequestRequest(id=request.id),
+                                                       metadata=p.as_("mallory")))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    await p.approval.ApproveRequest(ap.ApproveRequestRequest(id=request.id), metadata=p.md)
+
+    ended = await wait_workflow(p, w.id, (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR))
+    assert ended.status == wp.WORKFLOW_STATUS_DONE, ended.error_message
+    after = by_template(p, ended)
+    app_plan = after["app"].plan
+    assert app_plan.status == PLANNED and app_plan.replan_reason.startswith("its inputs are known now")
+    assert not app_plan.approval_request_id, "a deferred step that only creates needs no new approval"
+    # Every apply applied a saved plan: the approved one for network, the new one for app.
+    applies = [j for j in await jobs_of_workflow(p, w.id) if j.action == ep.JOB_ACTION_APPLY]
+    assert sorted(j.plan_job_id for j in applies) == sorted([steps["network"].plan.job_id, app_plan.job_id])
+    assert all(j.status == ep.JOB_STATUS_SUCCEEDED for j in applies)
+    # The approved plan stood in for each resource's own provision approval.
+    for template in ("network", "app"):
+        r = await p.get(after[template].resource_id)
+        assert r.storage_path == f"workflows/{w.id}/{after[template].id}"
+        listed = await p.approval.ListApprovalRequests(ap.ListApprovalRequestsRequest(resource_id=r.id),
+                                                       metadata=p.md)
+        assert not listed.approval_requests
+
+
+async def test_a_stale_plan_is_planned_again_approved_again_and_never_applied(p):
+    """The step's state moved between plan and execute (a direct provision of
+    its resource): its saved plan is never applied; it is planned again and,
+    with the approval flow on, approved again."""
+    gate = p.shared / "stale-gate"
+    blueprint = await p.blueprint_of("net-gated", {"network": {"cidr": "10.0.0.0/16"}, "gated": {}}, [])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, gated={"gate": str(gate)}), **shared(p)),
+        metadata=p.md)
+    failed = await run(p, w)  # the gate is closed: gated fails, leaving a tainted instance
+    assert failed.status == wp.WORKFLOW_STATUS_ERROR
+    await p.workflow.PlanWorkflow(wp.PlanWorkflowRequest(id=w.id), metadata=p.md)
+    done = await planned(p, w.id)
+    stale = by_template(p, done)["gated"]
+    assert stale.plan.status == PLANNED
+    # The state moves: a direct provision of the step's resource (failing again) writes a new serial.
+    await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=stale.resource_id), metadata=p.md)
+    await p.wait(stale.resource_id, rp.RESOURCE_STATE_PROVISION, rp.RESOURCE_STATUS_ERROR)
+    gate.write_text("open")
+
+    await set_flow(p, True)
+    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id, plan_id=done.plan_id), metadata=p.md)
+    whole = await plan_request(p, w.id)
+    assert [s.plan_job_id for s in whole.planned_steps] == [stale.plan.job_id]
+    await p.approval.ApproveRequest(ap.ApproveRequestRequest(id=whole.id), metadata=p.md)
+    # Planned again; with the approval flow on, its new plan is asked for again.
+    again = await plan_request(p, w.id, step_id=stale.id)
+    [new] = again.planned_steps
+    assert new.plan_job_id and new.plan_job_id != stale.plan.job_id
+    step = by_template(p, await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=p.md))["gated"]
+    assert step.plan.replan_reason.startswith("STALE_PLAN") and "serial" in step.plan.replan_reason
+    assert "waits for approval" in step.waiting_reason
+    await p.approval.ApproveRequest(ap.ApproveRequestRequest(id=again.id), metadata=p.md)
+    ended = await wait_workflow(p, w.id, (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR))
+    assert ended.status == wp.WORKFLOW_STATUS_DONE, ended.error_message
+    applies = [j for j in await jobs_of_workflow(p, w.id) if j.action == ep.JOB_ACTION_APPLY and j.plan_job_id]
+    assert [j.plan_job_id for j in applies] == [new.plan_job_id], "the stale plan was never applied"
+
+
+async def test_plans_are_applied_only_through_the_workflow_service(p):
+    """A user cannot open a workflow plan's approval (naming themself as its
+    approver) nor hand a resource a plan to apply."""
+    blueprint = await p.blueprint_of("net-only", {"network": {"cidr": "10.0.0.0/16"}}, [])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    await p.workflow.PlanWorkflow(wp.PlanWorkflowRequest(id=w.id), metadata=p.md)
+    step = by_template(p, await planned(p, w.id))["network"]
+    forged = await rpc_error(p.approval.CreateApprovalRequest(ap.CreateApprovalRequestRequest(
+        approval_request=ap.ApprovalRequest(operation=ap.APPROVAL_OPERATION_WORKFLOW_PLAN, workflow_id=w.id,
+                                            workflow_plan_id="x", owners=["alice"],
+                                            planned_steps=[ap.PlannedStep(step_id=step.id,
+                                                                          plan_job_id=step.plan.job_id)])),
+        metadata=p.md))
+    assert forged.code() == grpc.StatusCode.PERMISSION_DENIED
+    request = p.new("network", "direct", variables={"cidr": "10.0.0.0/16"})
+    request.provision = True
+    request.reviewed_plan.plan_job_id = step.plan.job_id
+    smuggled = await rpc_error(p.resource.CreateResource(request, metadata=p.md))
+    assert smuggled.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -30,7 +30,8 @@ class ApprovalRequestRepository:
                     plan_destroy=r.plan_destroy, workflow_id=r.workflow_id, status=r.status,
                     decisions=[dict(user=d.user, outcome=d.outcome, comment=d.comment, time=d.time.isoformat())
                                for d in r.decisions],
-                    owners=list(r.owners), create_time=r.create_time, update_time=r.update_time, version=r.version)
+                    owners=list(r.owners), create_time=r.create_time, update_time=r.update_time, version=r.version,
+                    workflow_plan_id=r.workflow_plan_id, step_id=r.step_id, planned_steps=list(r.planned_steps))
 
     @staticmethod
     def _request(row) -> ApprovalRequest:
@@ -38,6 +39,7 @@ class ApprovalRequestRepository:
         m["decisions"] = [Decision(d["user"], d["outcome"], d["comment"], dt.datetime.fromisoformat(d["time"]))
                           for d in m["decisions"]]
         m["owners"] = list(m["owners"])
+        m["planned_steps"] = list(m["planned_steps"] or [])
         m["create_time"], m["update_time"] = _aware(m["create_time"]), _aware(m["update_time"])
         return ApprovalRequest(**m)
 
@@ -57,8 +59,12 @@ class ApprovalRequestRepository:
             raise Aborted(f"approval request {r.id} was decided by someone else just now; read it again",
                           reason="CONCURRENT_DECISION")
 
-    async def pending_for(self, resource_id: str = "", temporary_state_id: str = "") -> list[ApprovalRequest]:
+    async def pending_for(self, resource_id: str = "", temporary_state_id: str = "",
+                          workflow_id: str = "") -> list[ApprovalRequest]:
         query = sa.select(approval_requests).where(approval_requests.c.status == "pending")
+        if workflow_id:  # a workflow's plan requests
+            query = query.where(approval_requests.c.workflow_id == workflow_id,
+                                approval_requests.c.operation == "workflow_plan")
         if resource_id:
             query = query.where(approval_requests.c.resource_id == resource_id)
         if temporary_state_id:

@@ -28,6 +28,9 @@ approval_requests = sa.Table(
     sa.Column("create_time", TS, nullable=False),
     sa.Column("update_time", TS, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("workflow_plan_id", sa.String(64), nullable=False, server_default=""),
+    sa.Column("step_id", sa.String(64), nullable=False, server_default=""),
+    sa.Column("planned_steps", sa.JSON, nullable=False, server_default=sa.text("'[]'")),
 )
 
 # The platform-wide flag: a single row (id = 1) once it was first set.

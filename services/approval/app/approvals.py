@@ -6,7 +6,8 @@ import uuid
 from dataclasses import replace
 
 from services.approval.domain.model import (APPROVED, CANCELLED, OPERATIONS, PENDING, REJECTED, UPDATE,
-                                            ApprovalFlow, ApprovalRequest, Decision, may_cancel, may_decide)
+                                            WORKFLOW_PLAN, ApprovalFlow, ApprovalRequest, Decision, may_cancel,
+                                            may_decide)
 from services.common.auth import Principal, Role
 from services.common.errors import (AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
                                     PermissionDenied, PreconditionViolation)
@@ -31,11 +32,14 @@ async def _emit(uow, r: ApprovalRequest, actor: str, comment: str = "") -> None:
 async def create_request(uow, principal: Principal, r: ApprovalRequest, request_id: str = "") -> ApprovalRequest:
     if (existing := await uow.find_request("CreateApprovalRequest", request_id)) is not None:
         return await get_request(uow, existing)
+    if r.operation == WORKFLOW_PLAN:
+        return await _create_workflow_plan_request(uow, principal, r, request_id)
     violations = []
     if not r.resource_id:
         violations.append(FieldViolation("approval_request.resource_id", "must not be empty"))
     if r.operation not in OPERATIONS:
-        violations.append(FieldViolation("approval_request.operation", "must be PROVISION, UPDATE or DESTROY"))
+        violations.append(FieldViolation("approval_request.operation",
+                                         "must be PROVISION, UPDATE, DESTROY or WORKFLOW_PLAN"))
     if r.operation == UPDATE and not r.temporary_state_id:
         violations.append(FieldViolation("approval_request.temporary_state_id",
                                          "an update request names the temporary state under review"))
@@ -50,8 +54,39 @@ async def create_request(uow, principal: Principal, r: ApprovalRequest, request_
     owners = await uow.owners.get(r.resource_id)
     now = utcnow()
     r = replace(r, id=r.id or str(uuid.uuid4()), requester=principal.user, status=PENDING, decisions=[],
-                owners=owners if owners is not None else list(r.owners), create_time=now, update_time=now,
-                version=1)
+                owners=owners if owners is not None else [], create_time=now, update_time=now,
+                version=1, workflow_plan_id="", step_id="", planned_steps=[])
+    await uow.requests.add(r)
+    await uow.remember_request("CreateApprovalRequest", request_id, r.id)
+    await _emit(uow, r, principal.user)
+    return r
+
+
+async def _create_workflow_plan_request(uow, principal: Principal, r: ApprovalRequest,
+                                        request_id: str) -> ApprovalRequest:
+    """A workflow's plan (or one step's new plan) under review. Only the
+    workflow service opens one, naming who may decide besides admins: a user
+    could otherwise name themself and approve their own plan for another."""
+    if principal.via != "workflow":
+        raise PermissionDenied("approval requests of workflow plans are opened by the workflow service")
+    violations = [FieldViolation(f"approval_request.{name}", "must not be empty")
+                  for name in ("workflow_id", "workflow_plan_id") if not getattr(r, name)]
+    if r.resource_id or r.temporary_state_id:
+        violations.append(FieldViolation("approval_request.resource_id",
+                                         "a workflow plan's request names no resource or temporary state"))
+    if not r.planned_steps:
+        violations.append(FieldViolation("approval_request.planned_steps", "must list the steps' plans"))
+    if violations:
+        raise InvalidArgument("invalid approval request", violations)
+    if r.id and await uow.requests.get(r.id) is not None:
+        raise AlreadyExists("approval request", r.id)
+    for pending in await uow.requests.pending_for(workflow_id=r.workflow_id):
+        if pending.step_id == r.step_id:
+            raise AlreadyExists("approval request", pending.id,
+                                f"workflow {r.workflow_id} already has a pending plan approval {pending.id}")
+    now = utcnow()
+    r = replace(r, id=r.id or str(uuid.uuid4()), requester=principal.user, status=PENDING, decisions=[],
+                owners=sorted(set(r.owners)), create_time=now, update_time=now, version=1)
     await uow.requests.add(r)
     await uow.remember_request("CreateApprovalRequest", request_id, r.id)
     await _emit(uow, r, principal.user)
@@ -77,6 +112,8 @@ async def list_requests(uow, principal: Principal, page_size: int, page_token: s
 async def _current_owners(uow, r: ApprovalRequest) -> list[str]:
     """Owners now (the projection follows owners added or removed later); the
     request's snapshot if the resource service never told us about it."""
+    if r.operation == WORKFLOW_PLAN:  # named by the workflow service when it asked
+        return r.owners
     owners = await uow.owners.get(r.resource_id)
     return owners if owners is not None else r.owners
 
@@ -92,7 +129,9 @@ async def decide(uow, principal: Principal, id_: str, outcome: str, comment: str
     _must_be_pending(r)
     owners = await _current_owners(uow, r)
     if not may_decide(principal.user, principal.role >= Role.ADMIN, owners):
-        raise PermissionDenied(f"only an owner of resource {r.resource_id} or an admin may "
+        subject = f"the plan of workflow {r.workflow_id}" if r.operation == WORKFLOW_PLAN else \
+            f"resource {r.resource_id}"
+        raise PermissionDenied(f"only an owner of {subject} or an admin may "
                                f"{'approve' if outcome == APPROVED else 'reject'} this request")
     return await _close(uow, principal, r, outcome, comment)
 
@@ -115,10 +154,12 @@ async def _close(uow, principal: Principal, r: ApprovalRequest, outcome: str, co
     return closed
 
 
-async def cancel_pending(uow, actor: str, reason: str, resource_id: str = "", temporary_state_id: str = "") -> int:
-    """What a discarded temporary state or a deleted resource leaves behind."""
+async def cancel_pending(uow, actor: str, reason: str, resource_id: str = "", temporary_state_id: str = "",
+                         workflow_id: str = "") -> int:
+    """What a discarded temporary state, a deleted resource or a workflow's
+    newer plan leaves behind."""
     count = 0
-    for r in await uow.requests.pending_for(resource_id, temporary_state_id):
+    for r in await uow.requests.pending_for(resource_id, temporary_state_id, workflow_id):
         await _close(uow, Principal(actor or "system", Role.ADMIN), r, CANCELLED, reason)
         count += 1
     return count

@@ -4,8 +4,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-PROVISION, UPDATE, DESTROY = "provision", "update", "destroy"
-OPERATIONS = (PROVISION, UPDATE, DESTROY)
+PROVISION, UPDATE, DESTROY, WORKFLOW_PLAN = "provision", "update", "destroy", "workflow_plan"
+OPERATIONS = (PROVISION, UPDATE, DESTROY, WORKFLOW_PLAN)
 
 PENDING, APPROVED, REJECTED, CANCELLED = "pending", "approved", "rejected", "cancelled"
 
@@ -38,6 +38,11 @@ class ApprovalRequest:
     create_time: dt.datetime | None = None
     update_time: dt.datetime | None = None
     version: int = 1
+    # A workflow plan's request: the plan, the step (one step's new plan) and
+    # each step's plan as shown (dicts of the PlannedStep fields).
+    workflow_plan_id: str = ""
+    step_id: str = ""
+    planned_steps: list[dict] = field(default_factory=list)
 
     @property
     def etag(self) -> str:

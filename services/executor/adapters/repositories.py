@@ -26,14 +26,16 @@ def _summary_to_json(p: PlanSummary | None):
     if p is None:
         return None
     return {"add": p.add, "change": p.change, "destroy": p.destroy,
-            "resource_changes": [[a, list(actions)] for a, actions in p.resource_changes]}
+            "resource_changes": [[a, list(actions)] for a, actions in p.resource_changes],
+            "state_serial": p.state_serial, "state_lineage": p.state_lineage}
 
 
 def _summary_from_json(d) -> PlanSummary | None:
     if d is None:
         return None
     return PlanSummary(d["add"], d["change"], d["destroy"],
-                       tuple((a, tuple(actions)) for a, actions in d["resource_changes"]))
+                       tuple((a, tuple(actions)) for a, actions in d["resource_changes"]),
+                       int(d.get("state_serial", 0)), str(d.get("state_lineage", "")))
 
 
 # Built once (the statements on a job's way from submission to its worker):

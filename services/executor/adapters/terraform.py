@@ -25,7 +25,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from services.common.config import Settings
 from services.common.git import GitError, checkout, redact_url
 from services.executor.adapters.sandbox import Sandbox
 from services.executor.domain.model import (APPLY, DESTROY, LOCAL, PG, PLAN, Output, PlanSummary, Redactor,
-                                            Storage, plan_summary_from_json, protected_env_name)
+                                            Storage, plan_state_meta, plan_summary_from_json, protected_env_name,
+                                            stale_plan_reason, state_meta)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class RunSpec:
     storage: Storage | None  # None: the executor's default local storage
     state_path: str
     plan_file: bytes | None = None
+    plan_state: tuple[int, str] = (0, "")  # (serial, lineage) the saved plan was made against
 
 
 @dataclass
@@ -142,6 +144,19 @@ def workspace_name(state_path: str) -> str:
 
 def local_state_file(directory: str | Path, state_path: str) -> Path:
     return Path(directory) / state_path / "terraform.tfstate"
+
+
+def current_state_meta(config: TerraformConfig, storage: Storage | None, state_path: str) -> tuple[int, str] | None:
+    """(serial, lineage) of the state at `state_path` as it is now, read from
+    the file of local storage; None for pg storage, whose state only
+    terraform reads (the run checks it then, with `terraform state pull`)."""
+    if storage is not None and storage.kind == PG:
+        return None
+    directory = storage.local_directory if storage is not None else config.default_state_dir
+    try:
+        return state_meta(local_state_file(directory, state_path).read_bytes())
+    except FileNotFoundError:
+        return 0, ""
 
 
 def break_stale_lock(config: TerraformConfig, storage: Storage | None, state_path: str) -> bool:
@@ -247,11 +262,14 @@ class TerraformRun:
             shown = await self._terraform(["show", "-json", str(plan_path)], module, env, capture=True)
             result.plan_summary = plan_summary_from_json(json.loads(shown))
             result.plan_file = plan_path.read_bytes()
+            serial, lineage = plan_state_meta(result.plan_file)
+            result.plan_summary = replace(result.plan_summary, state_serial=serial, state_lineage=lineage)
             s = result.plan_summary
             self.say(f"plan: {s.add} to add, {s.change} to change, {s.destroy} to destroy")
         elif spec.action == APPLY and spec.plan_file is not None:
             plan_path = workdir / "plan.tfplan"
             plan_path.write_bytes(spec.plan_file)
+            await self._check_plan_fits(module, env)
             self.say("applying the saved plan of the reviewed plan job")
             await self._terraform(["apply", "-input=false", "-no-color", lock, str(plan_path)], module, env)
         elif spec.action == APPLY:
@@ -264,6 +282,16 @@ class TerraformRun:
             # variable wired in) is sensitive, whatever the module declares.
             result.outputs = [Output(name, o.get("value"), bool(o.get("sensitive")) or self._carries_secret(o))
                               for name, o in sorted(json.loads(shown or "{}").items())]
+
+    async def _check_plan_fits(self, module: Path, env: dict[str, str]) -> None:
+        """A saved plan is applied only to the state it was made against.
+        Terraform checks that itself only when the plan had a state (a plan
+        made against none would be applied over a state created since)."""
+        current = current_state_meta(self.config, self.spec.storage, self.spec.state_path)
+        if current is None:  # pg: only terraform reads it; the text stays here, only serial and lineage are kept
+            current = state_meta(await self._terraform(["state", "pull"], module, env, capture=True))
+        if why := stale_plan_reason(self.spec.plan_state, current):
+            raise RunFailed(f"STALE_PLAN: {why}; plan again")
 
     def _carries_secret(self, output: dict) -> bool:
         text = json.dumps(output.get("value"))

@@ -51,7 +51,8 @@ def plan_summary_pb(p: PlanSummary | None) -> pb.PlanSummary | None:
     if p is None:
         return None
     return pb.PlanSummary(add=p.add, change=p.change, destroy=p.destroy, resource_changes=[
-        pb.ResourceChange(address=a, actions=list(actions)) for a, actions in p.resource_changes])
+        pb.ResourceChange(address=a, actions=list(actions)) for a, actions in p.resource_changes],
+        state_serial=p.state_serial, state_lineage=p.state_lineage)
 
 
 def job_to_pb(j: Job) -> pb.Job:

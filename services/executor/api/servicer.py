@@ -8,6 +8,7 @@ from infrakitchen.executor.v1 import executor_pb2 as pb
 from infrakitchen.executor.v1 import executor_pb2_grpc
 from services.common.auth import current_principal
 from services.common.values import to_timestamp
+from services.executor.adapters.terraform import current_state_meta
 from services.executor.api import convert
 from services.executor.app import credentials, jobs
 
@@ -27,17 +28,26 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self.config = runtime.executor_config
         self.workers = runtime.workers
         self.resource_users = runtime.resource_users
+        terraform = runtime.workers.terraform
+        self.current_state = lambda storage, path: current_state_meta(terraform, storage, path)
 
     # --- jobs --------------------------------------------------------------
 
     async def SubmitJob(self, request, context):
+        if request.validate_only:  # every check of a submission, then nothing kept
+            async with self.uow() as uow:
+                job, _ = await jobs.submit_job(uow, current_principal(), convert.job_from_submit(request),
+                                               self.default_timeout, current_state=self.current_state)
+                await uow.rollback()
+            return convert.job_to_pb(job)
         # An idle worker of this process takes the job as it is stored; else the work queue does.
         turn = self.workers.reserve()
         try:
             async with self.uow() as uow:
                 job, created = await jobs.submit_job(
                     uow, current_principal(), convert.job_from_submit(request), self.default_timeout,
-                    request.request_id, start_as=(self.config.worker_id, self.config.lease) if turn else None)
+                    request.request_id, start_as=(self.config.worker_id, self.config.lease) if turn else None,
+                    current_state=self.current_state)
                 await uow.commit()
         except BaseException:
             if turn is not None:

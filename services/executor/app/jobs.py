@@ -16,7 +16,7 @@ from services.common.events import new_event
 from services.common.paging import paginate
 from services.common.uow import utcnow
 from services.executor.domain.model import (ACTIONS, APPLY, PLAN, QUEUED, RUNNING, SUCCEEDED, Job,
-                                            StatePathClaim, valid_state_path)
+                                            StatePathClaim, stale_plan_reason, valid_state_path)
 
 SOURCE = "executor"
 DISPATCH_SUBJECT = "ik.dispatch.job"  # the work-queue stream's subject (not an event)
@@ -37,10 +37,12 @@ async def emit_job_event(uow, job: Job, actor: str = "") -> None:
 
 
 async def submit_job(uow, principal: Principal, job: Job, default_timeout: float, request_id: str = "",
-                     start_as: tuple[str, float] | None = None) -> tuple[Job, bool]:
+                     start_as: tuple[str, float] | None = None, current_state=None) -> tuple[Job, bool]:
     """(the job, whether this call created it). With `start_as` (worker id,
     lease seconds) the job is stored already claimed by that worker, which
-    runs it once this commits; otherwise it goes on the work queue."""
+    runs it once this commits; otherwise it goes on the work queue.
+    `current_state(storage, state_path)` reads the (serial, lineage) of a
+    state where the service can (None where it cannot)."""
     if (existing := await uow.find_request("SubmitJob", request_id)) is not None:
         return await get_job(uow, existing), False
     violations = []
@@ -79,7 +81,9 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
     job = replace(job, id=str(uuid.uuid4()), status=QUEUED, creator=principal.user, create_time=now,
                   timeout_seconds=job.timeout_seconds or default_timeout, attempt=0, worker="")
     if job.plan_job_id:
-        job = await _from_saved_plan(uow, job)
+        job = await _from_saved_plan(uow, job, current_state)
+    elif job.action == PLAN and not job.correlation.resource_id:
+        await _plan_reads_no_claimed_state(uow, job)
     if job.correlation.resource_id:
         await claim_state_path(uow, job.storage_id, job.state_path, job.correlation.resource_id)
     await emit_job_event(uow, job, principal.user)  # queued
@@ -96,9 +100,19 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
     return job, True
 
 
-async def _from_saved_plan(uow, job: Job) -> Job:
+async def _plan_reads_no_claimed_state(uow, job: Job) -> None:
+    """A plan for no resource (a step of a workflow plan, before its resource
+    exists) must not read the state of a resource it is not for."""
+    if (claim := await uow.storages.claim(job.storage_id, job.state_path)) is not None:
+        raise AlreadyExists("state path", f"{job.storage_id or 'default'}:{job.state_path}",
+                            f"state path {job.state_path!r} belongs to resource {claim.resource_id}; "
+                            f"a plan of it must name that resource")
+
+
+async def _from_saved_plan(uow, job: Job, current_state=None) -> Job:
     """An apply of a reviewed plan runs exactly what the plan job planned:
-    same commit, same variables, same state; refused when the state moved."""
+    same commit, same variables, same state; refused when the state moved
+    (STALE_PLAN). The run checks the state again right before it applies."""
     plan = await uow.jobs.get(job.plan_job_id)
     if plan is None:
         raise InvalidArgument.of("plan_job_id", f"unknown job {job.plan_job_id!r}")
@@ -116,6 +130,12 @@ async def _from_saved_plan(uow, job: Job) -> Job:
         problems += [PreconditionViolation("STATE_CHANGED_SINCE_PLAN", f"jobs/{m}",
                                            "this job changed the state after the plan was made; plan again")
                      for m in moved]
+    if not problems and plan.plan_summary is not None and current_state is not None:
+        storage = await uow.storages.get(plan.storage_id) if plan.storage_id else None
+        now = current_state(storage, plan.state_path)
+        planned = (plan.plan_summary.state_serial, plan.plan_summary.state_lineage)
+        if now is not None and (why := stale_plan_reason(planned, now)):
+            problems.append(PreconditionViolation("STALE_PLAN", f"jobs/{plan.id}", f"{why}; plan again"))
     if problems:
         raise FailedPrecondition(f"cannot apply the saved plan of job {plan.id}", problems)
     return replace(job, source=plan.source, commit=plan.commit, variables=dict(plan.variables),

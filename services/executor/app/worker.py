@@ -278,6 +278,8 @@ class JobWorkers:
             storage = await uow.storages.get(job.storage_id) if job.storage_id else None
             env, redact = await self._environment(uow, job)
             plan_file = await uow.jobs.plan_file(job.plan_job_id) if job.plan_job_id else None
+            plan_job = await uow.jobs.get(job.plan_job_id) if job.plan_job_id else None
+            summary = plan_job.plan_summary if plan_job is not None else None
             next_number = await uow.logs.last_number(job.id) + 1
 
         logs = LogWriter(self.runtime.uow, job.id, next_number)
@@ -289,7 +291,8 @@ class JobWorkers:
         logs.add("executor", f"{job.action} job {job.id}, attempt {job.attempt}, on worker {cfg.worker_id}")
         spec = RunSpec(job_id=job.id, action=job.action, repository_url=job.source.repository_url,
                        ref=job.commit or job.source.ref, path=job.source.path, variables=job.variables, env=env,
-                       storage=storage, state_path=job.state_path, plan_file=plan_file)
+                       storage=storage, state_path=job.state_path, plan_file=plan_file,
+                       plan_state=(summary.state_serial, summary.state_lineage) if summary else (0, ""))
         run = TerraformRun(self.terraform, spec, redact, logs.add)
         self._runs[job.id] = run
         try:

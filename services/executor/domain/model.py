@@ -3,7 +3,10 @@ storages). Pure Python: no grpc, sqlalchemy or nats."""
 from __future__ import annotations
 
 import datetime as dt
+import io
+import json
 import re
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +64,10 @@ class PlanSummary:
     change: int = 0
     destroy: int = 0
     resource_changes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # The state the plan was made against (serial 0 and no lineage: no state
+    # yet); its saved plan applies only to that state, never to a later one.
+    state_serial: int = 0
+    state_lineage: str = ""
 
 
 @dataclass
@@ -239,6 +246,39 @@ def sensitive_values(value: Any) -> list[str]:
     if value is None:
         return []
     return [value if isinstance(value, str) else str(value)]
+
+
+def state_meta(state_json: str | bytes) -> tuple[int, str]:
+    """(serial, lineage) of a terraform state file's text; (0, "") for none.
+    Nothing else of the state is read: it may hold sensitive values."""
+    try:
+        state = json.loads(state_json) if state_json and state_json.strip() else {}
+    except ValueError:
+        return 0, ""
+    if not isinstance(state, dict):
+        return 0, ""
+    return int(state.get("serial") or 0), str(state.get("lineage") or "")
+
+
+def plan_state_meta(plan_file: bytes) -> tuple[int, str]:
+    """(serial, lineage) of the state a saved plan was made against: the
+    plan file is a zip archive holding that state as `tfstate`."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(plan_file)) as z:
+            return state_meta(z.read("tfstate"))
+    except (zipfile.BadZipFile, KeyError):
+        return 0, ""
+
+
+def stale_plan_reason(planned: tuple[int, str], current: tuple[int, str]) -> str:
+    """Why a saved plan no longer fits the state, or "" when it does. A plan
+    made against no state fits only no state: terraform itself lets such a
+    plan through against any later state, which would apply it twice."""
+    if planned == current:
+        return ""
+    if planned[1] and current[1] and planned[1] != current[1]:
+        return "the state was replaced since the plan (another lineage)"
+    return f"the state moved since the plan (serial {planned[0]}, now {current[0]})"
 
 
 def plan_summary_from_json(plan: dict[str, Any]) -> PlanSummary:

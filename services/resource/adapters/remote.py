@@ -200,6 +200,24 @@ class Remote:
                 return None
             raise
 
+    async def job_detail(self, id_: str):
+        """The executor's Job message (correlation, state path, plan summary), or None."""
+        try:
+            return await self.clients.call("executor", self.executor.GetJob, executor_pb2.GetJobRequest(id=id_))
+        except RemoteError as err:
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    async def approval_request(self, id_: str):
+        try:
+            return await self.clients.call("approval", self.approval.GetApprovalRequest,
+                                           approval_pb2.GetApprovalRequestRequest(id=id_))
+        except RemoteError as err:
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
     async def approval_flow(self) -> bool:
         flow = await self.clients.call("approval", self.approval.GetApprovalFlow,
                                        approval_pb2.GetApprovalFlowRequest(), timeout=3)

@@ -9,6 +9,7 @@ from infrakitchen.resource.v1 import resource_pb2_grpc
 from services.common.auth import current_principal
 from services.common.paging import paginate
 from services.resource.api import convert
+from services.resource.app.reviewed_plans import ReviewedPlan
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ResourceService"].full_name
 
@@ -41,7 +42,8 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         r = convert.resource_from_pb(request.resource)
         r.workflow_id, r.step_id = request.workflow_id, request.step_id
         r.sensitive_variables = list(dict.fromkeys(request.sensitive_variables))
-        created = await self._run(self.lc.create, r, request.request_id, request.provision)
+        created = await self._run(self.lc.create, r, request.request_id, request.provision,
+                                  _reviewed(request))
         if request.provision:  # the job submission ran after the commit
             async with self.uow() as uow:
                 created = await self.lc.get(uow, created.id)
@@ -73,7 +75,8 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         return empty_pb2.Empty()
 
     async def ProvisionResource(self, request, context):
-        return convert.resource_to_pb(await self._run(self.lc.provision, request.id, request.etag, reread=request.id))
+        return convert.resource_to_pb(await self._run(self.lc.provision, request.id, request.etag, _reviewed(request),
+                                                      reread=request.id))
 
     async def DryRunResource(self, request, context):
         return convert.resource_to_pb(await self._run(self.lc.dry_run, request.id, reread=request.id))
@@ -184,3 +187,9 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
 def register(server, runtime) -> list[str]:
     resource_pb2_grpc.add_ResourceServiceServicer_to_server(ResourceServicer(runtime), server)
     return [SERVICE_NAME]
+
+
+def _reviewed(request) -> ReviewedPlan | None:
+    if not request.HasField("reviewed_plan") or not request.reviewed_plan.plan_job_id:
+        return None
+    return ReviewedPlan(request.reviewed_plan.plan_job_id, request.reviewed_plan.approval_request_id)

@@ -21,7 +21,9 @@ class CreateCases(LifecycleBase):
     # --- create ----------------------------------------------------------------
 
     async def create(self, uow, principal: Principal, r: Resource, request_id: str = "",
-                     provision: bool = False) -> Resource:
+                     provision: bool = False, reviewed=None) -> Resource:
+        """`reviewed` (a ReviewedPlan): the workflow step's plan, applied
+        exactly; its approved workflow plan stands in for the provision approval."""
         if (existing := await uow.find_request("CreateResource", request_id)) is not None:
             return await self.get(uow, existing)
         violations: list[FieldViolation] = []
@@ -72,6 +74,8 @@ class CreateCases(LifecycleBase):
                                                  "digits, '.', '_', '-' and '/', without '..'"))
             if r.storage_id and not await self.remote.storage_exists(r.storage_id):
                 violations.append(FieldViolation("resource.storage_id", f"unknown storage {r.storage_id!r}"))
+        if reviewed is not None and (not provision or template.abstract):
+            violations.append(FieldViolation("reviewed_plan", "applies only to a resource provisioned at create"))
         if violations:
             raise InvalidArgument("invalid resource", violations)
         if storage_path and await uow.resources.storage_path_taken(r.storage_id, storage_path):
@@ -94,6 +98,11 @@ class CreateCases(LifecycleBase):
             pending_operation=OP_PROVISION if flag and not template.abstract else "")
         # Created and provisioned in one call (parents were checked provisioned
         # above): stored queued at once, recorded as a create and a provision.
+        if reviewed is not None:
+            covered = await self.check_reviewed_plan(uow, principal, created, reviewed)
+            created = replace(created, plan_job_id=reviewed.plan_job_id)
+            if covered:  # the approved workflow plan is this provisioning's approval
+                created = replace(created, status=READY, pending_operation="")
         if created.status == APPROVAL_PENDING:
             created = self._awaiting_approval(created)
         start = provision and created.status == READY

@@ -19,7 +19,7 @@ from services.resource.app.base import JobNotRecordedYet, LifecycleBase, _busy, 
 class Operations(LifecycleBase):
     # --- provision, dry run, recreate ---------------------------------------------
 
-    async def provision(self, uow, principal: Principal, id_: str, etag: str = "") -> Resource:
+    async def provision(self, uow, principal: Principal, id_: str, etag: str = "", reviewed=None) -> Resource:
         r = await self.get(uow, id_)
         _check_etag(r, etag)
         self._needs_iac(r, "provision")
@@ -32,6 +32,11 @@ class Operations(LifecycleBase):
             return await self._save(uow, r, replace(r, status=PENDING, error_message=""), principal.user,
                                     "provision_pending")
         await self._parents_provisioned(uow, r, principal.user)
+        if reviewed is not None:  # a workflow step's plan: applied exactly, its approval checked
+            covered = await self.check_reviewed_plan(uow, principal, r, reviewed)
+            r = replace(r, plan_job_id=reviewed.plan_job_id)
+            if covered:
+                return await self._start(uow, principal.user, r, OP_PROVISION, "provision")
         return await self._start_or_ask(uow, principal, r, OP_PROVISION, "provision")
 
     async def recreate(self, uow, principal: Principal, id_: str, etag: str = "") -> Resource:
@@ -160,9 +165,10 @@ class Operations(LifecycleBase):
         if r is None or r.job_request_id != request_id or r.last_job_id:
             return
         try:
-            # An approved update applies exactly the reviewed plan; everything
-            # else runs the source code version as it is now.
-            reviewed = r.plan_job_id if r.pending_operation == OP_UPDATE else ""
+            # An approved update, and a workflow step's provisioning with a
+            # reviewed plan, apply exactly that plan; everything else runs the
+            # source code version as it is now.
+            reviewed = r.plan_job_id if r.pending_operation in (OP_UPDATE, OP_PROVISION) else ""
             version = None if reviewed else await self._version(r.source_code_version_id)
             action = "destroy" if r.pending_operation == OP_DESTROY else "apply"
             submission = self._submission(r, version, action, request_id)

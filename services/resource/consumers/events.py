@@ -32,7 +32,7 @@ def consumers(runtime) -> list[ConsumerSpec]:
         if kind == "approval_flow_changed":
             await uow.settings.set(FLAG_KEY, bool(body.enabled), utcnow())
             return
-        if kind in _DECISIONS:
+        if kind in _DECISIONS and body.operation in OPERATION_OF_APPROVAL:  # a workflow plan's is the workflow's
             await lifecycle.on_approval(uow, _DECISIONS[kind], OPERATION_OF_APPROVAL[body.operation],
                                         body.resource_id, body.temporary_state_id, body.approval_request_id,
                                         body.decided_by or env.actor)

@@ -6,6 +6,8 @@ from typing import Any
 
 import grpc
 
+from infrakitchen.approval.v1 import approval_pb2 as ap
+from infrakitchen.approval.v1 import approval_pb2_grpc
 from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
 from infrakitchen.blueprint.v1 import blueprint_pb2_grpc
 from infrakitchen.executor.v1 import executor_pb2 as ep
@@ -28,6 +30,8 @@ class ResourceInfo:
     sensitive_outputs: tuple[str, ...]
     template_id: str = ""
     ever_provisioned: bool = False  # its revision moved past a provisioning
+    storage_path: str = ""
+    owners: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,8 @@ _STATUS = {v: k.lower().removeprefix("resource_status_") for k, v in rp.Resource
 def resource_info(r) -> ResourceInfo:
     return ResourceInfo(r.id, _STATE[r.state], _STATUS[r.status], r.error_message, r.last_job_id,
                         {o.name: from_value(o.value) for o in r.outputs},
-                        tuple(o.name for o in r.outputs if o.sensitive), r.template_id)
+                        tuple(o.name for o in r.outputs if o.sensitive), r.template_id,
+                        storage_path=r.storage_path, owners=tuple(r.owners))
 
 
 class Remote:
@@ -52,6 +57,7 @@ class Remote:
         self.blueprint = blueprint_pb2_grpc.BlueprintServiceStub(clients.channel("blueprint"))
         self.resource = resource_pb2_grpc.ResourceServiceStub(clients.channel("resource"))
         self.executor = executor_pb2_grpc.ExecutorServiceStub(clients.channel("executor"))
+        self.approval = approval_pb2_grpc.ApprovalServiceStub(clients.channel("approval"))
 
     async def blueprint_and_plan(self, id_: str, revision: int = 0):
         """(blueprint, preview) or None when there is no such blueprint (at
@@ -103,10 +109,41 @@ class Remote:
         return resource_info(await self.clients.call("resource", self.resource.CreateResource, request, user=user,
                                                      role=Role.WRITE))
 
-    async def provision(self, user: str, resource_id: str) -> ResourceInfo:
+    async def provision(self, user: str, resource_id: str, reviewed: rp.ReviewedPlan | None = None) -> ResourceInfo:
         return resource_info(await self.clients.call("resource", self.resource.ProvisionResource,
-                                                     rp.ProvisionResourceRequest(id=resource_id), user=user,
-                                                     role=Role.WRITE))
+                                                     rp.ProvisionResourceRequest(id=resource_id, reviewed_plan=reviewed),
+                                                     user=user, role=Role.WRITE))
+
+    async def check_saved_plan(self, user: str, plan_job_id: str, storage_id: str, state_path: str) -> None:
+        """Raises RemoteError (FAILED_PRECONDITION, STALE_PLAN or
+        STATE_CHANGED_SINCE_PLAN) when the saved plan no longer fits its state."""
+        await self.clients.call("executor", self.executor.SubmitJob, ep.SubmitJobRequest(
+            action=ep.JOB_ACTION_APPLY, plan_job_id=plan_job_id, storage_id=storage_id, state_path=state_path,
+            validate_only=True), user=user, role=Role.WRITE)
+
+    async def job(self, id_: str):
+        """The executor's Job message, or None when there is no such job."""
+        try:
+            return await self.clients.call("executor", self.executor.GetJob, ep.GetJobRequest(id=id_))
+        except RemoteError as err:
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    async def approval_flow(self) -> bool:
+        flow = await self.clients.call("approval", self.approval.GetApprovalFlow, ap.GetApprovalFlowRequest(),
+                                       timeout=5)
+        return flow.enabled
+
+    async def request_plan_approval(self, user: str, request: ap.ApprovalRequest) -> None:
+        """Opens the approval request (its id chosen by the workflow, so a
+        repeat after a crash finds it: ALREADY_EXISTS is success)."""
+        try:
+            await self.clients.call("approval", self.approval.CreateApprovalRequest, ap.CreateApprovalRequestRequest(
+                approval_request=request, request_id=request.id), user=user, role=Role.WRITE)
+        except RemoteError as err:
+            if err.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
 
     async def update_inputs(self, user: str, resource_id: str, variables: dict, version_id: str,
                             parent_ids: list[str]) -> ResourceInfo:

@@ -19,7 +19,8 @@ _STEP_DATA = ("template_name", "depends_on", "source_code_version_id", "defaults
               "teardown_start_time", "plan")
 _SPEC = ("variable_overrides", "version_overrides", "parent_overrides", "integration_ids", "secret_ids",
          "storage_id", "max_parallel_steps", "teardown_error_message", "torn_down_by", "teardown_start_time",
-         "teardown_completion_time", "plan_status", "plan_error_message", "plan_start_time", "plan_completion_time")
+         "teardown_completion_time", "plan_status", "plan_error_message", "plan_start_time", "plan_completion_time",
+         "plan_id", "executed_plan_id", "plan_approval_request_id", "plan_approval_status")
 
 
 def _to_json(name: str, value):
@@ -112,6 +113,12 @@ class WorkflowRepository:
         """Workflows executing or being torn down."""
         return [self._workflow(r) for r in await self.s.execute(sa.select(workflows).where(
             sa.or_(workflows.c.status == "in_progress", workflows.c.teardown_status == "in_progress")))]
+
+    async def planning(self) -> list[Workflow]:
+        """Workflows whose PlanWorkflow is under way (its status is in the spec JSON)."""
+        return [self._workflow(r) for r in await self.s.execute(sa.select(workflows).where(
+            workflows.c.status.in_(("pending", "error")),
+            workflows.c.spec["plan_status"].as_string() == "in_progress"))]
 
     async def update(self, w: Workflow, read_version: int) -> None:
         result = await self.s.execute(_UPDATE_WORKFLOW, guarded_update_params(self._row(w), read_version))

@@ -42,7 +42,9 @@ def step_plan_to_pb(plan: dict) -> pb.StepPlan | None:
         destroy=plan.get("destroy", 0),
         changes=[pb.PlannedChange(address=a, action=act) for a, act in plan.get("changes", [])],
         inputs_hash=plan.get("inputs_hash", ""), error_message=plan.get("error_message", ""),
-        deferred_inputs=[pb.DeferredInput(**d) for d in plan.get("deferred_inputs", [])])
+        deferred_inputs=[pb.DeferredInput(**d) for d in plan.get("deferred_inputs", [])],
+        state_path=plan.get("state_path", ""), state_serial=plan.get("state_serial", 0),
+        replan_reason=plan.get("replan_reason", ""), approval_request_id=plan.get("approval_request_id", ""))
 
 
 def step_to_pb(st: Step, w: Workflow, resource_of: dict[str, str]) -> pb.Step:
@@ -84,7 +86,9 @@ def workflow_to_pb(w: Workflow, steps: list[Step]) -> pb.Workflow:
         teardown_start_time=to_timestamp(w.teardown_start_time),
         teardown_completion_time=to_timestamp(w.teardown_completion_time),
         plan_status=PLAN_STATUS_PB[w.plan_status], plan_error_message=w.plan_error_message,
-        plan_start_time=to_timestamp(w.plan_start_time), plan_completion_time=to_timestamp(w.plan_completion_time))
+        plan_start_time=to_timestamp(w.plan_start_time), plan_completion_time=to_timestamp(w.plan_completion_time),
+        plan_id=w.plan_id, executed_plan_id=w.executed_plan_id, plan_approval_request_id=w.plan_approval_request_id,
+        plan_approval_status=w.plan_approval_status)
 
 
 def teardown_to_pb(items: list[TeardownItem], external: dict[str, list[str]]) -> pb.PreviewWorkflowTeardownResponse:

@@ -47,7 +47,7 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
 
     async def ExecuteWorkflow(self, request, context):
         async with self.uow() as uow:
-            await self.workflows.execute(uow, current_principal(), request.id)
+            await self.workflows.execute(uow, current_principal(), request.id, request.plan_id)
             await uow.commit()
         return await self._read(request.id)
 

@@ -48,7 +48,8 @@ class WorkflowsBase:
         await uow.emit(new_event(SOURCE, field, events_pb2.WorkflowChanged(
             workflow_id=w.id, blueprint_id=w.blueprint_id, status=_WF_STATUS[w.status],
             error_message=w.error_message, teardown_status=_TEARDOWN_STATUS[w.teardown_status],
-            teardown_error_message=w.teardown_error_message), actor=actor, correlation=Correlation(workflow_id=w.id,
+            teardown_error_message=w.teardown_error_message, plan_id=w.plan_id,
+            plan_approval_request_id=w.plan_approval_request_id), actor=actor, correlation=Correlation(workflow_id=w.id,
                                                                                 blueprint_id=w.blueprint_id)))
 
     async def _step_event(self, uow, field: str, st: Step, actor: str) -> None:

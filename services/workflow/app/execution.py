@@ -6,7 +6,7 @@ from dataclasses import replace
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from services.common.auth import Principal
 from services.common.clients import RemoteError
-from services.common.errors import DomainError, FailedPrecondition, PreconditionViolation, Unavailable
+from services.common.errors import Aborted, DomainError, FailedPrecondition, PreconditionViolation, Unavailable
 from services.common.uow import utcnow
 from services.common.values import to_struct
 from services.workflow.domain.model import (DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow, masked, ready_steps,
@@ -17,7 +17,9 @@ from services.workflow.app.base import WorkflowsBase, _slug, log
 class Execution(WorkflowsBase):
     # --- execute and advance -----------------------------------------------------------------
 
-    async def execute(self, uow, principal: Principal, id_: str) -> Workflow:
+    async def execute(self, uow, principal: Principal, id_: str, plan_id: str = "") -> Workflow:
+        """`plan_id`: apply that plan (see plan_execution); it must be the
+        workflow's latest, and done."""
         w = await self.get(uow, id_)
         if w.teardown_status:
             raise FailedPrecondition(f"workflow {w.id} was torn down", [PreconditionViolation(
@@ -29,6 +31,13 @@ class Execution(WorkflowsBase):
         if w.plan_status == IN_PROGRESS:
             raise FailedPrecondition(f"workflow {w.id} is being planned", [PreconditionViolation(
                 "PLAN_IN_PROGRESS", f"workflows/{w.id}", "execute once the plan is done")])
+        if plan_id and plan_id != w.plan_id:
+            raise Aborted(f"plan {plan_id} is not the latest plan of workflow {w.id}; read the workflow and review "
+                          f"its plan {w.plan_id or '(none)'}", reason="PLAN_NOT_LATEST")
+        if plan_id and w.plan_status != DONE:
+            raise FailedPrecondition(f"the plan of workflow {w.id} is {w.plan_status}", [PreconditionViolation(
+                "PLAN_NOT_READY", f"workflows/{w.id}", "execute a plan once it is done (plan again after an error)")])
+        flow_on = await self.remote.approval_flow() if plan_id else False
         steps = await uow.steps.of(w.id)
         for st in steps:
             if st.status == ERROR:  # retried; its resource (if any) is reused
@@ -37,9 +46,12 @@ class Execution(WorkflowsBase):
                 await uow.steps.update(reset, st.version)
         now = utcnow()
         started = replace(w, status=IN_PROGRESS, start_time=w.start_time or now, completion_time=None,
-                          error_message="", executor=principal.user, update_time=now, version=w.version + 1)
+                          error_message="", executor=principal.user, update_time=now, version=w.version + 1,
+                          executed_plan_id=plan_id, plan_approval_request_id="", plan_approval_status="")
         await uow.workflows.update(started, w.version)
         await self._workflow_event(uow, "workflow_started", started, principal.user)
+        if flow_on:  # nothing starts before the whole plan is approved
+            return await self.ask_plan_approval(uow, started, principal.user)
         await self.schedule(uow, started.id, principal.user)
         return started
 
@@ -116,6 +128,10 @@ class Execution(WorkflowsBase):
             sensitive = self._sensitive(st, w, upstream)
             if externals:  # shown with what the external resources' outputs wire in
                 await self._record(st.id, resolved_variables=masked(variables, sensitive))
+            reviewed = None
+            if w.executed_plan_id:  # apply the step's plan, never a fresh apply
+                if (reviewed := await self.reviewed_plan(st, w, variables, actor)) is None:
+                    return  # (re)planned now, or its new plan waits for approval
             parents = list(dict.fromkeys([*(upstream[t].resource_id for t in st.parent_template_ids
                                             if t in upstream), *st.parent_resource_ids]))
             resource = await self.remote.create_resource(actor, rp.CreateResourceRequest(
@@ -123,9 +139,10 @@ class Execution(WorkflowsBase):
                                      source_code_version_id=st.source_code_version_id,
                                      variables=to_struct(variables), parent_ids=parents,
                                      integration_ids=w.integration_ids, secret_ids=w.secret_ids,
-                                     storage_id=w.storage_id),
+                                     storage_id=w.storage_id,
+                                     storage_path=st.plan.get("state_path", "") if reviewed else ""),
                 request_id=st.id, workflow_id=w.id, step_id=st.id, provision=True,
-                sensitive_variables=sensitive))
+                sensitive_variables=sensitive, reviewed_plan=reviewed))
             await self._record(st.id, resource_id=resource.id, job_id=resource.last_job_id)
             if resource.state == "provision" and resource.status in ("ready", "error"):
                 # The step runs again (a re-execution, perhaps after
@@ -139,7 +156,7 @@ class Execution(WorkflowsBase):
             elif resource.status == "approval_pending":
                 await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
             elif resource.status in ("ready", "error", "unknown", "pending") and resource.state == "provision":
-                provisioned = await self.remote.provision(actor, resource.id)
+                provisioned = await self.remote.provision(actor, resource.id, reviewed)
                 await self._record(st.id, job_id=provisioned.last_job_id)
                 if provisioned.status == "approval_pending":
                     await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)

@@ -14,6 +14,15 @@ from services.common.events import Envelope, body_of
 from services.common.values import from_value
 
 _JOB_ENDED_BADLY = ("job_failed", "job_cancelled", "job_timed_out")
+_DECISIONS = {"approval_approved": "approved", "approval_rejected": "rejected", "approval_cancelled": "cancelled"}
+
+
+def _decides_a_plan(env: Envelope) -> bool:
+    """Only decisions on workflow plans (they carry the workflow; a resource's
+    request made by a workflow step carries it too, but names the resource)."""
+    return bool(env.correlation.workflow_id) and not env.correlation.resource_id \
+        and env.type in {"ik.approval.request.approved", "ik.approval.request.rejected",
+                         "ik.approval.request.cancelled"}
 _JOB_ENDED = {f"ik.executor.job.{kind[4:]}" for kind in ("job_succeeded", *_JOB_ENDED_BADLY)}
 
 log = logging.getLogger(__name__)
@@ -92,7 +101,15 @@ def consumers(runtime) -> list[ConsumerSpec]:
             await workflows.teardown_step_failed(step_id, body.error_message or "the destroy failed", actor,
                                                  uow=uow)
 
+    async def on_approval(uow, env: Envelope) -> None:
+        kind, body = body_of(env)
+        await workflows.on_plan_decision(uow, body.workflow_id, body.step_id, body.approval_request_id,
+                                         _DECISIONS[kind], body.decided_by or env.actor, body.comment)
+
     return [
+        # Decisions on workflow plans (a resource's own approvals are the resource service's).
+        ConsumerSpec(durable="workflow-approval-events", context="approval", filter_subject="ik.approval.request.>",
+                     handler=on_approval, wants=_decides_a_plan),
         # Only a job's end moves a step; queued and started change nothing here.
         ConsumerSpec(durable="workflow-job-events", context="executor", filter_subject="ik.executor.job.>",
                      handler=on_job, wants=lambda env: bool(env.correlation.step_id) and env.type in _JOB_ENDED),

@@ -49,7 +49,11 @@ class Step:
     teardown_start_time: dt.datetime | None = None
     # Its part of the workflow's last plan: status (planning, planned,
     # deferred, error), job_id, add/change/destroy, changes [[address,
-    # action]], inputs_hash, deferred_inputs, error_message.
+    # action]], inputs_hash, deferred_inputs, error_message, state_path,
+    # state_serial; request_id (of its plan job), queued (waits for a free
+    # planning slot); during an execution also replan_reason, deferred (it
+    # was deferred in the approved plan), approved_changes (what the approved
+    # plan showed) and approval_request_id (of its new plan).
     plan: dict[str, Any] = field(default_factory=dict)
     version: int = 1
 
@@ -86,6 +90,11 @@ class Workflow:
     plan_error_message: str = ""
     plan_start_time: dt.datetime | None = None
     plan_completion_time: dt.datetime | None = None
+    plan_id: str = ""  # names the last plan
+    executed_plan_id: str = ""  # the plan the execution applies ("": none, a fresh apply)
+    # With the approval flow on: the whole plan's approval request and its status.
+    plan_approval_request_id: str = ""
+    plan_approval_status: str = ""
     version: int = 1
 
     @property
@@ -188,6 +197,25 @@ def deferred_inputs(step: Step, wiring: list[WiringRule], steps_by_template: dic
             unknown.append({"variable": rule.target_variable, "source_step_id": source.id,
                             "source_template_id": rule.source_template_id, "source_output": rule.source_output})
     return unknown
+
+
+def step_state_path(workflow_id: str, step_id: str) -> str:
+    """Where a step's resource keeps its state when the step was planned
+    before its resource existed: its plan is made there, and applied there."""
+    return f"workflows/{workflow_id}/{step_id}"
+
+
+def only_creates(changes: list[list[str]]) -> bool:
+    """A plan that creates resources and updates, replaces or deletes nothing."""
+    return all(action == "create" for _, action in changes)
+
+
+def plan_stays_approved(plan: dict[str, Any]) -> bool:
+    """Whether a step's plan made during the execution goes on without a new
+    approval: a deferred step's plan that only creates resources. A plan
+    made again because it went stale always asks again."""
+    return plan.get("deferred", False) and not plan.get("replan_reason", "").startswith("STALE_PLAN") \
+        and only_creates(plan.get("changes", []))
 
 
 def plan_action(actions: list[str] | tuple[str, ...]) -> str:
