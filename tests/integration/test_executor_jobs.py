@@ -250,6 +250,35 @@ async def test_apply_of_a_plan_job_applies_that_plan_and_refuses_once_state_move
     assert precondition_violations(other)[0][0] == "JOB_NOT_A_PLAN"
 
 
+async def test_a_saved_plan_is_refused_once_its_state_moved_even_outside_any_job(executor, repo, tmp_path):
+    """The state a plan was made against is recorded (serial, lineage). A
+    state that moved since (here: written by hand, as an operator running
+    terraform outside the platform would) makes the saved plan STALE_PLAN:
+    terraform itself would apply a plan made against no state over it."""
+    storage = await local_storage(executor, tmp_path / "states")
+    plan = await executor.stub.SubmitJob(submit_request(repo, "ok", "p/oob", action=pb.JOB_ACTION_PLAN,
+                                                        variables={"name": "planned"}, storage_id=storage.id),
+                                         metadata=executor.md)
+    plan = await wait_job(executor.stub, plan.id, executor.md)
+    assert plan.status == SUCCEEDED, plan.error_message
+    assert (plan.plan_summary.state_serial, plan.plan_summary.state_lineage) == (0, "")
+    check = pb.SubmitJobRequest(action=pb.JOB_ACTION_APPLY, plan_job_id=plan.id, storage_id=storage.id,
+                                state_path="p/oob", validate_only=True)
+    fits = await executor.stub.SubmitJob(check, metadata=executor.md)
+    assert fits.plan_job_id == plan.id
+    jobs = await executor.stub.ListJobs(pb.ListJobsRequest(page_size=100), metadata=executor.md)
+    assert [j.id for j in jobs.jobs] == [plan.id], "validate_only stores and runs nothing"
+
+    state = tmp_path / "states" / "p" / "oob" / "terraform.tfstate"
+    state.write_text(json.dumps({"version": 4, "serial": 3, "lineage": "by-hand", "resources": [], "outputs": {}}))
+    for request in (check, pb.SubmitJobRequest(action=pb.JOB_ACTION_APPLY, plan_job_id=plan.id,
+                                               storage_id=storage.id, state_path="p/oob")):
+        stale = await rpc_error(executor.stub.SubmitJob(request, metadata=executor.md))
+        assert stale.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert precondition_violations(stale) == [("STALE_PLAN", f"jobs/{plan.id}",
+                                                   "the state moved since the plan (serial 0, now 3); plan again")]
+
+
 # --- secrets never leak ----------------------------------------------------------
 
 async def test_secret_values_never_appear_in_logs_events_errors_or_responses(executor, repo, caplog):

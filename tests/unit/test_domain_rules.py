@@ -1,12 +1,17 @@
 """Pure domain rules of the executor, resource and workflow contexts."""
 from __future__ import annotations
 
-from services.executor.domain.model import (Redactor, integration_env, plan_summary_from_json, secret_env,
-                                            valid_state_path)
+import io
+import json
+import zipfile
+
+from services.executor.domain.model import (Redactor, integration_env, plan_state_meta, plan_summary_from_json,
+                                            secret_env, stale_plan_reason, state_meta, valid_state_path)
 from services.resource.domain.model import (DependencyConfig, DependencyTag, Resource, can_move,
                                             default_storage_path, inherited, type_problem)
-from services.workflow.domain.model import (DONE, IN_PROGRESS, PENDING, Step, WiringRule, Workflow, ready_steps,
-                                            resolve_variables, teardown_order, teardown_ready)
+from services.workflow.domain.model import (DONE, IN_PROGRESS, PENDING, Step, WiringRule, Workflow,
+                                            plan_stays_approved, ready_steps, resolve_variables, teardown_order,
+                                            teardown_ready)
 
 
 def test_redactor_hides_every_secret_longest_first():
@@ -115,3 +120,32 @@ def test_a_plans_inputs_digest_is_keyed_so_readers_cannot_test_guesses_of_secret
     assert digest != inputs_hash("v1", variables, b"another-key"), "without the key a guess cannot be checked"
     assert digest != inputs_hash("v1", {**variables, "password": "hunter3"}, b"service-key")
     assert digest != inputs_hash("v2", variables, b"service-key")
+
+
+# --- saved plans and the state they were made against -----------------------------------------
+
+def test_a_saved_plan_fits_only_the_state_it_was_made_against():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("tfplan", b"...")
+        z.writestr("tfstate", json.dumps({"version": 4, "serial": 7, "lineage": "L1", "resources": []}))
+    assert plan_state_meta(buffer.getvalue()) == (7, "L1")
+    assert plan_state_meta(b"not a zip") == (0, "")
+    assert state_meta(b"") == (0, "") and state_meta("[1]") == (0, "") and state_meta("{") == (0, "")
+    assert stale_plan_reason((7, "L1"), (7, "L1")) == ""
+    assert stale_plan_reason((7, "L1"), (8, "L1")) == "the state moved since the plan (serial 7, now 8)"
+    assert "another lineage" in stale_plan_reason((7, "L1"), (7, "L2"))
+    # Made against no state: any state that appeared since makes it stale (terraform would not notice).
+    assert stale_plan_reason((0, ""), (1, "L3")) == "the state moved since the plan (serial 0, now 1)"
+
+
+def test_a_plan_made_during_the_execution_goes_on_alone_only_when_deferred_and_only_creating():
+    creates = [["null_resource.a", "create"], ["null_resource.b", "create"]]
+    assert plan_stays_approved({"deferred": True, "changes": creates, "replan_reason": "its inputs are known"})
+    assert plan_stays_approved({"deferred": True, "changes": [], "replan_reason": "its inputs are known"})
+    assert not plan_stays_approved({"deferred": True, "changes": [*creates, ["null_resource.c", "replace"]]})
+    assert not plan_stays_approved({"deferred": True, "changes": [["null_resource.c", "delete"]]})
+    assert not plan_stays_approved({"deferred": True, "changes": [["null_resource.c", "update"]]})
+    # A stale plan asks again, whatever it does; a step that was planned (not deferred) too.
+    assert not plan_stays_approved({"deferred": True, "changes": creates, "replan_reason": "STALE_PLAN: serial"})
+    assert not plan_stays_approved({"deferred": False, "changes": creates})
