@@ -9,7 +9,8 @@ Prints (and writes to docs/performance.md with --write):
    durations, divided by its weighted critical path (the longest chain of
    measured job durations), and the makespan a level-by-level schedule would
    have had with the same job durations;
-3. orchestration time per step beside Terraform's own time per step (no-op module).
+3. orchestration time per step beside Terraform's own time per step (no-op module);
+4. the time to plan the example and a 30-step DAG (bench/plan_bench.py).
 Figures are ratios against baselines measured in the same run."""
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.executor.v1 import executor_pb2_grpc
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
 from infrakitchen.workflow.v1 import workflow_pb2_grpc
+from bench.plan_bench import PLAN_DAG_STEPS, plan_figures
 from tests.support.gitrepos import ModuleRepo
 from tests.support.processes import ServiceProcesses, drop_streams
 
@@ -163,8 +165,9 @@ def main() -> None:
     parser.add_argument("--chains", type=int, default=CHAINS, help="workflows of the dispatch chain")
     parser.add_argument("--chain-length", type=int, default=CHAIN, help="steps per dispatch chain")
     parser.add_argument("--skip-dag", action="store_true", help="dispatch figures only (quick look while tuning)")
+    parser.add_argument("--plans-only", action="store_true", help="the planning figures only (quick look)")
     args = parser.parse_args()
-    if args.write and (args.skip_dag or args.chains * (args.chain_length - 1) < 200):
+    if args.write and (args.skip_dag or args.plans_only or args.chains * (args.chain_length - 1) < 200):
         parser.error("--write records the full benchmark: 200+ dispatches and the DAG")
 
     work = Path(tempfile.mkdtemp(prefix="ik-bench-"))
@@ -190,6 +193,10 @@ def main() -> None:
         seconds = {n: rng.choice([0, 1, 2, 3, 5]) for n in range(DAG_STEPS)}
         dag_bp = bench.blueprint_of("dag", dag, edges, seconds)
 
+        plan_dag = (dag[:PLAN_DAG_STEPS], [(a, b) for a, b in edges if b < PLAN_DAG_STEPS])
+        if args.plans_only:
+            print("\n".join(plan_figures(bench, procs.target("blueprint"), work, *plan_dag)))
+            return
         print(f"dispatch: {args.chains} workflows of a {args.chain_length}-step chain, {args.chains_at_once} at a time ...",
               flush=True)
         started = time.monotonic()
@@ -235,6 +242,8 @@ def main() -> None:
         levels = list(nx.topological_generations(graph))
         level_by_level = sum(max(duration[n] for n in level) for level in levels) + p50_dispatch * (len(levels) - 1)
 
+        print("planning: the example and a 30-step DAG ...", flush=True)
+        planning = plan_figures(bench, procs.target("blueprint"), work, *plan_dag)
         noop = statistics.median(terraform)
         stages = _dispatch_stages(procs.data_dir, [w.id for w in chain_runs])
         lines = [
@@ -291,6 +300,8 @@ def main() -> None:
             "from the measured job durations: each level waits for its slowest step, plus the measured p50 "
             "dispatch between levels. The weighted critical path is the longest dependency chain summed over "
             "measured job durations.",
+            "",
+            *planning,
         ]
         report = "\n".join(lines) + "\n"
         print(report)

@@ -232,14 +232,18 @@ def workflow_update(workflow_id: str,
 
 @workflow_app.command("execute")
 def workflow_execute(workflow_id: str, watch: bool = typer.Option(True, help="Follow the steps live."),
+                     plan: str = typer.Option("", "--plan", help="Apply this plan (its id, as `ik workflow plan` "
+                                                                  "prints it): each step applies its saved plan."),
                      token: Optional[str] = typer.Option(None)) -> None:
     """Executes a pending workflow, or one in error again (done steps are skipped)."""
-    _execute(Client(token), workflow_id, watch)
+    _execute(Client(token), workflow_id, watch, plan)
 
 
-def _execute(client: Client, workflow_id: str, watch: bool) -> None:
-    w = client(client.workflow.ExecuteWorkflow, wp.ExecuteWorkflowRequest(id=workflow_id))
-    console.print(f"Workflow [bold]{w.id}[/bold] started.")
+def _execute(client: Client, workflow_id: str, watch: bool, plan_id: str = "") -> None:
+    w = client(client.workflow.ExecuteWorkflow, wp.ExecuteWorkflowRequest(id=workflow_id, plan_id=plan_id))
+    console.print(f"Workflow [bold]{w.id}[/bold] started" + (f", applying plan {plan_id}." if plan_id else "."))
+    if w.plan_approval_status == "pending":
+        console.print(f"The plan waits for approval: request [bold]{w.plan_approval_request_id}[/bold].")
     if watch:
         w = _watch(client, w.id)
         raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
@@ -274,6 +278,8 @@ def workflow_plan(workflow_id: str, token: Optional[str] = typer.Option(None)) -
     if w.plan_status == wp.PLAN_STATUS_ERROR:
         console.print(f"[red]The plan failed: {w.plan_error_message}")
         raise typer.Exit(1)
+    console.print(f"Plan [bold]{w.plan_id}[/bold]. To apply exactly this plan:")
+    console.print(f"  ik workflow execute {w.id} --plan {w.plan_id}", soft_wrap=True, highlight=False)
 
 
 @workflow_app.command("show")

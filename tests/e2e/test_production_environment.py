@@ -133,7 +133,8 @@ def test_a_failed_workflow_is_fixed_and_resumed_through_the_cli(platform, tmp_pa
         assert plan.returncode == 0, plan.stdout + plan.stderr
         [rds_row] = [line for line in plan.stdout.splitlines() if "RDS Database" in line]
         assert "planned" in rds_row and "create null_resource" in rds_row
-        resumed = ik(platform, tmp_path, "workflow", "execute", w.id)
+        [plan_id] = [line.split("--plan ")[1].strip() for line in plan.stdout.splitlines() if "--plan " in line]
+        resumed = ik(platform, tmp_path, "workflow", "execute", w.id, "--plan", plan_id)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         done = workflows.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=md)
         assert done.status == wp.WORKFLOW_STATUS_DONE
@@ -145,3 +146,7 @@ def test_a_failed_workflow_is_fixed_and_resumed_through_the_cli(platform, tmp_pa
                                                                   metadata=md).jobs
     applies = [j.correlation.resource_id for j in jobs if j.action == ep.JOB_ACTION_APPLY]
     assert applies.count(vpc_resource) == 1 and len(applies) == 3
+    # The resumed step applied the plan shown, not a fresh apply.
+    rds_plan = steps["RDS Database"].plan.job_id
+    assert [j.plan_job_id for j in jobs if j.correlation.resource_id == steps["RDS Database"].resource_id
+            and j.action == ep.JOB_ACTION_APPLY] == [rds_plan]

@@ -99,10 +99,10 @@ class CreateCases(LifecycleBase):
         # Created and provisioned in one call (parents were checked provisioned
         # above): stored queued at once, recorded as a create and a provision.
         if reviewed is not None:
-            covered = await self.check_reviewed_plan(uow, principal, created, reviewed)
-            created = replace(created, plan_job_id=reviewed.plan_job_id)
-            if covered:  # the approved workflow plan is this provisioning's approval
-                created = replace(created, status=READY, pending_operation="")
+            # Raises unless the flow is off or an approved workflow plan covers
+            # it; then that approval is this provisioning's.
+            await self.check_reviewed_plan(uow, principal, created, reviewed)
+            created = replace(created, plan_job_id=reviewed.plan_job_id, status=READY, pending_operation="")
         if created.status == APPROVAL_PENDING:
             created = self._awaiting_approval(created)
         start = provision and created.status == READY

@@ -32,11 +32,11 @@ class Operations(LifecycleBase):
             return await self._save(uow, r, replace(r, status=PENDING, error_message=""), principal.user,
                                     "provision_pending")
         await self._parents_provisioned(uow, r, principal.user)
-        if reviewed is not None:  # a workflow step's plan: applied exactly, its approval checked
-            covered = await self.check_reviewed_plan(uow, principal, r, reviewed)
-            r = replace(r, plan_job_id=reviewed.plan_job_id)
-            if covered:
-                return await self._start(uow, principal.user, r, OP_PROVISION, "provision")
+        if reviewed is not None:
+            # A workflow step's plan, applied exactly. Checked first: it raises
+            # unless the flow is off or an approved workflow plan covers it.
+            await self.check_reviewed_plan(uow, principal, r, reviewed)
+            return await self._start(uow, principal.user, r, OP_PROVISION, "provision", reviewed.plan_job_id)
         return await self._start_or_ask(uow, principal, r, OP_PROVISION, "provision")
 
     async def recreate(self, uow, principal: Principal, id_: str, etag: str = "") -> Resource:
@@ -129,7 +129,12 @@ class Operations(LifecycleBase):
                                     principal.user, f"{action}_requested", plan=plan)
         return await self._start(uow, principal.user, r, operation, action)
 
-    async def _start(self, uow, actor: str, r: Resource, operation: str, action: str) -> Resource:
+    async def _start(self, uow, actor: str, r: Resource, operation: str, action: str,
+                     reviewed_plan_job_id: str = "") -> Resource:
+        if operation == OP_PROVISION:
+            # A provisioning applies a saved plan only when a workflow step
+            # hands it one (a dry run's plan_job_id is not an approval to apply it).
+            r = replace(r, plan_job_id=reviewed_plan_job_id)
         queued = await self._save(uow, r, self._queued(r, operation), actor, action)
         self._submit_after_commit(uow, queued, actor)
         return queued
@@ -198,7 +203,7 @@ class Operations(LifecycleBase):
                     await self._save(uow, current, after, actor, "job_submitted", events=(), extra={"job_id": job_id})
                 else:
                     after = replace(current, status=ERROR, error_message=error, job_request_id="",
-                                    pending_operation="")
+                                    pending_operation="", plan_job_id="")
                     await self._save(uow, current, after, actor, "job_failed_to_start", events=("resource_failed",))
                 try:
                     await uow.commit()

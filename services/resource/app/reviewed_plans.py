@@ -28,9 +28,9 @@ def _refused(plan: ReviewedPlan, code: str, why: str) -> FailedPrecondition:
 
 class ReviewedPlans(LifecycleBase):
     async def check_reviewed_plan(self, uow, principal: Principal, r: Resource, plan: ReviewedPlan) -> bool:
-        """Whether the plan may be applied without the resource's own approval
-        (an approved workflow plan covers it). Raises when it may not be
-        applied at all."""
+        """Raises unless the plan may be applied now: it is the step's, and
+        the approval flow is off (False) or an approved workflow plan covers
+        it (True), standing in for the resource's own provision approval."""
         if principal.via != "workflow":
             raise PermissionDenied("only the workflow service applies a reviewed step plan")
         job = await self.remote.job_detail(plan.plan_job_id)
