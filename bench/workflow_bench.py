@@ -247,7 +247,7 @@ def main() -> None:
         noop = statistics.median(terraform)
         stages = _dispatch_stages(procs.data_dir, [w.id for w in chain_runs])
         lines = [
-            f"# Performance\n",
+            "# Performance\n",
             f"Measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `make bench` "
             f"(`python -m bench.workflow_bench --write`) on {platform.node()}: {platform.machine()}, "
             f"Python {platform.python_version()}, the five services as processes on SQLite, NATS "

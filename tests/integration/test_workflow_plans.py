@@ -7,6 +7,7 @@ refused."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -242,3 +243,31 @@ async def test_plans_are_applied_only_through_the_workflow_service(p):
     request.reviewed_plan.plan_job_id = step.plan.job_id
     smuggled = await rpc_error(p.resource.CreateResource(request, metadata=p.md))
     assert smuggled.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_reconciler_finishes_a_plan_whose_job_event_was_lost_or_never_submitted(p):
+    blueprint = await p.blueprint_of("net-gated-lost", {"network": {"cidr": "10.0.0.0/16"}, "gated": {}}, [])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, gated={"gate": "/nowhere"}), **shared(p)),
+        metadata=p.md)
+    await p.workflow.PlanWorkflow(wp.PlanWorkflowRequest(id=w.id), metadata=p.md)
+    done = await planned(p, w.id)
+    steps = by_template(p, done)
+    service = p.inner["workflow"].runtime
+    # As if the network plan job's completion event never came, and the
+    # gated step's plan job was never submitted (a crash right after commit).
+    async with service.uow() as uow:
+        wf = await uow.workflows.get(w.id)
+        await uow.workflows.update(replace(wf, plan_status="in_progress", version=wf.version + 1), wf.version)
+        for template, plan in (("network", {"status": "planning", "job_id": steps["network"].plan.job_id,
+                                            "request_id": "lost-event"}),
+                               ("gated", {"status": "planning", "request_id": f"plan-resubmit-{w.id}"})):
+            st = await uow.steps.get(steps[template].id)
+            await uow.steps.update(replace(st, plan=plan, version=st.version + 1), st.version)
+        await uow.commit()
+    await service.workflows.reconcile(older_than_seconds=0)
+    again = await planned(p, w.id)
+    assert again.plan_status == wp.PLAN_STATUS_DONE, again.plan_error_message
+    after = by_template(p, again)
+    assert after["network"].plan.status == PLANNED and after["network"].plan.job_id == steps["network"].plan.job_id
+    assert after["gated"].plan.status == PLANNED and after["gated"].plan.job_id != steps["gated"].plan.job_id

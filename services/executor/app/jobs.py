@@ -6,7 +6,6 @@ import datetime as dt
 import uuid
 from dataclasses import replace
 
-from infrakitchen.events.v1 import events_pb2
 from services.common.auth import Principal
 from services.common.errors import (AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
                                     PreconditionViolation)
