@@ -160,6 +160,13 @@ def workflow_run(blueprint: str = typer.Argument(..., help="Blueprint name or id
                  secret: list[str] = typer.Option([], help="Secret ids shared by all steps."),
                  storage: str = typer.Option("", help="Storage id (default: the one named example-local)."),
                  max_parallel: int = typer.Option(0, help="At most this many steps at once (0: no limit)."),
+                 on_failure: str = typer.Option("stop", "--on-failure",
+                                                help="stop, or continue-independent: steps that do not depend on "
+                                                     "a failed one keep starting."),
+                 retries: int = typer.Option(0, "--retries", help="Retries of a step's transient failure (rate "
+                                                                   "limits, timeouts, lock contention...)."),
+                 ttl: str = typer.Option("", "--ttl", help="Tear the workflow down by itself after this long, "
+                                                           "e.g. 90m, 8h, 7d."),
                  watch: bool = typer.Option(True, help="Follow the steps live until the workflow ends."),
                  token: Optional[str] = typer.Option(None)) -> None:
     """Creates a workflow from a blueprint and executes it."""
@@ -175,14 +182,45 @@ def workflow_run(blueprint: str = typer.Argument(..., help="Blueprint name or id
     if not storage:
         found = client(client.executor.ListStorages, ep.ListStoragesRequest(page_size=1000))
         storage = next((s.id for s in found.storages if s.name == "example-local"), "")
-    w = client(client.workflow.CreateWorkflow, wp.CreateWorkflowRequest(
+    policies = {"stop": wp.FAILURE_POLICY_STOP, "continue-independent": wp.FAILURE_POLICY_CONTINUE_INDEPENDENT}
+    if on_failure not in policies:
+        console.print(f"[red]--on-failure must be one of {', '.join(policies)}")
+        raise typer.Exit(2)
+    request = wp.CreateWorkflowRequest(
         blueprint_id=b.id, variable_overrides=_parse_vars(var, keys), integration_ids=integration,
-        secret_ids=secret, storage_id=storage, max_parallel_steps=max_parallel))
+        secret_ids=secret, storage_id=storage, max_parallel_steps=max_parallel, on_failure=policies[on_failure])
+    if retries:
+        request.retry_policy.max_attempts = retries + 1
+    if ttl:
+        request.ttl.FromSeconds(_duration_seconds(ttl))
+    w = client(client.workflow.CreateWorkflow, request)
     w = client(client.workflow.ExecuteWorkflow, wp.ExecuteWorkflowRequest(id=w.id))
     console.print(f"Workflow [bold]{w.id}[/bold] of {b.name} started.")
     if watch:
         w = _watch(client, w.id)
         raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
+
+
+def _duration_seconds(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.isdigit():
+        console.print(f"[red]{text!r}: expected a number and a unit (s, m, h or d), e.g. 8h")
+        raise typer.Exit(2)
+    return int(number) * units[unit]
+
+
+@workflow_app.command("cancel")
+def workflow_cancel(workflow_id: str, watch: bool = typer.Option(True, help="Follow it until it has stopped."),
+                    token: Optional[str] = typer.Option(None)) -> None:
+    """Cancels a running workflow: running jobs are interrupted, nothing new starts; execute it again later."""
+    client = Client(token)
+    w = client(client.workflow.CancelWorkflow, wp.CancelWorkflowRequest(id=workflow_id))
+    console.print(f"Workflow [bold]{w.id}[/bold] is being cancelled by {w.cancelled_by}.")
+    if watch:
+        w = _watch(client, w.id)
+        console.print(f"It ended {wp.WorkflowStatus.Name(w.status).removeprefix('WORKFLOW_STATUS_').lower()}: "
+                      f"{w.error_message}")
 
 
 @workflow_app.command("update")

@@ -49,7 +49,8 @@ _CLAIM_JOB = sa.update(jobs).where(
     sa.or_(jobs.c.status == "queued", sa.and_(jobs.c.status == "running", jobs.c.lease_until < sa.bindparam("now"))),
     jobs.c.cancel_requested == sa.false(),
 ).values(status="running", worker=sa.bindparam("worker"), lease_until=sa.bindparam("lease_until"),
-         attempt=jobs.c.attempt + 1, start_time=sa.func.coalesce(jobs.c.start_time, sa.bindparam("now")))
+         attempt=jobs.c.attempt + 1, start_time=sa.func.coalesce(jobs.c.start_time, sa.bindparam("now")),
+         queue_reason="")
 _INTEGRATION = sa.select(integrations).where(integrations.c.id == sa.bindparam("id"))
 _STORAGE = sa.select(storages).where(storages.c.id == sa.bindparam("id"))
 _CLAIM = sa.select(state_path_claims).where(state_path_claims.c.storage_id == sa.bindparam("storage_id"),
@@ -85,6 +86,7 @@ class JobRepository:
             plan_summary=_summary_to_json(j.plan_summary), exit_code=j.exit_code, error_message=j.error_message,
             attempt=j.attempt, worker=j.worker, lease_until=j.lease_until, cancel_requested=j.cancel_requested,
             creator=j.creator, create_time=j.create_time, start_time=j.start_time, end_time=j.end_time,
+            queue_reason=j.queue_reason,
         )
 
     def _job(self, r) -> Job:
@@ -104,7 +106,7 @@ class JobRepository:
             plan_summary=_summary_from_json(r.plan_summary), exit_code=r.exit_code, error_message=r.error_message,
             attempt=r.attempt, worker=r.worker, lease_until=_aware(r.lease_until),
             cancel_requested=r.cancel_requested, creator=r.creator, create_time=_aware(r.create_time),
-            start_time=_aware(r.start_time), end_time=_aware(r.end_time),
+            start_time=_aware(r.start_time), end_time=_aware(r.end_time), queue_reason=r.queue_reason,
         )
 
     async def add(self, j: Job) -> None:
@@ -127,6 +129,17 @@ class JobRepository:
         Two workers racing for one job: exactly one update matches."""
         result = await self.s.execute(_CLAIM_JOB, dict(w_id=id_, now=now, worker=worker, lease_until=lease_until))
         return result.rowcount == 1
+
+    async def running_integrations(self, except_job: str) -> list[list[str]]:
+        """The integration ids of each running job but `except_job` (running jobs are few)."""
+        rows = await self.s.execute(sa.select(jobs.c.integration_ids).where(jobs.c.status == "running",
+                                                                             jobs.c.id != except_job))
+        return [list(r.integration_ids) for r in rows]
+
+    async def set_queue_reason(self, id_: str, reason: str) -> None:
+        await self.s.execute(sa.update(jobs).where(jobs.c.id == id_, jobs.c.status == "queued").values(
+            queue_reason=reason))
+        self.touch(id_)
 
     async def lease_expired_before(self, moment: dt.datetime) -> list[tuple[str, int]]:
         """(id, attempt) of running jobs whose runner's lease ended before `moment`."""
@@ -224,12 +237,23 @@ class IntegrationRepository:
     def _row(self, i: Integration) -> dict[str, Any]:
         return dict(id=i.id, name=i.name, description=i.description, provider=i.provider,
                     credentials=self.vault.seal_json(i.credentials), creator=i.creator,
-                    create_time=i.create_time, update_time=i.update_time, version=i.version)
+                    create_time=i.create_time, update_time=i.update_time, version=i.version,
+                    max_concurrent_jobs=i.max_concurrent_jobs)
 
     def _integration(self, r) -> Integration:
         return Integration(id=r.id, name=r.name, description=r.description, provider=r.provider,
                            credentials=self.vault.open_json(r.credentials, {}), creator=r.creator,
-                           create_time=_aware(r.create_time), update_time=_aware(r.update_time), version=r.version)
+                           create_time=_aware(r.create_time), update_time=_aware(r.update_time), version=r.version,
+                           max_concurrent_jobs=r.max_concurrent_jobs)
+
+    async def caps(self, ids: list[str], lock: bool = False) -> dict[str, tuple[str, int]]:
+        """id -> (name, cap) of these integrations. `lock` (PostgreSQL)
+        serializes the executors that check the same integration's cap."""
+        query = sa.select(integrations.c.id, integrations.c.name, integrations.c.max_concurrent_jobs).where(
+            integrations.c.id.in_(ids))
+        if lock and self.s.bind.dialect.name == "postgresql":
+            query = query.with_for_update()
+        return {r.id: (r.name, r.max_concurrent_jobs) for r in await self.s.execute(query)}
 
     async def add(self, i: Integration) -> None:
         await self.s.execute(sa.insert(integrations).values(**self._row(i)))

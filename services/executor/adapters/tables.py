@@ -45,6 +45,7 @@ jobs = sa.Table(
     sa.Column("create_time", TS, nullable=False),
     sa.Column("start_time", TS, nullable=True),
     sa.Column("end_time", TS, nullable=True),
+    sa.Column("queue_reason", sa.Text, nullable=False, server_default=""),
     sa.Index("ix_jobs_state", "storage_id", "state_path"),
 )
 
@@ -68,6 +69,7 @@ integrations = sa.Table(
     sa.Column("create_time", TS, nullable=False),
     sa.Column("update_time", TS, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("max_concurrent_jobs", sa.Integer, nullable=False, server_default="0"),
 )
 
 secrets = sa.Table(

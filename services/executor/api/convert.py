@@ -67,7 +67,7 @@ def job_to_pb(j: Job) -> pb.Job:
         timeout=timeout, outputs=outputs_pb(j.outputs), plan_summary=plan_summary_pb(j.plan_summary),
         exit_code=j.exit_code, error_message=j.error_message, attempt=j.attempt, worker=j.worker,
         creator=j.creator, create_time=to_timestamp(j.create_time), start_time=to_timestamp(j.start_time),
-        end_time=to_timestamp(j.end_time),
+        end_time=to_timestamp(j.end_time), queue_reason=j.queue_reason,
     )
 
 
@@ -82,14 +82,15 @@ def job_changed(j: Job) -> events_pb2.JobChanged:
 
 def integration_from_pb(i: pb.Integration, credentials) -> Integration:
     return Integration(id=i.id, name=i.name.strip(), description=i.description,
-                       provider=PROVIDER.get(i.provider, ""), credentials=dict(credentials))
+                       provider=PROVIDER.get(i.provider, ""), credentials=dict(credentials),
+                       max_concurrent_jobs=i.max_concurrent_jobs)
 
 
 def integration_to_pb(i: Integration) -> pb.Integration:
     return pb.Integration(id=i.id, name=i.name, description=i.description, provider=PROVIDER_PB[i.provider],
                           credential_keys=sorted(i.credentials), creator=i.creator,
                           create_time=to_timestamp(i.create_time), update_time=to_timestamp(i.update_time),
-                          etag=i.etag)
+                          etag=i.etag, max_concurrent_jobs=i.max_concurrent_jobs)
 
 
 def secret_from_pb(x: pb.Secret, values) -> Secret:

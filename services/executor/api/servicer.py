@@ -7,6 +7,7 @@ from google.protobuf import empty_pb2
 from infrakitchen.executor.v1 import executor_pb2 as pb
 from infrakitchen.executor.v1 import executor_pb2_grpc
 from services.common.auth import current_principal
+from services.common.errors import FieldViolation, InvalidArgument
 from services.common.values import to_timestamp
 from services.executor.adapters.terraform import current_state_meta
 from services.executor.api import convert
@@ -18,6 +19,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 # (services.common.changes); the poll finds those of a job another executor
 # process runs.
 LOG_POLL_SECONDS = 0.5
+INTEGRATION_MASK = ("name", "description", "credentials", "max_concurrent_jobs")
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
@@ -133,10 +135,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
     async def UpdateIntegration(self, request, context):
         i = request.integration
+        if bad := [f for f in request.update_mask if f not in INTEGRATION_MASK]:
+            raise InvalidArgument("invalid integration update", [FieldViolation(
+                f"update_mask[{f}]", f"only {', '.join(INTEGRATION_MASK)} change") for f in bad[:10]])
         async with self.uow() as uow:
             updated = await credentials.update_integration(
                 uow, current_principal(), i.id, i.etag, i.name or None, i.description or None,
-                dict(request.credentials))
+                dict(request.credentials),
+                i.max_concurrent_jobs if "max_concurrent_jobs" in request.update_mask else None)
             await uow.commit()
         return convert.integration_to_pb(updated)
 

@@ -20,6 +20,8 @@ from services.executor.domain.model import (AWS, AZURE, ENV, GCP, GENERIC, LOCAL
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
+MAX_CONCURRENT_JOBS = 1000
+
 
 def _check_etag(kind: str, id_: str, given: str, current: str) -> None:
     if given and given != current:
@@ -63,6 +65,7 @@ async def create_integration(uow, principal: Principal, i: Integration, request_
         violations.append(FieldViolation("integration.provider", "must be AWS, AZURE, GCP or GENERIC"))
     if not i.credentials:
         violations.append(FieldViolation("credentials", "must hold at least one key"))
+    _check_cap(i.max_concurrent_jobs, violations)
     _check_keys(i.credentials, "credentials", violations, env_names=True,
                 exported=_exported_integration(i.provider, i.credentials))
     if violations:
@@ -87,11 +90,20 @@ async def list_integrations(uow, page_size: int, page_token: str):
     return await paginate(uow.integrations.list, page_size, page_token)
 
 
+def _check_cap(cap: int, violations: list[FieldViolation]) -> None:
+    if not 0 <= cap <= MAX_CONCURRENT_JOBS:
+        violations.append(FieldViolation("integration.max_concurrent_jobs",
+                                         f"must be between 0 (no cap) and {MAX_CONCURRENT_JOBS}"))
+
+
 async def update_integration(uow, principal: Principal, id_: str, etag: str, name: str | None,
-                             description: str | None, credentials: dict[str, str]) -> Integration:
+                             description: str | None, credentials: dict[str, str],
+                             max_concurrent_jobs: int | None = None) -> Integration:
     current = await get_integration(uow, id_)
     _check_etag("integration", id_, etag, current.etag)
     violations: list[FieldViolation] = []
+    if max_concurrent_jobs is not None:
+        _check_cap(max_concurrent_jobs, violations)
     if name is not None:
         _check_name(name, "integration.name", violations)
     _check_keys(credentials, "credentials", violations, env_names=True,
@@ -103,7 +115,8 @@ async def update_integration(uow, principal: Principal, id_: str, etag: str, nam
     updated = replace(current, name=name or current.name,
                       description=current.description if description is None else description,
                       credentials=dict(credentials) or current.credentials, update_time=utcnow(),
-                      version=current.version + 1)
+                      max_concurrent_jobs=current.max_concurrent_jobs if max_concurrent_jobs is None
+                      else max_concurrent_jobs, version=current.version + 1)
     await uow.integrations.update(updated, current.version)
     return updated
 

@@ -16,6 +16,7 @@ from services.common.paging import paginate
 from services.common.uow import utcnow
 from services.executor.domain.model import (ACTIONS, APPLY, PLAN, QUEUED, RUNNING, SUCCEEDED, Job,
                                             StatePathClaim, stale_plan_reason, valid_state_path)
+from services.executor.domain.model import cap_reason as integration_cap_reason
 
 SOURCE = "executor"
 DISPATCH_SUBJECT = "ik.dispatch.job"  # the work-queue stream's subject (not an event)
@@ -86,6 +87,8 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
     if job.correlation.resource_id:
         await claim_state_path(uow, job.storage_id, job.state_path, job.correlation.resource_id)
     await emit_job_event(uow, job, principal.user)  # queued
+    if start_as is not None and (reason := await cap_reason(uow, job)):
+        start_as, job = None, replace(job, queue_reason=reason)  # it waits on the work queue
     if start_as is None:
         await uow.jobs.add(job)
         await uow.enqueue(DISPATCH_SUBJECT, job.id.encode(), f"dispatch-{job.id}")
@@ -97,6 +100,19 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
         await emit_job_event(uow, job)  # started
     await uow.remember_request("SubmitJob", request_id, job.id)
     return job, True
+
+
+async def cap_reason(uow, job: Job) -> str:
+    """Why the job may not start now (an integration it uses is at its cap
+    of concurrent jobs), or "". Checked in the transaction that starts it;
+    on PostgreSQL the integrations' rows are locked so two executors never
+    both take the last slot (SQLite serializes writers anyway)."""
+    if not job.integration_ids:
+        return ""
+    caps = await uow.integrations.caps(job.integration_ids, lock=True)
+    if not any(cap for _, cap in caps.values()):
+        return ""
+    return integration_cap_reason(job.integration_ids, caps, await uow.jobs.running_integrations(job.id))
 
 
 async def _plan_reads_no_claimed_state(uow, job: Job) -> None:

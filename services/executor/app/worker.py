@@ -32,8 +32,8 @@ from sqlalchemy.exc import IntegrityError
 from services.common.config import Settings
 from services.common.uow import utcnow
 from services.executor.adapters.terraform import RunSpec, TerraformConfig, TerraformRun, break_stale_lock
-from services.executor.app.jobs import DISPATCH_SUBJECT, emit_job_event, lease_deadline
-from services.executor.domain.model import (CANCELLED, FAILED, RUNNING, SUCCEEDED, TIMED_OUT, Job, Redactor,
+from services.executor.app.jobs import DISPATCH_SUBJECT, cap_reason, emit_job_event, lease_deadline
+from services.executor.domain.model import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, Job, Redactor,
                                             integration_env, secret_env, sensitive_values)
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class ExecutorConfig:
     lease: float
     max_attempts: int
     worker_id: str
+    cap_retry: float = 2.0  # seconds before a job held back by an integration's cap is looked at again
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ExecutorConfig":
@@ -59,6 +60,7 @@ class ExecutorConfig:
             lease=float(env.get("IK_EXECUTOR_LEASE", "30")),
             max_attempts=int(env.get("IK_EXECUTOR_MAX_ATTEMPTS", "3")),
             worker_id=env.get("IK_EXECUTOR_WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}",
+            cap_retry=float(env.get("IK_EXECUTOR_CAP_RETRY", "2")),
         )
 
 
@@ -260,6 +262,13 @@ class JobWorkers:
                 await self._end(uow, job, CANCELLED if job.cancel_requested else FAILED, reason)
                 await uow.commit()
                 await msg.ack()
+                return
+            if job.status == QUEUED and (reason := await cap_reason(uow, job)):
+                # An integration it uses is at its cap: it stays queued, saying why, and comes back.
+                if reason != job.queue_reason:
+                    await uow.jobs.set_queue_reason(job_id, reason)
+                    await uow.commit()
+                await msg.nak(delay=cfg.cap_retry)
                 return
             if not await uow.jobs.claim(job_id, cfg.worker_id, now, lease_deadline(cfg.lease)):
                 await uow.rollback()

@@ -98,6 +98,7 @@ class Job:
     create_time: dt.datetime | None = None
     start_time: dt.datetime | None = None
     end_time: dt.datetime | None = None
+    queue_reason: str = ""  # why a queued job waits (an integration at its cap)
 
     @property
     def ended(self) -> bool:
@@ -118,6 +119,7 @@ class Integration:
     create_time: dt.datetime | None = None
     update_time: dt.datetime | None = None
     version: int = 1
+    max_concurrent_jobs: int = 0  # 0: no cap
 
     @property
     def etag(self) -> str:
@@ -297,3 +299,14 @@ def plan_summary_from_json(plan: dict[str, Any]) -> PlanSummary:
         if actions == ("update",):
             change += 1
     return PlanSummary(add, change, destroy, tuple(changes))
+
+
+def cap_reason(job_integrations: list[str], caps: dict[str, tuple[str, int]], running: list[list[str]]) -> str:
+    """Why the job must wait, or "": an integration it uses (id -> (name,
+    cap); 0: no cap) already has `cap` running jobs (`running`: the
+    integration ids of each running job but this one)."""
+    for id_ in job_integrations:
+        name, cap = caps.get(id_, ("", 0))
+        if cap and (busy := sum(1 for used in running if id_ in used)) >= cap:
+            return f"integration {name or id_} runs {busy} of at most {cap} jobs at once; waiting for one to end"
+    return ""

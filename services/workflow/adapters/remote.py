@@ -32,6 +32,7 @@ class ResourceInfo:
     ever_provisioned: bool = False  # its revision moved past a provisioning
     storage_path: str = ""
     owners: tuple[str, ...] = ()
+    approval_request_id: str = ""  # the request it waits for, while approval_pending
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def resource_info(r) -> ResourceInfo:
     return ResourceInfo(r.id, _STATE[r.state], _STATUS[r.status], r.error_message, r.last_job_id,
                         {o.name: from_value(o.value) for o in r.outputs},
                         tuple(o.name for o in r.outputs if o.sensitive), r.template_id,
-                        storage_path=r.storage_path, owners=tuple(r.owners))
+                        storage_path=r.storage_path, owners=tuple(r.owners),
+                        approval_request_id=r.approval_request_id)
 
 
 class Remote:
@@ -129,6 +131,25 @@ class Remote:
             if err.code == grpc.StatusCode.NOT_FOUND:
                 return None
             raise
+
+    async def cancel_job(self, user: str, job_id: str) -> None:
+        """Interrupts a job (SIGINT first); a job that has ended already is left as it is."""
+        try:
+            await self.clients.call("executor", self.executor.CancelJob, ep.CancelJobRequest(id=job_id), user=user,
+                                    role=Role.WRITE)
+        except RemoteError as err:
+            if err.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                raise
+
+    async def cancel_approval(self, user: str, request_id: str, comment: str) -> None:
+        """Withdraws an open approval request of a cancelled workflow (as the
+        workflow service, which may: whoever cancels a workflow ends what it waits for)."""
+        try:
+            await self.clients.call("approval", self.approval.CancelApprovalRequest, ap.CancelApprovalRequestRequest(
+                id=request_id, comment=comment), user=user, role=Role.ADMIN)
+        except RemoteError as err:
+            if err.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                raise
 
     async def approval_flow(self) -> bool:
         flow = await self.clients.call("approval", self.approval.GetApprovalFlow, ap.GetApprovalFlowRequest(),

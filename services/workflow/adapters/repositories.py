@@ -16,11 +16,12 @@ from services.workflow.domain.model import Step, WiringRule, Workflow
 _STEP_DATA = ("template_name", "depends_on", "source_code_version_id", "defaults", "overrides",
               "resolved_variables", "sensitive_variables", "parent_template_ids", "parent_resource_ids", "outputs",
               "sensitive_outputs", "teardown_status", "teardown_error_message", "teardown_job_id",
-              "teardown_start_time", "plan")
+              "teardown_start_time", "plan", "attempts", "attempt_job_ids", "retry_time")
 _SPEC = ("variable_overrides", "version_overrides", "parent_overrides", "integration_ids", "secret_ids",
          "storage_id", "max_parallel_steps", "teardown_error_message", "torn_down_by", "teardown_start_time",
          "teardown_completion_time", "plan_status", "plan_error_message", "plan_start_time", "plan_completion_time",
-         "plan_id", "executed_plan_id", "plan_approval_request_id", "plan_approval_status")
+         "plan_id", "executed_plan_id", "plan_approval_request_id", "plan_approval_status", "on_failure",
+         "retry_policy", "expire_time", "expired", "cancelled_by")
 
 
 def _to_json(name: str, value):
@@ -113,6 +114,15 @@ class WorkflowRepository:
         """Workflows executing or being torn down."""
         return [self._workflow(r) for r in await self.s.execute(sa.select(workflows).where(
             sa.or_(workflows.c.status == "in_progress", workflows.c.teardown_status == "in_progress")))]
+
+    async def expired(self, now: dt.datetime) -> list[Workflow]:
+        """Workflows whose expire_time (ISO 8601 UTC in the spec JSON, which
+        sorts as text) has passed and whose expiry was not handled yet."""
+        expire = workflows.c.spec["expire_time"].as_string()
+        found = [self._workflow(r) for r in await self.s.execute(sa.select(workflows).where(
+            expire.is_not(None), expire <= _to_json("expire_time", now),
+            workflows.c.teardown_status != "in_progress"))]
+        return [w for w in found if not w.expired]
 
     async def planning(self) -> list[Workflow]:
         """Workflows whose PlanWorkflow is under way (its status is in the spec JSON)."""

@@ -1,8 +1,12 @@
 """proto <-> workflow domain."""
 from __future__ import annotations
 
+import datetime as dt
+
+from infrakitchen.common.v1 import retry_pb2
 from infrakitchen.workflow.v1 import workflow_pb2 as pb
 from services.common.values import from_struct, to_struct, to_timestamp
+from services.workflow.domain.controls import CONTINUE_INDEPENDENT, STOP, Controls, RetryPolicy
 from services.workflow.domain.model import (DEFERRED, DONE, ERROR, IN_PROGRESS, PENDING, PLANNED, PLANNING, Step,
                                             TeardownItem, Workflow, masked)
 
@@ -25,6 +29,31 @@ def overrides_from_pb(request: pb.CreateWorkflowRequest | pb.Workflow):
     for o in request.parent_overrides:
         parents.setdefault(o.template_id, []).extend(o.resource_ids)
     return variables, versions, parents
+
+
+FAILURE_POLICY = {pb.FAILURE_POLICY_UNSPECIFIED: STOP, pb.FAILURE_POLICY_STOP: STOP,
+                  pb.FAILURE_POLICY_CONTINUE_INDEPENDENT: CONTINUE_INDEPENDENT}
+FAILURE_POLICY_PB = {STOP: pb.FAILURE_POLICY_STOP, CONTINUE_INDEPENDENT: pb.FAILURE_POLICY_CONTINUE_INDEPENDENT}
+
+
+def retry_policy_from_pb(r: retry_pb2.RetryPolicy) -> RetryPolicy:
+    return RetryPolicy(r.max_attempts, r.initial_backoff.ToNanoseconds() / 1e9, tuple(r.transient_patterns))
+
+
+def retry_policy_to_pb(d: dict) -> retry_pb2.RetryPolicy:
+    r = RetryPolicy.from_json(d)
+    out = retry_pb2.RetryPolicy(max_attempts=r.max_attempts, transient_patterns=list(r.transient_patterns))
+    out.initial_backoff.FromNanoseconds(int(r.initial_backoff * 1e9))
+    return out
+
+
+def controls_from_pb(request: pb.CreateWorkflowRequest | pb.Workflow) -> Controls:
+    """On-failure policy, retry policy and expiry; an unknown enum value is kept (and refused) as text."""
+    ttl = request.ttl.ToNanoseconds() / 1e9 if isinstance(request, pb.CreateWorkflowRequest) else 0.0
+    return Controls(on_failure=FAILURE_POLICY.get(request.on_failure, f"unknown ({request.on_failure})"),
+                    retry_policy=retry_policy_from_pb(request.retry_policy),
+                    expire_time=request.expire_time.ToDatetime(dt.timezone.utc)
+                    if request.HasField("expire_time") else None, ttl_seconds=ttl)
 
 
 PLAN_STATUS_PB = {"": pb.PLAN_STATUS_UNSPECIFIED, IN_PROGRESS: pb.PLAN_STATUS_IN_PROGRESS,
@@ -61,7 +90,8 @@ def step_to_pb(st: Step, w: Workflow, resource_of: dict[str, str]) -> pb.Step:
         depends_on_step_ids=st.depends_on, job_id=st.job_id, start_time=to_timestamp(st.start_time),
         completion_time=to_timestamp(st.completion_time), teardown_status=TEARDOWN_STATUS_PB[st.teardown_status],
         teardown_error_message=st.teardown_error_message, teardown_job_id=st.teardown_job_id,
-        plan=step_plan_to_pb(st.plan))
+        plan=step_plan_to_pb(st.plan), attempts=st.attempts, attempt_job_ids=st.attempt_job_ids,
+        retry_time=to_timestamp(st.retry_time))
 
 
 def workflow_to_pb(w: Workflow, steps: list[Step]) -> pb.Workflow:
@@ -88,7 +118,9 @@ def workflow_to_pb(w: Workflow, steps: list[Step]) -> pb.Workflow:
         plan_status=PLAN_STATUS_PB[w.plan_status], plan_error_message=w.plan_error_message,
         plan_start_time=to_timestamp(w.plan_start_time), plan_completion_time=to_timestamp(w.plan_completion_time),
         plan_id=w.plan_id, executed_plan_id=w.executed_plan_id, plan_approval_request_id=w.plan_approval_request_id,
-        plan_approval_status=w.plan_approval_status)
+        plan_approval_status=w.plan_approval_status, on_failure=FAILURE_POLICY_PB.get(w.on_failure, 0),
+        retry_policy=retry_policy_to_pb(w.retry_policy), expire_time=to_timestamp(w.expire_time),
+        expired=w.expired, cancelled_by=w.cancelled_by)
 
 
 def teardown_to_pb(items: list[TeardownItem], external: dict[str, list[str]]) -> pb.PreviewWorkflowTeardownResponse:

@@ -31,7 +31,8 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
         async with self.uow() as uow:
             w = await self.workflows.create(uow, current_principal(), request.blueprint_id, variables, versions,
                                             parents, list(request.integration_ids), list(request.secret_ids),
-                                            request.storage_id, request.max_parallel_steps, request.request_id)
+                                            request.storage_id, request.max_parallel_steps, request.request_id,
+                                            convert.controls_from_pb(request))
             await uow.commit()
         return await self._read(w.id)
 
@@ -53,17 +54,27 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
 
     async def UpdateWorkflow(self, request, context):
         variables, versions, parents = convert.overrides_from_pb(request.workflow)
-        mask = list(request.update_mask) or [f for f in ("variable_overrides", "source_code_version_overrides",
-                                                         "parent_overrides") if getattr(request.workflow, f)]
+        given = request.workflow
+        mask = list(request.update_mask) or [
+            *(f for f in ("variable_overrides", "source_code_version_overrides", "parent_overrides")
+              if getattr(given, f)),
+            *(["on_failure"] if given.on_failure else []),
+            *(f for f in ("retry_policy", "expire_time") if given.HasField(f))]
         async with self.uow() as uow:
             await self.workflows.update(uow, current_principal(), request.workflow.id, variables, versions, parents,
-                                        mask, request.workflow.etag)
+                                        mask, request.workflow.etag, convert.controls_from_pb(request.workflow))
             await uow.commit()
         return await self._read(request.workflow.id)
 
     async def PlanWorkflow(self, request, context):
         async with self.uow() as uow:
             await self.workflows.plan(uow, current_principal(), request.id)
+            await uow.commit()
+        return await self._read(request.id)
+
+    async def CancelWorkflow(self, request, context):
+        async with self.uow() as uow:
+            await self.workflows.cancel(uow, current_principal(), request.id)
             await uow.commit()
         return await self._read(request.id)
 

@@ -18,11 +18,14 @@ from services.common.paging import paginate
 from services.common.uow import utcnow
 from services.common.values import from_struct
 from services.workflow.adapters.remote import ResourceInfo
+from services.workflow.domain.controls import Controls, RetryPolicy
 from services.workflow.domain.model import (DONE, ERROR, IN_PROGRESS, MASK, PENDING, Step, WiringRule, Workflow,
                                             masked, resolve_variables)
 from services.workflow.app.base import WorkflowsBase, _NEEDS_INPUT
 
 OVERRIDE_FIELDS = ("variable_overrides", "source_code_version_overrides", "parent_overrides")
+CONTROL_FIELDS = ("on_failure", "retry_policy")  # while the workflow is not running
+UPDATE_FIELDS = (*OVERRIDE_FIELDS, *CONTROL_FIELDS, "expire_time")
 
 
 def _per_template(current: dict, given: dict) -> dict:
@@ -42,7 +45,7 @@ class CreateCases(WorkflowsBase):
     async def create(self, uow, principal: Principal, blueprint_id: str, variable_overrides: dict[str, dict],
                      version_overrides: dict[str, str], parent_overrides: dict[str, list[str]],
                      integration_ids: list[str], secret_ids: list[str], storage_id: str, max_parallel: int,
-                     request_id: str = "") -> Workflow:
+                     request_id: str = "", controls: Controls | None = None) -> Workflow:
         if (existing := await uow.find_request("CreateWorkflow", request_id)) is not None:
             return await self.get(uow, existing)
         if not blueprint_id:
@@ -55,13 +58,16 @@ class CreateCases(WorkflowsBase):
         if max_parallel < 0:
             violations.append(FieldViolation("max_parallel_steps", "must not be negative"))
         now = utcnow()
+        controls = controls or Controls()
+        violations += controls.problems(now)
         w = Workflow(id=str(uuid.uuid4()), blueprint_id=blueprint.id, blueprint_revision=blueprint.revision,
                      wiring=[WiringRule(r.source_template_id, r.source_output, r.target_template_id,
                                         r.target_variable) for r in blueprint.wiring_rules],
                      variable_overrides=variable_overrides, version_overrides=version_overrides,
                      parent_overrides=parent_overrides, integration_ids=integration_ids, secret_ids=secret_ids,
                      storage_id=storage_id, max_parallel_steps=max_parallel, creator=principal.user,
-                     create_time=now, update_time=now)
+                     create_time=now, update_time=now, on_failure=controls.on_failure,
+                     retry_policy=controls.retry_policy.to_json(), expire_time=controls.expiry(now))
         steps = await self._planned_steps(w, blueprint, plan, violations)
         if violations:
             raise InvalidArgument("invalid workflow", violations)
@@ -162,15 +168,17 @@ class CreateCases(WorkflowsBase):
 
     async def update(self, uow, principal: Principal, id_: str, variable_overrides: dict[str, dict],
                      version_overrides: dict[str, str], parent_overrides: dict[str, list[str]],
-                     mask_: list[str], etag: str) -> Workflow:
+                     mask_: list[str], etag: str, controls: Controls | None = None) -> Workflow:
         w = await self.get(uow, id_)
         if etag and etag != w.etag:
             raise Aborted(f"workflow {w.id} has etag {w.etag}, not {etag}; read it again and retry",
                           reason="STALE_ETAG")
-        bad = [f for f in mask_ if f not in OVERRIDE_FIELDS]
+        bad = [f for f in mask_ if f not in UPDATE_FIELDS]
         if bad:
             raise InvalidArgument("invalid workflow update", [FieldViolation(
-                f"update_mask[{f}]", f"only {', '.join(OVERRIDE_FIELDS)} change after create") for f in bad])
+                f"update_mask[{f}]", f"only {', '.join(UPDATE_FIELDS)} change after create") for f in bad])
+        if mask_ == ["expire_time"]:  # the one change a running workflow takes
+            return await self._extend(uow, principal, w, (controls or Controls()).expire_time)
         if w.teardown_status or w.status not in (PENDING, ERROR):
             raise FailedPrecondition(f"workflow {w.id} is {w.status}", [PreconditionViolation(
                 "WORKFLOW_NOT_EDITABLE", f"workflows/{w.id}",
@@ -191,6 +199,7 @@ class CreateCases(WorkflowsBase):
         if "parent_overrides" in mask_:
             parents = _per_template(parents, {tid: list(ids) for tid, ids in parent_overrides.items()})
         changed = replace(w, variable_overrides=variables, version_overrides=versions, parent_overrides=parents)
+        changed = self._controls_changed(changed, mask_, controls or Controls())
         got = await self.remote.blueprint_and_plan(w.blueprint_id, w.blueprint_revision)
         if got is None:
             raise FailedPrecondition(f"blueprint {w.blueprint_id} of workflow {w.id} no longer exists", [
@@ -231,6 +240,31 @@ class CreateCases(WorkflowsBase):
         await uow.workflows.update(updated, w.version)  # ABORTED when another writer came first
         await self._workflow_event(uow, "workflow_updated", updated, principal.user)
         return updated
+
+    @staticmethod
+    def _controls_changed(w: Workflow, mask_: list[str], controls: Controls) -> Workflow:
+        """The failure policy, retry policy and expiry an update names, validated."""
+        now = utcnow()
+        given = Controls(on_failure=controls.on_failure if "on_failure" in mask_ else w.on_failure,
+                         retry_policy=controls.retry_policy if "retry_policy" in mask_ else RetryPolicy(),
+                         expire_time=controls.expire_time if "expire_time" in mask_ else None)
+        if problems := given.problems(now):
+            raise InvalidArgument("invalid workflow update", problems)
+        return replace(w, on_failure=given.on_failure,
+                       retry_policy=given.retry_policy.to_json() if "retry_policy" in mask_ else w.retry_policy,
+                       expire_time=given.expire_time if "expire_time" in mask_ else w.expire_time)
+
+    async def _extend(self, uow, principal: Principal, w: Workflow, expire_time) -> Workflow:
+        """A new expire_time (or none), also while the workflow runs; not once it expired."""
+        if w.expired:
+            raise FailedPrecondition(f"workflow {w.id} expired already", [PreconditionViolation(
+                "WORKFLOW_EXPIRED", f"workflows/{w.id}", "its teardown started when it expired")])
+        if problems := Controls(expire_time=expire_time).problems(utcnow()):
+            raise InvalidArgument("invalid workflow update", problems)
+        extended = replace(w, expire_time=expire_time, update_time=utcnow(), version=w.version + 1)
+        await uow.workflows.update(extended, w.version)
+        await self._workflow_event(uow, "workflow_updated", extended, principal.user)
+        return extended
 
     # --- reading and deleting ----------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from services.common.clients import RemoteError
 from services.common.errors import Aborted, DomainError, FailedPrecondition, PreconditionViolation, Unavailable
 from services.common.uow import utcnow
 from services.common.values import to_struct
+from services.workflow.domain.controls import CONTINUE_INDEPENDENT
 from services.workflow.domain.model import (DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow, masked, ready_steps,
                                             resolve_variables)
 from services.workflow.app.base import WorkflowsBase, _slug, log
@@ -40,14 +41,16 @@ class Execution(WorkflowsBase):
         flow_on = await self.remote.approval_flow() if plan_id else False
         steps = await uow.steps.of(w.id)
         for st in steps:
-            if st.status == ERROR:  # retried; its resource (if any) is reused
+            if st.status == ERROR or (st.status == PENDING and st.waiting_reason):
+                # retried (its resource, if any, is reused), or no longer waiting for a failed step
                 reset = replace(st, status=PENDING, error_message="", waiting_reason="", completion_time=None,
-                                version=st.version + 1)
+                                retry_time=None, version=st.version + 1)
                 await uow.steps.update(reset, st.version)
         now = utcnow()
         started = replace(w, status=IN_PROGRESS, start_time=w.start_time or now, completion_time=None,
                           error_message="", executor=principal.user, update_time=now, version=w.version + 1,
-                          executed_plan_id=plan_id, plan_approval_request_id="", plan_approval_status="")
+                          executed_plan_id=plan_id, plan_approval_request_id="", plan_approval_status="",
+                          cancelled_by="")
         await uow.workflows.update(started, w.version)
         await self._workflow_event(uow, "workflow_started", started, principal.user)
         if flow_on:  # nothing starts before the whole plan is approved
@@ -63,7 +66,10 @@ class Execution(WorkflowsBase):
         w = await uow.workflows.get(workflow_id)
         if w is None or w.status != IN_PROGRESS:
             return
-        if completed is not None and w.max_parallel_steps == 0:
+        if w.cancelled_by:  # nothing starts any more; it ends once nothing runs
+            await self._end_if_stopped(uow, w, actor)
+            return
+        if completed is not None and w.max_parallel_steps == 0 and w.on_failure != CONTINUE_INDEPENDENT:
             if await uow.steps.count_not_done(w.id) == 0:
                 return await self._complete(uow, w, actor)
             ready, upstream = [], {}
@@ -79,6 +85,9 @@ class Execution(WorkflowsBase):
                 return await self._complete(uow, w, actor)
             upstream = {s.template_id: s for s in steps if s.status == DONE}
             ready = ready_steps(w, steps)
+            if not ready and not any(s.status == IN_PROGRESS for s in steps):
+                await self._end_if_stopped(uow, w, actor)  # failed steps leave nothing that can run
+                return
         for st in ready:
             await self._start_ready(uow, w, st, upstream, actor)
 
@@ -93,7 +102,8 @@ class Execution(WorkflowsBase):
         resolved = resolve_variables(st, w.wiring, upstream)
         sensitive = self._sensitive(st, w, upstream)
         running = replace(st, status=IN_PROGRESS, start_time=now, resolved_variables=masked(resolved, sensitive),
-                          sensitive_variables=sensitive, version=st.version + 1)
+                          sensitive_variables=sensitive, attempts=1, attempt_job_ids=[], retry_time=None,
+                          waiting_reason="", version=st.version + 1)
         if not await uow.steps.update(running, st.version):
             return  # someone else started it
         await self._step_event(uow, "step_started", running, actor)
@@ -144,6 +154,7 @@ class Execution(WorkflowsBase):
                 request_id=st.id, workflow_id=w.id, step_id=st.id, provision=True,
                 sensitive_variables=sensitive, reviewed_plan=reviewed))
             await self._record(st.id, resource_id=resource.id, job_id=resource.last_job_id)
+            await self._cancel_if_cancelled(w.id, resource.last_job_id, actor)
             if resource.state == "provision" and resource.status in ("ready", "error"):
                 # The step runs again (a re-execution, perhaps after
                 # UpdateWorkflow): its resource, never provisioned, takes the
@@ -158,6 +169,7 @@ class Execution(WorkflowsBase):
             elif resource.status in ("ready", "error", "unknown", "pending") and resource.state == "provision":
                 provisioned = await self.remote.provision(actor, resource.id, reviewed)
                 await self._record(st.id, job_id=provisioned.last_job_id)
+                await self._cancel_if_cancelled(w.id, provisioned.last_job_id, actor)
                 if provisioned.status == "approval_pending":
                     await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
             elif resource.status == "rejected":
@@ -175,6 +187,15 @@ class Execution(WorkflowsBase):
             log.exception("starting step %s failed", step_id)
             await self.step_failed(step_id, f"could not start: {type(exc).__name__}", actor)
 
+    async def _cancel_if_cancelled(self, workflow_id: str, job_id: str, actor: str) -> None:
+        """A job started while (or just before) the workflow was cancelled is cancelled too."""
+        if not job_id:
+            return
+        async with self.uow_factory() as uow:
+            w = await uow.workflows.get(workflow_id)
+        if w is not None and w.cancelled_by:
+            await self.cancel_job(job_id, w.cancelled_by)
+
     async def _record(self, step_id: str, **fields) -> None:
         for _ in range(5):
             async with self.uow_factory() as uow:
@@ -184,6 +205,8 @@ class Execution(WorkflowsBase):
                 changes = {k: v for k, v in fields.items() if v and getattr(st, k) != v}
                 if not changes:
                     return
+                if changes.get("job_id") and changes["job_id"] not in st.attempt_job_ids:
+                    changes["attempt_job_ids"] = [*st.attempt_job_ids, changes["job_id"]]
                 if await uow.steps.update(replace(st, **changes, version=st.version + 1), st.version):
                     await uow.commit()
                     return
@@ -222,23 +245,41 @@ class Execution(WorkflowsBase):
         await self.schedule(uow, st.workflow_id, actor, completed=done)
         return True
 
-    async def step_failed(self, step_id: str, message: str, actor: str, uow=None) -> None:
-        await self._in_uow(uow, lambda u: self._fail(u, step_id, message, actor))
+    async def step_failed(self, step_id: str, message: str, actor: str, uow=None, job_failed: bool = False) -> None:
+        """`job_failed`: the step's job failed (its error output may make it
+        a transient failure, retried by the workflow's retry policy)."""
+        await self._in_uow(uow, lambda u: self._fail(u, step_id, message, actor, job_failed))
 
-    async def _fail(self, uow, step_id: str, message: str, actor: str) -> bool:
-        """The step and the workflow go to error; steps not started stay
-        pending, running siblings finish, nothing is rolled back."""
+    async def _fail(self, uow, step_id: str, message: str, actor: str, job_failed: bool = False) -> bool:
+        """The step goes to error, and what else stops follows the workflow's
+        failure policy: with stop (the default) the workflow goes to error,
+        steps not started stay pending and running siblings finish; nothing
+        is rolled back. A transient failure with attempts left is retried
+        instead (see control)."""
         st = await uow.steps.get(step_id)
         if st is None or st.status != IN_PROGRESS:
             return False
+        w = await uow.workflows.get(st.workflow_id)
+        running = w is not None and w.status == IN_PROGRESS
+        if job_failed and running and await self.retry_later(uow, w, st, message, actor):
+            return True
+        if running and w.cancelled_by:
+            message = f"cancelled by {w.cancelled_by}"
+        elif st.attempts > 1:
+            message = f"{message} (after {st.attempts} attempts)"
         now = utcnow()
         failed = replace(st, status=ERROR, error_message=message, waiting_reason="", completion_time=now,
-                         version=st.version + 1)
+                         retry_time=None, version=st.version + 1)
         if not await uow.steps.update(failed, st.version):
             return False
         await self._step_event(uow, "step_failed", failed, actor)
-        w = await uow.workflows.get(st.workflow_id)
-        if w is not None and w.status == IN_PROGRESS:
+        if not running:
+            return True
+        if w.cancelled_by:
+            await self._end_if_stopped(uow, w, actor)
+        elif w.on_failure == CONTINUE_INDEPENDENT:
+            await self.continue_independent(uow, w, failed, actor)
+        else:
             errored = replace(w, status=ERROR, error_message=f"step {st.template_name} failed: {message}",
                               completion_time=now, update_time=now, version=w.version + 1)
             await uow.workflows.update(errored, w.version)

@@ -24,6 +24,7 @@ class Reconciliation(WorkflowsBase):
             planning = [(w, await uow.steps.of(w.id)) for w in await uow.workflows.planning()]
         for w, steps in planning:
             await self._reconcile_plans(w, steps)
+        await self.expire_due()
         for w, steps in running:
             if w.teardown_status == IN_PROGRESS:
                 await self._reconcile_teardown(w, steps, cutoff)
@@ -33,6 +34,10 @@ class Reconciliation(WorkflowsBase):
                     await self.open_plan_approval(w.id)  # its request may never have been opened
                 await self._reconcile_plans(w, steps)
             for st in steps:
+                if st.status == IN_PROGRESS and st.retry_time is not None:  # waits for its next attempt
+                    if st.retry_time <= utcnow():
+                        await self.retry_step(st.id, w.executor or w.creator)
+                    continue
                 if st.status != IN_PROGRESS or (st.start_time and st.start_time > cutoff):
                     continue
                 if not st.resource_id:
@@ -44,7 +49,7 @@ class Reconciliation(WorkflowsBase):
                                               list(resource.sensitive_outputs), "system:reconciler")
                 elif resource.status in ("error", "rejected", "unknown"):
                     await self.step_failed(st.id, resource.error_message or f"resource is {resource.status}",
-                                           "system:reconciler")
+                                           "system:reconciler", job_failed=resource.status == "error")
                 elif resource.status == "ready" and resource.state == "provision":
                     await self.start_step(st.id, w.executor or w.creator)
 

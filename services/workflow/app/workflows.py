@@ -2,6 +2,7 @@
 module each (see base.py for how scheduling works)."""
 from __future__ import annotations
 
+from services.workflow.app.control import Control
 from services.workflow.app.create import CreateCases
 from services.workflow.app.execution import Execution
 from services.workflow.app.planning import Planning
@@ -9,5 +10,5 @@ from services.workflow.app.reconciliation import Reconciliation
 from services.workflow.app.teardown import Teardown
 
 
-class Workflows(CreateCases, Planning, Execution, Teardown, Reconciliation):
-    """Create, update, plan, execute, advance, tear down and reconcile workflows."""
+class Workflows(CreateCases, Planning, Execution, Control, Teardown, Reconciliation):
+    """Create, update, plan, execute, advance, cancel, retry, tear down, expire and reconcile workflows."""

@@ -66,7 +66,8 @@ def consumers(runtime) -> list[ConsumerSpec]:
                 {o.name: from_value(o.value) for o in body.outputs},
                 [o.name for o in body.outputs if o.sensitive], actor, uow=uow)
         elif kind in _JOB_ENDED_BADLY:
-            await workflows.step_failed(step_id, body.error_message or f"the job ended {kind[4:]}", actor, uow=uow)
+            await workflows.step_failed(step_id, body.error_message or f"the job ended {kind[4:]}", actor, uow=uow,
+                                        job_failed=kind == "job_failed")
 
     async def on_resource(uow, env: Envelope) -> None:
         kind, body = body_of(env)

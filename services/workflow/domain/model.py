@@ -55,6 +55,11 @@ class Step:
     # was deferred in the approved plan), approved_changes (what the approved
     # plan showed) and approval_request_id (of its new plan).
     plan: dict[str, Any] = field(default_factory=dict)
+    # Attempts of its current run (a transient failure is retried), each
+    # attempt's job, and when the next attempt starts.
+    attempts: int = 0
+    attempt_job_ids: list[str] = field(default_factory=list)
+    retry_time: dt.datetime | None = None
     version: int = 1
 
 
@@ -95,6 +100,11 @@ class Workflow:
     # With the approval flow on: the whole plan's approval request and its status.
     plan_approval_request_id: str = ""
     plan_approval_status: str = ""
+    on_failure: str = "stop"  # or continue_independent (domain.controls)
+    retry_policy: dict[str, Any] = field(default_factory=dict)  # controls.RetryPolicy as JSON
+    expire_time: dt.datetime | None = None
+    expired: bool = False
+    cancelled_by: str = ""  # who cancelled the running (or last) execution
     version: int = 1
 
     @property

@@ -1,0 +1,216 @@
+"""Staying in control of a running workflow: cancel it, decide what a failed
+step stops, retry transient failures, and tear it down when it expires.
+
+- Cancel marks the workflow (cancelled_by); from then on no step starts.
+  A step whose job may run has it cancelled (SIGINT first, by the executor)
+  and ends in error when the job's end arrives; a step doing nothing (waiting
+  for an approval, a retry or its plan) ends in error at once, and its open
+  approval requests are cancelled. The workflow ends in error "cancelled by
+  <user>" when no step runs any more; a job that finished first keeps its
+  outcome (its step is done): exactly one outcome per step.
+- A failed step's job is retried when its error output matches the retry
+  policy's transient patterns and attempts are left: the step stays running,
+  waits for its backoff (retry_time, kept in the database, so a restart or
+  the reconciler picks it up) and starts again on the same resource.
+- With continue_independent, a failure stops only the failed step's
+  dependents (they stay pending, saying which failed step they wait for).
+- An expired workflow is torn down by the existing teardown (a running one is
+  cancelled first and torn down once it has stopped)."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from dataclasses import replace
+
+from services.common.auth import Principal, Role
+from services.common.clients import RemoteError
+from services.common.errors import DomainError, FailedPrecondition, PreconditionViolation
+from services.common.uow import utcnow
+from services.workflow.domain.controls import RetryPolicy, blocked_by
+from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow
+from services.workflow.app.base import WorkflowsBase, log
+
+EXPIRY_ACTOR = "system:expiry"
+
+
+class Control(WorkflowsBase):
+    # --- cancel -----------------------------------------------------------------------------
+
+    async def cancel(self, uow, principal: Principal, id_: str) -> Workflow:
+        w = await self.get(uow, id_)
+        if w.status != IN_PROGRESS:
+            raise FailedPrecondition(f"workflow {w.id} is not running (it is {w.status})", [PreconditionViolation(
+                "WORKFLOW_NOT_RUNNING", f"workflows/{w.id}", "only a running workflow can be cancelled")])
+        if w.cancelled_by:
+            return w  # it is winding down already
+        now = utcnow()
+        cancelling = replace(w, cancelled_by=principal.user, update_time=now, version=w.version + 1)
+        await uow.workflows.update(cancelling, w.version)
+        await self._workflow_event(uow, "workflow_cancel_requested", cancelling, principal.user)
+        message = f"cancelled by {principal.user}"
+        jobs, approvals = [], []
+        if w.plan_approval_status == PENDING and w.plan_approval_request_id:
+            approvals.append(w.plan_approval_request_id)
+        for st in await uow.steps.of(w.id):
+            if st.status != IN_PROGRESS:
+                continue
+            idle = bool(st.waiting_reason) or st.retry_time is not None
+            if st.plan.get("approval_request_id") and not st.plan.get("approved"):
+                approvals.append(st.plan["approval_request_id"])
+            if st.waiting_reason and st.resource_id:
+                approvals.append(("resource", st.resource_id))
+            if idle:
+                await self._end_step(uow, st, message, principal.user)
+            elif st.job_id:
+                jobs.append(st.job_id)
+            # (a step being started records its job later; start_step cancels it then)
+        uow.after_commit(lambda: self._cancel_elsewhere(jobs, approvals, principal.user))
+        await self._end_if_stopped(uow, cancelling, principal.user)
+        return cancelling
+
+    async def _end_step(self, uow, st: Step, message: str, actor: str) -> None:
+        ended = replace(st, status=ERROR, error_message=message, waiting_reason="", retry_time=None,
+                        completion_time=utcnow(), version=st.version + 1)
+        if await uow.steps.update(ended, st.version):
+            await self._step_event(uow, "step_failed", ended, actor)
+
+    async def _cancel_elsewhere(self, jobs: list[str], approvals: list, actor: str) -> None:
+        """The running jobs (the executor interrupts them) and the open
+        approval requests of a cancelled workflow. Failures are logged: a job
+        that ended meanwhile brings its own outcome."""
+        for job_id in jobs:
+            await self.cancel_job(job_id, actor)
+        for request in approvals:
+            try:
+                if isinstance(request, tuple):  # the request a step's resource waits for
+                    resource = await self.remote.find_resource(request[1])
+                    request = resource.approval_request_id if resource else ""
+                if request:
+                    await self.remote.cancel_approval(actor, request, f"workflow cancelled by {actor}")
+            except RemoteError as exc:
+                log.warning("cancelling approval request %s: %s", request, exc.describe())
+
+    async def cancel_job(self, job_id: str, actor: str) -> None:
+        try:
+            await self.remote.cancel_job(actor, job_id)
+        except RemoteError as exc:
+            log.warning("cancelling job %s of a cancelled workflow: %s", job_id, exc.describe())
+
+    async def _end_if_stopped(self, uow, w: Workflow, actor: str) -> bool:
+        """A cancelled workflow, or one whose failure policy let independent
+        steps go on, ends in error once no step runs and none can start."""
+        steps = await uow.steps.of(w.id)
+        if any(s.status == IN_PROGRESS for s in steps):
+            return False
+        if steps and all(s.status == DONE for s in steps):  # the last jobs finished before the cancel reached them
+            await self._complete(uow, w, actor)
+            return True
+        if w.cancelled_by:
+            message = f"cancelled by {w.cancelled_by}"
+        else:
+            failed = [s for s in steps if s.status == ERROR]
+            if not failed:
+                return False
+            message = "; ".join(f"step {s.template_name} failed: {s.error_message}" for s in failed)[:2000]
+        now = utcnow()
+        ended = replace(w, status=ERROR, error_message=message, completion_time=now, update_time=now,
+                        version=w.version + 1)
+        await uow.workflows.update(ended, w.version)
+        await self._workflow_event(uow, "workflow_failed", ended, actor)
+        return True
+
+    # --- what a failure stops ----------------------------------------------------------------
+
+    async def continue_independent(self, uow, w: Workflow, failed: Step, actor: str) -> None:
+        """The failed step's dependents (transitively) stay pending and say
+        why; independent steps keep starting; the workflow ends once nothing
+        more can run."""
+        steps = await uow.steps.of(w.id)
+        depends_on = {s.id: s.depends_on for s in steps}
+        failed_ids = {s.id for s in steps if s.status == ERROR}
+        names = {s.id: s.template_name for s in steps}
+        for st in steps:
+            if st.status != PENDING:
+                continue
+            if (upstream := blocked_by(st.id, failed_ids, depends_on)) and \
+                    st.waiting_reason != (why := f"waits for failed step {names[upstream]}"):
+                if await uow.steps.update(replace(st, waiting_reason=why, version=st.version + 1), st.version):
+                    await self._step_event(uow, "step_waiting", replace(st, waiting_reason=why), actor)
+        await self.schedule(uow, w.id, actor)
+
+    # --- retries ----------------------------------------------------------------------------------
+
+    async def retry_later(self, uow, w: Workflow, st: Step, message: str, actor: str) -> bool:
+        """Whether the failed attempt is retried (the step then waits for its backoff)."""
+        policy = RetryPolicy.from_json(w.retry_policy)
+        if w.cancelled_by or st.attempts >= policy.attempts or not (pattern := policy.transient(message)):
+            return False
+        wait = policy.backoff(st.attempts)
+        when = utcnow() + dt.timedelta(seconds=wait)
+        waiting = replace(st, retry_time=when, version=st.version + 1, waiting_reason=(
+            f"attempt {st.attempts} of {policy.attempts} failed with a transient error (/{pattern}/): "
+            f"{message}"[:1500] + f"; next attempt in {wait:.0f}s"))
+        if not await uow.steps.update(waiting, st.version):
+            return False
+        await self._step_event(uow, "step_retrying", waiting, actor)
+        uow.after_commit(lambda: self._retry_after(st.id, wait, actor))
+        return True
+
+    async def _retry_after(self, step_id: str, seconds: float, actor: str) -> None:
+        async def later():
+            await asyncio.sleep(seconds)
+            try:
+                await self.retry_step(step_id, actor)
+            except Exception:  # noqa: BLE001 - the reconciler tries again
+                log.exception("retrying step %s", step_id)
+        asyncio.get_running_loop().create_task(later())
+
+    async def retry_step(self, step_id: str, actor: str) -> None:
+        """Starts the next attempt of a step whose backoff has passed (once:
+        a version-guarded update takes the retry)."""
+        async with self.uow_factory() as uow:
+            st = await uow.steps.get(step_id)
+            if st is None or st.status != IN_PROGRESS or st.retry_time is None or st.retry_time > utcnow():
+                return
+            w = await uow.workflows.get(st.workflow_id)
+            if w is None or w.status != IN_PROGRESS or w.cancelled_by:
+                return
+            again = replace(st, retry_time=None, attempts=st.attempts + 1, waiting_reason="",
+                            version=st.version + 1)
+            if not await uow.steps.update(again, st.version):
+                return
+            await uow.commit()
+        await self.start_step(step_id, w.executor or w.creator)
+
+    # --- expiry -------------------------------------------------------------------------------
+
+    async def expire_due(self) -> None:
+        """Workflows whose expire_time passed: cancelled if running, then torn down."""
+        async with self.uow_factory() as uow:
+            due = await uow.workflows.expired(utcnow())
+        for w in due:
+            try:
+                async with self.uow_factory() as uow:
+                    await self._expire(uow, await self.get(uow, w.id))
+                    await uow.commit()
+            except DomainError as exc:
+                log.warning("expiring workflow %s: %s", w.id, exc.message)
+
+    async def _expire(self, uow, w: Workflow) -> None:
+        if w.expired or w.expire_time is None or w.expire_time > utcnow():
+            return
+        if w.status == IN_PROGRESS:
+            if not w.cancelled_by:  # torn down once it has stopped (a next round)
+                await self.cancel(uow, Principal(EXPIRY_ACTOR, Role.ADMIN), w.id)
+            return
+        expired = replace(w, expired=True, update_time=utcnow(), version=w.version + 1)
+        await uow.workflows.update(expired, w.version)
+        await self._workflow_event(uow, "workflow_expired", expired, EXPIRY_ACTOR)
+        if not any(s.resource_id for s in await uow.steps.of(w.id)) or w.teardown_status == DONE:
+            return  # nothing was ever created, or it is gone already
+        try:
+            await self.teardown(uow, Principal(EXPIRY_ACTOR, Role.ADMIN), w.id)
+        except FailedPrecondition as exc:  # e.g. resources outside depend on it: say so, an admin decides
+            current = await uow.workflows.get(w.id)
+            await uow.workflows.update(replace(current, teardown_error_message=f"expired; {exc.message}"[:2000],
+                                               version=current.version + 1), current.version)
