@@ -12,6 +12,8 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from infrakitchen.approval.v1 import approval_pb2 as ap
+from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
 from infrakitchen.common.v1 import retry_pb2
 from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.resource.v1 import resource_pb2 as rp
@@ -77,6 +79,37 @@ async def test_cancel_during_an_apply_stops_it_and_a_later_execute_finishes_the_
     assert resumed.resource_id == steps["gated"].resource_id
     # (the resource service applies the same job event on its own, maybe a moment later)
     await p.wait(resumed.resource_id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
+
+
+async def test_cancelling_a_workflow_that_waits_for_approval_withdraws_the_request(p):
+    await p.approval.UpdateApprovalFlow(ap.UpdateApprovalFlowRequest(enabled=True), metadata=p.admin)
+
+    async def known():
+        async with p.inner["resource"].runtime.uow() as uow:
+            return await uow.settings.get("approval_flow") is True
+    await eventually(known, timeout=20)
+    blueprint = await p.blueprint_of("waits", {"network": {"cidr": "10.0.0.0/16"}}, [])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
+
+    async def pending():
+        step = (await get(p, w.id)).steps[0]
+        if not step.resource_id:
+            return None
+        listed = await p.approval.ListApprovalRequests(ap.ListApprovalRequestsRequest(
+            resource_id=step.resource_id, status=ap.APPROVAL_STATUS_PENDING), metadata=p.md)
+        return listed.approval_requests[0] if listed.approval_requests else None
+    request = await eventually(pending, timeout=30)
+    cancelled = await p.workflow.CancelWorkflow(wp.CancelWorkflowRequest(id=w.id), metadata=p.md)
+    # Nothing was running: it ends at once.
+    assert cancelled.status == wp.WORKFLOW_STATUS_ERROR and cancelled.error_message == "cancelled by alice"
+    assert cancelled.steps[0].status == wp.STEP_STATUS_ERROR
+
+    async def withdrawn():
+        got = await p.approval.GetApprovalRequest(ap.GetApprovalRequestRequest(id=request.id), metadata=p.md)
+        return got.status == ap.APPROVAL_STATUS_CANCELLED
+    await eventually(withdrawn, timeout=20)
 
 
 async def test_a_cancel_racing_the_last_completion_has_exactly_one_outcome(p):
@@ -163,10 +196,19 @@ async def test_a_transient_failure_is_retried_on_the_same_resource_and_a_permane
         retry_policy=retries(3, ["rate limit"]), **shared(p)), metadata=p.md))
     assert permanent.status == wp.WORKFLOW_STATUS_ERROR
     assert permanent.steps[0].attempts == 1 and "after" not in permanent.steps[0].error_message
-    # Transient every time: it stops when the attempts run out, and says how many ran.
+    # Transient every time: it stops when the attempts run out, and says how many ran. Here the
+    # policy is the template's default (the workflow sets none).
+    bad = await rpc_error(p.blueprint.UpdateTemplate(bp.UpdateTemplateRequest(
+        template=bp.Template(id=p.catalog.templates["gated"], retry_policy=retries(11, ["("])),
+        update_mask=["retry_policy"]), metadata=p.admin))
+    assert set(field_violations(bad)) == {"template.retry_policy.max_attempts",
+                                          "template.retry_policy.transient_patterns[0]"}
+    await p.blueprint.UpdateTemplate(bp.UpdateTemplateRequest(
+        template=bp.Template(id=p.catalog.templates["gated"], retry_policy=retries(2, ["gate closed"])),
+        update_mask=["retry_policy"]), metadata=p.admin)
     exhausted = await run(p, await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
-        blueprint_id=blueprint.id, variable_overrides=overrides(p, gated={"gate": "/never"}),
-        retry_policy=retries(2, ["gate closed"]), **shared(p)), metadata=p.md))
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, gated={"gate": "/never"}), **shared(p)),
+        metadata=p.md))
     assert exhausted.status == wp.WORKFLOW_STATUS_ERROR
     assert exhausted.steps[0].attempts == 2 and exhausted.steps[0].error_message.endswith("(after 2 attempts)")
 

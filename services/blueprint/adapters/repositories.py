@@ -29,11 +29,12 @@ class TemplateRepository:
     def _row(t: Template) -> dict[str, Any]:
         return dict(id=t.id, key=t.key, name=t.name, description=t.description, labels=list(t.labels),
                     enabled=t.enabled, abstract=t.abstract, parent_template_ids=list(t.parent_template_ids),
-                    creator=t.creator, create_time=t.create_time, update_time=t.update_time, version=t.version)
+                    creator=t.creator, create_time=t.create_time, update_time=t.update_time, version=t.version,
+                    retry_policy=dict(t.retry_policy))
 
     @staticmethod
     def _template(row) -> Template:
-        return Template(**dict(row._mapping))
+        return Template(**{**dict(row._mapping), "retry_policy": dict(row.retry_policy or {})})
 
     async def add(self, t: Template) -> None:
         await self.s.execute(sa.insert(templates).values(**self._row(t)))

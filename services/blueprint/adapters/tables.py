@@ -22,6 +22,7 @@ templates = sa.Table(
     sa.Column("create_time", TS, nullable=False),
     sa.Column("update_time", TS, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("retry_policy", sa.JSON, nullable=False, server_default=sa.text("'{}'")),
 )
 
 source_code_versions = sa.Table(

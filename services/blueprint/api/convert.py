@@ -1,6 +1,9 @@
 """proto <-> domain for the blueprint service."""
 from __future__ import annotations
 
+from infrakitchen.common.v1 import retry_pb2
+from services.common.retry import RetryPolicy
+
 from infrakitchen.blueprint.v1 import blueprint_pb2 as pb
 from services.blueprint.domain import planning
 from services.blueprint.domain.model import (Blueprint, BlueprintTemplate, ModuleSource, SourceCodeVersion,
@@ -14,15 +17,26 @@ def populated(message, allowed: tuple[str, ...]) -> list[str]:
 
 
 def template_from_pb(m: pb.Template) -> Template:
+    policy = RetryPolicy(m.retry_policy.max_attempts, m.retry_policy.initial_backoff.ToNanoseconds() / 1e9,
+                         tuple(m.retry_policy.transient_patterns))
     return Template(id=m.id, key=m.key, name=m.name, description=m.description, labels=list(m.labels),
-                    enabled=m.enabled, abstract=m.abstract, parent_template_ids=list(m.parent_template_ids))
+                    enabled=m.enabled, abstract=m.abstract, parent_template_ids=list(m.parent_template_ids),
+                    retry_policy=policy.to_json())
+
+
+def retry_policy_pb(d: dict) -> retry_pb2.RetryPolicy:
+    policy = RetryPolicy.from_json(d)
+    out = retry_pb2.RetryPolicy(max_attempts=policy.max_attempts, transient_patterns=list(policy.transient_patterns))
+    out.initial_backoff.FromNanoseconds(int(policy.initial_backoff * 1e9))
+    return out
 
 
 def template_to_pb(t: Template) -> pb.Template:
     return pb.Template(id=t.id, key=t.key, name=t.name, description=t.description, labels=t.labels,
                        enabled=t.enabled, abstract=t.abstract, parent_template_ids=t.parent_template_ids,
                        creator=t.creator, create_time=to_timestamp(t.create_time),
-                       update_time=to_timestamp(t.update_time), etag=t.etag)
+                       update_time=to_timestamp(t.update_time), etag=t.etag,
+                       retry_policy=retry_policy_pb(t.retry_policy))
 
 
 def source_from_pb(m: pb.ModuleSource) -> ModuleSource:

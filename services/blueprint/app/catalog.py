@@ -18,6 +18,7 @@ from services.common.errors import (Aborted, AlreadyExists, FailedPrecondition, 
                                     PreconditionViolation)
 from services.common.events import Correlation, new_event
 from services.common.paging import paginate
+from services.common.retry import RetryPolicy, retry_problems
 from services.common.uow import utcnow
 
 SOURCE = "blueprint"
@@ -66,6 +67,7 @@ async def create_template(uow, principal: Principal, t: Template, request_id: st
                                                          "starting with a letter or digit"))
     if not t.name.strip():
         violations.append(FieldViolation("template.name", "must not be empty"))
+    violations += retry_problems(RetryPolicy.from_json(t.retry_policy), "template.retry_policy")
     if violations:
         raise InvalidArgument("invalid template", violations)
     t = replace(t, id=_new_id(), creator=principal.user, create_time=utcnow(), update_time=utcnow(), version=1)
@@ -91,7 +93,7 @@ async def list_templates(uow, page_size: int, page_token: str, label: str = "",
                           page_size, page_token)
 
 
-TEMPLATE_FIELDS = ("name", "description", "labels", "enabled", "abstract", "parent_template_ids")
+TEMPLATE_FIELDS = ("name", "description", "labels", "enabled", "abstract", "parent_template_ids", "retry_policy")
 
 
 async def update_template(uow, principal: Principal, changes: Template, mask: list[str], etag: str) -> Template:
@@ -106,6 +108,8 @@ async def update_template(uow, principal: Principal, changes: Template, mask: li
                       update_time=utcnow(), version=current.version + 1)
     if not updated.name.strip():
         raise InvalidArgument.of("template.name", "must not be empty")
+    if problems := retry_problems(RetryPolicy.from_json(updated.retry_policy), "template.retry_policy"):
+        raise InvalidArgument("invalid template", problems)
     if "parent_template_ids" in mask:
         await _check_parents(uow, current.id, updated.parent_template_ids, "template.parent_template_ids")
         graph = nx.DiGraph()

@@ -22,6 +22,7 @@ class Template:
     create_time: dt.datetime | None = None
     update_time: dt.datetime | None = None
     version: int = 1
+    retry_policy: dict = field(default_factory=dict)  # services.common.retry.RetryPolicy as JSON
 
     @property
     def etag(self) -> str:

@@ -142,7 +142,7 @@ class Control(WorkflowsBase):
 
     async def retry_later(self, uow, w: Workflow, st: Step, message: str, actor: str) -> bool:
         """Whether the failed attempt is retried (the step then waits for its backoff)."""
-        policy = RetryPolicy.from_json(w.retry_policy)
+        policy = RetryPolicy.from_json(w.retry_policy).over(RetryPolicy.from_json(st.retry_default))
         if w.cancelled_by or st.attempts >= policy.attempts or not (pattern := policy.transient(message)):
             return False
         wait = policy.backoff(st.attempts)

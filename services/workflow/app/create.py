@@ -131,7 +131,10 @@ class CreateCases(WorkflowsBase):
                 depends_on=[step_ids[d] for d in planned.depends_on_template_ids if d in step_ids],
                 source_code_version_id=version_id,
                 defaults=from_struct(members[tid].default_variables), overrides=dict(overrides),
-                parent_template_ids=in_blueprint, parent_resource_ids=list(dict.fromkeys([*external_parents, *own]))))
+                parent_template_ids=in_blueprint, parent_resource_ids=list(dict.fromkeys([*external_parents, *own])),
+                retry_default=RetryPolicy(template.retry_policy.max_attempts,
+                                          template.retry_policy.initial_backoff.ToNanoseconds() / 1e9,
+                                          tuple(template.retry_policy.transient_patterns)).to_json()))
         upstream = self.external_upstream(w, stand_ins)
         for st in steps:
             st.resolved_variables = masked(resolve_variables(st, w.wiring, upstream), st.sensitive_variables)

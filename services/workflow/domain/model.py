@@ -60,6 +60,7 @@ class Step:
     attempts: int = 0
     attempt_job_ids: list[str] = field(default_factory=list)
     retry_time: dt.datetime | None = None
+    retry_default: dict[str, Any] = field(default_factory=dict)  # its template's retry policy, at create
     version: int = 1
 
 
