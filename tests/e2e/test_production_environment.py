@@ -42,7 +42,8 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
     assert ik(platform, tmp_path, "login", "--token", platform.token()).returncode == 0
     registered = ik(platform, tmp_path, "example", "register")
     assert registered.returncode == 0, registered.stdout + registered.stderr
-    run = ik(platform, tmp_path, "workflow", "run", "Production Environment", "--var", "vpc.cidr_block=10.42.0.0/16")
+    run = ik(platform, tmp_path, "workflow", "run", "Production Environment", "--var", "vpc.cidr_block=10.42.0.0/16",
+             "--on-failure", "continue-independent", "--retries", "2", "--ttl", "8h")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "done" in run.stdout
 
@@ -54,6 +55,10 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
         [w] = workflows.ListWorkflows(wp.ListWorkflowsRequest(), metadata=md).workflows
         assert w.status == wp.WORKFLOW_STATUS_DONE
         assert w.create_time.seconds and w.start_time.seconds and w.completion_time.seconds
+        assert w.on_failure == wp.FAILURE_POLICY_CONTINUE_INDEPENDENT and w.retry_policy.max_attempts == 3
+        assert 7.9 * 3600 < w.expire_time.seconds - w.create_time.seconds <= 8 * 3600
+        cancel = ik(platform, tmp_path, "workflow", "cancel", w.id)
+        assert cancel.returncode != 0 and "not running" in cancel.stdout + cancel.stderr
         steps = {s.template_name: s for s in w.steps}
         vpc, eks, rds = steps["VPC"], steps["EKS Cluster"], steps["RDS Database"]
         assert (vpc.position, eks.position, rds.position) == (0, 1, 1)
