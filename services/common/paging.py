@@ -1,43 +1,121 @@
-"""AIP-158 pagination: page_size (default 50, at most 1000) and an opaque page_token."""
+"""AIP-158 pagination: page_size (default 50, at most 1000) and an opaque
+page_token, by keyset: the token carries the sort key of the last row of the
+previous page, so the next page is an index range scan that costs the same
+at any depth (an OFFSET reads and skips every earlier row), and rows
+inserted or deleted meanwhile never make a page skip or repeat a row.
+
+A token is bound to the listing it came from (the collection, its filters
+and its order, as a digest): used with other filters it is INVALID_ARGUMENT,
+never a silently different listing."""
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
 
 from services.common.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-# Larger offsets cannot come from a real listing, and overflow SQLite's integers.
-MAX_OFFSET = 2 ** 31
+_VERSION = 2
 
 
-def page_window(page_size: int, page_token: str) -> tuple[int, int]:
-    """(offset, limit) for a List request; bad input is INVALID_ARGUMENT."""
+def _scope_digest(scope: dict[str, Any]) -> str:
+    text = json.dumps(scope, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return {"t": value.isoformat()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"not a sort key value: {type(value).__name__}")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        moment = dt.datetime.fromisoformat(str(value["t"]))
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise ValueError("not a sort key value")
+
+
+def _bad_token() -> InvalidArgument:
+    return InvalidArgument.of("page_token", "is not a token from a previous List response")
+
+
+def page_window(page_size: int, page_token: str, scope: dict[str, Any]) -> tuple[list | None, int]:
+    """(the sort key to continue after, or None for the first page; the page size)."""
     if page_size < 0:
         raise InvalidArgument.of("page_size", "must not be negative")
     limit = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     if not page_token:
-        return 0, limit
+        return None, limit
     try:
-        kind, _, offset = base64.urlsafe_b64decode(page_token.encode()).decode().partition(":")
-        if kind != "o" or not offset.isdigit() or len(offset) > 12 or int(offset) > MAX_OFFSET:
+        token = json.loads(base64.urlsafe_b64decode(page_token.encode()).decode())
+        if not isinstance(token, dict) or token.get("v") != _VERSION or not isinstance(token.get("k"), list):
             raise ValueError
-        return int(offset), limit
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument.of("page_token", "is not a token from a previous List response") from None
+        after = [_decode(v) for v in token["k"]]
+        digest = token.get("s")
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise _bad_token() from None
+    if digest != _scope_digest(scope):
+        raise InvalidArgument.of("page_token", "was made for another listing (other filters or order); "
+                                               "start again without a page_token")
+    return after, limit
 
 
-def next_page_token(offset: int, limit: int, returned: int) -> str:
-    """Callers fetch limit + 1 rows; a full page plus one means there is more."""
-    if returned <= limit:
-        return ""
-    return base64.urlsafe_b64encode(f"o:{offset + limit}".encode()).decode()
+def next_page_token(key: Sequence[Any], scope: dict[str, Any]) -> str:
+    token = {"v": _VERSION, "k": [_encode(v) for v in key], "s": _scope_digest(scope)}
+    return base64.urlsafe_b64encode(json.dumps(token, separators=(",", ":")).encode()).decode()
 
 
-async def paginate(fetch, page_size: int, page_token: str):
-    """Runs a List: `fetch(offset, limit)` returns rows; one extra row is
-    asked for to know whether another page follows. Returns (rows, next_page_token)."""
-    offset, limit = page_window(page_size, page_token)
-    found = await fetch(offset, limit + 1)
-    return found[:limit], next_page_token(offset, limit, len(found))
+def after_key(query, columns: Sequence[sa.Column], after: list | None):
+    """The query ordered by `columns` (ascending, unique together), continuing
+    after the row whose sort key is `after`."""
+    query = query.order_by(*columns)
+    if after is None:
+        return query
+    if len(after) != len(columns):
+        raise _bad_token()
+    bound = [sa.literal(v, type_=c.type) for c, v in zip(columns, after)]
+    return query.where(sa.tuple_(*columns) > sa.tuple_(*bound))
+
+
+async def paginate(fetch: Callable[[list | None, int], Awaitable[list]], page_size: int, page_token: str,
+                   scope: dict[str, Any], key: Callable[[Any], Sequence[Any]]):
+    """Runs a List: `fetch(after, limit)` returns up to `limit` rows after
+    the sort key `after`; one extra row is asked for to know whether another
+    page follows. `key(row)` is a row's sort key. Returns (rows, next_page_token)."""
+    after, limit = page_window(page_size, page_token, scope)
+    found = await fetch(after, limit + 1)
+    page = found[:limit]
+    return page, next_page_token(key(page[-1]), scope) if len(found) > limit else ""
+
+
+def by_creation(row) -> tuple:
+    """The sort key of collections listed oldest first."""
+    return row.create_time, row.id
+
+
+async def filtered(fetch: Callable[[list | None, int], Awaitable[list]], keep: Callable[[Any], bool],
+                   key: Callable[[Any], Sequence[Any]], after: list | None, limit: int, batch: int = 500) -> list:
+    """Up to `limit` rows after `after` that `keep` accepts, read in keyset
+    batches (for the small catalogs whose JSON label lists are matched in
+    Python: a page costs the rows up to its last match, never the whole table)."""
+    found: list = []
+    while len(found) < limit:
+        rows = await fetch(after, batch)
+        found += [r for r in rows if keep(r)]
+        if len(rows) < batch:
+            break
+        after = list(key(rows[-1]))
+    return found[:limit]

@@ -13,7 +13,7 @@ from infrakitchen.workflow.v1 import workflow_pb2 as wp
 from services.common import errors, limits
 from services.common.grpc_errors import to_grpc_status
 from services.common.interceptors import Undecodable, _lenient
-from services.common.paging import page_window
+from services.common.paging import next_page_token, page_window
 
 
 def fields(exc: errors.InvalidArgument) -> dict[str, str]:
@@ -71,11 +71,23 @@ def test_a_valid_request_passes_and_map_values_have_their_own_bound():
         limits.check_request(ep.CreateIntegrationRequest(credentials={"K" * 2000: "v"}))
 
 
-@pytest.mark.parametrize("token", ["o:" + "9" * 30, "o:99999999999", "o:-1", "x:1", "o:²"])
+@pytest.mark.parametrize("token", ["o:" + "9" * 30, "o:99999999999", "o:-1", "x:1", "o:²", "[]", "{}",
+                                   '{"v": 2, "k": "x", "s": "0"}', '{"v": 2, "k": [{"t": "not a time"}], "s": "0"}',
+                                   '{"v": 2, "k": [[1]], "s": "0"}'])
 def test_forged_page_tokens_are_invalid_argument(token):
     with pytest.raises(errors.InvalidArgument) as err:
-        page_window(10, base64.urlsafe_b64encode(token.encode()).decode())
+        page_window(10, base64.urlsafe_b64encode(token.encode()).decode(), {"list": "x"})
     assert fields(err.value) == {"page_token": "is not a token from a previous List response"}
+
+
+def test_a_page_token_is_bound_to_its_listing():
+    import datetime as dt
+    key = (dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone.utc), "id-1")
+    token = next_page_token(key, {"list": "resources", "label": "a"})
+    assert page_window(10, token, {"list": "resources", "label": "a"}) == (list(key), 10)
+    with pytest.raises(errors.InvalidArgument) as err:
+        page_window(10, token, {"list": "resources", "label": "b"})
+    assert "another listing" in fields(err.value)["page_token"]
 
 
 def test_undecodable_request_bytes_become_a_sentinel_not_an_exception():

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.approval.adapters.tables import approval_flow, approval_requests, resource_owners
 from services.approval.domain.model import ApprovalFlow, ApprovalRequest, Decision
 from services.common.errors import Aborted
+from services.common.paging import after_key, by_creation, filtered
 
 
 def _aware(moment):
@@ -71,20 +72,22 @@ class ApprovalRequestRepository:
             query = query.where(approval_requests.c.temporary_state_id == temporary_state_id)
         return [self._request(r) for r in await self.s.execute(query)]
 
-    async def list(self, offset: int, limit: int, resource_id: str = "", status: str = "",
+    async def list(self, after: list | None, limit: int, resource_id: str = "", status: str = "",
                    decider: tuple[str, bool] | None = None) -> list[ApprovalRequest]:
-        query = sa.select(approval_requests).order_by(approval_requests.c.create_time, approval_requests.c.id)
-        if resource_id:
-            query = query.where(approval_requests.c.resource_id == resource_id)
-        if status:
-            query = query.where(approval_requests.c.status == status)
+        async def page(after_, n):
+            query = sa.select(approval_requests)
+            if resource_id:
+                query = query.where(approval_requests.c.resource_id == resource_id)
+            if status:
+                query = query.where(approval_requests.c.status == status)
+            query = after_key(query, (approval_requests.c.create_time, approval_requests.c.id), after_).limit(n)
+            return [self._request(r) for r in await self.s.execute(query)]
         if decider is None:
-            return [self._request(r) for r in await self.s.execute(query.offset(offset).limit(limit))]
+            return await page(after, limit)
         # "Awaiting my decision": owners are a JSON list, matched here to stay
-        # portable across SQLite and PostgreSQL; only pending rows are read.
+        # portable across SQLite and PostgreSQL; read in keyset batches of pending rows.
         user, is_admin = decider
-        rows = [self._request(r) for r in await self.s.execute(query)]
-        return [r for r in rows if is_admin or user in r.owners][offset:offset + limit]
+        return await filtered(page, lambda r: is_admin or user in r.owners, by_creation, after, limit)
 
 
 class ApprovalFlowRepository:

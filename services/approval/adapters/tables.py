@@ -33,6 +33,13 @@ approval_requests = sa.Table(
     sa.Column("planned_steps", sa.JSON, nullable=False, server_default=sa.text("'[]'")),
 )
 
+# ListApprovalRequests: keyset pages by (create_time, id), alone or per resource or status.
+sa.Index("ix_approval_requests_created", approval_requests.c.create_time, approval_requests.c.id)
+sa.Index("ix_approval_requests_resource_created", approval_requests.c.resource_id, approval_requests.c.create_time,
+         approval_requests.c.id)
+sa.Index("ix_approval_requests_status_created", approval_requests.c.status, approval_requests.c.create_time,
+         approval_requests.c.id)
+
 # The platform-wide flag: a single row (id = 1) once it was first set.
 approval_flow = sa.Table(
     "approval_flow", metadata,

@@ -11,7 +11,7 @@ from services.approval.domain.model import (APPROVED, CANCELLED, OPERATIONS, PEN
 from services.common.auth import Principal, Role
 from services.common.errors import (AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
                                     PermissionDenied, PreconditionViolation)
-from services.common.paging import paginate
+from services.common.paging import by_creation, paginate
 from services.common.uow import utcnow
 
 SOURCE = "approval"
@@ -104,9 +104,11 @@ async def list_requests(uow, principal: Principal, page_size: int, page_token: s
                         status: str = "", awaiting_my_decision: bool = False):
     if awaiting_my_decision:
         decider = (principal.user, principal.role >= Role.ADMIN)
-        return await paginate(lambda o, n: uow.requests.list(o, n, resource_id, PENDING, decider),
-                              page_size, page_token)
-    return await paginate(lambda o, n: uow.requests.list(o, n, resource_id, status), page_size, page_token)
+        return await paginate(lambda a, n: uow.requests.list(a, n, resource_id, PENDING, decider),
+                              page_size, page_token, {"list": "approval_requests", "resource_id": resource_id,
+                                                      "awaiting": decider}, by_creation)
+    return await paginate(lambda a, n: uow.requests.list(a, n, resource_id, status), page_size, page_token,
+                          {"list": "approval_requests", "resource_id": resource_id, "status": status}, by_creation)
 
 
 async def _current_owners(uow, r: ApprovalRequest) -> list[str]:

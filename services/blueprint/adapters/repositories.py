@@ -13,6 +13,7 @@ from services.blueprint.adapters.tables import (blueprint_revisions, blueprint_u
 from services.blueprint.domain.model import (Blueprint, BlueprintTemplate, ModuleSource, Output,
                                              SourceCodeVersion, Template, Variable, VariableConfig, WiringRule)
 from services.common.errors import Aborted
+from services.common.paging import after_key, by_creation, filtered
 
 
 async def _exactly_one(session: AsyncSession, statement, kind: str, id_: str) -> None:
@@ -52,14 +53,18 @@ class TemplateRepository:
     async def key_taken(self, key: str) -> bool:
         return bool(await self.s.scalar(sa.select(sa.func.count()).where(templates.c.key == key)))
 
-    async def list(self, offset: int, limit: int, label: str = "", enabled: bool | None = None) -> list[Template]:
-        query = sa.select(templates).order_by(templates.c.create_time, templates.c.id)
-        if enabled is not None:
-            query = query.where(templates.c.enabled == enabled)
-        rows = [self._template(r) for r in await self.s.execute(query)]
-        if label:  # labels are a JSON list; filtered here to stay portable across SQLite and PostgreSQL
-            rows = [t for t in rows if label in t.labels]
-        return rows[offset:offset + limit]
+    async def list(self, after: list | None, limit: int, label: str = "",
+                   enabled: bool | None = None) -> list[Template]:
+        async def page(after_, n):
+            query = sa.select(templates)
+            if enabled is not None:
+                query = query.where(templates.c.enabled == enabled)
+            query = after_key(query, (templates.c.create_time, templates.c.id), after_).limit(n)
+            return [self._template(r) for r in await self.s.execute(query)]
+        if not label:
+            return await page(after, limit)
+        # Labels are a JSON list, matched in Python (portable); read in keyset batches.
+        return await filtered(page, lambda t: label in t.labels, by_creation, after, limit)
 
     async def children_of(self, template_id: str) -> list[Template]:
         rows = [self._template(r) for r in await self.s.execute(sa.select(templates))]
@@ -118,11 +123,11 @@ class SourceCodeVersionRepository:
         return await self.s.scalar(sa.select(sa.func.count()).where(
             source_code_versions.c.template_id == template_id))
 
-    async def list(self, offset: int, limit: int, template_id: str = "") -> list[SourceCodeVersion]:
-        query = sa.select(source_code_versions).order_by(
-            source_code_versions.c.create_time, source_code_versions.c.id).offset(offset).limit(limit)
+    async def list(self, after: list | None, limit: int, template_id: str = "") -> list[SourceCodeVersion]:
+        query = sa.select(source_code_versions)
         if template_id:
             query = query.where(source_code_versions.c.template_id == template_id)
+        query = after_key(query, (source_code_versions.c.create_time, source_code_versions.c.id), after).limit(limit)
         return [self._version(r) for r in await self.s.execute(query)]
 
     async def clear_default(self, template_id: str, except_id: str) -> None:
@@ -189,12 +194,14 @@ class BlueprintRepository:
             wiring_rules=[WiringRule(**r) for r in spec["wiring_rules"]],
             revision=rev, creator=head.creator, create_time=head.create_time, update_time=row.create_time)
 
-    async def list(self, offset: int, limit: int, label: str = "") -> list[Blueprint]:
-        ids = list(await self.s.scalars(sa.select(blueprints.c.id).order_by(blueprints.c.create_time, blueprints.c.id)))
-        found = [b for b in [await self.get(i) for i in ids] if b is not None]
-        if label:
-            found = [b for b in found if label in b.labels]
-        return found[offset:offset + limit]
+    async def list(self, after: list | None, limit: int, label: str = "") -> list[Blueprint]:
+        async def page(after_, n):
+            ids = list(await self.s.scalars(after_key(sa.select(blueprints.c.id),
+                                                      (blueprints.c.create_time, blueprints.c.id), after_).limit(n)))
+            return [b for b in [await self.get(i) for i in ids] if b is not None]
+        if not label:
+            return await page(after, limit)
+        return await filtered(page, lambda b: label in b.labels, by_creation, after, limit)
 
     async def update(self, b: Blueprint, read_revision: int) -> None:
         await _exactly_one(self.s, sa.update(blueprints).where(

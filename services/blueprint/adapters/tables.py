@@ -72,3 +72,10 @@ blueprint_uses = sa.Table(
     sa.Column("template_id", sa.String(36), primary_key=True, index=True),
     sa.Column("source_code_version_id", sa.String(36), nullable=False, index=True),
 )
+
+# The Lists: keyset pages by (create_time, id) (source code versions also per template).
+sa.Index("ix_templates_created", templates.c.create_time, templates.c.id)
+sa.Index("ix_source_code_versions_template_created", source_code_versions.c.template_id,
+         source_code_versions.c.create_time, source_code_versions.c.id)
+sa.Index("ix_source_code_versions_created", source_code_versions.c.create_time, source_code_versions.c.id)
+sa.Index("ix_blueprints_created", blueprints.c.create_time, blueprints.c.id)

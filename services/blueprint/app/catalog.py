@@ -17,7 +17,7 @@ from services.common.auth import Principal
 from services.common.errors import (Aborted, AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
                                     PreconditionViolation)
 from services.common.events import Correlation, new_event
-from services.common.paging import paginate
+from services.common.paging import by_creation, paginate
 from services.common.retry import RetryPolicy, retry_problems
 from services.common.uow import utcnow
 
@@ -89,8 +89,9 @@ async def get_template(uow, id_: str) -> Template:
 
 async def list_templates(uow, page_size: int, page_token: str, label: str = "",
                          enabled: bool | None = None) -> tuple[list[Template], str]:
-    return await paginate(lambda offset, limit: uow.templates.list(offset, limit, label, enabled),
-                          page_size, page_token)
+    return await paginate(lambda after, limit: uow.templates.list(after, limit, label, enabled),
+                          page_size, page_token, {"list": "templates", "label": label, "enabled": enabled},
+                          by_creation)
 
 
 TEMPLATE_FIELDS = ("name", "description", "labels", "enabled", "abstract", "parent_template_ids", "retry_policy")
@@ -113,7 +114,7 @@ async def update_template(uow, principal: Principal, changes: Template, mask: li
     if "parent_template_ids" in mask:
         await _check_parents(uow, current.id, updated.parent_template_ids, "template.parent_template_ids")
         graph = nx.DiGraph()
-        for t in await uow.templates.list(0, 10**6):
+        for t in await uow.templates.list(None, 10**6):
             for p in (updated.parent_template_ids if t.id == current.id else t.parent_template_ids):
                 graph.add_edge(p, t.id)
         if not nx.is_directed_acyclic_graph(graph):
@@ -196,8 +197,9 @@ async def get_source_code_version(uow, id_: str) -> SourceCodeVersion:
 
 async def list_source_code_versions(uow, page_size: int, page_token: str,
                                     template_id: str = "") -> tuple[list[SourceCodeVersion], str]:
-    return await paginate(lambda offset, limit: uow.versions.list(offset, limit, template_id),
-                          page_size, page_token)
+    return await paginate(lambda after, limit: uow.versions.list(after, limit, template_id),
+                          page_size, page_token, {"list": "source_code_versions", "template_id": template_id},
+                          by_creation)
 
 
 async def update_source_code_version(uow, principal: Principal, id_: str, etag: str, description: str | None,
@@ -283,7 +285,8 @@ async def get_blueprint(uow, id_: str, revision: int = 0) -> Blueprint:
 
 
 async def list_blueprints(uow, page_size: int, page_token: str, label: str = "") -> tuple[list[Blueprint], str]:
-    return await paginate(lambda offset, limit: uow.blueprints.list(offset, limit, label), page_size, page_token)
+    return await paginate(lambda after, limit: uow.blueprints.list(after, limit, label), page_size, page_token,
+                          {"list": "blueprints", "label": label}, by_creation)
 
 
 BLUEPRINT_FIELDS = ("name", "description", "labels", "templates", "wiring_rules")

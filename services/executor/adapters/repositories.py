@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.errors import Aborted
+from services.common.paging import after_key
 from services.executor.adapters.tables import integrations, job_logs, jobs, secrets, state_path_claims, storages
 from services.common.vault import Vault
 from services.executor.domain.model import (Correlation, Integration, Job, Output, PlanSummary, Secret, Source,
@@ -188,15 +189,16 @@ class JobRepository:
             jobs.c.action.in_(["apply", "destroy"]), jobs.c.status == "succeeded"))
         return [r.id for r in rows if r.end_time is not None and _aware(r.end_time) > since]
 
-    async def list(self, offset: int, limit: int, resource_id: str = "", workflow_id: str = "",
+    async def list(self, after: list | None, limit: int, resource_id: str = "", workflow_id: str = "",
                    status: str = "") -> list[Job]:
-        query = sa.select(jobs).order_by(jobs.c.create_time, jobs.c.id).offset(offset).limit(limit)
+        query = sa.select(jobs)
         if resource_id:
             query = query.where(jobs.c.resource_id == resource_id)
         if workflow_id:
             query = query.where(jobs.c.workflow_id == workflow_id)
         if status:
             query = query.where(jobs.c.status == status)
+        query = after_key(query, (jobs.c.create_time, jobs.c.id), after).limit(limit)
         return [self._job(r) for r in await self.s.execute(query)]
 
     async def uses(self, column: str, id_: str, limit: int = 20) -> list[str]:
@@ -265,9 +267,9 @@ class IntegrationRepository:
     async def name_taken(self, name: str) -> bool:
         return bool(await self.s.scalar(sa.select(sa.func.count()).where(integrations.c.name == name)))
 
-    async def list(self, offset: int, limit: int) -> list[Integration]:
-        rows = await self.s.execute(sa.select(integrations).order_by(integrations.c.create_time, integrations.c.id)
-                                    .offset(offset).limit(limit))
+    async def list(self, after: list | None, limit: int) -> list[Integration]:
+        rows = await self.s.execute(after_key(sa.select(integrations), (integrations.c.create_time, integrations.c.id), after)
+                                    .limit(limit))
         return [self._integration(r) for r in rows]
 
     async def update(self, i: Integration, read_version: int) -> None:
@@ -305,9 +307,9 @@ class SecretRepository:
     async def name_taken(self, name: str) -> bool:
         return bool(await self.s.scalar(sa.select(sa.func.count()).where(secrets.c.name == name)))
 
-    async def list(self, offset: int, limit: int) -> list[Secret]:
-        rows = await self.s.execute(sa.select(secrets).order_by(secrets.c.create_time, secrets.c.id)
-                                    .offset(offset).limit(limit))
+    async def list(self, after: list | None, limit: int) -> list[Secret]:
+        rows = await self.s.execute(after_key(sa.select(secrets), (secrets.c.create_time, secrets.c.id), after)
+                                    .limit(limit))
         return [self._secret(r) for r in rows]
 
     async def update(self, x: Secret, read_version: int) -> None:
@@ -344,9 +346,9 @@ class StorageRepository:
     async def name_taken(self, name: str) -> bool:
         return bool(await self.s.scalar(sa.select(sa.func.count()).where(storages.c.name == name)))
 
-    async def list(self, offset: int, limit: int) -> list[Storage]:
-        rows = await self.s.execute(sa.select(storages).order_by(storages.c.create_time, storages.c.id)
-                                    .offset(offset).limit(limit))
+    async def list(self, after: list | None, limit: int) -> list[Storage]:
+        rows = await self.s.execute(after_key(sa.select(storages), (storages.c.create_time, storages.c.id), after)
+                                    .limit(limit))
         return [self._storage(r) for r in rows]
 
     async def delete(self, id_: str) -> None:

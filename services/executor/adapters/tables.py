@@ -47,6 +47,11 @@ jobs = sa.Table(
     sa.Column("end_time", TS, nullable=True),
     sa.Column("queue_reason", sa.Text, nullable=False, server_default=""),
     sa.Index("ix_jobs_state", "storage_id", "state_path"),
+    # ListJobs: keyset pages by (create_time, id), alone or per resource, workflow or status.
+    sa.Index("ix_jobs_created", "create_time", "id"),
+    sa.Index("ix_jobs_resource_created", "resource_id", "create_time", "id"),
+    sa.Index("ix_jobs_workflow_created", "workflow_id", "create_time", "id"),
+    sa.Index("ix_jobs_status_created", "status", "create_time", "id"),
 )
 
 job_logs = sa.Table(
@@ -105,3 +110,8 @@ state_path_claims = sa.Table(
     sa.Column("resource_id", sa.String(64), nullable=False),
     sa.Column("create_time", TS, nullable=False),
 )
+
+# The Lists of integrations, secrets and storages: keyset pages by (create_time, id).
+sa.Index("ix_integrations_created", integrations.c.create_time, integrations.c.id)
+sa.Index("ix_secrets_created", secrets.c.create_time, secrets.c.id)
+sa.Index("ix_storages_created", storages.c.create_time, storages.c.id)

@@ -11,7 +11,7 @@ from pathlib import Path
 from services.common.auth import Principal
 from services.common.errors import (Aborted, AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument,
                                     NotFound, PreconditionViolation)
-from services.common.paging import paginate
+from services.common.paging import by_creation, paginate
 from services.common.uow import utcnow
 from services.executor.app.jobs import claim_state_path
 from services.executor.domain.model import (AWS, AZURE, ENV, GCP, GENERIC, LOCAL, PG, TF_VAR, Integration, Secret,
@@ -87,7 +87,7 @@ async def get_integration(uow, id_: str) -> Integration:
 
 
 async def list_integrations(uow, page_size: int, page_token: str):
-    return await paginate(uow.integrations.list, page_size, page_token)
+    return await paginate(uow.integrations.list, page_size, page_token, {"list": "integrations"}, by_creation)
 
 
 def _check_cap(cap: int, violations: list[FieldViolation]) -> None:
@@ -180,7 +180,7 @@ async def get_secret(uow, id_: str) -> Secret:
 
 
 async def list_secrets(uow, page_size: int, page_token: str):
-    return await paginate(uow.secrets.list, page_size, page_token)
+    return await paginate(uow.secrets.list, page_size, page_token, {"list": "secrets"}, by_creation)
 
 
 async def update_secret(uow, principal: Principal, id_: str, etag: str, description: str | None,
@@ -242,7 +242,7 @@ async def get_storage(uow, id_: str) -> Storage:
 
 
 async def list_storages(uow, page_size: int, page_token: str):
-    return await paginate(uow.storages.list, page_size, page_token)
+    return await paginate(uow.storages.list, page_size, page_token, {"list": "storages"}, by_creation)
 
 
 async def delete_storage(uow, principal: Principal, id_: str, etag: str) -> None:

@@ -14,9 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.db import guarded_update, guarded_update_params
 from services.common.errors import AlreadyExists, Aborted
+from services.common.paging import after_key
 from services.common.vault import Vault
-from services.resource.adapters.tables import (audit_entries, resource_links, resource_revisions, resources,
-                                               settings, temporary_states)
+from services.resource.adapters.tables import (audit_entries, resource_labels, resource_links, resource_revisions,
+                                               resources, settings, temporary_states)
 from services.resource.domain.model import (AuditEntry, DependencyConfig, DependencyTag, Output, Resource, Revision,
                                             TemporaryState)
 
@@ -47,7 +48,8 @@ _PATH_TAKEN = sa.select(sa.func.count()).where(resources.c.storage_id == sa.bind
 _CHILDREN = sa.select(resources).join(resource_links, resource_links.c.child_id == resources.c.id).where(
     resource_links.c.parent_id == sa.bindparam("id")).order_by(resources.c.create_time)
 _UPDATE_RESOURCE = guarded_update(resources)
-_INSERT = {t.name: sa.insert(t) for t in (resources, resource_links, resource_revisions, audit_entries)}
+_INSERT = {t.name: sa.insert(t) for t in (resources, resource_links, resource_revisions, audit_entries,
+                                          resource_labels)}
 _SETTING = sa.select(settings.c.value).where(settings.c.key == sa.bindparam("key"))
 
 
@@ -58,6 +60,17 @@ class ResourceRepository:
         self.s = session
         self.touch = touch
         self.vault = vault
+        self._labels_read: dict[str, tuple[str, ...]] = {}  # as read in this unit of work
+
+    async def _write_labels(self, r: Resource) -> None:
+        """The labels index (resource_labels), rewritten only when they changed."""
+        if tuple(r.labels) == self._labels_read.get(r.id, ()):
+            return
+        await self.s.execute(sa.delete(resource_labels).where(resource_labels.c.resource_id == r.id))
+        if r.labels:
+            await self.s.execute(_INSERT["resource_labels"], [dict(label=label, resource_id=r.id)
+                                                              for label in dict.fromkeys(r.labels)])
+        self._labels_read[r.id] = tuple(r.labels)
 
     def _row(self, r: Resource) -> dict[str, Any]:
         # Sensitive values are sealed (encrypted at rest); the others stay readable in the database.
@@ -90,6 +103,7 @@ class ResourceRepository:
         m["variables"] = self.vault.open_from(m["variables"])
         m["last_dry_run"] = dict(m["last_dry_run"] or {})
         m["create_time"], m["update_time"] = _aware(m["create_time"]), _aware(m["update_time"])
+        self._labels_read[m["id"]] = tuple(m["labels"])
         return Resource(**m)
 
     async def add(self, r: Resource) -> None:
@@ -101,6 +115,7 @@ class ResourceRepository:
                                                     f"{r.storage_path!r} was created at the same moment") from None
         if r.parent_ids:
             await self.s.execute(_INSERT["resource_links"], [dict(parent_id=p, child_id=r.id) for p in r.parent_ids])
+        await self._write_labels(r)
         self.touch(r.id)
 
     async def get(self, id_: str) -> Resource | None:
@@ -133,10 +148,12 @@ class ResourceRepository:
             resources.c.status.in_(["queued", "in_progress"]), resources.c.update_time < before))
         return [self._resource(r) for r in rows]
 
-    async def list(self, offset: int, limit: int, template_id: str = "", state: str = "", status: str = "",
+    async def list(self, after: list | None, limit: int, template_id: str = "", state: str = "", status: str = "",
                    label: str = "", parent_id: str = "", workflow_id: str = "", integration_id: str = "",
                    secret_id: str = "") -> list[Resource]:
-        query = sa.select(resources).order_by(resources.c.create_time, resources.c.id)
+        """Oldest first, after the sort key `after` (create_time, id); every
+        filter is in SQL, with an index for each (see tables.py)."""
+        query = sa.select(resources)
         for column, wanted in ((resources.c.integration_ids, integration_id), (resources.c.secret_ids, secret_id)):
             if wanted:
                 # A JSON list of ids, matched as text (portable across SQLite and
@@ -154,17 +171,18 @@ class ResourceRepository:
         if parent_id:
             query = query.where(resources.c.id.in_(
                 sa.select(resource_links.c.child_id).where(resource_links.c.parent_id == parent_id)))
-        if not label:
-            return [self._resource(r) for r in await self.s.execute(query.offset(offset).limit(limit))]
-        # Labels are a JSON list, matched here to stay portable across SQLite and PostgreSQL.
-        rows = [self._resource(r) for r in await self.s.execute(query)]
-        return [r for r in rows if label in r.labels][offset:offset + limit]
+        if label:
+            query = query.where(resources.c.id.in_(
+                sa.select(resource_labels.c.resource_id).where(resource_labels.c.label == label)))
+        query = after_key(query, (resources.c.create_time, resources.c.id), after).limit(limit)
+        return [self._resource(r) for r in await self.s.execute(query)]
 
     async def update(self, r: Resource, read_version: int) -> None:
         result = await self.s.execute(_UPDATE_RESOURCE, guarded_update_params(self._row(r), read_version))
         if result.rowcount != 1:
             raise Aborted(f"resource {r.id} was changed by someone else just now; read it again and retry",
                           reason="CONCURRENT_CHANGE")
+        await self._write_labels(r)
         self.touch(r.id)
 
     async def delete(self, id_: str) -> None:
@@ -172,6 +190,7 @@ class ResourceRepository:
             resource_links.c.child_id == id_, resource_links.c.parent_id == id_)))
         await self.s.execute(sa.delete(temporary_states).where(temporary_states.c.resource_id == id_))
         await self.s.execute(sa.delete(resource_revisions).where(resource_revisions.c.resource_id == id_))
+        await self.s.execute(sa.delete(resource_labels).where(resource_labels.c.resource_id == id_))
         await self.s.execute(sa.delete(resources).where(resources.c.id == id_))
         self.touch(id_)
 
@@ -213,11 +232,12 @@ class TemporaryStateRepository:
             temporary_states.c.status.in_(["pending", "approval_pending"])))
         return [self._state(r) for r in rows]
 
-    async def list(self, offset: int, limit: int, resource_id: str = "") -> list[TemporaryState]:
-        query = sa.select(temporary_states).order_by(temporary_states.c.create_time, temporary_states.c.id)
+    async def list(self, after: list | None, limit: int, resource_id: str = "") -> list[TemporaryState]:
+        query = sa.select(temporary_states)
         if resource_id:
             query = query.where(temporary_states.c.resource_id == resource_id)
-        return [self._state(r) for r in await self.s.execute(query.offset(offset).limit(limit))]
+        query = after_key(query, (temporary_states.c.create_time, temporary_states.c.id), after).limit(limit)
+        return [self._state(r) for r in await self.s.execute(query)]
 
     async def update(self, t: TemporaryState, read_version: int) -> None:
         values = self._row(t)
@@ -242,10 +262,9 @@ class RevisionRepository:
             variables=r.variables, outputs=_outputs_json(r.outputs), job_id=r.job_id, actor=r.actor,
             create_time=r.create_time))
 
-    async def list(self, resource_id: str, offset: int, limit: int) -> list[Revision]:
-        rows = await self.s.execute(sa.select(resource_revisions).where(
-            resource_revisions.c.resource_id == resource_id).order_by(resource_revisions.c.revision)
-            .offset(offset).limit(limit))
+    async def list(self, resource_id: str, after: list | None, limit: int) -> list[Revision]:
+        rows = await self.s.execute(after_key(sa.select(resource_revisions).where(
+            resource_revisions.c.resource_id == resource_id), (resource_revisions.c.revision,), after).limit(limit))
         return [Revision(r.resource_id, r.revision, r.source_code_version_id, dict(r.variables),
                          _outputs(r.outputs), r.job_id, r.actor, _aware(r.create_time)) for r in rows]
 
@@ -259,11 +278,11 @@ class AuditRepository:
             id=e.id, resource_id=e.resource_id, resource_name=e.resource_name, actor=e.actor, action=e.action,
             revision=e.revision, before=e.before, after=e.after, time=e.time))
 
-    async def list(self, resource_id: str, offset: int, limit: int) -> list[AuditEntry]:
-        rows = await self.s.execute(sa.select(audit_entries).where(audit_entries.c.resource_id == resource_id)
-                                    .order_by(audit_entries.c.seq).offset(offset).limit(limit))
+    async def list(self, resource_id: str, after: list | None, limit: int) -> list[AuditEntry]:
+        rows = await self.s.execute(after_key(sa.select(audit_entries).where(
+            audit_entries.c.resource_id == resource_id), (audit_entries.c.seq,), after).limit(limit))
         return [AuditEntry(r.id, r.resource_id, r.resource_name, r.actor, r.action, r.revision, dict(r.before),
-                           dict(r.after), _aware(r.time)) for r in rows]
+                           dict(r.after), _aware(r.time), seq=r.seq) for r in rows]
 
 
 class SettingsRepository:

@@ -54,6 +54,21 @@ resources = sa.Table(
 sa.Index("uq_resources_storage_path", resources.c.storage_id, resources.c.storage_path, unique=True,
          sqlite_where=resources.c.storage_path != "", postgresql_where=resources.c.storage_path != "")
 
+# The orders and filters of ListResources, each served by an index (keyset
+# pages continue after (create_time, id)).
+sa.Index("ix_resources_created", resources.c.create_time, resources.c.id)
+sa.Index("ix_resources_template_created", resources.c.template_id, resources.c.create_time, resources.c.id)
+sa.Index("ix_resources_workflow_created", resources.c.workflow_id, resources.c.create_time, resources.c.id)
+sa.Index("ix_resources_state_created", resources.c.state, resources.c.create_time, resources.c.id)
+sa.Index("ix_resources_status_created", resources.c.status, resources.c.create_time, resources.c.id)
+
+# Each resource's labels, one row per label: the label filter's index.
+resource_labels = sa.Table(
+    "resource_labels", metadata,
+    sa.Column("label", sa.String(256), primary_key=True),
+    sa.Column("resource_id", sa.String(36), primary_key=True, index=True),
+)
+
 # Parent -> child links, for children lookups (the destroy guard, the tree).
 resource_links = sa.Table(
     "resource_links", metadata,
@@ -79,6 +94,9 @@ temporary_states = sa.Table(
     sa.Column("update_time", TS, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
 )
+sa.Index("ix_temporary_states_resource_created", temporary_states.c.resource_id, temporary_states.c.create_time,
+         temporary_states.c.id)
+sa.Index("ix_temporary_states_created", temporary_states.c.create_time, temporary_states.c.id)
 
 resource_revisions = sa.Table(
     "resource_revisions", metadata,
@@ -106,6 +124,7 @@ audit_entries = sa.Table(
     sa.Column("after", sa.JSON, nullable=False),
     sa.Column("time", TS, nullable=False),
 )
+sa.Index("ix_audit_entries_resource_seq", audit_entries.c.resource_id, audit_entries.c.seq)
 
 # What this service knows of others' settings (the approval flow flag).
 settings = sa.Table(

@@ -102,16 +102,19 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
     async def ListResourceRevisions(self, request, context):
         async with self.uow() as uow:
             await self.lc.get(uow, request.resource_id)
-            found, token = await paginate(lambda o, n: uow.revisions.list(request.resource_id, o, n),
-                                          request.page_size, request.page_token)
+            found, token = await paginate(lambda a, n: uow.revisions.list(request.resource_id, a, n),
+                                          request.page_size, request.page_token,
+                                          {"list": "revisions", "resource_id": request.resource_id},
+                                          lambda r: (r.revision,))
         return pb.ListResourceRevisionsResponse(revisions=[convert.revision_to_pb(r) for r in found],
                                                 next_page_token=token)
 
     async def ListResourceEvents(self, request, context):
         # The audit trail outlives the resource, so a deleted resource's entries stay readable.
         async with self.uow() as uow:
-            found, token = await paginate(lambda o, n: uow.audit.list(request.resource_id, o, n),
-                                          request.page_size, request.page_token)
+            found, token = await paginate(lambda a, n: uow.audit.list(request.resource_id, a, n),
+                                          request.page_size, request.page_token,
+                                          {"list": "audit", "resource_id": request.resource_id}, lambda e: (e.seq,))
         return pb.ListResourceEventsResponse(entries=[convert.audit_to_pb(e) for e in found], next_page_token=token)
 
     async def AddResourceOwner(self, request, context):

@@ -9,7 +9,7 @@ from services.common.auth import Principal
 from services.common.errors import (Aborted, AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
                                     PreconditionViolation)
 from services.common.events import Correlation, new_event
-from services.common.paging import paginate
+from services.common.paging import by_creation, paginate
 from services.common.uow import utcnow
 from services.resource.domain.model import (dry_run_started, APPROVAL_PENDING, DONE, OP_UPDATE, PROVISIONED, TS_APPROVAL_PENDING,
                                             TS_MERGED, TS_PENDING, TS_REJECTED, Resource, TemporaryState, mask)
@@ -81,7 +81,8 @@ class TemporaryStates(LifecycleBase):
         return t
 
     async def list_temporary_states(self, uow, resource_id: str, page_size: int, page_token: str):
-        return await paginate(lambda o, n: uow.temporary_states.list(o, n, resource_id), page_size, page_token)
+        return await paginate(lambda a, n: uow.temporary_states.list(a, n, resource_id), page_size, page_token,
+                              {"list": "temporary_states", "resource_id": resource_id}, by_creation)
 
     async def update_temporary_state(self, uow, principal: Principal, changes: TemporaryState, mask_: list[str],
                                      etag: str) -> TemporaryState:

@@ -171,6 +171,7 @@ class AuditEntry:
     before: dict[str, Any]
     after: dict[str, Any]
     time: dt.datetime
+    seq: int = 0  # its place in the trail (assigned when stored)
 
 
 def mask(values: dict[str, Any], sensitive: list[str]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.db import guarded_update, guarded_update_params
 from services.common.errors import Aborted
+from services.common.paging import after_key
 from services.common.vault import Vault
 from services.workflow.adapters.tables import steps, workflows
 from services.workflow.domain.model import Step, WiringRule, Workflow
@@ -103,12 +104,13 @@ class WorkflowRepository:
         row = (await self.s.execute(_WORKFLOW, {"id": id_})).first()
         return self._workflow(row) if row else None
 
-    async def list(self, offset: int, limit: int, blueprint_id: str = "", status: str = "") -> list[Workflow]:
-        q = sa.select(workflows).order_by(workflows.c.create_time, workflows.c.id).offset(offset).limit(limit)
+    async def list(self, after: list | None, limit: int, blueprint_id: str = "", status: str = "") -> list[Workflow]:
+        q = sa.select(workflows)
         if blueprint_id:
             q = q.where(workflows.c.blueprint_id == blueprint_id)
         if status:
             q = q.where(workflows.c.status == status)
+        q = after_key(q, (workflows.c.create_time, workflows.c.id), after).limit(limit)
         return [self._workflow(r) for r in await self.s.execute(q)]
 
     async def in_progress(self) -> list[Workflow]:

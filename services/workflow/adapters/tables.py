@@ -43,3 +43,8 @@ steps = sa.Table(
     sa.Column("completion_time", TS, nullable=True),
     sa.Column("version", sa.Integer, nullable=False),
 )
+
+# ListWorkflows: keyset pages by (create_time, id), alone or per blueprint or status.
+sa.Index("ix_workflows_created", workflows.c.create_time, workflows.c.id)
+sa.Index("ix_workflows_blueprint_created", workflows.c.blueprint_id, workflows.c.create_time, workflows.c.id)
+sa.Index("ix_workflows_status_created", workflows.c.status, workflows.c.create_time, workflows.c.id)

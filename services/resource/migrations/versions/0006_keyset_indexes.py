@@ -1,0 +1,46 @@
+"""Keyset pagination: an index for each order and filter of the Lists, and
+resource labels as rows (the label filter's index), filled from the
+resources' labels.
+
+Revision ID: resource_0006
+"""
+import json
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "resource_0006"
+down_revision = "resource_0005"
+
+INDEXES = {
+    "ix_resources_created": ("resources", ["create_time", "id"]),
+    "ix_resources_template_created": ("resources", ["template_id", "create_time", "id"]),
+    "ix_resources_workflow_created": ("resources", ["workflow_id", "create_time", "id"]),
+    "ix_resources_state_created": ("resources", ["state", "create_time", "id"]),
+    "ix_resources_status_created": ("resources", ["status", "create_time", "id"]),
+    "ix_temporary_states_resource_created": ("temporary_states", ["resource_id", "create_time", "id"]),
+    "ix_temporary_states_created": ("temporary_states", ["create_time", "id"]),
+    "ix_audit_entries_resource_seq": ("audit_entries", ["resource_id", "seq"]),
+}
+
+
+def upgrade() -> None:
+    op.create_table(
+        "resource_labels",
+        sa.Column("label", sa.String(256), primary_key=True),
+        sa.Column("resource_id", sa.String(36), primary_key=True, index=True),
+    )
+    rows = op.get_bind().execute(sa.text("SELECT id, labels FROM resources")).fetchall()
+    labels = sa.table("resource_labels", sa.column("label"), sa.column("resource_id"))
+    values = [{"label": label, "resource_id": rid} for rid, raw in rows
+              for label in dict.fromkeys(json.loads(raw) if isinstance(raw, str) else (raw or []))]
+    if values:
+        op.bulk_insert(labels, values)
+    for name, (table, columns) in INDEXES.items():
+        op.create_index(name, table, columns)
+
+
+def downgrade() -> None:
+    for name, (table, _) in INDEXES.items():
+        op.drop_index(name, table_name=table)
+    op.drop_table("resource_labels")
