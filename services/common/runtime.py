@@ -71,7 +71,8 @@ class Runtime:
     def __init__(self, definition: ServiceDefinition, settings: Settings):
         self.definition = definition
         self.settings = settings
-        self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous,
+                           wal_limit=int(settings.env.get("IK_SQLITE_WAL_LIMIT", str(64 * 1024 * 1024))))
         self.bus = EventBus(settings.nats_url, settings.event_prefix, client_name=f"ik-{definition.name}",
                             connect_options=nats_options(settings.env))
         md = definition.metadata

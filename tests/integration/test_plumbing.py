@@ -401,3 +401,30 @@ async def test_a_relay_failure_without_a_message_still_says_what_failed(plumbing
     [line] = {r.getMessage() for r in caplog.records if "outbox relay" in r.getMessage()}
     assert line == "outbox relay: TimeoutError: (no detail); retrying"
     assert await p.count(outbox_table) == 1, "kept for the next try"
+
+
+async def test_the_sqlite_wal_stays_bounded_under_sustained_writes(tmp_path):
+    """Without a bound the WAL file keeps the largest size it ever reached;
+    with journal_size_limit and the checkpoints it is cut back to the limit."""
+    limit = 256 * 1024
+    db = Database(f"sqlite:///{tmp_path / 'wal.db'}", wal_limit=limit)
+    wal = tmp_path / "wal.db-wal"
+    try:
+        async with db.engine.begin() as conn:
+            await conn.execute(sa.text("CREATE TABLE rows (id INTEGER PRIMARY KEY, body TEXT)"))
+        largest = 0
+        for batch in range(40):  # ~4 MiB written, checkpointed now and then as the service does
+            async with db.engine.begin() as conn:
+                await conn.execute(sa.text("INSERT INTO rows (body) VALUES (:b)"), [{"b": "x" * 1000}] * 100)
+            largest = max(largest, wal.stat().st_size)
+            if batch % 5 == 4:
+                await asyncio.to_thread(db.checkpoint, "PASSIVE")
+        assert largest > limit, "the writes did fill the WAL beyond the limit between checkpoints"
+        await asyncio.to_thread(db.checkpoint, "PASSIVE")
+        async with db.engine.begin() as conn:  # the next write starts the WAL over, cut back to the limit
+            await conn.execute(sa.text("INSERT INTO rows (body) VALUES ('y')"))
+        assert wal.stat().st_size <= limit
+        await asyncio.to_thread(db.checkpoint, "TRUNCATE")
+        assert wal.stat().st_size == 0
+    finally:
+        await db.dispose()
