@@ -129,6 +129,24 @@ async def test_list_templates_pages_and_filters(svc):
     assert [t.key for t in enabled.templates] == ["t4"]
     bad = await rpc_error(svc.stub.ListTemplates(pb.ListTemplatesRequest(page_token="garbage"), metadata=svc.md))
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in field_violations(bad)
+    # Label filters page too (a page of one label, then the next).
+    first = await svc.stub.ListTemplates(pb.ListTemplatesRequest(label="even", page_size=2), metadata=svc.md)
+    rest = await svc.stub.ListTemplates(pb.ListTemplatesRequest(label="even", page_size=2,
+                                                                page_token=first.next_page_token), metadata=svc.md)
+    assert [t.key for t in first.templates] + [t.key for t in rest.templates] == ["t0", "t2", "t4"]
+
+
+async def test_batch_get_returns_every_template_in_order_or_names_the_missing_one(svc):
+    made = [await make_template(svc, f"b{i}") for i in range(3)]
+    ids = [made[2].id, made[0].id, made[1].id]
+    got = await svc.stub.BatchGetTemplates(pb.BatchGetTemplatesRequest(ids=ids), metadata=svc.md)
+    assert [t.id for t in got.templates] == ids
+    missing = await rpc_error(svc.stub.BatchGetTemplates(pb.BatchGetTemplatesRequest(ids=[made[0].id, "nope"]),
+                                                         metadata=svc.md))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND and "nope" in missing.details()
+    too_many = await rpc_error(svc.stub.BatchGetTemplates(pb.BatchGetTemplatesRequest(ids=["x"] * 1001),
+                                                          metadata=svc.md))
+    assert too_many.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 # --- source code versions ----------------------------------------------------------

@@ -114,6 +114,12 @@ class SourceCodeVersionRepository:
         row = (await self.s.execute(sa.select(source_code_versions).where(source_code_versions.c.id == id_))).first()
         return self._version(row) if row else None
 
+    async def get_many(self, ids: list[str]) -> dict[str, SourceCodeVersion]:
+        if not ids:
+            return {}
+        rows = await self.s.execute(sa.select(source_code_versions).where(source_code_versions.c.id.in_(ids)))
+        return {r.id: self._version(r) for r in rows}
+
     async def default_for(self, template_id: str) -> SourceCodeVersion | None:
         row = (await self.s.execute(sa.select(source_code_versions).where(
             source_code_versions.c.template_id == template_id, source_code_versions.c.is_default.is_(True)))).first()

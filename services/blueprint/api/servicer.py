@@ -29,6 +29,16 @@ class BlueprintServicer(blueprint_pb2_grpc.BlueprintServiceServicer):
         async with self.uow() as uow:
             return convert.template_to_pb(await catalog.get_template(uow, request.id))
 
+    async def BatchGetTemplates(self, request, context):
+        async with self.uow() as uow:
+            found = await catalog.batch_get(uow.templates, "template", list(request.ids))
+        return pb.BatchGetTemplatesResponse(templates=[convert.template_to_pb(t) for t in found])
+
+    async def BatchGetSourceCodeVersions(self, request, context):
+        async with self.uow() as uow:
+            found = await catalog.batch_get(uow.versions, "source code version", list(request.ids))
+        return pb.BatchGetSourceCodeVersionsResponse(source_code_versions=[convert.version_to_pb(v) for v in found])
+
     async def ListTemplates(self, request, context):
         async with self.uow() as uow:
             found, token = await catalog.list_templates(uow, request.page_size, request.page_token, request.label,

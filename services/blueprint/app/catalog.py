@@ -87,6 +87,19 @@ async def get_template(uow, id_: str) -> Template:
     return t
 
 
+MAX_BATCH = 1000
+
+
+async def batch_get(repo, kind: str, ids: list[str]) -> list:
+    """AIP-231: every one of `ids`, in order, or NOT_FOUND naming the first missing."""
+    if len(ids) > MAX_BATCH:
+        raise InvalidArgument.of("ids", f"at most {MAX_BATCH} ids")
+    found = await repo.get_many(list(dict.fromkeys(ids)))
+    if missing := next((i for i in ids if i not in found), None):
+        raise NotFound(kind, missing)
+    return [found[i] for i in ids]
+
+
 async def list_templates(uow, page_size: int, page_token: str, label: str = "",
                          enabled: bool | None = None) -> tuple[list[Template], str]:
     return await paginate(lambda after, limit: uow.templates.list(after, limit, label, enabled),

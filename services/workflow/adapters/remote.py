@@ -75,15 +75,23 @@ class Remote:
                                        bp.PreviewBlueprintRequest(id=id_, revision=b.revision))
         return b, plan
 
-    async def template(self, id_: str):
-        return await self.clients.call("blueprint", self.blueprint.GetTemplate, bp.GetTemplateRequest(id=id_))
+    async def templates(self, ids: list[str]) -> dict:
+        """Template id -> Template, in one call (every id must exist)."""
+        if not ids:
+            return {}
+        got = await self.clients.call("blueprint", self.blueprint.BatchGetTemplates,
+                                      bp.BatchGetTemplatesRequest(ids=list(dict.fromkeys(ids))))
+        return {t.id: t for t in got.templates}
 
-    async def version_variables(self, version_id: str) -> VersionVariables:
-        """The version's variables, and which are sensitive (masked wherever the workflow shows them)."""
-        v = await self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,
-                                    bp.GetSourceCodeVersionRequest(id=version_id))
-        return VersionVariables(frozenset(x.name for x in v.variables), tuple(x.name for x in v.variables
-                                                                              if x.sensitive))
+    async def versions_variables(self, ids: list[str]) -> dict[str, VersionVariables]:
+        """Version id -> its variables, in one call (every id must exist)."""
+        if not ids:
+            return {}
+        got = await self.clients.call("blueprint", self.blueprint.BatchGetSourceCodeVersions,
+                                      bp.BatchGetSourceCodeVersionsRequest(ids=list(dict.fromkeys(ids))))
+        return {v.id: VersionVariables(frozenset(x.name for x in v.variables),
+                                       tuple(x.name for x in v.variables if x.sensitive))
+                for v in got.source_code_versions}
 
     async def version_source(self, version_id: str) -> ep.JobSource:
         """Where the version's module is, as a job checks it out."""
