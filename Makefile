@@ -15,7 +15,7 @@ PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_part
 export IK_DATA_DIR ?= $(CURDIR)/.data
 export IK_TERRAFORM_PLUGIN_DIR ?= $(CURDIR)/$(VENV)/terraform-plugins
 
-.PHONY: help install proto plugins sandbox nats run token test lint bench clean
+.PHONY: help install proto plugins sandbox nats run token test lint bench bench-api clean
 
 help:
 	@echo "make run    install everything and start NATS (if needed) and the five services"
@@ -87,6 +87,11 @@ test: install nats lint
 # and records them in docs/performance.md.
 bench: install nats
 	$(PY) -m bench.workflow_bench --write
+
+# Reads at 100k resources (SQLite and PostgreSQL) and the catalog at 500
+# templates: records them in docs/performance-api.md.
+bench-api: install nats
+	$(PY) -m bench.api_bench --write
 
 clean:
 	rm -rf $(GEN) $(VENV) $(TOOLS) .data .pytest_cache
