@@ -182,10 +182,12 @@ async def test_with_the_approval_flow_steps_wait_for_owners(p):
         assert "approval" in step.waiting_reason and step.status == wp.STEP_STATUS_IN_PROGRESS
         assert not [j for j in (await p.executor.ListJobs(ep.ListJobsRequest(resource_id=step.resource_id),
                                                           metadata=p.md)).jobs]
-        requests = await p.approval.ListApprovalRequests(ap.ListApprovalRequestsRequest(
-            resource_id=step.resource_id, status=ap.APPROVAL_STATUS_PENDING), metadata=p.md)
-        await p.approval.ApproveRequest(ap.ApproveRequestRequest(id=requests.approval_requests[0].id),
-                                        metadata=p.md)
+        async def opened(resource_id=step.resource_id):  # the approval service opens it from the resource's event
+            found = await p.approval.ListApprovalRequests(ap.ListApprovalRequestsRequest(
+                resource_id=resource_id, status=ap.APPROVAL_STATUS_PENDING), metadata=p.md)
+            return found.approval_requests[0] if found.approval_requests else None
+        request = await eventually(opened, timeout=30)
+        await p.approval.ApproveRequest(ap.ApproveRequestRequest(id=request.id), metadata=p.md)
     done = await wait_workflow(p, w.id, (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR))
     assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
 
