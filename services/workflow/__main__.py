@@ -16,7 +16,11 @@ def setup(runtime) -> None:
     vault = Vault.from_settings(runtime.settings)
     runtime.uow_options = {"vault": vault}
     runtime.clients = ServiceClients(runtime.settings, "workflow", runtime.identity)
-    runtime.workflows = Workflows(Remote(runtime.clients), runtime.uow, hash_key=vault.derive("plan-inputs"))
+    schedule = runtime.settings.env.get("IK_WORKFLOW_SCHEDULE", "ready")
+    if schedule not in ("ready", "level"):
+        raise ValueError("IK_WORKFLOW_SCHEDULE must be ready (the default) or level (benchmarks)")
+    runtime.workflows = Workflows(Remote(runtime.clients), runtime.uow, hash_key=vault.derive("plan-inputs"),
+                                  level_barrier=schedule == "level")
 
 
 DEFINITION = ServiceDefinition(

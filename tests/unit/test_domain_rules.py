@@ -87,6 +87,9 @@ def test_variable_precedence_and_ready_queue():
     w.max_parallel_steps = 2
     assert [s.id for s in ready_steps(w, [vpc, eks, rds, slow, leaf])] == ["s3"]
     assert rds.status == PENDING
+    # The level-by-level schedule (the benchmark's baseline): the leaf waits for its whole level.
+    w.max_parallel_steps = 0
+    assert [s.id for s in ready_steps(w, [vpc, eks, rds, slow, leaf], level_barrier=True)] == ["s3"]
 
 
 def test_teardown_goes_in_reverse_dependency_order():

@@ -37,10 +37,12 @@ def _slug(text: str) -> str:
 
 
 class WorkflowsBase:
-    def __init__(self, remote: Remote, uow_factory, hash_key: bytes = b""):
+    def __init__(self, remote: Remote, uow_factory, hash_key: bytes = b"", level_barrier: bool = False):
         self.remote = remote
         self.uow_factory = uow_factory
         self.hash_key = hash_key  # keys the digests of plan inputs (see inputs_hash)
+        # IK_WORKFLOW_SCHEDULE=level: the level-by-level schedule, for the benchmark's comparison only.
+        self.level_barrier = level_barrier
 
     # --- events --------------------------------------------------------------------
 

@@ -69,7 +69,8 @@ class Execution(WorkflowsBase):
         if w.cancelled_by:  # nothing starts any more; it ends once nothing runs
             await self._end_if_stopped(uow, w, actor)
             return
-        if completed is not None and w.max_parallel_steps == 0 and w.on_failure != CONTINUE_INDEPENDENT:
+        if completed is not None and w.max_parallel_steps == 0 and w.on_failure != CONTINUE_INDEPENDENT \
+                and not self.level_barrier:
             if await uow.steps.count_not_done(w.id) == 0:
                 return await self._complete(uow, w, actor)
             ready, upstream = [], {}
@@ -84,7 +85,7 @@ class Execution(WorkflowsBase):
             if steps and all(s.status == DONE for s in steps) or not steps:
                 return await self._complete(uow, w, actor)
             upstream = {s.template_id: s for s in steps if s.status == DONE}
-            ready = ready_steps(w, steps)
+            ready = ready_steps(w, steps, self.level_barrier)
             if not ready and not any(s.status == IN_PROGRESS for s in steps):
                 await self._end_if_stopped(uow, w, actor)  # failed steps leave nothing that can run
                 return

@@ -131,12 +131,17 @@ def resolve_variables(step: Step, wiring: list[WiringRule], upstream: dict[str, 
     return values
 
 
-def ready_steps(workflow: Workflow, steps: list[Step]) -> list[Step]:
+def ready_steps(workflow: Workflow, steps: list[Step], level_barrier: bool = False) -> list[Step]:
     """Pending steps whose own dependencies are all done (not their whole
-    level), in position order, within the workflow's parallelism limit."""
+    level), in position order, within the workflow's parallelism limit.
+    `level_barrier` is the schedule peers use, kept for the benchmark's
+    measured comparison: a step also waits for every step of lower
+    positions (its whole previous level) to be done."""
     done = {s.id for s in steps if s.status == DONE}
     running = sum(1 for s in steps if s.status == IN_PROGRESS)
-    ready = sorted((s for s in steps if s.status == PENDING and all(d in done for d in s.depends_on)),
+    level = min((s.position for s in steps if s.status != DONE), default=0)
+    ready = sorted((s for s in steps if s.status == PENDING and all(d in done for d in s.depends_on)
+                    and (not level_barrier or s.position == level)),
                    key=lambda s: (s.position, s.template_name))
     if workflow.max_parallel_steps > 0:
         ready = ready[:max(0, workflow.max_parallel_steps - running)]
