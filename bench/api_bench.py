@@ -73,7 +73,7 @@ def seed(url: str, template_id: str, count: int) -> list[str]:
                         workflow_id="", step_id="", ever_provisioned=False, last_dry_run={}, create_time=moment,
                         update_time=moment, version=1))
                     if n % 10 == 0:
-                        labels.append(dict(label="tenth", resource_id=ids[n]))
+                        labels.append(dict(label="tenth", resource_id=ids[n], create_time=moment))
                 conn.execute(sa.insert(resources), rows)
                 conn.execute(sa.insert(resource_labels), labels)
     finally:

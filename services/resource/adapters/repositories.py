@@ -68,7 +68,8 @@ class ResourceRepository:
             return
         await self.s.execute(sa.delete(resource_labels).where(resource_labels.c.resource_id == r.id))
         if r.labels:
-            await self.s.execute(_INSERT["resource_labels"], [dict(label=label, resource_id=r.id)
+            await self.s.execute(_INSERT["resource_labels"], [dict(label=label, resource_id=r.id,
+                                                                   create_time=r.create_time)
                                                               for label in dict.fromkeys(r.labels)])
         self._labels_read[r.id] = tuple(r.labels)
 
@@ -171,10 +172,13 @@ class ResourceRepository:
         if parent_id:
             query = query.where(resources.c.id.in_(
                 sa.select(resource_links.c.child_id).where(resource_links.c.parent_id == parent_id)))
-        if label:
-            query = query.where(resources.c.id.in_(
-                sa.select(resource_labels.c.resource_id).where(resource_labels.c.label == label)))
-        query = after_key(query, (resources.c.create_time, resources.c.id), after).limit(limit)
+        if label:  # the label's rows give the order: a range scan of (label, create_time, resource_id)
+            query = query.join(resource_labels, resource_labels.c.resource_id == resources.c.id).where(
+                resource_labels.c.label == label)
+            order = (resource_labels.c.create_time, resource_labels.c.resource_id)
+        else:
+            order = (resources.c.create_time, resources.c.id)
+        query = after_key(query, order, after).limit(limit)
         return [self._resource(r) for r in await self.s.execute(query)]
 
     async def update(self, r: Resource, read_version: int) -> None:

@@ -62,12 +62,16 @@ sa.Index("ix_resources_workflow_created", resources.c.workflow_id, resources.c.c
 sa.Index("ix_resources_state_created", resources.c.state, resources.c.create_time, resources.c.id)
 sa.Index("ix_resources_status_created", resources.c.status, resources.c.create_time, resources.c.id)
 
-# Each resource's labels, one row per label: the label filter's index.
+# Each resource's labels, one row per label, with the resource's creation
+# time: a label's page is a range of (label, create_time, resource_id).
 resource_labels = sa.Table(
     "resource_labels", metadata,
     sa.Column("label", sa.String(256), primary_key=True),
     sa.Column("resource_id", sa.String(36), primary_key=True, index=True),
+    sa.Column("create_time", TS, nullable=False),
 )
+sa.Index("ix_resource_labels_created", resource_labels.c.label, resource_labels.c.create_time,
+         resource_labels.c.resource_id)
 
 # Parent -> child links, for children lookups (the destroy guard, the tree).
 resource_links = sa.Table(

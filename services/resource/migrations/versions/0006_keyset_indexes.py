@@ -21,6 +21,7 @@ INDEXES = {
     "ix_temporary_states_resource_created": ("temporary_states", ["resource_id", "create_time", "id"]),
     "ix_temporary_states_created": ("temporary_states", ["create_time", "id"]),
     "ix_audit_entries_resource_seq": ("audit_entries", ["resource_id", "seq"]),
+    "ix_resource_labels_created": ("resource_labels", ["label", "create_time", "resource_id"]),
 }
 
 
@@ -29,10 +30,12 @@ def upgrade() -> None:
         "resource_labels",
         sa.Column("label", sa.String(256), primary_key=True),
         sa.Column("resource_id", sa.String(36), primary_key=True, index=True),
+        sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
     )
-    rows = op.get_bind().execute(sa.text("SELECT id, labels FROM resources")).fetchall()
-    labels = sa.table("resource_labels", sa.column("label"), sa.column("resource_id"))
-    values = [{"label": label, "resource_id": rid} for rid, raw in rows
+    rows = op.get_bind().execute(sa.text("SELECT id, labels, create_time FROM resources")).fetchall()
+    labels = sa.table("resource_labels", sa.column("label"), sa.column("resource_id"),
+                      sa.column("create_time", sa.DateTime(timezone=True)))
+    values = [{"label": label, "resource_id": rid, "create_time": created} for rid, raw, created in rows
               for label in dict.fromkeys(json.loads(raw) if isinstance(raw, str) else (raw or []))]
     if values:
         op.bulk_insert(labels, values)
