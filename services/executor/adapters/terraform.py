@@ -31,6 +31,7 @@ from typing import Any
 
 from services.common.config import Settings
 from services.common.git import GitError, checkout, redact_url
+from services.executor.adapters.checkouts import CheckoutCache
 from services.executor.adapters.sandbox import Sandbox
 from services.executor.domain.model import (APPLY, DESTROY, LOCAL, PG, PLAN, Output, PlanSummary, Redactor,
                                             Storage, plan_state_meta, plan_summary_from_json, protected_env_name,
@@ -59,6 +60,7 @@ class TerraformConfig:
     default_state_dir: Path
     cancel_grace: float
     sandbox: Sandbox = Sandbox("off")
+    checkouts: CheckoutCache | None = None  # trees of commits already checked out
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TerraformConfig":
@@ -71,6 +73,8 @@ class TerraformConfig:
             default_state_dir=Path(env.get("IK_EXECUTOR_STATE_DIR") or settings.data_dir / "state"),
             cancel_grace=float(env.get("IK_EXECUTOR_CANCEL_GRACE", "10")),
             sandbox=Sandbox.from_env(env),
+            checkouts=CheckoutCache(Path(env.get("IK_EXECUTOR_CHECKOUT_CACHE") or settings.data_dir / "checkouts"),
+                                    max_entries=int(env.get("IK_EXECUTOR_CHECKOUT_CACHE_ENTRIES", "256"))),
         )
 
 
@@ -235,7 +239,12 @@ class TerraformRun:
         self.say(f"sandbox: {self.config.sandbox.kind}")
         self.say(f"checking out {redact_url(spec.repository_url)} at {spec.ref}")
         try:
-            result.commit = await checkout(spec.repository_url, spec.ref, src)
+            if self.config.checkouts is not None:
+                result.commit, reused = await self.config.checkouts.checkout(spec.repository_url, spec.ref, src)
+                if reused:
+                    self.say("the tree of this commit was checked out before: reused")
+            else:
+                result.commit = await checkout(spec.repository_url, spec.ref, src)
         except GitError as exc:
             raise RunFailed(f"source {exc.field}: {exc.message}") from None
         module = (src / spec.path).resolve() if spec.path else src
