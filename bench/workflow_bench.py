@@ -10,7 +10,8 @@ Prints (and writes to docs/performance.md with --write):
    measured job durations), and the makespan a level-by-level schedule would
    have had with the same job durations;
 3. orchestration time per step beside Terraform's own time per step (no-op module);
-4. the time to plan the example and a 30-step DAG (bench/plan_bench.py).
+4. throughput: 20 workflows of 10 steps at once (bench/throughput_bench.py);
+5. the time to plan the example and a 30-step DAG (bench/plan_bench.py).
 Figures are ratios against baselines measured in the same run."""
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from infrakitchen.executor.v1 import executor_pb2_grpc
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
 from infrakitchen.workflow.v1 import workflow_pb2_grpc
 from bench.plan_bench import PLAN_DAG_STEPS, plan_figures
+from bench.throughput_bench import STEPS, WORKFLOWS, throughput_figures
 from tests.support.gitrepos import ModuleRepo
 from tests.support.processes import ServiceProcesses, drop_streams
 
@@ -183,8 +185,10 @@ def main() -> None:
     parser.add_argument("--chain-length", type=int, default=CHAIN, help="steps per dispatch chain")
     parser.add_argument("--skip-dag", action="store_true", help="dispatch figures only (quick look while tuning)")
     parser.add_argument("--plans-only", action="store_true", help="the planning figures only (quick look)")
+    parser.add_argument("--throughput-only", action="store_true", help="the throughput figures only (quick look)")
     args = parser.parse_args()
-    if args.write and (args.skip_dag or args.plans_only or args.chains * (args.chain_length - 1) < 200):
+    if args.write and (args.skip_dag or args.plans_only or args.throughput_only
+                       or args.chains * (args.chain_length - 1) < 200):
         parser.error("--write records the full benchmark: 200+ dispatches and the DAG")
 
     work = Path(tempfile.mkdtemp(prefix="ik-bench-"))
@@ -211,6 +215,9 @@ def main() -> None:
         dag_bp = bench.blueprint_of("dag", dag, edges, seconds)
 
         plan_dag = (dag[:PLAN_DAG_STEPS], [(a, b) for a, b in edges if b < PLAN_DAG_STEPS])
+        if args.throughput_only:
+            print("\n".join(throughput_figures(bench, procs, chain)))
+            return
         if args.plans_only:
             print("\n".join(plan_figures(bench, procs.target("blueprint"), work, *plan_dag)))
             return
@@ -261,6 +268,8 @@ def main() -> None:
         level_by_level = statistics.median(m for m, _ in levelled)
         p50_dispatch = statistics.median(dispatch)
 
+        print(f"throughput: {WORKFLOWS} workflows of {STEPS} steps at once ...", flush=True)
+        throughput = throughput_figures(bench, procs, chain)
         print("planning: the example and a 30-step DAG ...", flush=True)
         planning = plan_figures(bench, procs.target("blueprint"), work, *plan_dag)
         noop = statistics.median(terraform)
@@ -326,6 +335,7 @@ def main() -> None:
             "the longest dependency chain summed over each run's measured job durations; it assumes as many "
             "workers as the DAG is wide, which two are not.",
             "",
+            *throughput,
             *planning,
         ]
         report = "\n".join(lines) + "\n"
