@@ -23,6 +23,8 @@ help:
 	@echo "make token  print a fresh local admin token (last line)"
 	@echo "make lint   buf lint of protos/"
 	@echo "make proto  regenerate Python code from protos/ into gen/"
+	@echo "make bench  orchestration benchmarks (docs/performance.md)"
+	@echo "make bench-api  reads at 100k resources and the catalog at 500 templates (docs/performance-api.md)"
 
 # The virtualenv, rebuilt when requirements.txt changes. The .pth file puts the
 # repository root and gen/ on sys.path so `python -m services.<context>` works.
