@@ -87,3 +87,13 @@ def _concurrent_change(err: grpc.aio.AioRpcError) -> bool:
         return False
     info = status_details(err).get("ErrorInfo")
     return info is not None and info.reason == "CONCURRENT_CHANGE"
+
+
+async def found_or_none(call):
+    """The answer of a remote read, or None when the callee says NOT_FOUND."""
+    try:
+        return await call
+    except RemoteError as err:
+        if err.code == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise

@@ -40,3 +40,17 @@ def run_env() -> None:
                 context.run_migrations()
     finally:
         engine.dispose()
+
+
+def create_indexes(indexes: dict[str, tuple[str, list[str]]]) -> None:
+    """In a revision's upgrade(): index name -> (table, columns)."""
+    from alembic import op
+    for name, (table, columns) in indexes.items():
+        op.create_index(name, table, columns)
+
+
+def drop_indexes(indexes: dict[str, tuple[str, list[str]]]) -> None:
+    """In a revision's downgrade(): the indexes create_indexes made."""
+    from alembic import op
+    for name, (table, _) in indexes.items():
+        op.drop_index(name, table_name=table)

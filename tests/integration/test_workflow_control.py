@@ -18,6 +18,7 @@ from infrakitchen.common.v1 import retry_pb2
 from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
+from tests.integration.test_resource_approvals import set_flow
 from tests.integration.test_workflows import by_template, overrides, run, shared, wait_workflow
 from tests.support.grpc_asserts import field_violations, precondition_violations, rpc_error
 from tests.support.platform import Platform
@@ -82,12 +83,7 @@ async def test_cancel_during_an_apply_stops_it_and_a_later_execute_finishes_the_
 
 
 async def test_cancelling_a_workflow_that_waits_for_approval_withdraws_the_request(p):
-    await p.approval.UpdateApprovalFlow(ap.UpdateApprovalFlowRequest(enabled=True), metadata=p.admin)
-
-    async def known():
-        async with p.inner["resource"].runtime.uow() as uow:
-            return await uow.settings.get("approval_flow") is True
-    await eventually(known, timeout=20)
+    await set_flow(p, True)
     blueprint = await p.blueprint_of("waits", {"network": {"cidr": "10.0.0.0/16"}}, [])
     w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
                                         metadata=p.md)

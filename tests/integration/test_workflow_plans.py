@@ -16,6 +16,7 @@ from infrakitchen.approval.v1 import approval_pb2 as ap
 from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
+from tests.integration.test_resource_approvals import set_flow
 from tests.integration.test_workflows import by_template, overrides, run, shared, wait_workflow
 from tests.support.grpc_asserts import precondition_violations, reason, rpc_error
 from tests.support.waiting import eventually
@@ -104,16 +105,6 @@ async def test_a_failed_workflow_is_planned_again_with_the_real_outputs_of_its_d
 
 
 # --- executing a plan ------------------------------------------------------------------------------
-
-async def set_flow(p, enabled: bool) -> None:
-    """The approval flow, as the resource service knows it too (it learns it from an event)."""
-    await p.approval.UpdateApprovalFlow(ap.UpdateApprovalFlowRequest(enabled=enabled), metadata=p.admin)
-
-    async def known():
-        async with p.inner["resource"].runtime.uow() as uow:
-            return await uow.settings.get("approval_flow") == enabled
-    await eventually(known, timeout=20)
-
 
 async def plan_request(p, workflow_id: str, step_id: str = "") -> ap.ApprovalRequest:
     """The pending approval request of the workflow's plan (or of one step's new plan)."""

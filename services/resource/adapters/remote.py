@@ -11,7 +11,7 @@ from infrakitchen.approval.v1 import approval_pb2, approval_pb2_grpc
 from infrakitchen.blueprint.v1 import blueprint_pb2, blueprint_pb2_grpc
 from infrakitchen.executor.v1 import executor_pb2, executor_pb2_grpc
 from services.common.auth import Role
-from services.common.clients import RemoteError, ServiceClients
+from services.common.clients import RemoteError, ServiceClients, found_or_none
 from services.common.values import from_value, to_struct
 from services.resource.adapters.catalog import INTEGRATION_SECONDS, CatalogCache, revision_of
 from services.resource.domain.model import Output
@@ -192,31 +192,17 @@ class Remote:
         return job.id
 
     async def job(self, id_: str) -> JobInfo | None:
-        try:
-            return job_info(await self.clients.call("executor", self.executor.GetJob,
-                                                    executor_pb2.GetJobRequest(id=id_)))
-        except RemoteError as err:
-            if err.code == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+        job = await self.job_detail(id_)
+        return job_info(job) if job is not None else None
 
     async def job_detail(self, id_: str):
         """The executor's Job message (correlation, state path, plan summary), or None."""
-        try:
-            return await self.clients.call("executor", self.executor.GetJob, executor_pb2.GetJobRequest(id=id_))
-        except RemoteError as err:
-            if err.code == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+        return await found_or_none(self.clients.call("executor", self.executor.GetJob,
+                                                     executor_pb2.GetJobRequest(id=id_)))
 
     async def approval_request(self, id_: str):
-        try:
-            return await self.clients.call("approval", self.approval.GetApprovalRequest,
-                                           approval_pb2.GetApprovalRequestRequest(id=id_))
-        except RemoteError as err:
-            if err.code == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+        return await found_or_none(self.clients.call("approval", self.approval.GetApprovalRequest,
+                                                     approval_pb2.GetApprovalRequestRequest(id=id_)))
 
     async def approval_flow(self) -> bool:
         flow = await self.clients.call("approval", self.approval.GetApprovalFlow,

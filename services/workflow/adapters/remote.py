@@ -15,7 +15,7 @@ from infrakitchen.executor.v1 import executor_pb2_grpc
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.resource.v1 import resource_pb2_grpc
 from services.common.auth import Role
-from services.common.clients import RemoteError, ServiceClients
+from services.common.clients import RemoteError, ServiceClients, found_or_none
 from services.common.values import from_struct, from_value, to_struct
 
 
@@ -133,12 +133,7 @@ class Remote:
 
     async def job(self, id_: str):
         """The executor's Job message, or None when there is no such job."""
-        try:
-            return await self.clients.call("executor", self.executor.GetJob, ep.GetJobRequest(id=id_))
-        except RemoteError as err:
-            if err.code == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+        return await found_or_none(self.clients.call("executor", self.executor.GetJob, ep.GetJobRequest(id=id_)))
 
     async def cancel_job(self, user: str, job_id: str) -> None:
         """Interrupts a job (SIGINT first); a job that has ended already is left as it is."""
@@ -189,12 +184,7 @@ class Remote:
 
     async def find_resource(self, resource_id: str) -> ResourceInfo | None:
         """The resource, or None when it no longer exists."""
-        try:
-            return await self.get_resource(resource_id)
-        except RemoteError as err:
-            if err.code == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+        return await found_or_none(self.get_resource(resource_id))
 
     async def children(self, resource_id: str) -> list[ResourceInfo]:
         found, token = [], ""

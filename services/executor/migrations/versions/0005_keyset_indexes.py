@@ -2,7 +2,7 @@
 
 Revision ID: executor_0005
 """
-from alembic import op
+from services.common.migrations import create_indexes, drop_indexes
 
 revision = "executor_0005"
 down_revision = "executor_0004"
@@ -19,10 +19,8 @@ INDEXES = {
 
 
 def upgrade() -> None:
-    for name, (table, columns) in INDEXES.items():
-        op.create_index(name, table, columns)
+    create_indexes(INDEXES)
 
 
 def downgrade() -> None:
-    for name, (table, _) in INDEXES.items():
-        op.drop_index(name, table_name=table)
+    drop_indexes(INDEXES)

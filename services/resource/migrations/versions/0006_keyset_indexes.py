@@ -9,6 +9,8 @@ import json
 import sqlalchemy as sa
 from alembic import op
 
+from services.common.migrations import create_indexes, drop_indexes
+
 revision = "resource_0006"
 down_revision = "resource_0005"
 
@@ -39,11 +41,9 @@ def upgrade() -> None:
               for label in dict.fromkeys(json.loads(raw) if isinstance(raw, str) else (raw or []))]
     if values:
         op.bulk_insert(labels, values)
-    for name, (table, columns) in INDEXES.items():
-        op.create_index(name, table, columns)
+    create_indexes(INDEXES)
 
 
 def downgrade() -> None:
-    for name, (table, _) in INDEXES.items():
-        op.drop_index(name, table_name=table)
+    drop_indexes(INDEXES)
     op.drop_table("resource_labels")
