@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import nats
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from services.common.config import SERVICES
 
@@ -55,8 +55,11 @@ class Names:
 
 class EventBus:
     def __init__(self, nats_url: str, prefix: str = "", client_name: str = "infrakitchen",
-                 connect_options: dict | None = None):
+                 connect_options: dict | None = None, replicas: int = 1):
         self.nats_url = nats_url
+        # Copies of each stream in a JetStream cluster (IK_STREAM_REPLICAS; 3 in a
+        # 3-node cluster): a stream survives the loss of a minority of nodes.
+        self.replicas = replicas
         self.names = Names(prefix)
         self.client_name = client_name
         self.connect_options = dict(connect_options or {})  # TLS and credentials (services.common.tls)
@@ -85,14 +88,19 @@ class EventBus:
         return self.nc.max_payload if self.nc is not None and self.nc.is_connected else 0
 
     async def ensure_stream(self, config: StreamConfig) -> None:
-        """Creates the stream, or brings an existing one to this config."""
+        """Creates the stream, or brings an existing one to this config (its
+        replicas included: every replica of every service may call this at once)."""
         assert self.js is not None
+        config.num_replicas = self.replicas
         try:
             await self.js.stream_info(config.name)
         except NotFoundError:
-            await self.js.add_stream(config)
-            log.info("created stream %s (%s)", config.name, ", ".join(config.subjects or []))
-            return
+            try:
+                await self.js.add_stream(config)
+                log.info("created stream %s (%s)", config.name, ", ".join(config.subjects or []))
+                return
+            except BadRequestError:  # another replica created it a moment ago: bring it to this config
+                pass
         await self.js.update_stream(config)
 
     async def ensure_event_streams(self, contexts: tuple[str, ...] = SERVICES) -> None:

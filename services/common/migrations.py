@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
 from services.common.db import create_sync_engine
+
+
+# The advisory lock key of migrations (any constant; each service has its own database).
+MIGRATION_LOCK = 0x1C_4B_17_C0
 
 
 def alembic_config(migrations_dir: Path, url: str, target_metadata=None) -> Config:
@@ -28,16 +33,30 @@ def run_env() -> None:
 
     cfg = context.config
     engine = create_sync_engine(cfg.attributes["database_url"])
+    postgres = engine.dialect.name == "postgresql"
     try:
         with engine.connect() as connection:
-            context.configure(
-                connection=connection,
-                target_metadata=cfg.attributes.get("target_metadata"),
-                render_as_batch=engine.dialect.name == "sqlite",
-                compare_type=True,
-            )
-            with context.begin_transaction():
-                context.run_migrations()
+            if postgres:
+                # Replicas starting at once on a fresh database would race in
+                # CREATE TABLE / CREATE TYPE; a session advisory lock makes
+                # them take turns (the later ones then find nothing to do).
+                connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+                connection.commit()
+            try:
+                context.configure(
+                    connection=connection,
+                    target_metadata=cfg.attributes.get("target_metadata"),
+                    render_as_batch=engine.dialect.name == "sqlite",
+                    compare_type=True,
+                )
+                with context.begin_transaction():
+                    context.run_migrations()
+                if postgres:
+                    connection.commit()
+            finally:
+                if postgres:
+                    connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+                    connection.commit()
     finally:
         engine.dispose()
 

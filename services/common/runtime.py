@@ -74,7 +74,8 @@ class Runtime:
         self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous,
                            wal_limit=int(settings.env.get("IK_SQLITE_WAL_LIMIT", str(64 * 1024 * 1024))))
         self.bus = EventBus(settings.nats_url, settings.event_prefix, client_name=f"ik-{definition.name}",
-                            connect_options=nats_options(settings.env))
+                            connect_options=nats_options(settings.env),
+                            replicas=int(settings.env.get("IK_STREAM_REPLICAS", "1")))
         md = definition.metadata
         if "outbox" not in md.tables:
             plumbing_tables(md)
@@ -84,6 +85,7 @@ class Runtime:
         self.relay = OutboxRelay(self.db, self.outbox_table, self.bus, name=f"outbox-{self.definition.name}")
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
+        self._stopping = False
         self.tasks: list[asyncio.Task] = []
         self.consumers: list[tuple[EventConsumer, asyncio.Task]] = []
         self.port: int | None = None
@@ -132,11 +134,43 @@ class Runtime:
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._served = names
+        self._spawn("readiness", self._readiness(float(s.env.get("IK_HEALTH_INTERVAL", "2"))))
         # What start-up made (modules, protos, statements) lives as long as the
         # process: out of the collector's way, so its full passes stay short.
         gc.freeze()
         log.info("%s service listening on %s:%d%s", self.definition.name, s.host, self.port,
                  (" with mutual TLS" if tls.require_client_cert else " with TLS") if tls.serving else "")
+
+    async def _ready(self) -> str:
+        """What keeps the service from serving now ("" when nothing does)."""
+        if self.bus.nc is None or not self.bus.nc.is_connected:
+            return "NATS is not connected"
+        try:
+            async with asyncio.timeout(2):
+                async with self.db.engine.connect() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - any failure means the database cannot be used
+            return f"the database does not answer ({type(exc).__name__})"
+        return ""
+
+    async def _readiness(self, interval: float) -> None:
+        """Health follows readiness: NOT_SERVING (for every service name) while
+        the database or NATS cannot be reached, SERVING again on recovery, so a
+        load balancer or Kubernetes stops sending calls that would fail."""
+        serving = True
+        while not self._stopping:
+            await asyncio.sleep(interval)
+            problem = await self._ready()
+            if self._stopping or serving == (not problem):
+                continue
+            serving = not problem
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ["", *self._served]:
+                await self.health.set(name, status)
+            if serving:
+                log.info("ready again: SERVING")
+            else:
+                log.warning("not ready (%s): NOT_SERVING", problem)
 
     def _spawn(self, name: str, coro) -> asyncio.Task:
         task = asyncio.create_task(coro, name=f"{self.definition.name}-{name}")
@@ -150,6 +184,7 @@ class Runtime:
             log.error("background task %s died", task.get_name(), exc_info=task.exception())
 
     async def stop(self) -> None:
+        self._stopping = True
         for name in ["", *getattr(self, "_served", [])]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:

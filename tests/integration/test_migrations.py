@@ -27,3 +27,26 @@ def test_migrations_match_tables(service, database_url):
     finally:
         engine.dispose()
     assert diff == []
+
+
+def test_replicas_starting_at_once_on_a_fresh_postgres_database_take_turns(postgres):
+    """Three replicas (processes) migrating one fresh database at the same
+    moment: without the advisory lock they raced in CREATE TABLE / CREATE TYPE."""
+    import subprocess
+    import sys
+    url = postgres.create()
+    migrations = ROOT / "services" / "resource" / "migrations"
+    code = ("import sys, time; from pathlib import Path; from services.common.migrations import upgrade; "
+            "time.sleep(max(0.0, float(sys.argv[3]) - time.time())); upgrade(Path(sys.argv[1]), sys.argv[2])")
+    at = __import__("time").time() + 2  # all three start their migrations at this moment
+    replicas = [subprocess.Popen([sys.executable, "-c", code, str(migrations), url, str(at)], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outcomes = [(r.wait(120), r.stdout.read()) for r in replicas]
+    assert [code for code, _ in outcomes] == [0, 0, 0], [out[-2000:] for _, out in outcomes]
+    metadata = importlib.import_module("services.resource.adapters.tables").metadata
+    engine = create_sync_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
+    finally:
+        engine.dispose()
