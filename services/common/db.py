@@ -2,7 +2,9 @@
 PostgreSQL by URL. SQLAlchemy 2.0 async for serving, sync for migrations."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -131,6 +133,26 @@ class Database:
             conn.execute(f"PRAGMA wal_checkpoint({mode})")
         finally:
             conn.close()
+
+    @contextlib.asynccontextmanager
+    async def leading(self, name: str):
+        """Whether this process runs the periodic work `name` (a reconciler
+        round) now. On PostgreSQL one replica at a time does (a session
+        advisory lock held for the round; the others skip it); on SQLite,
+        which is one machine's, every process does."""
+        if not self.is_postgres:
+            yield True
+            return
+        key = int.from_bytes(hashlib.sha256(f"ik-round:{name}".encode()).digest()[:8], "big", signed=True)
+        async with self.engine.connect() as conn:
+            mine = bool((await conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key})).scalar())
+            await conn.commit()
+            try:
+                yield mine
+            finally:
+                if mine:
+                    await conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    await conn.commit()
 
     def session(self) -> AsyncSession:
         return self.sessionmaker()

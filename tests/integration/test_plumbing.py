@@ -428,3 +428,24 @@ async def test_the_sqlite_wal_stays_bounded_under_sustained_writes(tmp_path):
         assert wal.stat().st_size == 0
     finally:
         await db.dispose()
+
+
+async def test_one_replica_at_a_time_leads_a_periodic_round_on_postgres(postgres, tmp_path):
+    url = postgres.create()
+    first, second = Database(url), Database(url)
+    try:
+        async with first.leading("reconciler") as mine:
+            assert mine
+            async with second.leading("reconciler") as theirs:
+                assert not theirs, "the other replica skips this round"
+            async with second.leading("another round") as other:
+                assert other, "each kind of round has its own leader"
+        async with second.leading("reconciler") as theirs:
+            assert theirs, "the next round may be anyone's"
+        on_sqlite = Database(f"sqlite:///{tmp_path / 'one.db'}")
+        async with on_sqlite.leading("reconciler") as mine:
+            assert mine
+        await on_sqlite.dispose()
+    finally:
+        await first.dispose()
+        await second.dispose()

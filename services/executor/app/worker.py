@@ -183,10 +183,14 @@ class JobWorkers:
             except TimeoutError:
                 pass
             try:
-                async with self.runtime.uow() as uow:
-                    lost = await uow.jobs.lease_expired_before(utcnow() - dt.timedelta(seconds=self.config.lease))
-                for job_id, attempt in lost:
-                    await self._requeue(job_id, attempt)
+                async with self.runtime.db.leading("executor-lease-reaper") as mine:
+                    if not mine:  # another replica reaps this round
+                        continue
+                    async with self.runtime.uow() as uow:
+                        lost = await uow.jobs.lease_expired_before(
+                            utcnow() - dt.timedelta(seconds=self.config.lease))
+                    for job_id, attempt in lost:
+                        await self._requeue(job_id, attempt)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - database or NATS trouble: next round

@@ -57,7 +57,9 @@ async def reconciler(runtime) -> None:
         if not known:
             known = await _learn_flag(runtime)
         try:
-            await lifecycle.reconcile(older_than_seconds=interval)
+            async with runtime.db.leading("resource-reconciler") as mine:
+                if mine:  # one replica per round
+                    await lifecycle.reconcile(older_than_seconds=interval)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. the executor is down: next round

@@ -125,7 +125,9 @@ async def reconciler(runtime) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            await runtime.workflows.reconcile(older_than_seconds=interval)
+            async with runtime.db.leading("workflow-reconciler") as mine:
+                if mine:  # one replica per round
+                    await runtime.workflows.reconcile(older_than_seconds=interval)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a dependency may be down: next round
