@@ -18,6 +18,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy.exc import IntegrityError
 
 from infrakitchen.events.v1 import events_pb2
+from services.common import metrics
 from services.common.bus import EventBus
 from services.common.events import Envelope
 from services.common.uow import UnitOfWork
@@ -159,4 +160,5 @@ class EventConsumer:
             error=error[:2000], data=msg.data, headers={k: v for k, v in (msg.headers or {}).items()},
         )
         await self.bus.publish(self.bus.names.deadletter_subject(self.spec.durable), letter.SerializeToString())
+        metrics.DEAD_LETTERS.labels(self.spec.durable).inc()
         await msg.term()

@@ -15,7 +15,7 @@ from google.protobuf import descriptor_pool
 from sqlalchemy.exc import IntegrityError
 
 from infrakitchen.common.v1 import options_pb2
-from services.common import auth, errors, limits
+from services.common import auth, errors, limits, metrics
 from services.common.grpc_errors import to_grpc_status
 from services.common.identities import ALGORITHM as SERVICE_ALGORITHM
 from services.common.identities import ServiceIdentity
@@ -135,11 +135,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return _rewrap(handler, around_unary, around_stream, lenient=True)
 
     def _log(self, method: str, code: str, started: float, extra: str = "") -> None:
+        elapsed = time.perf_counter() - started
         try:
             user = auth.current_principal().user
         except errors.Unauthenticated:
             user = "-"
-        log.info("%s %s %s %.1fms%s", method, code, user, (time.perf_counter() - started) * 1000, extra)
+        metrics.RPC_DURATION.labels(self.service, method.rsplit("/", 1)[-1], code).observe(elapsed)
+        log.info("%s %s %s %.1fms%s", method, code, user, elapsed * 1000, extra, extra={
+            "method": method, "code": code, "user": user, "duration_ms": round(elapsed * 1000, 1),
+            "reason": extra.strip()})
 
     async def _fail(self, method: str, exc: BaseException, context, started: float) -> None:
         if isinstance(exc, errors.DomainError):

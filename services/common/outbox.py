@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from nats.errors import MaxPayloadError
 
 from infrakitchen.events.v1 import events_pb2
+from services.common import metrics
 from services.common.bus import EventBus
 from services.common.db import Database
 
@@ -106,6 +107,7 @@ class OutboxRelay:
             messages = [m for m in messages if not (limit and len(m[1]) > limit)]
         try:
             await self.bus.publish_in_order(messages)
+            metrics.OUTBOX_PUBLISHED.labels(self.name).inc(len(messages))
         except MaxPayloadError:
             # The server's limit is lower than the one known at connect: one by one.
             for message in messages:
@@ -122,6 +124,7 @@ class OutboxRelay:
                                            data=payload[:DEAD_LETTER_DATA_BYTES], headers={"Nats-Msg-Id": event_id})
             await self.bus.publish(self.bus.names.deadletter_subject(self.name), letter.SerializeToString(),
                                    msg_id=f"dead-{event_id}")
+            metrics.DEAD_LETTERS.labels(self.name).inc()
 
     async def _delete_published(self) -> None:
         if not self._published:

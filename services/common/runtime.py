@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import logs, metrics
 from services.common.bus import EventBus
 from services.common.changes import ChangeFeed
 from services.common.config import Settings
@@ -134,6 +135,7 @@ class Runtime:
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._served = names
+        metrics.serve(self.definition.name, s.env, s.host)
         self._spawn("readiness", self._readiness(float(s.env.get("IK_HEALTH_INTERVAL", "2"))))
         # What start-up made (modules, protos, statements) lives as long as the
         # process: out of the collector's way, so its full passes stay short.
@@ -215,8 +217,7 @@ class Runtime:
 
 def run_service(definition: ServiceDefinition) -> None:
     settings = Settings.from_env(definition.name)
-    logging.basicConfig(level=settings.log_level,
-                        format=f"%(asctime)s %(levelname)s {definition.name} %(name)s: %(message)s")
+    logs.configure(definition.name, settings.log_level, settings.env.get("IK_LOG_FORMAT", "text"))
     upgrade(definition.migrations_dir, settings.database_url)
     try:
         asyncio.run(_serve(definition, settings))

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.executor.v1 import executor_pb2_grpc
@@ -18,17 +20,27 @@ from infrakitchen.resource.v1 import resource_pb2_grpc
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
 from infrakitchen.workflow.v1 import workflow_pb2_grpc
 from services.common.config import SERVICES
-from tests.support.processes import ROOT, ServiceProcesses
+from tests.support.processes import ROOT, ServiceProcesses, free_port
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def platform(tmp_path, event_prefix, nats_url):
-    procs = ServiceProcesses(tmp_path / "data", event_prefix, nats_url)
+    ports = {name: free_port() for name in SERVICES}  # each service's Prometheus endpoint
+    procs = ServiceProcesses(tmp_path / "data", event_prefix, nats_url,
+                             extra_env={f"IK_{n.upper()}_METRICS_PORT": str(p) for n, p in ports.items()})
+    procs.metrics_ports = ports
     procs.start()
     yield procs
     procs.stop()
+
+
+def scrape(platform, service: str) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, from the service's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{platform.metrics_ports[service]}/metrics", timeout=10).read()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode()) for s in family.samples}
 
 
 def ik(platform, tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -87,6 +99,17 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
         assert list(eks.resolved_variables["subnet_ids"]) == subnets
         assert vpc.resolved_variables["cidr_block"] == "10.42.0.0/16"
         assert list(got["EKS Cluster"].parent_ids) == [got["VPC"].id]
+
+        # Each service's Prometheus endpoint counted the run.
+        executor, workflow = scrape(platform, "executor"), scrape(platform, "workflow")
+        assert executor[("ik_jobs_total", (("action", "apply"), ("outcome", "succeeded")))] == 3
+        assert executor[("ik_job_duration_seconds_count", (("action", "apply"),))] == 3
+        assert workflow[("ik_workflow_duration_seconds_count", (("outcome", "done"),))] == 1
+        assert workflow[("ik_step_duration_seconds_count", (("outcome", "done"),))] == 3
+        assert workflow[("ik_rpc_duration_seconds_count", (("code", "OK"), ("method", "ExecuteWorkflow"),
+                                                           ("service", "workflow")))] == 1
+        assert scrape(platform, "resource")[("ik_rpc_duration_seconds_count", (
+            ("code", "OK"), ("method", "CreateResource"), ("service", "resource")))] == 3
 
     shown = ik(platform, tmp_path, "workflow", "show", w.id)
     assert shown.returncode == 0 and "EKS Cluster" in shown.stdout and vpc_id in shown.stdout

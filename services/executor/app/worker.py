@@ -29,6 +29,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from sqlalchemy.exc import IntegrityError
 
+from services.common import metrics
 from services.common.config import Settings
 from services.common.uow import utcnow
 from services.executor.adapters.terraform import RunSpec, TerraformConfig, TerraformRun, break_stale_lock
@@ -302,6 +303,8 @@ class JobWorkers:
             if break_stale_lock(self.terraform, storage, job.state_path):
                 logs.add("executor", "removed the stale state lock the stopped run left behind")
         logs.add("executor", f"{job.action} job {job.id}, attempt {job.attempt}, on worker {cfg.worker_id}")
+        if job.attempt == 1:
+            metrics.JOB_QUEUED.observe(metrics.seconds_between(job.create_time, utcnow()))
         spec = RunSpec(job_id=job.id, action=job.action, repository_url=job.source.repository_url,
                        ref=job.commit or job.source.ref, path=job.source.path, variables=job.variables, env=env,
                        storage=storage, state_path=job.state_path, plan_file=plan_file,
@@ -353,6 +356,8 @@ class JobWorkers:
         job.status, job.error_message, job.end_time, job.lease_until = status, error, utcnow(), None
         await uow.jobs.save(job)
         await emit_job_event(uow, job)
+        metrics.JOBS.labels(job.action, status).inc()
+        metrics.JOB_DURATION.labels(job.action).observe(metrics.seconds_between(job.start_time, job.end_time))
 
     async def _environment(self, uow, job: Job) -> tuple[dict[str, str], Redactor]:
         env: dict[str, str] = {}

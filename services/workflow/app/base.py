@@ -19,6 +19,7 @@ import re
 
 from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
 from infrakitchen.events.v1 import events_pb2
+from services.common import metrics
 from services.common.errors import FailedPrecondition, NotFound, PreconditionViolation
 from services.common.events import Correlation, new_event
 from services.workflow.adapters.remote import Remote, ResourceInfo
@@ -47,6 +48,9 @@ class WorkflowsBase:
     # --- events --------------------------------------------------------------------
 
     async def _workflow_event(self, uow, field: str, w: Workflow, actor: str) -> None:
+        if field in ("workflow_completed", "workflow_failed"):
+            metrics.WORKFLOWS.labels("done" if field == "workflow_completed" else "error").observe(
+                metrics.seconds_between(w.start_time, w.completion_time))
         await uow.emit(new_event(SOURCE, field, events_pb2.WorkflowChanged(
             workflow_id=w.id, blueprint_id=w.blueprint_id, status=_WF_STATUS[w.status],
             error_message=w.error_message, teardown_status=_TEARDOWN_STATUS[w.teardown_status],
@@ -55,6 +59,9 @@ class WorkflowsBase:
                                                                                 blueprint_id=w.blueprint_id)))
 
     async def _step_event(self, uow, field: str, st: Step, actor: str) -> None:
+        if field in ("step_completed", "step_failed"):
+            metrics.STEPS.labels("done" if field == "step_completed" else "error").observe(
+                metrics.seconds_between(st.start_time, st.completion_time))
         await uow.emit(new_event(SOURCE, field, events_pb2.StepChanged(
             workflow_id=st.workflow_id, step_id=st.id, template_id=st.template_id, resource_id=st.resource_id,
             status=_WF_STATUS[st.status], error_message=st.error_message, waiting_reason=st.waiting_reason,
