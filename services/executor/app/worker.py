@@ -58,7 +58,7 @@ class ExecutorConfig:
         return cls(
             workers=int(env.get("IK_EXECUTOR_WORKERS", "2")),
             default_timeout=float(env.get("IK_EXECUTOR_JOB_TIMEOUT", "3600")),
-            lease=float(env.get("IK_EXECUTOR_LEASE", "30")),
+            lease=float(env.get("IK_EXECUTOR_LEASE", "6")),  # a dead worker's job runs again within seconds
             max_attempts=int(env.get("IK_EXECUTOR_MAX_ATTEMPTS", "3")),
             worker_id=env.get("IK_EXECUTOR_WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}",
             cap_retry=float(env.get("IK_EXECUTOR_CAP_RETRY", "2")),

@@ -51,7 +51,7 @@ async def reconciler(runtime) -> None:
     """Background task: learns the approval flag if no event told it yet, then
     reconciles resources whose operation has not moved for a while."""
     lifecycle = runtime.lifecycle
-    interval = float(runtime.settings.env.get("IK_RESOURCE_RECONCILE_INTERVAL", "30"))
+    interval = float(runtime.settings.env.get("IK_RESOURCE_RECONCILE_INTERVAL", "5"))
     known = False
     while True:
         if not known:

@@ -121,7 +121,7 @@ def consumers(runtime) -> list[ConsumerSpec]:
 
 
 async def reconciler(runtime) -> None:
-    interval = float(runtime.settings.env.get("IK_WORKFLOW_RECONCILE_INTERVAL", "30"))
+    interval = float(runtime.settings.env.get("IK_WORKFLOW_RECONCILE_INTERVAL", "5"))
     while True:
         await asyncio.sleep(interval)
         try:
