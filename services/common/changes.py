@@ -38,6 +38,28 @@ class ChangeFeed:
     def __init__(self) -> None:
         self._watches: dict[str, set[Watch]] = {}
 
+    async def listen(self, database_url: str, channel: str) -> None:
+        """Background task on PostgreSQL: commits of every replica of this
+        service NOTIFY the ids they touched (services.common.uow); LISTEN
+        wakes this process's streams for them. Reconnects after a failure;
+        the slow poll of the streams covers the gap."""
+        import logging
+
+        import psycopg
+        from sqlalchemy.engine import make_url
+        conninfo = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {channel}")
+                    async for note in conn.notifies():
+                        self.notify([note.payload])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database may be restarting: listen again
+                logging.getLogger(__name__).warning("listening for changes: %s; again in 2 s", exc)
+                await asyncio.sleep(2)
+
     @contextlib.contextmanager
     def watch(self, key: str) -> Iterator[Watch]:
         watch = Watch()

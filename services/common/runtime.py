@@ -32,7 +32,7 @@ from services.common.tls import GrpcTls, nats_options
 from services.common.migrations import upgrade
 from services.common.outbox import OutboxRelay
 from services.common.tables import plumbing_tables
-from services.common.uow import UnitOfWork
+from services.common.uow import CHANGES_CHANNEL, UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ class Runtime:
             await self.bus.ensure_stream(config)
         self._spawn("outbox-relay", self.relay.run())
         self._checkpoints = self._spawn("database-checkpoints", self.db.checkpoints())
+        if self.db.is_postgres:  # other replicas' commits wake this one's streams
+            self._spawn("change-listener", self.changes.listen(s.database_url, CHANGES_CHANNEL))
         for spec in self.definition.consumers(self):
             consumer = EventConsumer(self.bus, self.uow, spec)
             await consumer.subscribe()  # create the durable before serving

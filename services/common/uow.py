@@ -40,6 +40,10 @@ def _find_request(request_ids: sa.Table) -> sa.Select:
                                                       request_ids.c.request_id == sa.bindparam("request_id"))
 
 
+CHANGES_CHANNEL = "ik_changes"
+_NOTIFY = sa.text(f"SELECT pg_notify('{CHANGES_CHANNEL}', k) FROM unnest(CAST(:keys AS text[])) AS k")
+
+
 class UnitOfWork:
     """Use as `async with uow_factory() as uow: ...; await uow.commit()`.
     Leaving the block without commit rolls back. Services subclass it to add
@@ -118,6 +122,10 @@ class UnitOfWork:
         self._after_commit.append(action)
 
     async def commit(self) -> None:
+        if self._touched and self.db.is_postgres:
+            # Replicas of this service on other machines wake their streams
+            # too: NOTIFY is delivered when (and only if) this transaction commits.
+            await self.session.execute(_NOTIFY, {"keys": sorted(self._touched)})
         await self.session.commit()
         emitted, self._emitted = self._emitted, []
         if emitted and self._on_commit is not None:

@@ -12,13 +12,14 @@ import sqlalchemy as sa
 
 from infrakitchen.events.v1 import events_pb2
 from services.common.bus import EventBus
+from services.common.changes import ChangeFeed
 from services.common.consumer import ConsumerSpec, EventConsumer
 from services.common.db import Database, create_sync_engine
 from services.common.events import new_event
 from services.common.migrations import upgrade
 from services.common.outbox import OutboxRelay
 from services.common.tables import plumbing_tables
-from services.common.uow import UnitOfWork
+from services.common.uow import CHANGES_CHANNEL, UnitOfWork
 from tests.support.waiting import eventually
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "approval" / "migrations"
@@ -449,3 +450,34 @@ async def test_one_replica_at_a_time_leads_a_periodic_round_on_postgres(postgres
     finally:
         await first.dispose()
         await second.dispose()
+
+
+async def test_a_commit_on_postgres_wakes_the_streams_of_another_replica(postgres, event_prefix, nats_url):
+    """Two replicas on one PostgreSQL database: a commit of one (a unit of
+    work that touched an id) wakes the other's watch of that id at once; a
+    rolled-back one does not."""
+    url = postgres.create()
+    upgrade(MIGRATIONS, url)
+    writer_db = Database(url)
+    bus = EventBus(nats_url, event_prefix)
+    other = ChangeFeed()  # the other replica's streams
+    listening = asyncio.create_task(other.listen(url, CHANGES_CHANNEL))
+    try:
+        with other.watch("workflow-1") as watch:
+            await asyncio.sleep(1)  # LISTEN is in place
+            async with UnitOfWork(writer_db, outbox_table, inbox_table, bus.names) as uow:
+                uow.touch("workflow-1")
+                await uow.rollback()
+            await watch.after(0, 1)
+            assert watch.changes == 0, "nothing committed, nothing woken"
+            started = asyncio.get_running_loop().time()
+            async with UnitOfWork(writer_db, outbox_table, inbox_table, bus.names) as uow:
+                uow.touch("workflow-1")
+                uow.touch("resource-7")
+                await uow.commit()
+            await watch.after(0, 10)
+            assert watch.changes == 1 and asyncio.get_running_loop().time() - started < 2
+    finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+        await writer_db.dispose()
