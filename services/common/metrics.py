@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,10 @@ DEAD_LETTERS = Counter("ik_dead_letters_total", "Events a consumer gave up on (d
 OUTBOX_PUBLISHED = Counter("ik_outbox_published_total", "Events the outbox relay published", ["service"])
 WORKFLOWS = Histogram("ik_workflow_duration_seconds", "Executions from start to their end, by outcome",
                       ["outcome"], buckets=_SLOW)
+CONSUMER_PENDING = Gauge("ik_consumer_pending", "Events a durable consumer has not acknowledged yet (its lag)",
+                         ["consumer"])
+OUTBOX_BACKLOG = Gauge("ik_outbox_backlog", "Events stored and not yet published")
+OUTBOX_OLDEST = Gauge("ik_outbox_oldest_seconds", "Age of the oldest event not yet published (0: none)")
 STEPS = Histogram("ik_step_duration_seconds", "Steps from start to their end, by outcome", ["outcome"],
                   buckets=_SLOW)
 

@@ -7,6 +7,7 @@ background tasks stop, connections close."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import logging
 import signal
@@ -137,13 +138,36 @@ class Runtime:
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._served = names
-        metrics.serve(self.definition.name, s.env, s.host)
+        if metrics.serve(self.definition.name, s.env, s.host):
+            self._spawn("backlog-gauges", self._backlog_gauges(float(s.env.get("IK_METRICS_INTERVAL", "5"))))
         self._spawn("readiness", self._readiness(float(s.env.get("IK_HEALTH_INTERVAL", "2"))))
         # What start-up made (modules, protos, statements) lives as long as the
         # process: out of the collector's way, so its full passes stay short.
         gc.freeze()
         log.info("%s service listening on %s:%d%s", self.definition.name, s.host, self.port,
                  (" with mutual TLS" if tls.require_client_cert else " with TLS") if tls.serving else "")
+
+    async def _backlog_gauges(self, interval: float) -> None:
+        """Consumer lag (from JetStream's consumer info) and the outbox's
+        backlog and oldest age, refreshed for the metrics endpoint."""
+        outbox = self.outbox_table
+        while not self._stopping:
+            try:
+                for consumer, _ in self.consumers:
+                    spec = consumer.spec
+                    info = await self.bus.js.consumer_info(self.bus.names.context_stream(spec.context),
+                                                           spec.durable)
+                    metrics.CONSUMER_PENDING.labels(spec.durable).set(info.num_pending + info.num_ack_pending)
+                async with self.db.engine.connect() as conn:
+                    count, oldest = (await conn.execute(sa.select(sa.func.count(), sa.func.min(
+                        outbox.c.created_at)))).one()
+                metrics.OUTBOX_BACKLOG.set(count)
+                metrics.OUTBOX_OLDEST.set(metrics.seconds_between(
+                    oldest if oldest is None or oldest.tzinfo else oldest.replace(tzinfo=dt.timezone.utc),
+                    dt.datetime.now(dt.timezone.utc)) if oldest is not None else 0)
+            except Exception as exc:  # noqa: BLE001 - NATS or the database away: the gauges wait
+                log.debug("backlog gauges: %s", exc)
+            await asyncio.sleep(interval)
 
     async def _ready(self) -> str:
         """What keeps the service from serving now ("" when nothing does)."""

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def platform(tmp_path, event_prefix, nats_url):
     ports = {name: free_port() for name in SERVICES}  # each service's Prometheus endpoint
-    procs = ServiceProcesses(tmp_path / "data", event_prefix, nats_url,
-                             extra_env={f"IK_{n.upper()}_METRICS_PORT": str(p) for n, p in ports.items()})
+    procs = ServiceProcesses(tmp_path / "data", event_prefix, nats_url, extra_env={
+        "IK_METRICS_INTERVAL": "0.5", **{f"IK_{n.upper()}_METRICS_PORT": str(p) for n, p in ports.items()}})
     procs.metrics_ports = ports
     procs.start()
     yield procs
@@ -110,6 +110,15 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
                                                            ("service", "workflow")))] == 1
         assert scrape(platform, "resource")[("ik_rpc_duration_seconds_count", (
             ("code", "OK"), ("method", "CreateResource"), ("service", "resource")))] == 3
+        # The backlog gauges: every consumer and outbox catches up after the run.
+        def caught_up():
+            samples = scrape(platform, "workflow")
+            lag = [v for (name, _), v in samples.items() if name == "ik_consumer_pending"]
+            return len(lag) == 3 and not any(lag) and samples[("ik_outbox_backlog", ())] == 0
+        deadline = time.monotonic() + 30
+        while not caught_up():
+            assert time.monotonic() < deadline, "the workflow service's consumers never caught up"
+            time.sleep(0.5)
 
     shown = ik(platform, tmp_path, "workflow", "show", w.id)
     assert shown.returncode == 0 and "EKS Cluster" in shown.stdout and vpc_id in shown.stdout
