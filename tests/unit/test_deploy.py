@@ -79,3 +79,19 @@ def test_the_compose_file_runs_every_service_from_files_that_exist():
         build = compose["services"][name].get("build") or {}
         if build:
             assert (DEPLOY / build["context"] / build["dockerfile"]).exists()
+
+
+def test_the_dashboard_uses_only_metrics_the_services_export():
+    import json
+    import re
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from services.common import metrics
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
+    exported = {m._name + suffix for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)
+                for suffix in suffixes[m._type]}
+    dashboard = json.loads((DEPLOY / "grafana" / "infrakitchen.json").read_text())
+    used = {m for panel in dashboard["panels"] for target in panel["targets"]
+            for m in re.findall(r"\bik_[a-z_]+", target["expr"])}
+    assert used and used <= exported, used - exported
