@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import grpc
 import pytest
 
 from infrakitchen.executor.v1 import executor_pb2 as pb
 from infrakitchen.executor.v1 import executor_pb2_grpc
-from tests.support.jobs import module_repo, submit_request, wait_job
+from tests.support.jobs import all_logs, module_repo, submit_request, wait_job
 from tests.support.processes import ServiceProcesses
 
 pytestmark = pytest.mark.e2e
 
 JOBS = 20
-LEASE = "4"  # seconds; a dead worker's job is picked up again after about this long
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def executors(tmp_path, event_prefix, nats_url):
     (tmp_path / "markers").mkdir()
     procs = ServiceProcesses(tmp_path / "data", event_prefix, nats_url, extra_env={
         "IK_EXECUTOR_SANDBOX_BIND": str(tmp_path / "markers"),
-        "IK_EXECUTOR_WORKERS": "2", "IK_EXECUTOR_LEASE": LEASE, "IK_TERRAFORM_LOCK_TIMEOUT": "20s"})
+        "IK_EXECUTOR_WORKERS": "2", "IK_TERRAFORM_LOCK_TIMEOUT": "20s"})  # the default lease (6 s)
     procs.add_instance("executor-b", "executor")
     procs.start("executor")  # first alone: it migrates the shared database
     procs.start("executor-b")
@@ -123,11 +123,18 @@ async def test_a_job_started_directly_by_a_killed_process_is_run_again_by_the_ot
     assert job.status == pb.JOB_STATUS_RUNNING and job.worker.endswith(f":{victim}"), "started at submission"
     while not (tmp_path / "markers" / "marker-direct").exists():  # inside terraform apply
         await asyncio.sleep(0.1)
+    killed = time.time()
     executors.stop("executor-b", sig=signal.SIGKILL)
     async with grpc.aio.insecure_channel(executors.target("executor")) as channel:
-        done = await wait_job(executor_pb2_grpc.ExecutorServiceStub(channel), job.id, md, timeout=120)
+        stub = executor_pb2_grpc.ExecutorServiceStub(channel)
+        done = await wait_job(stub, job.id, md, timeout=120)
+        lines = await all_logs(stub, job.id, md)
     assert done.status == pb.JOB_STATUS_SUCCEEDED and done.attempt == 2, done.error_message
     assert done.worker.endswith(f":{executors.procs['executor'].pid}")
+    # Failover in seconds (issue: within 10 s; asserted with room for a loaded CI machine).
+    again = next(line for line in lines if line.text.startswith("attempt 2:")).time.ToDatetime().timestamp()
+    print(f"failover: attempt 2 began {again - killed:.1f} s after the kill (default lease 6 s)")
+    assert again - killed < 15
     await asyncio.sleep(4)  # a run that outlived its process would write its end by now
     runs = marker_runs(tmp_path / "markers" / "marker-direct")
     assert len(runs) == 2 and runs[0][1] is None and runs[1][1] is not None

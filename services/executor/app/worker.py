@@ -19,7 +19,6 @@ executor process puts a job whose lease ran out back on the queue instead."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import socket
@@ -188,8 +187,8 @@ class JobWorkers:
                     if not mine:  # another replica reaps this round
                         continue
                     async with self.runtime.uow() as uow:
-                        lost = await uow.jobs.lease_expired_before(
-                            utcnow() - dt.timedelta(seconds=self.config.lease))
+                        # Its lease ran out: the runner renewed nothing for a whole lease.
+                        lost = await uow.jobs.lease_expired_before(utcnow())
                     for job_id, attempt in lost:
                         await self._requeue(job_id, attempt)
             except asyncio.CancelledError:
