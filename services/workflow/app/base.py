@@ -23,7 +23,7 @@ from services.common import metrics
 from services.common.errors import FailedPrecondition, NotFound, PreconditionViolation
 from services.common.events import Correlation, new_event
 from services.workflow.adapters.remote import Remote, ResourceInfo
-from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow
+from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow, resolve_variables
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,19 @@ class WorkflowsBase:
                                                                 "resource with UpdateWorkflow")])
             found[tid] = resource
         return self.external_upstream(w, found)
+
+    async def _step_inputs(self, w: Workflow, st: Step, steps: list[Step]):
+        """(upstream steps by template, whether external resources feed it,
+        its variables with wired outputs in clear, its sensitive variable
+        names) as the step's job sees them now: done steps and external
+        resources, their sensitive outputs read from the executor."""
+        upstream = {s.template_id: s for s in steps if s.status == DONE}
+        externals = await self._external_sources(w, st, upstream)
+        upstream.update(externals)
+        for s in upstream.values():
+            if s.sensitive_outputs and s.job_id:
+                s.outputs = {**s.outputs, **await self.remote.sensitive_outputs(s.job_id)}
+        return upstream, bool(externals), resolve_variables(st, w.wiring, upstream), self._sensitive(st, w, upstream)
 
     @staticmethod
     def _sensitive(st: Step, w: Workflow, upstream: dict[str, Step]) -> list[str]:

@@ -129,14 +129,7 @@ class Execution(WorkflowsBase):
         if st is None or w is None or st.status != IN_PROGRESS:
             return
         try:
-            upstream = {s.template_id: s for s in steps if s.status == DONE}
-            externals = await self._external_sources(w, st, upstream)
-            upstream.update(externals)
-            for s in upstream.values():
-                if s.sensitive_outputs and s.job_id:
-                    s.outputs = {**s.outputs, **await self.remote.sensitive_outputs(s.job_id)}
-            variables = resolve_variables(st, w.wiring, upstream)
-            sensitive = self._sensitive(st, w, upstream)
+            upstream, externals, variables, sensitive = await self._step_inputs(w, st, steps)
             if externals:  # shown with what the external resources' outputs wire in
                 await self._record(st.id, resolved_variables=masked(variables, sensitive))
             reviewed = None

@@ -23,7 +23,7 @@ from services.common.errors import Aborted, DomainError, FailedPrecondition, Pre
 from services.common.uow import utcnow
 from services.common.values import to_struct
 from services.workflow.domain.model import (DEFERRED, DONE, ERROR, IN_PROGRESS, PENDING, PLANNED, PLANNING, Step,
-                                            Workflow, deferred_inputs, inputs_hash, plan_action, resolve_variables,
+                                            Workflow, deferred_inputs, inputs_hash, plan_action,
                                             step_state_path)
 from services.workflow.app.plan_execution import PlanExecution
 from services.workflow.app.base import log
@@ -67,7 +67,7 @@ class Planning(PlanExecution):
                           version=w.version + 1)
         await uow.workflows.update(started, w.version)
         await self._workflow_event(uow, "workflow_plan_started", started, principal.user)
-        if not any(s.plan.get("status") == PLANNING for s in await uow.steps.of(w.id)):
+        if not to_plan:  # (a queued step implies a full planning slot list)
             return await self._plan_ended(uow, started, principal.user)
         for step_id in to_plan:
             uow.after_commit(lambda step_id=step_id, user=principal.user: self.plan_step(step_id, user))
@@ -85,13 +85,7 @@ class Planning(PlanExecution):
         if st is None or w is None or st.plan.get("status") != PLANNING or st.plan.get("queued"):
             return
         try:
-            upstream = {s.template_id: s for s in steps if s.status == DONE}
-            upstream.update(await self._external_sources(w, st, upstream))
-            for s in upstream.values():
-                if s.sensitive_outputs and s.job_id:
-                    s.outputs = {**s.outputs, **await self.remote.sensitive_outputs(s.job_id)}
-            variables = resolve_variables(st, w.wiring, upstream)
-            sensitive = self._sensitive(st, w, upstream)
+            _, _, variables, sensitive = await self._step_inputs(w, st, steps)
             # A step run before has its resource (never provisioned, or it
             # would be done): its plan reads that resource's state.
             resource = await self.remote.get_resource(st.resource_id) if st.resource_id else None
