@@ -89,11 +89,17 @@ def _concurrent_change(err: grpc.aio.AioRpcError) -> bool:
     return info is not None and info.reason == "CONCURRENT_CHANGE"
 
 
-async def found_or_none(call):
-    """The answer of a remote read, or None when the callee says NOT_FOUND."""
+async def unless(call, *codes: grpc.StatusCode):
+    """The answer of a remote call, or None when the callee answers one of
+    `codes` (an outcome the caller expects, e.g. a job that ended already)."""
     try:
         return await call
     except RemoteError as err:
-        if err.code == grpc.StatusCode.NOT_FOUND:
+        if err.code in codes:
             return None
         raise
+
+
+async def found_or_none(call):
+    """The answer of a remote read, or None when the callee says NOT_FOUND."""
+    return await unless(call, grpc.StatusCode.NOT_FOUND)

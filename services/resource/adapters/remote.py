@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 
 from infrakitchen.approval.v1 import approval_pb2, approval_pb2_grpc
 from infrakitchen.blueprint.v1 import blueprint_pb2, blueprint_pb2_grpc
 from infrakitchen.executor.v1 import executor_pb2, executor_pb2_grpc
 from services.common.auth import Role
-from services.common.clients import RemoteError, ServiceClients, found_or_none
+from services.common.clients import ServiceClients, found_or_none
 from services.common.values import from_value, to_struct
 from services.resource.adapters.catalog import INTEGRATION_SECONDS, CatalogCache, revision_of
 from services.resource.domain.model import Output
@@ -117,26 +116,17 @@ class Remote:
         return await self.cache.get(("template", id_), lambda: self._template(id_))
 
     async def _template(self, id_: str) -> tuple[int, TemplateInfo | None]:
-        try:
-            t = await self.clients.call("blueprint", self.blueprint.GetTemplate, blueprint_pb2.GetTemplateRequest(id=id_))
-        except RemoteError as err:
-            if err.code == grpc.StatusCode.NOT_FOUND:
-                return 0, None
-            raise
-        return revision_of(t.etag), template_info(t)
+        t = await found_or_none(self.clients.call("blueprint", self.blueprint.GetTemplate,
+                                                  blueprint_pb2.GetTemplateRequest(id=id_)))
+        return (0, None) if t is None else (revision_of(t.etag), template_info(t))
 
     async def version(self, id_: str) -> VersionInfo | None:
         return await self.cache.get(("version", id_), lambda: self._version_of(id_))
 
     async def _version_of(self, id_: str) -> tuple[int, VersionInfo | None]:
-        try:
-            v = await self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,
-                                        blueprint_pb2.GetSourceCodeVersionRequest(id=id_))
-        except RemoteError as err:
-            if err.code == grpc.StatusCode.NOT_FOUND:
-                return 0, None
-            raise
-        return revision_of(v.etag), version_info(v)
+        v = await found_or_none(self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,
+                                                  blueprint_pb2.GetSourceCodeVersionRequest(id=id_)))
+        return (0, None) if v is None else (revision_of(v.etag), version_info(v))
 
     async def default_version(self, template_id: str) -> VersionInfo | None:
         page = await self.clients.call("blueprint", self.blueprint.ListSourceCodeVersions,
@@ -150,27 +140,18 @@ class Remote:
                                          max_age=INTEGRATION_SECONDS))
 
     async def _integration_exists(self, id_: str) -> tuple[int, bool | None]:
-        try:
-            await self.clients.call("executor", self.executor.GetIntegration,
-                                    executor_pb2.GetIntegrationRequest(id=id_))
-            return 0, True
-        except RemoteError as err:
-            if err.code == grpc.StatusCode.NOT_FOUND:
-                return 0, None
-            raise
+        found = await found_or_none(self.clients.call("executor", self.executor.GetIntegration,
+                                                      executor_pb2.GetIntegrationRequest(id=id_)))
+        return 0, (None if found is None else True)
 
     async def storage_exists(self, id_: str) -> bool:
         return bool(await self.cache.get(("storage", id_), lambda: self._storage_exists(id_),
                                          max_age=INTEGRATION_SECONDS))
 
     async def _storage_exists(self, id_: str) -> tuple[int, bool | None]:
-        try:
-            await self.clients.call("executor", self.executor.GetStorage, executor_pb2.GetStorageRequest(id=id_))
-            return 0, True
-        except RemoteError as err:
-            if err.code == grpc.StatusCode.NOT_FOUND:
-                return 0, None
-            raise
+        found = await found_or_none(self.clients.call("executor", self.executor.GetStorage,
+                                                      executor_pb2.GetStorageRequest(id=id_)))
+        return 0, (None if found is None else True)
 
     async def release_state_path(self, storage_id: str, path: str, resource_id: str) -> None:
         await self.clients.call("executor", self.executor.ReleaseStatePath, executor_pb2.ReleaseStatePathRequest(

@@ -15,7 +15,7 @@ from infrakitchen.executor.v1 import executor_pb2_grpc
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.resource.v1 import resource_pb2_grpc
 from services.common.auth import Role
-from services.common.clients import RemoteError, ServiceClients, found_or_none
+from services.common.clients import ServiceClients, found_or_none, unless
 from services.common.values import from_struct, from_value, to_struct
 
 
@@ -64,13 +64,10 @@ class Remote:
     async def blueprint_and_plan(self, id_: str, revision: int = 0):
         """(blueprint, preview) or None when there is no such blueprint (at
         that revision; 0: the current one)."""
-        try:
-            b = await self.clients.call("blueprint", self.blueprint.GetBlueprint,
-                                        bp.GetBlueprintRequest(id=id_, revision=revision))
-        except RemoteError as err:
-            if err.code == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+        b = await found_or_none(self.clients.call("blueprint", self.blueprint.GetBlueprint,
+                                                  bp.GetBlueprintRequest(id=id_, revision=revision)))
+        if b is None:
+            return None
         plan = await self.clients.call("blueprint", self.blueprint.PreviewBlueprint,
                                        bp.PreviewBlueprintRequest(id=id_, revision=b.revision))
         return b, plan
@@ -106,14 +103,9 @@ class Remote:
         return job.id
 
     async def version_exists(self, id_: str, template_id: str) -> bool:
-        try:
-            v = await self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,
-                                        bp.GetSourceCodeVersionRequest(id=id_))
-        except RemoteError as err:
-            if err.code == grpc.StatusCode.NOT_FOUND:
-                return False
-            raise
-        return v.template_id == template_id
+        v = await found_or_none(self.clients.call("blueprint", self.blueprint.GetSourceCodeVersion,
+                                                  bp.GetSourceCodeVersionRequest(id=id_)))
+        return v is not None and v.template_id == template_id
 
     async def create_resource(self, user: str, request: rp.CreateResourceRequest) -> ResourceInfo:
         return resource_info(await self.clients.call("resource", self.resource.CreateResource, request, user=user,
@@ -137,22 +129,17 @@ class Remote:
 
     async def cancel_job(self, user: str, job_id: str) -> None:
         """Interrupts a job (SIGINT first); a job that has ended already is left as it is."""
-        try:
-            await self.clients.call("executor", self.executor.CancelJob, ep.CancelJobRequest(id=job_id), user=user,
-                                    role=Role.WRITE)
-        except RemoteError as err:
-            if err.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                raise
+        await unless(self.clients.call("executor", self.executor.CancelJob, ep.CancelJobRequest(id=job_id),
+                                       user=user, role=Role.WRITE),
+                     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 
     async def cancel_approval(self, user: str, request_id: str, comment: str) -> None:
         """Withdraws an open approval request of a cancelled workflow (as the
         workflow service, which may: whoever cancels a workflow ends what it waits for)."""
-        try:
-            await self.clients.call("approval", self.approval.CancelApprovalRequest, ap.CancelApprovalRequestRequest(
-                id=request_id, comment=comment), user=user, role=Role.ADMIN)
-        except RemoteError as err:
-            if err.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                raise
+        await unless(self.clients.call("approval", self.approval.CancelApprovalRequest,
+                                       ap.CancelApprovalRequestRequest(id=request_id, comment=comment),
+                                       user=user, role=Role.ADMIN),
+                     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 
     async def approval_flow(self) -> bool:
         flow = await self.clients.call("approval", self.approval.GetApprovalFlow, ap.GetApprovalFlowRequest(),
@@ -162,12 +149,11 @@ class Remote:
     async def request_plan_approval(self, user: str, request: ap.ApprovalRequest) -> None:
         """Opens the approval request (its id chosen by the workflow, so a
         repeat after a crash finds it: ALREADY_EXISTS is success)."""
-        try:
-            await self.clients.call("approval", self.approval.CreateApprovalRequest, ap.CreateApprovalRequestRequest(
-                approval_request=request, request_id=request.id), user=user, role=Role.WRITE)
-        except RemoteError as err:
-            if err.code != grpc.StatusCode.ALREADY_EXISTS:
-                raise
+        await unless(self.clients.call("approval", self.approval.CreateApprovalRequest,
+                                       ap.CreateApprovalRequestRequest(approval_request=request,
+                                                                       request_id=request.id),
+                                       user=user, role=Role.WRITE),
+                     grpc.StatusCode.ALREADY_EXISTS)
 
     async def update_inputs(self, user: str, resource_id: str, variables: dict, version_id: str,
                             parent_ids: list[str]) -> ResourceInfo:
