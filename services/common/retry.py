@@ -3,8 +3,10 @@ blueprint service (a template's default) and the workflow service (a
 workflow's policy, which retries its steps)."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+from functools import lru_cache
+
+import re2
 
 from services.common.errors import FieldViolation
 
@@ -13,6 +15,8 @@ MAX_PATTERNS = 20
 MAX_PATTERN_LENGTH = 200
 DEFAULT_BACKOFF_SECONDS = 10.0
 MAX_BACKOFF_SECONDS = 600.0
+# A failure's message is matched on its last 64 KiB (where terraform puts the error).
+MATCHED_MESSAGE_BYTES = 64 * 1024
 
 # What clouds and terraform say when trying again later may work: rate limits
 # and throttling, timeouts, state lock contention, connection trouble,
@@ -60,10 +64,23 @@ class RetryPolicy:
 
     def transient(self, error: str) -> str:
         """The pattern that makes `error` transient, or ""."""
+        error = error[-MATCHED_MESSAGE_BYTES:]
         for pattern in self.transient_patterns or BUILT_IN_TRANSIENT:
-            if re.search(pattern, error, re.IGNORECASE):
+            if _compiled(pattern).search(error):
                 return pattern
         return ""
+
+
+@lru_cache(maxsize=1024)
+def _compiled(pattern: str):
+    """Patterns are users' own, matched on the workflow service's event loop:
+    RE2 matches in time linear in the message (no catastrophic backtracking,
+    e.g. `(a+)+$`), at the price of back-references and look-arounds, which
+    it refuses when the policy is set. Case never matters."""
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False  # a refused pattern is the caller's field violation, not a log line
+    return re2.compile(pattern, options)
 
 
 def retry_problems(policy: RetryPolicy, field_name: str) -> list[FieldViolation]:
@@ -81,8 +98,9 @@ def retry_problems(policy: RetryPolicy, field_name: str) -> list[FieldViolation]
                                            f"must have 1 to {MAX_PATTERN_LENGTH} characters"))
             continue
         try:
-            re.compile(pattern)
-        except re.error as exc:
+            _compiled(pattern)
+        except re2.error as exc:
+            reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
             problems.append(FieldViolation(f"{field_name}.transient_patterns[{i}]",
-                                           f"is not a regular expression ({exc.msg})"))
+                                           f"is not a regular expression RE2 accepts ({reason[:120]})"))
     return problems

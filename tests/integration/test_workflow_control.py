@@ -195,10 +195,12 @@ async def test_a_transient_failure_is_retried_on_the_same_resource_and_a_permane
     # Transient every time: it stops when the attempts run out, and says how many ran. Here the
     # policy is the template's default (the workflow sets none).
     bad = await rpc_error(p.blueprint.UpdateTemplate(bp.UpdateTemplateRequest(
-        template=bp.Template(id=p.catalog.templates["gated"], retry_policy=retries(11, ["("])),
+        template=bp.Template(id=p.catalog.templates["gated"], retry_policy=retries(11, ["(", r"(a)\1"])),
         update_mask=["retry_policy"]), metadata=p.admin))
+    # A back-reference is refused: patterns are RE2, matched in linear time.
     assert set(field_violations(bad)) == {"template.retry_policy.max_attempts",
-                                          "template.retry_policy.transient_patterns[0]"}
+                                          "template.retry_policy.transient_patterns[0]",
+                                          "template.retry_policy.transient_patterns[1]"}
     await p.blueprint.UpdateTemplate(bp.UpdateTemplateRequest(
         template=bp.Template(id=p.catalog.templates["gated"], retry_policy=retries(2, ["gate closed"])),
         update_mask=["retry_policy"]), metadata=p.admin)

@@ -152,3 +152,19 @@ def test_a_plan_made_during_the_execution_goes_on_alone_only_when_deferred_and_o
     # A stale plan asks again, whatever it does; a step that was planned (not deferred) too.
     assert not plan_stays_approved({"deferred": True, "changes": creates, "replan_reason": "STALE_PLAN: serial"})
     assert not plan_stays_approved({"deferred": False, "changes": creates})
+
+
+def test_retry_patterns_match_in_linear_time_whatever_the_pattern():
+    import time
+
+    from services.common.retry import RetryPolicy, retry_problems
+    # `(a+)+$` on "aaa…b" backtracks exponentially in Python's re (30 characters take minutes);
+    # matched by RE2 on a 64 KiB message it answers at once.
+    policy = RetryPolicy(max_attempts=2, transient_patterns=("(a+)+$", "RATE limit"))
+    started = time.monotonic()
+    assert policy.transient("a" * 100_000 + "b") == ""
+    assert time.monotonic() - started < 2
+    assert policy.transient("Error: rate limit exceeded") == "RATE limit"
+    assert RetryPolicy().transient("Error: 429 Too Many Requests") != ""
+    assert [v.field for v in retry_problems(RetryPolicy(transient_patterns=(r"(a)\1", "(?=x)", "ok")), "p")] == \
+        ["p.transient_patterns[0]", "p.transient_patterns[1]"]
