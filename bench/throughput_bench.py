@@ -73,7 +73,7 @@ def throughput_figures(bench, procs, chain_templates) -> list[str]:
         f"{statistics.median(overhead) * 1000:.0f} ms | the job's whole duration, p50 "
         f"{statistics.median(whole) * 1000:.0f} ms | {share:.2f} ({'met' if share <= 0.10 else 'missed'}: <= 0.10) |",
         "",
-        "The executor's own time counts from the job's start (its claim) to the log line of terraform's first "
+        "The executor's own time counts from the job's start (stamped by the worker as it begins) to the log line of terraform's first "
         "command: the source tree (a commit checked out before is copied, not cloned), the backend and variable "
         "files, the sandbox's set-up. Terraform's own process start inside the sandbox is part of the commands' "
         "time, not of this figure. A service's CPU is its own process's; terraform's is counted apart.",

@@ -86,6 +86,9 @@ async def test_apply_returns_outputs_and_destroy_removes_the_resource(executor, 
     assert outputs["connection_string"] == ("***", True)
     resource_id = outputs["id"][0]
     assert resource_id.isdigit() and job.attempt == 1 and job.start_time.seconds and job.end_time.seconds
+    # start_time is the worker's own start: after the job was stored, no later than its first log line.
+    first = await wait_until_logged(executor, job.id, f"on worker {job.worker}")
+    assert job.create_time.ToDatetime() <= job.start_time.ToDatetime() <= first.time.ToDatetime()
 
     if storage_kind == "local":
         state = json.loads((tmp_path / "states" / "team" / "vpc" / "terraform.tfstate").read_text())

@@ -50,8 +50,7 @@ _CLAIM_JOB = sa.update(jobs).where(
     sa.or_(jobs.c.status == "queued", sa.and_(jobs.c.status == "running", jobs.c.lease_until < sa.bindparam("now"))),
     jobs.c.cancel_requested == sa.false(),
 ).values(status="running", worker=sa.bindparam("worker"), lease_until=sa.bindparam("lease_until"),
-         attempt=jobs.c.attempt + 1, start_time=sa.func.coalesce(jobs.c.start_time, sa.bindparam("now")),
-         queue_reason="")
+         attempt=jobs.c.attempt + 1, queue_reason="")
 _INTEGRATION = sa.select(integrations).where(integrations.c.id == sa.bindparam("id"))
 _STORAGE = sa.select(storages).where(storages.c.id == sa.bindparam("id"))
 _CLAIM = sa.select(state_path_claims).where(state_path_claims.c.storage_id == sa.bindparam("storage_id"),
@@ -130,6 +129,11 @@ class JobRepository:
         Two workers racing for one job: exactly one update matches."""
         result = await self.s.execute(_CLAIM_JOB, dict(w_id=id_, now=now, worker=worker, lease_until=lease_until))
         return result.rowcount == 1
+
+    async def mark_started(self, id_: str, moment: dt.datetime) -> None:
+        """The moment a worker began running the job, kept from its first attempt."""
+        await self.s.execute(sa.update(jobs).where(jobs.c.id == id_, jobs.c.start_time.is_(None)).values(
+            start_time=moment))
 
     async def running_integrations(self, except_job: str) -> list[list[str]]:
         """The integration ids of each running job but `except_job` (running jobs are few)."""

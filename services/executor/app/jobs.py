@@ -94,8 +94,7 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
         await uow.enqueue(DISPATCH_SUBJECT, job.id.encode(), f"dispatch-{job.id}")
     else:
         worker, lease = start_as
-        job = replace(job, status=RUNNING, worker=worker, attempt=1, start_time=utcnow(),
-                      lease_until=lease_deadline(lease))
+        job = replace(job, status=RUNNING, worker=worker, attempt=1, lease_until=lease_deadline(lease))
         await uow.jobs.add(job)
         await emit_job_event(uow, job)  # started
     await uow.remember_request("SubmitJob", request_id, job.id)

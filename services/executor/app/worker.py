@@ -19,6 +19,7 @@ executor process puts a job whose lease ran out back on the queue instead."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import socket
@@ -82,10 +83,13 @@ class LogWriter:
     way could not tell whether its lines were stored, and a second writer
     would race it for the same line numbers."""
 
-    def __init__(self, uow_factory, job_id: str, next_number: int):
+    def __init__(self, uow_factory, job_id: str, next_number: int, started: dt.datetime | None = None):
         self.uow_factory = uow_factory
         self.job_id = job_id
         self.next_number = next_number
+        # The job's start_time goes with the first lines: stamped when the worker
+        # began, stored off the way to terraform's first command.
+        self.started = started
         self._buffer: list = []
         self._closing = asyncio.Event()
         self._task = asyncio.create_task(self._loop())
@@ -112,7 +116,10 @@ class LogWriter:
         try:
             async with self.uow_factory() as uow:
                 await uow.logs.append(self.job_id, self.next_number, lines)
+                if self.started is not None:
+                    await uow.jobs.mark_started(self.job_id, self.started)
                 await uow.commit()
+            self.started = None
         except BaseException:
             self._buffer = lines + self._buffer
             raise
@@ -287,6 +294,7 @@ class JobWorkers:
         """Runs a job this worker has claimed; `msg` is its work-queue message
         (None for a job started directly), heartbeated and acked here."""
         cfg = self.config
+        started = utcnow()
         async with self.runtime.uow() as uow:
             storage = await uow.storages.get(job.storage_id) if job.storage_id else None
             env, redact = await self._environment(uow, job)
@@ -295,7 +303,7 @@ class JobWorkers:
             summary = plan_job.plan_summary if plan_job is not None else None
             next_number = await uow.logs.last_number(job.id) + 1
 
-        logs = LogWriter(self.runtime.uow, job.id, next_number)
+        logs = LogWriter(self.runtime.uow, job.id, next_number, started)
         if previous_worker:
             logs.add("executor", f"attempt {job.attempt}: worker {previous_worker} stopped without finishing "
                                  f"(its lease expired); running the job again")
