@@ -73,7 +73,11 @@ def _channel(service: str) -> grpc.Channel:
 
 class Client:
     def __init__(self, token: str | None = None):
-        self.md = [("authorization", f"Bearer {_token(token)}")]
+        # One W3C trace context per command: with tracing on in the services, every call of
+        # one `ik` command (e.g. `workflow run`: create, execute, watch) lands in one trace.
+        self.trace_id = os.urandom(16).hex()
+        self.md = [("authorization", f"Bearer {_token(token)}"),
+                   ("traceparent", f"00-{self.trace_id}-{os.urandom(8).hex()}-01")]
         self.blueprint = blueprint_pb2_grpc.BlueprintServiceStub(_channel("blueprint"))
         self.workflow = workflow_pb2_grpc.WorkflowServiceStub(_channel("workflow"))
         self.resource = resource_pb2_grpc.ResourceServiceStub(_channel("resource"))

@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
+from services.common import tracing
 from services.common.config import SERVICES
 
 log = logging.getLogger(__name__)
@@ -131,15 +132,16 @@ class EventBus:
             hdrs["Nats-Msg-Id"] = msg_id
         await self.js.publish(subject, payload, headers=hdrs or None)
 
-    async def publish_in_order(self, messages: list[tuple[str, bytes, str]], timeout: float = 5.0) -> None:
-        """Publishes (subject, payload, msg_id) messages in this order without
+    async def publish_in_order(self, messages: list[tuple[str, bytes, str, str]], timeout: float = 5.0) -> None:
+        """Publishes (subject, payload, msg_id, traceparent) messages in this order without
         waiting for each ack before sending the next; returns once the streams
         acked them all, raises if any was refused or unacked in time."""
         assert self.js is not None
         acks = []
         try:
-            for subject, payload, msg_id in messages:
-                acks.append(await self.js.publish_async(subject, payload, headers={"Nats-Msg-Id": msg_id}))
+            for subject, payload, msg_id, parent in messages:
+                acks.append(await self.js.publish_async(subject, payload,
+                                                        headers=tracing.message_headers(msg_id, parent)))
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*acks)
         finally:

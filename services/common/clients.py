@@ -12,6 +12,7 @@ import asyncio
 
 import grpc
 
+from services.common import tracing
 from services.common.auth import Role
 from services.common.config import Settings
 from services.common.errors import Unavailable
@@ -57,7 +58,8 @@ class ServiceClients:
 
     def channel(self, service: str) -> grpc.aio.Channel:
         if service not in self._channels:
-            self._channels[service] = GrpcTls.from_env(self.settings.env).aio_channel(self.settings.targets[service])
+            self._channels[service] = GrpcTls.from_env(self.settings.env).aio_channel(
+                self.settings.targets[service], interceptors=tracing.client_interceptors() or None)
         return self._channels[service]
 
     def metadata(self, callee: str, user: str, role: Role = Role.ADMIN) -> list[tuple[str, str]]:

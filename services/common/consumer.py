@@ -18,7 +18,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from sqlalchemy.exc import IntegrityError
 
 from infrakitchen.events.v1 import events_pb2
-from services.common import metrics
+from services.common import logs, metrics, tracing
 from services.common.bus import EventBus
 from services.common.events import Envelope
 from services.common.uow import UnitOfWork
@@ -110,8 +110,15 @@ class EventConsumer:
             await msg.ack()
             return
         heartbeat = asyncio.create_task(self._heartbeat(msg))
+        c = envelope.correlation
         try:
-            await self._apply(envelope)
+            with tracing.consuming(f"{self.spec.durable} {envelope.type}", msg.headers, event_id=envelope.event_id,
+                                   workflow_id=c.workflow_id, step_id=c.step_id, resource_id=c.resource_id,
+                                   job_id=c.job_id), \
+                    logs.bound(event_id=envelope.event_id, workflow_id=c.workflow_id, step_id=c.step_id,
+                               resource_id=c.resource_id, job_id=c.job_id,
+                               approval_request_id=c.approval_request_id):
+                await self._apply(envelope)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any handler failure is retried, then dead-lettered

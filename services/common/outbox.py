@@ -37,8 +37,10 @@ DEAD_LETTER_DATA_BYTES = 64 * 1024
 
 DELETE_WHEN_IDLE_FOR = 0.05  # seconds without new rows before published rows are deleted
 
-# (event id, prefixed subject, payload)
-OutboxRow = tuple[str, str, bytes]
+# (event id, prefixed subject, payload, traceparent or "")
+OutboxRow = tuple[str, str, bytes, str]
+# (prefixed subject, payload, event id, traceparent or "")
+Message = tuple[str, bytes, str, str]
 
 
 class OutboxRelay:
@@ -73,12 +75,13 @@ class OutboxRelay:
         await self._delete_published()
         async with self.db.session() as session, session.begin():
             query = sa.select(self.outbox.c.seq, self.outbox.c.event_id, self.outbox.c.subject,
-                              self.outbox.c.payload).order_by(self.outbox.c.seq).limit(self.batch_size)
+                              self.outbox.c.payload, self.outbox.c.trace_context).order_by(self.outbox.c.seq).limit(self.batch_size)
             if self.db.is_postgres:
                 query = query.with_for_update(skip_locked=True)
             rows = (await session.execute(query)).all()
             if rows:
-                await self._publish([(row.subject, row.payload, row.event_id) for row in rows])
+                await self._publish([(row.subject, row.payload, row.event_id, row.trace_context or "")
+                                     for row in rows])
                 await session.execute(sa.delete(self.outbox).where(
                     self.outbox.c.seq.in_([row.seq for row in rows])))
             for row in rows:
@@ -90,13 +93,13 @@ class OutboxRelay:
         later, when the relay is idle (the delete is off the way of whatever
         the events set going, and one delete covers several commits)."""
         rows = list(self._ready.values())
-        await self._publish([(subject, payload, event_id) for event_id, subject, payload in rows])
-        for event_id, _, _ in rows:
+        await self._publish([(subject, payload, event_id, parent) for event_id, subject, payload, parent in rows])
+        for event_id, _, _, _ in rows:
             self._ready.pop(event_id, None)
             self._published.append(event_id)
         return len(rows)
 
-    async def _publish(self, messages: list[tuple[str, bytes, str]]) -> None:
+    async def _publish(self, messages: list[Message]) -> None:
         """Publishes in order; a message NATS refuses for good (larger than
         the server's max payload) is dead-lettered instead, with an error in
         the log, so it never holds back the events after it."""
@@ -116,8 +119,8 @@ class OutboxRelay:
                 except MaxPayloadError:
                     await self._dead_letter([message], "maximum payload exceeded")
 
-    async def _dead_letter(self, messages: list[tuple[str, bytes, str]], error: str) -> None:
-        for subject, payload, event_id in messages:
+    async def _dead_letter(self, messages: list[Message], error: str) -> None:
+        for subject, payload, event_id, _ in messages:
             log.error("outbox relay: event %s on %s (%d bytes) refused by NATS for good: %s; dead-lettered to %s",
                       event_id, subject, len(payload), error, self.bus.names.deadletter_subject(self.name))
             letter = events_pb2.DeadLetter(consumer=self.name, subject=subject, deliveries=0, error=error,

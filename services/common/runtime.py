@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import logs, metrics
+from services.common import logs, metrics, tracing
 from services.common.bus import EventBus
 from services.common.changes import ChangeFeed
 from services.common.config import Settings
@@ -117,7 +117,8 @@ class Runtime:
             self._spawn(f"background-{i}", coro)
 
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.definition.name),
+            # The trace's server span first, so it covers authentication and errors too.
+            interceptors=[*tracing.server_interceptors(), ErrorInterceptor(self.definition.name),
                           AuthInterceptor(s.auth_secret, OidcVerifier.from_env(s.env), self.identity)],
             # No SO_REUSEPORT: a second process on the same port must fail, not share it.
             options=[("grpc.so_reuseport", 0)],
@@ -244,12 +245,19 @@ class Runtime:
 def run_service(definition: ServiceDefinition) -> None:
     settings = Settings.from_env(definition.name)
     logs.configure(definition.name, settings.log_level, settings.env.get("IK_LOG_FORMAT", "text"))
+    try:
+        tracing.configure(definition.name, settings.env, settings.data_dir)
+    except ValueError as exc:
+        log.error("%s service cannot start: %s", definition.name, exc)
+        raise SystemExit(1) from None
     upgrade(definition.migrations_dir, settings.database_url)
     try:
         asyncio.run(_serve(definition, settings))
     except StartupError as exc:
         log.error("%s service cannot start: %s", definition.name, exc)
         raise SystemExit(1) from None
+    finally:
+        tracing.shutdown()
 
 
 async def _serve(definition: ServiceDefinition, settings: Settings) -> None:

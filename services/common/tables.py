@@ -36,6 +36,8 @@ def plumbing_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
         sa.Column("subject", sa.String(255), nullable=False),
         sa.Column("payload", sa.LargeBinary, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        # W3C traceparent of the transaction that wrote the row (tracing on), sent as a NATS header.
+        sa.Column("trace_context", sa.String(128), nullable=True),
     )
     inbox = sa.Table(
         "inbox",
@@ -46,6 +48,17 @@ def plumbing_tables(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
     )
     request_ids_table(metadata)
     return outbox, inbox
+
+
+def add_outbox_trace_context(op) -> None:
+    """For each service's migration that brought traces."""
+    with op.batch_alter_table("outbox") as batch:
+        batch.add_column(sa.Column("trace_context", sa.String(128), nullable=True))
+
+
+def drop_outbox_trace_context(op) -> None:
+    with op.batch_alter_table("outbox") as batch:
+        batch.drop_column("trace_context")
 
 
 def create_plumbing_tables(op) -> None:

@@ -78,11 +78,11 @@ class GrpcTls:
         options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
         return credentials, options
 
-    def aio_channel(self, target: str) -> grpc.aio.Channel:
+    def aio_channel(self, target: str, interceptors: list | None = None) -> grpc.aio.Channel:
         if not self.calling:
-            return grpc.aio.insecure_channel(target)
+            return grpc.aio.insecure_channel(target, interceptors=interceptors)
         credentials, options = self._channel_args()
-        return grpc.aio.secure_channel(target, credentials, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
 
     def channel(self, target: str) -> grpc.Channel:
         """A blocking channel (the CLI, tests)."""

@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.common import tracing
 from services.common.bus import Names
 from services.common.changes import ChangeFeed
 from services.common.db import Database
@@ -50,7 +51,7 @@ class UnitOfWork:
     their repositories in `_open()`."""
 
     def __init__(self, db: Database, outbox: sa.Table, inbox: sa.Table, names: Names,
-                 on_commit: Callable[[list[tuple[str, str, bytes]]], None] | None = None,
+                 on_commit: Callable[[list[tuple[str, str, bytes, str]]], None] | None = None,
                  changes: ChangeFeed | None = None):
         self.db = db
         self._changes = changes
@@ -59,7 +60,7 @@ class UnitOfWork:
         self._inbox = inbox
         self._names = names
         self._on_commit = on_commit
-        self._emitted: list[tuple[str, str, bytes]] = []  # outbox rows of this transaction
+        self._emitted: list[tuple[str, str, bytes, str]] = []  # outbox rows of this transaction
         self._after_commit: list[Callable[[], Awaitable[None]]] = []
         self.session: AsyncSession
 
@@ -86,9 +87,10 @@ class UnitOfWork:
         """A message (an event, or e.g. a job dispatch to a work queue), sent
         through the outbox so it leaves only if this transaction commits."""
         subject = self._names.subject(unprefixed_subject)
+        parent = tracing.traceparent()  # the message continues this trace
         await self.session.execute(_insert(self._outbox), dict(
-            event_id=message_id, subject=subject, payload=payload, created_at=utcnow()))
-        self._emitted.append((message_id, subject, payload))
+            event_id=message_id, subject=subject, payload=payload, created_at=utcnow(), trace_context=parent or None))
+        self._emitted.append((message_id, subject, payload, parent))
 
     async def already_processed(self, consumer: str, event_id: str) -> bool:
         """Records the event as processed by `consumer` unless it already was

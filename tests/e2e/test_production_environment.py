@@ -3,6 +3,7 @@ separate processes with real NATS and real terraform, driven by the `ik`
 command line the way a person would, then checked through gRPC."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.e2e
 def platform(tmp_path, event_prefix, nats_url):
     ports = {name: free_port() for name in SERVICES}  # each service's Prometheus endpoint
     procs = ServiceProcesses(tmp_path / "data", event_prefix, nats_url, extra_env={
-        "IK_METRICS_INTERVAL": "0.5", **{f"IK_{n.upper()}_METRICS_PORT": str(p) for n, p in ports.items()}})
+        "IK_METRICS_INTERVAL": "0.5", **{f"IK_{n.upper()}_METRICS_PORT": str(p) for n, p in ports.items()},
+        "IK_TRACES_EXPORTER": "file"})
     procs.metrics_ports = ports
     procs.start()
     yield procs
@@ -41,6 +43,14 @@ def scrape(platform, service: str) -> dict[tuple[str, tuple], float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{platform.metrics_ports[service]}/metrics", timeout=10).read()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+
+
+def spans(platform) -> list[dict]:
+    """Every span the services exported so far (IK_TRACES_EXPORTER=file)."""
+    found = []
+    for path in (platform.data_dir / "traces").glob("*.jsonl"):
+        found += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return found
 
 
 def ik(platform, tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -119,6 +129,42 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
         while not caught_up():
             assert time.monotonic() < deadline, "the workflow service's consumers never caught up"
             time.sleep(0.5)
+
+    # One trace: `ik workflow run` (one trace context for its calls) -> CreateWorkflow, which reads the
+    # blueprint service, and ExecuteWorkflow -> each step's CreateResource and SubmitJob -> each job and its
+    # terraform commands -> the completion events, consumed by the workflow, resource and approval services,
+    # which start the next steps. Every span's parent is in the trace, but for the CLI's own span.
+    def the_run_trace():
+        found = spans(platform)
+        [execute] = [x for x in found if x["name"].endswith("WorkflowService/ExecuteWorkflow")
+                     and x["kind"] == "SpanKind.SERVER"]
+        return [x for x in found if x["context"]["trace_id"] == execute["context"]["trace_id"]]
+    deadline = time.monotonic() + 20
+    while True:
+        run_trace = the_run_trace()
+        jobs = [x for x in run_trace if x["name"] == "job apply"]
+        if len(jobs) == 3 and sum(x["name"].startswith("workflow-") and "job.succeeded" in x["name"]
+                                  for x in run_trace) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    services = {x["resource"]["attributes"]["service.name"] for x in run_trace}
+    assert services == {f"infrakitchen-{name}" for name in SERVICES}
+    assert len(jobs) == 3 and {x["attributes"]["ik.step_id"] for x in jobs} == {s.id for s in w.steps}
+    ids = {x["context"]["span_id"] for x in run_trace}
+    assert len({x["parent_id"] for x in run_trace if x["parent_id"] not in ids}) == 1  # the CLI's span
+    by_id = {x["context"]["span_id"]: x for x in run_trace}
+    commands = [x for x in run_trace if x["name"] == "terraform apply"]
+    assert len(commands) == 3 and all(by_id[x["parent_id"]]["name"] == "job apply" for x in commands)
+    # A dependent step's job descends from its upstream job (through the completion event).
+    vpc_job = next(x for x in jobs if x["attributes"]["ik.step_id"] == vpc.id)
+    eks_job = next(x for x in jobs if x["attributes"]["ik.step_id"] == eks.id)
+    ancestors, at = set(), eks_job
+    while at["parent_id"] in by_id:
+        at = by_id[at["parent_id"]]
+        ancestors.add(at["context"]["span_id"])
+    assert vpc_job["context"]["span_id"] in ancestors
+    # Spans carry ids and names, never variables or outputs.
+    assert vpc_id not in json.dumps(run_trace) and "10.42.0.0/16" not in json.dumps(run_trace)
 
     shown = ik(platform, tmp_path, "workflow", "show", w.id)
     assert shown.returncode == 0 and "EKS Cluster" in shown.stdout and vpc_id in shown.stdout

@@ -99,7 +99,7 @@ class CrashingBus:
         self.max_payload = bus.max_payload
 
     async def publish_in_order(self, messages):
-        for subject, payload, msg_id in messages:
+        for subject, payload, msg_id, _ in messages:
             if self.left == 0:
                 raise RelayCrash()
             self.left -= 1
@@ -370,8 +370,8 @@ async def test_an_event_nats_refuses_for_good_is_dead_lettered_and_the_rest_flow
     big = new_event("executor", "job_failed", events_pb2.JobChanged(job_id="big", error_message="y" * (
         p.bus.max_payload + 10)))
     small = new_event("executor", "job_failed", events_pb2.JobChanged(job_id="small"))
-    relay.notify([(big.event_id, p.bus.names.subject(big.type), big.SerializeToString()),
-                  (small.event_id, p.bus.names.subject(small.type), small.SerializeToString())])
+    relay.notify([(big.event_id, p.bus.names.subject(big.type), big.SerializeToString(), ""),
+                  (small.event_id, p.bus.names.subject(small.type), small.SerializeToString(), "")])
     assert await relay._relay_ready() == 2
     [msg] = await reader.fetch(1, timeout=5)
     assert events_pb2.Envelope.FromString(msg.data).event_id == small.event_id

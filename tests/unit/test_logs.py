@@ -24,3 +24,29 @@ def test_a_call_log_line_is_one_json_object_with_its_fields():
 def test_an_unknown_log_format_is_refused():
     with pytest.raises(ValueError):
         configure("resource", "INFO", "xml")
+
+
+def test_json_lines_carry_the_ids_being_worked_on_and_the_trace():
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from services.common import logs, tracing
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "working", (), None)
+    with logs.bound(workflow_id="w1", job_id="j1", step_id=""):
+        line = json.loads(JsonFormatter("executor").format(record))
+    assert (line["workflow_id"], line["job_id"]) == ("w1", "j1") and "step_id" not in line
+    assert "trace_id" not in line  # tracing off
+    assert "workflow_id" not in json.loads(JsonFormatter("executor").format(record))  # unbound again
+    tracing._provider = provider = TracerProvider()
+    try:
+        with provider.get_tracer("t").start_as_current_span("s") as span:
+            line = json.loads(JsonFormatter("executor").format(record))
+            assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    finally:
+        tracing._provider = None
+
+
+def test_an_unknown_traces_exporter_is_refused(tmp_path):
+    from services.common import tracing
+    with pytest.raises(ValueError):
+        tracing.configure("resource", {"IK_TRACES_EXPORTER": "zipkin"}, tmp_path)
+    assert not tracing.configure("resource", {}, tmp_path) and not tracing.enabled()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from services.common import tracing
 from services.common.config import Settings
 from services.common.git import GitError, checkout, redact_url
 from services.executor.adapters.checkouts import CheckoutCache
@@ -362,14 +363,18 @@ class TerraformRun:
         self._stderr_tail = []
         argv = self.config.sandbox.wrap([self.config.binary, *args], cwd=cwd, writable=self._writable,
                                         readable=[self.config.binary, self.config.plugin_dir])
-        self._proc = await asyncio.create_subprocess_exec(
-            *_die_with_parent(argv), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, limit=4 * 1024 * 1024)
         captured: list[str] = []
-        await asyncio.gather(self._pump(self._proc.stdout, "stdout", captured if capture else None),
-                             self._pump(self._proc.stderr, "stderr", None))
-        code = await self._proc.wait()
+        # The command's name only: its arguments may name files or variables.
+        with tracing.span(f"terraform {args[0]}") as span:
+            self._proc = await asyncio.create_subprocess_exec(
+                *_die_with_parent(argv), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True, limit=4 * 1024 * 1024)
+            await asyncio.gather(self._pump(self._proc.stdout, "stdout", captured if capture else None),
+                                 self._pump(self._proc.stderr, "stderr", None))
+            code = await self._proc.wait()
+            if span is not None:
+                span.set_attribute("ik.exit_code", code)
         if self.interrupted:
             raise RunFailed(f"job {self.interrupted}", code or 130)
         if code != 0:

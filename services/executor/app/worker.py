@@ -29,7 +29,8 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from sqlalchemy.exc import IntegrityError
 
-from services.common import metrics
+from services.common import logs as service_logs
+from services.common import metrics, tracing
 from services.common.config import Settings
 from services.common.uow import utcnow
 from services.executor.adapters.terraform import RunSpec, TerraformConfig, TerraformRun, break_stale_lock
@@ -246,7 +247,9 @@ class JobWorkers:
                         await _quietly(msg.nak(delay=0))
                         continue
                     try:
-                        await self._handle(msg)
+                        # The work-queue message carries the trace of the submission.
+                        with tracing.consuming("executor dispatch", msg.headers):
+                            await self._handle(msg)
                     except Exception:  # noqa: BLE001 - the message is redelivered; keep working
                         log.exception("worker %d: job %s failed to run", n, msg.data[:64])
                         await _quietly(msg.nak(delay=5))
@@ -293,6 +296,14 @@ class JobWorkers:
     async def _execute(self, job: Job, msg, previous_worker: str) -> None:
         """Runs a job this worker has claimed; `msg` is its work-queue message
         (None for a job started directly), heartbeated and acked here."""
+        c = job.correlation
+        with tracing.span(f"job {job.action}", job_id=job.id, attempt=job.attempt, worker=self.config.worker_id,
+                          workflow_id=c.workflow_id, step_id=c.step_id, resource_id=c.resource_id), \
+                service_logs.bound(job_id=job.id, workflow_id=c.workflow_id, step_id=c.step_id,
+                                   resource_id=c.resource_id):
+            await self._run_job(job, msg, previous_worker)
+
+    async def _run_job(self, job: Job, msg, previous_worker: str) -> None:
         cfg = self.config
         started = utcnow()
         async with self.runtime.uow() as uow:
@@ -361,6 +372,7 @@ class JobWorkers:
 
     async def _end(self, uow, job: Job, status: str, error: str) -> None:
         job.status, job.error_message, job.end_time, job.lease_until = status, error, utcnow(), None
+        tracing.annotate(status=status)
         await uow.jobs.save(job)
         await emit_job_event(uow, job)
         metrics.JOBS.labels(job.action, status).inc()
