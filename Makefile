@@ -15,7 +15,7 @@ PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_part
 export IK_DATA_DIR ?= $(CURDIR)/.data
 export IK_TERRAFORM_PLUGIN_DIR ?= $(CURDIR)/$(VENV)/terraform-plugins
 
-.PHONY: help install proto plugins sandbox nats run token test lint bench bench-api clean
+.PHONY: help install proto plugins sandbox nats run token test lint bench bench-api bench-cluster clean
 
 help:
 	@echo "make run    install everything and start NATS (if needed) and the five services"
@@ -25,6 +25,7 @@ help:
 	@echo "make proto  regenerate Python code from protos/ into gen/"
 	@echo "make bench  orchestration benchmarks (docs/performance.md)"
 	@echo "make bench-api  reads at 100k resources and the catalog at 500 templates (docs/performance-api.md)"
+	@echo "make bench-cluster  a NATS cluster and service replicas with kills mid-run (docs/reliability.md)"
 
 # The virtualenv, rebuilt when requirements.txt changes. The .pth file puts the
 # repository root and gen/ on sys.path so `python -m services.<context>` works.
@@ -94,6 +95,11 @@ bench: install nats
 # templates: records them in docs/performance-api.md.
 bench-api: install nats
 	$(PY) -m bench.api_bench --write
+
+# A 3-node NATS cluster, PostgreSQL and two replicas of every service, with
+# kills mid-run: records the outcome in docs/reliability.md.
+bench-cluster: install
+	$(PY) -m bench.cluster_bench --write
 
 clean:
 	rm -rf $(GEN) $(VENV) $(TOOLS) .data .pytest_cache

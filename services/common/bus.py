@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import nats
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from services.common import tracing
 from services.common.config import SERVICES
@@ -71,8 +71,10 @@ class EventBus:
         last: Exception | None = None
         for attempt in range(1, attempts + 1):
             try:
+                # IK_NATS_URL may name several servers of a cluster, comma-separated: the
+                # client connects to one and moves to another when it goes away.
                 self.nc = await nats.connect(
-                    self.nats_url, name=self.client_name, connect_timeout=2,
+                    servers=[u.strip() for u in self.nats_url.split(",") if u.strip()], name=self.client_name, connect_timeout=2,
                     max_reconnect_attempts=-1, reconnect_time_wait=1, drain_timeout=3, **self.connect_options,
                 )
                 self.js = self.nc.jetstream(timeout=5)
@@ -88,20 +90,34 @@ class EventBus:
         """The largest message the connected server accepts (0 when not connected)."""
         return self.nc.max_payload if self.nc is not None and self.nc.is_connected else 0
 
-    async def ensure_stream(self, config: StreamConfig) -> None:
+    async def ensure_stream(self, config: StreamConfig, attempts: int = 10) -> None:
         """Creates the stream, or brings an existing one to this config (its
-        replicas included: every replica of every service may call this at once)."""
+        replicas included: every replica of every service may call this at once).
+        A cluster still electing the new stream's leader answers late: asked again."""
         assert self.js is not None
         config.num_replicas = self.replicas
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._ensure_stream(config)
+            except (nats.errors.TimeoutError, ServiceUnavailableError) as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("stream %s: JetStream did not answer (%s); asking again", config.name,
+                            type(exc).__name__)
+                await asyncio.sleep(min(attempt, 3))
+
+    async def _ensure_stream(self, config: StreamConfig) -> None:
         try:
-            await self.js.stream_info(config.name)
+            info = await self.js.stream_info(config.name)
         except NotFoundError:
             try:
                 await self.js.add_stream(config)
                 log.info("created stream %s (%s)", config.name, ", ".join(config.subjects or []))
                 return
             except BadRequestError:  # another replica created it a moment ago: bring it to this config
-                pass
+                info = await self.js.stream_info(config.name)
+        if not _differs(info.config, config):
+            return  # as wanted: no update (ten replicas starting at once would each ask the cluster)
         await self.js.update_stream(config)
 
     async def ensure_event_streams(self, contexts: tuple[str, ...] = SERVICES) -> None:
@@ -165,3 +181,18 @@ class EventBus:
                 await self.nc.drain()
             except Exception:  # noqa: BLE001 - closing anyway
                 await self.nc.close()
+
+
+def _differs(current: StreamConfig, wanted: StreamConfig) -> bool:
+    """Whether a stream's config differs from the wanted one in what we set."""
+    for name in ("subjects", "retention", "storage", "max_age", "duplicate_window", "discard", "num_replicas"):
+        have, want = getattr(current, name), getattr(wanted, name)
+        if want is None:
+            continue
+        if name == "subjects":
+            have, want = sorted(have or []), sorted(want)
+        elif name in ("max_age", "duplicate_window"):
+            have, want = round(have or 0, 3), round(want, 3)
+        if have != want:
+            return True
+    return False

@@ -4,11 +4,11 @@
 |--------------------------|----------------------------------|---------|
 | IK_DATA_DIR              | ./.data                          | SQLite files, auth secret, local state |
 | IK_<SVC>_DATABASE_URL    | sqlite:///<data>/<svc>.db        | e.g. postgresql+psycopg://user@host/db |
-| IK_NATS_URL              | nats://127.0.0.1:4222            | NATS server with JetStream |
+| IK_NATS_URL              | nats://127.0.0.1:4222            | NATS server with JetStream; a cluster's servers comma-separated |
 | IK_EVENT_PREFIX          | (empty)                          | namespaces streams and subjects |
 | IK_HOST                  | 127.0.0.1                        | address the gRPC servers bind |
 | IK_<SVC>_PORT            | 50051..50055                     | gRPC port of each service |
-| IK_<SVC>_TARGET          | 127.0.0.1:<port>                 | where clients reach a service |
+| IK_<SVC>_TARGET          | 127.0.0.1:<port>                 | where clients reach a service (a gRPC target: e.g. dns:///ik-resource:50053, or ipv4:10.0.0.1:50053,10.0.0.2:50053 for replicas) |
 | IK_AUTH_SECRET           | generated into <data>/auth-secret| HMAC key of bearer tokens |
 | IK_LOG_LEVEL             | INFO                             | Python logging level |
 | IK_SHUTDOWN_GRACE        | 5                                | seconds in-flight calls get on SIGTERM |
