@@ -27,12 +27,12 @@ help:
 	@echo "make bench-api  reads at 100k resources and the catalog at 500 templates (docs/performance-api.md)"
 	@echo "make bench-cluster  a NATS cluster and service replicas with kills mid-run (docs/reliability.md)"
 
-# The virtualenv, rebuilt when requirements.txt changes. The .pth file puts the
+# The virtualenv, rebuilt when a requirements file changes. The .pth file puts the
 # repository root and gen/ on sys.path so `python -m services.<context>` works.
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-executor.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check --upgrade pip
-	$(PIP) install --quiet --disable-pip-version-check -r requirements.txt
+	$(PIP) install --quiet --disable-pip-version-check -r requirements-dev.txt
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 	  printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" > "$$site/infrakitchen-dev.pth"
 	printf '#!/bin/sh\nexec "%s" -m cli "$$@"\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/ik && chmod +x $(VENV)/bin/ik

@@ -85,6 +85,19 @@ def test_health_serving_without_a_token(platform, service):
             assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_the_images_health_check_follows_the_service(platform):
+    from tests.support.processes import ROOT, free_port
+
+    def check(port: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "services.common.healthcheck"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=30, env={**platform.env, "SERVICE": "workflow",
+                                                          "IK_WORKFLOW_PORT": str(port)})
+    up = check(platform.ports["workflow"])
+    assert up.returncode == 0 and "SERVING" in up.stdout
+    down = check(free_port())  # nothing listens there
+    assert down.returncode == 1 and "not serving" in down.stdout
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_grpcurl_lists_service_health_and_reflection(platform, service):
     out = subprocess.run([GRPCURL, "-plaintext", platform.target(service), "list"],
