@@ -28,6 +28,7 @@ CONSUMER_PENDING = Gauge("ik_consumer_pending", "Events a durable consumer has n
                          ["consumer"])
 OUTBOX_BACKLOG = Gauge("ik_outbox_backlog", "Events stored and not yet published")
 OUTBOX_OLDEST = Gauge("ik_outbox_oldest_seconds", "Age of the oldest event not yet published (0: none)")
+JOBS_NOW = Gauge("ik_jobs_current", "Jobs queued (the queue's depth) or running now, by status", ["status"])
 STEPS = Histogram("ik_step_duration_seconds", "Steps from start to their end, by outcome", ["outcome"],
                   buckets=_SLOW)
 

@@ -11,7 +11,7 @@ import datetime as dt
 import gc
 import logging
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +65,8 @@ class ServiceDefinition:
     # Runs when shutdown begins, before background tasks are cancelled (e.g.
     # executor workers hand their jobs back).
     on_stopping: list[Callable] = field(default_factory=list)
+    # Refreshes the service's own gauges with the common ones (metrics on), e.g. the job queue's depth.
+    gauges: Callable[["Runtime"], Awaitable[None]] | None = None
 
 
 class Runtime:
@@ -163,6 +165,8 @@ class Runtime:
                     count, oldest = (await conn.execute(sa.select(sa.func.count(), sa.func.min(
                         outbox.c.created_at)))).one()
                 metrics.OUTBOX_BACKLOG.set(count)
+                if self.definition.gauges is not None:
+                    await self.definition.gauges(self)
                 metrics.OUTBOX_OLDEST.set(metrics.seconds_between(
                     oldest if oldest is None or oldest.tzinfo else oldest.replace(tzinfo=dt.timezone.utc),
                     dt.datetime.now(dt.timezone.utc)) if oldest is not None else 0)

@@ -1,6 +1,7 @@
 """python -m services.executor"""
 from pathlib import Path
 
+from services.common import metrics
 from services.common.clients import ServiceClients
 from services.common.runtime import ServiceDefinition, run_service
 from services.executor.adapters.resources import ResourceUsers
@@ -25,6 +26,14 @@ async def _stop_workers(runtime) -> None:
     await runtime.workers.stop()
 
 
+async def _job_gauges(runtime) -> None:
+    """The queue's depth and the jobs running, across every executor sharing the database."""
+    async with runtime.uow() as uow:
+        counts = await uow.jobs.count_by_status(("queued", "running"))
+    for status, count in counts.items():
+        metrics.JOBS_NOW.labels(status).set(count)
+
+
 DEFINITION = ServiceDefinition(
     name="executor",
     migrations_dir=Path(__file__).parent / "migrations",
@@ -35,6 +44,7 @@ DEFINITION = ServiceDefinition(
     streams=lambda runtime: [work_queue(runtime.bus.names)],
     background=lambda runtime: [runtime.workers.run()],
     on_stopping=[_stop_workers],
+    gauges=_job_gauges,
 )
 
 if __name__ == "__main__":

@@ -121,10 +121,15 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
         assert scrape(platform, "resource")[("ik_rpc_duration_seconds_count", (
             ("code", "OK"), ("method", "CreateResource"), ("service", "resource")))] == 3
         # The backlog gauges: every consumer and outbox catches up after the run.
+        assert executor[("ik_job_queue_seconds_count", ())] == 3  # submission to the worker's start
+
         def caught_up():
             samples = scrape(platform, "workflow")
             lag = [v for (name, _), v in samples.items() if name == "ik_consumer_pending"]
-            return len(lag) == 3 and not any(lag) and samples[("ik_outbox_backlog", ())] == 0
+            jobs = scrape(platform, "executor")  # the queue's depth: nothing queued or running after the run
+            return len(lag) == 3 and not any(lag) and samples[("ik_outbox_backlog", ())] == 0 and \
+                jobs.get(("ik_jobs_current", (("status", "queued"),))) == 0 and \
+                jobs.get(("ik_jobs_current", (("status", "running"),))) == 0
         deadline = time.monotonic() + 30
         while not caught_up():
             assert time.monotonic() < deadline, "the workflow service's consumers never caught up"

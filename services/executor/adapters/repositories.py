@@ -135,6 +135,11 @@ class JobRepository:
         await self.s.execute(sa.update(jobs).where(jobs.c.id == id_, jobs.c.start_time.is_(None)).values(
             start_time=moment))
 
+    async def count_by_status(self, statuses: tuple[str, ...]) -> dict[str, int]:
+        rows = await self.s.execute(sa.select(jobs.c.status, sa.func.count()).where(
+            jobs.c.status.in_(statuses)).group_by(jobs.c.status))
+        return {status: 0 for status in statuses} | {r[0]: r[1] for r in rows}
+
     async def running_integrations(self, except_job: str) -> list[list[str]]:
         """The integration ids of each running job but `except_job` (running jobs are few)."""
         rows = await self.s.execute(sa.select(jobs.c.integration_ids).where(jobs.c.status == "running",
