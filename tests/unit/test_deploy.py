@@ -128,17 +128,19 @@ def _requirements(name: str) -> list[str]:
 
 def test_the_images_are_runtime_only_non_root_and_health_checked():
     stages = _stages((DEPLOY / "Dockerfile").read_text())
-    assert set(stages) == {"build", "service", "executor"}
+    assert set(stages) == {"build", "build-executor", "base", "service", "executor"}
     service, executor = stages["service"], stages["executor"]
     # The runtime stages copy the build's virtualenv and generated code; nothing is compiled or
     # generated in them, and only the build stage installs tools.
     for stage in (service, executor):
         assert not any("pip install" in line or "grpc_tools" in line for line in stage), stage
         assert [line for line in stage if line.startswith("USER")][-1] == "USER 10001:10001"
-    assert any(line.startswith("HEALTHCHECK") and "services.common.healthcheck" in line for line in service)
-    assert executor[0].startswith("FROM service ")  # inherits the user, the health check, the code
-    assert any("/opt/ik-executor /opt/ik" in line for line in executor)
-    assert any("requirements-executor.txt" in line for line in stages["build"])
+    assert any(line.startswith("HEALTHCHECK") and "services.common.healthcheck" in line for line in stages["base"])
+    assert service[0] == "FROM base AS service" and executor[0] == "FROM base AS executor"
+    assert any(line == "COPY --from=build /opt/ik /opt/ik" for line in service)
+    assert any(line == "COPY --from=build-executor /opt/ik /opt/ik" for line in executor)
+    assert not any("requirements-executor.txt" in line for line in stages["build"])
+    assert any("requirements-executor.txt" in line for line in stages["build-executor"])
     # What the runtime virtualenv gets: no test tools, code generators, CLI or Terraform.
     runtime = _requirements("requirements.txt")
     assert not [r for r in runtime if r.startswith(RUNTIME_ONLY)], runtime
