@@ -15,13 +15,14 @@ PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_part
 export IK_DATA_DIR ?= $(CURDIR)/.data
 export IK_TERRAFORM_PLUGIN_DIR ?= $(CURDIR)/$(VENV)/terraform-plugins
 
-.PHONY: help install proto plugins sandbox nats run token test lint bench bench-api bench-cluster clean
+.PHONY: help install proto plugins sandbox nats run token test lint docs bench bench-api bench-cluster clean
 
 help:
 	@echo "make run    install everything and start NATS (if needed) and the five services"
 	@echo "make test   install everything and run lint and the whole test suite"
 	@echo "make token  print a fresh local admin token (last line)"
-	@echo "make lint   buf lint of protos/"
+	@echo "make lint   buf lint of protos/ and buf breaking against the previous commit"
+	@echo "make docs   the API reference (docs/api.md) from the protos' comments"
 	@echo "make proto  regenerate Python code from protos/ into gen/"
 	@echo "make bench  orchestration benchmarks (docs/performance.md)"
 	@echo "make bench-api  reads at 100k resources and the catalog at 500 templates (docs/performance-api.md)"
@@ -47,9 +48,10 @@ sandbox:
 # Generated code is not committed: it is derived from protos/ in about a second
 # and committing it would let the two drift apart.
 $(GEN)/.stamp: $(VENV)/.installed $(PROTOS)
-	rm -rf $(GEN) && mkdir -p $(GEN)
+	rm -rf $(GEN) && mkdir -p $(GEN)/infrakitchen
 	$(PY) -m grpc_tools.protoc -Iprotos -Iprotos/third_party \
 	  --python_out=$(GEN) --grpc_python_out=$(GEN) \
+	  --include_source_info --include_imports --descriptor_set_out=$(GEN)/infrakitchen/descriptors.binpb \
 	  --mypy_out=$(GEN) --mypy_grpc_out=$(GEN) \
 	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
 	  --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
@@ -73,8 +75,17 @@ $(BUF):
 	mkdir -p $(TOOLS)
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@$(BUF_VERSION)
 
+# buf breaking: every commit keeps the API compatible with the commit before it
+# (BUF_AGAINST); an incompatible change needs a new package version (v2).
+HASH := \#
+BUF_AGAINST ?= .git$(HASH)ref=$(shell git rev-parse -q --verify HEAD~1 >/dev/null && echo HEAD~1 || echo HEAD)
 lint: $(BUF)
 	$(BUF) lint
+	$(BUF) breaking --against '$(BUF_AGAINST)'
+
+# The API reference (docs/api.md) from the protos' comments.
+docs: proto
+	$(PY) scripts/api_reference.py
 
 token: install
 	@$(PY) -m services.common.tokens --user admin --role admin

@@ -18,9 +18,8 @@ from pathlib import Path
 import grpc
 import sqlalchemy as sa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from services.common import logs, metrics, tracing
+from services.common import logs, metrics, reflection, tracing
 from services.common.bus import EventBus
 from services.common.changes import ChangeFeed
 from services.common.config import Settings
@@ -127,9 +126,7 @@ class Runtime:
         )
         names = list(self.definition.register(self.server, self))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server)
+        reflection.enable(self.server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
         tls = GrpcTls.from_env(s.env)
         try:
             address = f"{s.host}:{s.port}"

@@ -98,6 +98,40 @@ def test_the_images_health_check_follows_the_service(platform):
     assert down.returncode == 1 and "not serving" in down.stdout
 
 
+def test_grpcurl_describes_a_method_and_a_message_with_their_comments(platform):
+    target = platform.target("workflow")
+    method = subprocess.run([GRPCURL, "-plaintext", target, "describe",
+                             "infrakitchen.workflow.v1.WorkflowService.ExecuteWorkflow"],
+                            capture_output=True, text=True, timeout=30)
+    assert method.returncode == 0, method.stderr
+    assert "rpc ExecuteWorkflow" in method.stdout and "re-execute" in method.stdout  # the RPC's comment
+    message = subprocess.run([GRPCURL, "-plaintext", target, "describe", "infrakitchen.workflow.v1.ExecuteWorkflowRequest"],
+                             capture_output=True, text=True, timeout=30)
+    assert message.returncode == 0 and "Apply this plan" in message.stdout  # a field's comment
+
+
+def test_reflection_v1_answers_with_source_info(platform):
+    from google.protobuf import descriptor_pb2
+
+    from services.common.reflection import V1Request, V1Response
+    with grpc.insecure_channel(platform.target("resource")) as channel:
+        call = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=V1Request.SerializeToString,
+                                     response_deserializer=V1Response.FromString)
+        listed, described = list(call(iter([
+            V1Request(list_services=""),
+            V1Request(file_containing_symbol="infrakitchen.resource.v1.ResourceService.CreateResource")]),
+            timeout=10))
+    assert {"infrakitchen.resource.v1.ResourceService", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection", "grpc.health.v1.Health"} <= \
+        {s.name for s in listed.list_services_response.service}
+    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+             for b in described.file_descriptor_response.file_descriptor_proto]
+    assert files[0].name == "infrakitchen/resource/v1/resource.proto"
+    assert any(loc.leading_comments.strip() for loc in files[0].source_code_info.location)
+    assert {"google/protobuf/timestamp.proto", "google/api/field_behavior.proto"} <= {f.name for f in files}
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_grpcurl_lists_service_health_and_reflection(platform, service):
     out = subprocess.run([GRPCURL, "-plaintext", platform.target(service), "list"],

@@ -1,0 +1,100 @@
+"""The API describes itself: every service, RPC, message and enum in protos/
+carries a comment (fields and enum values may only get better: the counts
+of those without one can only go down), docs/api.md is what the protos
+give, and `buf breaking` (in `make lint`) refuses an incompatible change."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2
+
+from services.common.reflection import descriptor_set_path
+
+ROOT = Path(__file__).resolve().parents[2]
+BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
+# Fields and enum values without a comment, as of the last count: lower them when you add
+# comments; never raise them (a new field or value comes with its comment).
+UNCOMMENTED_FIELDS = 660
+UNCOMMENTED_VALUES = 81
+
+
+def uncommented() -> dict[str, list[str]]:
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set_path().read_bytes()).file
+    missing: dict[str, list[str]] = {k: [] for k in ("service", "rpc", "message", "enum", "field", "value")}
+    for f in files:
+        if not f.name.startswith("infrakitchen/"):
+            continue
+        said = {tuple(loc.path) for loc in f.source_code_info.location
+                if (loc.leading_comments + loc.trailing_comments).strip()}
+
+        def check(path, kind, what):
+            if tuple(path) not in said:
+                missing[kind].append(f"{f.name}: {what}")
+
+        def message(m, path, prefix):
+            check(path, "message", prefix + m.name)
+            for j, field in enumerate(m.field):
+                check(path + [2, j], "field", f"{prefix}{m.name}.{field.name}")
+            for j, nested in enumerate(m.nested_type):
+                if not nested.options.map_entry:
+                    message(nested, path + [3, j], f"{prefix}{m.name}.")
+            for j, e in enumerate(m.enum_type):
+                enum(e, path + [4, j], f"{prefix}{m.name}.")
+
+        def enum(e, path, prefix):
+            check(path, "enum", prefix + e.name)
+            for j, value in enumerate(e.value):
+                check(path + [2, j], "value", f"{prefix}{e.name}.{value.name}")
+
+        for i, m in enumerate(f.message_type):
+            message(m, [4, i], "")
+        for i, e in enumerate(f.enum_type):
+            enum(e, [5, i], "")
+        for i, s in enumerate(f.service):
+            check([6, i], "service", s.name)
+            for j, method in enumerate(s.method):
+                check([6, i, 2, j], "rpc", f"{s.name}.{method.name}")
+    return missing
+
+
+def test_every_service_rpc_message_and_enum_is_commented_and_fields_only_get_better():
+    missing = uncommented()
+    for kind in ("service", "rpc", "message", "enum"):
+        assert not missing[kind], missing[kind]
+    assert len(missing["field"]) <= UNCOMMENTED_FIELDS, "a new field without a comment"
+    assert len(missing["value"]) <= UNCOMMENTED_VALUES, "a new enum value without a comment"
+
+
+def test_the_api_reference_is_what_the_protos_give():
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "api_reference.py"), "--check"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+
+
+def test_buf_breaking_refuses_an_incompatible_change(tmp_path):
+    """The configuration `make lint` uses, on a copy: a removed field fails it, a new one does not."""
+    assert BUF.exists(), "buf is installed by `make lint` (part of `make test`)"
+    shutil.copy(ROOT / "buf.yaml", tmp_path / "buf.yaml")
+    shutil.copytree(ROOT / "protos", tmp_path / "protos")
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    git("init", "-q")
+    git("-c", "user.email=t@example.com", "-c", "user.name=t", "add", ".")
+    git("-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "base")
+    proto = tmp_path / "protos" / "infrakitchen" / "workflow" / "v1" / "workflow.proto"
+    text = proto.read_text()
+
+    def breaking() -> subprocess.CompletedProcess:
+        return subprocess.run([str(BUF), "breaking", "--against", ".git#ref=HEAD"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+    proto.write_text(text.replace("message ExecuteWorkflowRequest {\n",
+                                  "message ExecuteWorkflowRequest {\n  string note = 99;\n", 1))
+    assert breaking().returncode == 0  # adding a field is compatible
+    proto.write_text(text.replace("  string id = 1 [(google.api.field_behavior) = REQUIRED];\n  // Apply this plan",
+                                  "  // Apply this plan", 1))
+    refused = breaking()
+    assert refused.returncode != 0 and "ExecuteWorkflowRequest" in refused.stdout + refused.stderr
