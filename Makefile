@@ -15,7 +15,7 @@ PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_part
 export IK_DATA_DIR ?= $(CURDIR)/.data
 export IK_TERRAFORM_PLUGIN_DIR ?= $(CURDIR)/$(VENV)/terraform-plugins
 
-.PHONY: help install proto plugins sandbox nats run token test lint docs bench bench-api bench-cluster clean
+.PHONY: help install proto plugins sandbox nats run token test lint docs client-ts bench bench-api bench-cluster clean
 
 help:
 	@echo "make run    install everything and start NATS (if needed) and the five services"
@@ -23,6 +23,7 @@ help:
 	@echo "make token  print a fresh local admin token (last line)"
 	@echo "make lint   buf lint of protos/ and buf breaking against the previous commit"
 	@echo "make docs   the API reference (docs/api.md) from the protos' comments"
+	@echo "make client-ts  build the generated TypeScript client (clients/typescript)"
 	@echo "make proto  regenerate Python code from protos/ into gen/"
 	@echo "make bench  orchestration benchmarks (docs/performance.md)"
 	@echo "make bench-api  reads at 100k resources and the catalog at 500 templates (docs/performance-api.md)"
@@ -83,6 +84,15 @@ lint: $(BUF)
 	$(BUF) lint
 	$(BUF) breaking --against '$(BUF_AGAINST)'
 
+# The generated TypeScript client (clients/typescript): its packages from the
+# lock file, code generated from protos/, compiled to dist/.
+TS_CLIENT := clients/typescript
+$(TS_CLIENT)/dist/.stamp: $(TS_CLIENT)/package.json $(TS_CLIENT)/package-lock.json $(TS_CLIENT)/buf.gen.yaml \
+		$(TS_CLIENT)/tsconfig.json $(wildcard $(TS_CLIENT)/src/*.ts) $(PROTOS)
+	cd $(TS_CLIENT) && npm ci --silent --no-audit --no-fund && npm run --silent build
+	touch $@
+client-ts: $(TS_CLIENT)/dist/.stamp
+
 # The API reference (docs/api.md) from the protos' comments.
 docs: proto
 	$(PY) scripts/api_reference.py
@@ -94,7 +104,7 @@ run: install nats
 	@$(PY) -m services.common.tokens --banner --user admin --role admin
 	exec $(VENV)/bin/honcho -f Procfile start
 
-test: install nats lint
+test: install nats lint client-ts
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks of the orchestration (not part of the tests): prints the figures
@@ -113,4 +123,4 @@ bench-cluster: install
 	$(PY) -m bench.cluster_bench --write
 
 clean:
-	rm -rf $(GEN) $(VENV) $(TOOLS) .data .pytest_cache
+	rm -rf $(GEN) $(VENV) $(TOOLS) .data .pytest_cache $(TS_CLIENT)/node_modules $(TS_CLIENT)/dist $(TS_CLIENT)/src/gen

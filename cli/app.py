@@ -1,107 +1,80 @@
-"""The `ik` command line: log in with a token, register the example blueprint,
-run a workflow and watch its steps live, show a workflow, follow a job's logs.
+"""The `ik` command line: the tool an operator keeps open all day. Blueprints,
+workflows (run, watch, plan, fix and resume, cancel, tear down), resources,
+approvals, and what jobs run with (integrations, secrets, storages).
 
-Where the services are: IK_<SERVICE>_TARGET, else 127.0.0.1 and the default
-ports (as `make run` starts them). The token: --token, IK_TOKEN, or the one
-saved by `ik login` (in $IK_CONFIG_DIR or ~/.config/infrakitchen)."""
+Where the services are and who you are: cli/connection.py (`--server`,
+IK_SERVER or the server saved by `ik login`; IK_<SVC>_TARGET / IK_<SVC>_PORT
+as the services read them; the token from --token, IK_TOKEN or `ik login`).
+Read commands print tables and trees, or JSON with `-o json`."""
 from __future__ import annotations
 
-import datetime as dt
-import json
 import os
-import time
+from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-import grpc
-from google.protobuf import json_format
 import typer
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
-from rich.tree import Tree
 
-from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
-from infrakitchen.blueprint.v1 import blueprint_pb2_grpc
+from cli.admin import integration_app, secret_app, storage_app
+from cli.approvals import approval_app
+from cli.catalog import blueprint_app
+from cli.connection import Client, config_dir, console, fail, options, save_config
+from cli.resources import resource_app
+from cli.workflows import workflow_app
 from infrakitchen.executor.v1 import executor_pb2 as ep
-from infrakitchen.executor.v1 import executor_pb2_grpc
-from infrakitchen.resource.v1 import resource_pb2 as rp
-from infrakitchen.resource.v1 import resource_pb2_grpc
-from infrakitchen.workflow.v1 import workflow_pb2 as wp
-from infrakitchen.workflow.v1 import workflow_pb2_grpc
-from services.common.config import DEFAULT_PORTS
-from services.common.tls import GrpcTls
 
 app = typer.Typer(help="InfraKitchen: run blueprints as workflows and follow them.", no_args_is_help=True)
-workflow_app = typer.Typer(help="Create, run and inspect workflows.", no_args_is_help=True)
-resource_app = typer.Typer(help="Inspect resources.", no_args_is_help=True)
 example_app = typer.Typer(help="The seed's Production Environment example.", no_args_is_help=True)
+app.add_typer(blueprint_app, name="blueprint")
 app.add_typer(workflow_app, name="workflow")
 app.add_typer(resource_app, name="resource")
+app.add_typer(approval_app, name="approval")
+app.add_typer(integration_app, name="integration")
+app.add_typer(secret_app, name="secret")
+app.add_typer(storage_app, name="storage")
 app.add_typer(example_app, name="example")
-console = Console()
-
-STEP_STYLE = {wp.STEP_STATUS_PENDING: ("○", "dim"), wp.STEP_STATUS_IN_PROGRESS: ("◐", "yellow"),
-              wp.STEP_STATUS_DONE: ("●", "green"), wp.STEP_STATUS_ERROR: ("✗", "red")}
-WORKFLOW_STYLE = {wp.WORKFLOW_STATUS_PENDING: "dim", wp.WORKFLOW_STATUS_IN_PROGRESS: "yellow",
-                  wp.WORKFLOW_STATUS_DONE: "green", wp.WORKFLOW_STATUS_ERROR: "red"}
 
 
-# --- connection ---------------------------------------------------------------------
-
-def _config_dir() -> Path:
-    return Path(os.environ.get("IK_CONFIG_DIR") or Path.home() / ".config" / "infrakitchen")
-
-
-def _token(explicit: str | None = None) -> str:
-    token = explicit or os.environ.get("IK_TOKEN")
-    if not token:
-        saved = _config_dir() / "token"
-        token = saved.read_text().strip() if saved.exists() else ""
-    if not token:
-        console.print("[red]No token: run `ik login --token <token>` (make token prints one) or set IK_TOKEN.")
-        raise typer.Exit(2)
-    return token
+def version() -> str:
+    try:
+        return metadata.version("infrakitchen")
+    except metadata.PackageNotFoundError:  # run from a checkout: the project's own version
+        import tomllib
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
 
 
-def _channel(service: str) -> grpc.Channel:
-    target = os.environ.get(f"IK_{service.upper()}_TARGET") or f"127.0.0.1:{DEFAULT_PORTS[service]}"
-    # IK_TLS_CA_FILE (and, for mutual TLS, IK_TLS_CERT_FILE / IK_TLS_KEY_FILE) as the services read them.
-    return GrpcTls.from_env(dict(os.environ)).channel(target)
+def _show_version(value: bool) -> None:
+    if value:
+        console.print(f"ik {version()}", highlight=False)
+        raise typer.Exit(0)
 
 
-class Client:
-    def __init__(self, token: str | None = None):
-        # One W3C trace context per command: with tracing on in the services, every call of
-        # one `ik` command (e.g. `workflow run`: create, execute, watch) lands in one trace.
-        self.trace_id = os.urandom(16).hex()
-        self.md = [("authorization", f"Bearer {_token(token)}"),
-                   ("traceparent", f"00-{self.trace_id}-{os.urandom(8).hex()}-01")]
-        self.blueprint = blueprint_pb2_grpc.BlueprintServiceStub(_channel("blueprint"))
-        self.workflow = workflow_pb2_grpc.WorkflowServiceStub(_channel("workflow"))
-        self.resource = resource_pb2_grpc.ResourceServiceStub(_channel("resource"))
-        self.executor = executor_pb2_grpc.ExecutorServiceStub(_channel("executor"))
+@app.callback()
+def main(server: str = typer.Option("", "--server", "-s", envvar="IK_SERVER",
+                                    help="Host of the services (each on its port); default: the one `ik login` "
+                                         "saved, else 127.0.0.1."),
+         output: str = typer.Option("text", "--output", "-o", help="text, or json for scripts (read commands)."),
+         token: str = typer.Option("", "--token", envvar="IK_TOKEN", help="Bearer token (default: `ik login`'s)."),
+         show_version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                           help="Print the version and exit.")) -> None:
+    if output not in ("text", "json"):
+        fail("--output must be text or json", code=2)
+    options.server, options.output, options.token = server, output, token
 
-    def __call__(self, method, request, timeout: float = 30):
-        try:
-            return method(request, metadata=self.md, timeout=timeout)
-        except grpc.RpcError as err:
-            console.print(f"[red]{err.code().name}[/red]: {err.details()}")
-            raise typer.Exit(1) from None
-
-
-# --- commands -------------------------------------------------------------------------
 
 @app.command()
-def login(token: str = typer.Option(..., help="A bearer token (`make token` prints an admin one).")) -> None:
-    """Saves the token for the next commands."""
-    directory = _config_dir()
+def login(token: str = typer.Option(..., help="A bearer token (`make token` prints an admin one)."),
+          server: str = typer.Option("", help="Also remember this server (host) for the next commands.")) -> None:
+    """Saves the token (and the server) for the next commands, in the config directory."""
+    directory = config_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "token"
     path.write_text(token)
     path.chmod(0o600)
     console.print(f"Saved the token in {path}.")
+    if server:
+        console.print(f"Saved the server {server} in {save_config(server=server)}.")
 
 
 @example_app.command("register")
@@ -114,7 +87,7 @@ def example_register(repo: Path = typer.Option(None, help="Where to publish the 
     client = Client(token)
     data_dir = Path(os.environ.get("IK_DATA_DIR", ".data")).resolve()
     url = publish_modules(repo or data_dir / "example-modules")
-    example = register(_channel("blueprint"), client.md, url)
+    example = register(client.channel("blueprint"), client.md, url)
     client(client.executor.CreateIntegration, ep.CreateIntegrationRequest(
         request_id="example-integration", integration=ep.Integration(
             name="example", description="example credentials (no real cloud)",
@@ -124,321 +97,3 @@ def example_register(repo: Path = typer.Option(None, help="Where to publish the 
                                                          local_directory=str(data_dir / "example-state"))))
     console.print(f"Blueprint [bold]{example.blueprint.name}[/bold] {example.blueprint.id} "
                   f"(templates: {', '.join(example.template_ids)}).")
-
-
-def _parse_vars(pairs: list[str], keys: dict[str, str]) -> list[wp.TemplateVariables]:
-    per_template: dict[str, dict] = {}
-    for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        template, dot, variable = name.partition(".")
-        if not sep or not dot or template not in keys:
-            console.print(f"[red]--var {pair!r}: expected <template key>.<variable>=<value>, "
-                          f"template one of {', '.join(sorted(keys))}")
-            raise typer.Exit(2)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        per_template.setdefault(keys[template], {})[variable] = value
-    out = []
-    for template_id, values in per_template.items():
-        tv = wp.TemplateVariables(template_id=template_id)
-        tv.variables.update(values)
-        out.append(tv)
-    return out
-
-
-def _find_blueprint(client: Client, name_or_id: str) -> bp.Blueprint:
-    page = client(client.blueprint.ListBlueprints, bp.ListBlueprintsRequest(page_size=1000))
-    for b in page.blueprints:
-        if name_or_id in (b.id, b.name):
-            return b
-    console.print(f"[red]No blueprint named or with id {name_or_id!r}.")
-    raise typer.Exit(1)
-
-
-@workflow_app.command("run")
-def workflow_run(blueprint: str = typer.Argument(..., help="Blueprint name or id."),
-                 var: list[str] = typer.Option([], "--var", help="<template key>.<variable>=<value> (JSON or text)."),
-                 integration: list[str] = typer.Option([], help="Integration ids (default: the one named example)."),
-                 secret: list[str] = typer.Option([], help="Secret ids shared by all steps."),
-                 storage: str = typer.Option("", help="Storage id (default: the one named example-local)."),
-                 max_parallel: int = typer.Option(0, help="At most this many steps at once (0: no limit)."),
-                 on_failure: str = typer.Option("stop", "--on-failure",
-                                                help="stop, or continue-independent: steps that do not depend on "
-                                                     "a failed one keep starting."),
-                 retries: int = typer.Option(0, "--retries", help="Retries of a step's transient failure (rate "
-                                                                   "limits, timeouts, lock contention...)."),
-                 ttl: str = typer.Option("", "--ttl", help="Tear the workflow down by itself after this long, "
-                                                           "e.g. 90m, 8h, 7d."),
-                 watch: bool = typer.Option(True, help="Follow the steps live until the workflow ends."),
-                 token: Optional[str] = typer.Option(None)) -> None:
-    """Creates a workflow from a blueprint and executes it."""
-    client = Client(token)
-    b = _find_blueprint(client, blueprint)
-    keys = {}
-    for t in b.templates:
-        template = client(client.blueprint.GetTemplate, bp.GetTemplateRequest(id=t.template_id))
-        keys[template.key] = template.id
-    if not integration:
-        found = client(client.executor.ListIntegrations, ep.ListIntegrationsRequest(page_size=1000))
-        integration = [i.id for i in found.integrations if i.name == "example"]
-    if not storage:
-        found = client(client.executor.ListStorages, ep.ListStoragesRequest(page_size=1000))
-        storage = next((s.id for s in found.storages if s.name == "example-local"), "")
-    policies = {"stop": wp.FAILURE_POLICY_STOP, "continue-independent": wp.FAILURE_POLICY_CONTINUE_INDEPENDENT}
-    if on_failure not in policies:
-        console.print(f"[red]--on-failure must be one of {', '.join(policies)}")
-        raise typer.Exit(2)
-    request = wp.CreateWorkflowRequest(
-        blueprint_id=b.id, variable_overrides=_parse_vars(var, keys), integration_ids=integration,
-        secret_ids=secret, storage_id=storage, max_parallel_steps=max_parallel, on_failure=policies[on_failure])
-    if retries:
-        request.retry_policy.max_attempts = retries + 1
-    if ttl:
-        request.ttl.FromSeconds(_duration_seconds(ttl))
-    w = client(client.workflow.CreateWorkflow, request)
-    w = client(client.workflow.ExecuteWorkflow, wp.ExecuteWorkflowRequest(id=w.id))
-    console.print(f"Workflow [bold]{w.id}[/bold] of {b.name} started.")
-    if watch:
-        w = _watch(client, w.id)
-        raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
-
-
-def _duration_seconds(text: str) -> int:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    number, unit = text[:-1], text[-1:]
-    if unit not in units or not number.isdigit():
-        console.print(f"[red]{text!r}: expected a number and a unit (s, m, h or d), e.g. 8h")
-        raise typer.Exit(2)
-    return int(number) * units[unit]
-
-
-@workflow_app.command("cancel")
-def workflow_cancel(workflow_id: str, watch: bool = typer.Option(True, help="Follow it until it has stopped."),
-                    token: Optional[str] = typer.Option(None)) -> None:
-    """Cancels a running workflow: running jobs are interrupted, nothing new starts; execute it again later."""
-    client = Client(token)
-    w = client(client.workflow.CancelWorkflow, wp.CancelWorkflowRequest(id=workflow_id))
-    console.print(f"Workflow [bold]{w.id}[/bold] is being cancelled by {w.cancelled_by}.")
-    if watch:
-        w = _watch(client, w.id)
-        console.print(f"It ended {wp.WorkflowStatus.Name(w.status).removeprefix('WORKFLOW_STATUS_').lower()}: "
-                      f"{w.error_message}")
-
-
-@workflow_app.command("update")
-def workflow_update(workflow_id: str,
-                    var: list[str] = typer.Option([], "--var", help="<template key>.<variable>=<value> (JSON or "
-                                                                    "text); merged into that template's overrides."),
-                    version: list[str] = typer.Option([], "--version",
-                                                      help="<template key>=<source code version id>."),
-                    execute: bool = typer.Option(False, "--execute", help="Re-execute afterwards and follow it."),
-                    token: Optional[str] = typer.Option(None)) -> None:
-    """Fixes the inputs of a pending or failed workflow (steps already done
-    keep their resources), then optionally re-executes it."""
-    client = Client(token)
-    w = client(client.workflow.GetWorkflow, wp.GetWorkflowRequest(id=workflow_id))
-    keys = {}
-    for template_id in {s.template_id for s in w.steps} | {o.template_id for o in w.parent_overrides}:
-        keys[client(client.blueprint.GetTemplate, bp.GetTemplateRequest(id=template_id)).key] = template_id
-    update = wp.Workflow(id=w.id, etag=w.etag)
-    mask = []
-    if var:
-        current = {o.template_id: o for o in w.variable_overrides}
-        for tv in _parse_vars(var, keys):
-            merged = wp.TemplateVariables(template_id=tv.template_id)
-            if tv.template_id in current:  # masked values sent back keep what the server has
-                merged.variables.MergeFrom(current[tv.template_id].variables)
-            merged.variables.update(json_format.MessageToDict(tv.variables))
-            update.variable_overrides.append(merged)
-        mask.append("variable_overrides")
-    for pair in version:
-        key, sep, version_id = pair.partition("=")
-        if not sep or key not in keys:
-            console.print(f"[red]--version {pair!r}: expected <template key>=<version id>, template one of "
-                          f"{', '.join(sorted(keys))}")
-            raise typer.Exit(2)
-        update.source_code_version_overrides.add(template_id=keys[key], source_code_version_id=version_id)
-    if version:
-        mask.append("source_code_version_overrides")
-    if not mask:
-        console.print("[red]Nothing to change: give --var or --version.")
-        raise typer.Exit(2)
-    w = client(client.workflow.UpdateWorkflow, wp.UpdateWorkflowRequest(workflow=update, update_mask=mask))
-    console.print(f"Workflow [bold]{w.id}[/bold] updated.")
-    if execute:
-        _execute(client, w.id, watch=True)
-    console.print(_tree(w, details=True))
-
-
-@workflow_app.command("execute")
-def workflow_execute(workflow_id: str, watch: bool = typer.Option(True, help="Follow the steps live."),
-                     plan: str = typer.Option("", "--plan", help="Apply this plan (its id, as `ik workflow plan` "
-                                                                  "prints it): each step applies its saved plan."),
-                     token: Optional[str] = typer.Option(None)) -> None:
-    """Executes a pending workflow, or one in error again (done steps are skipped)."""
-    _execute(Client(token), workflow_id, watch, plan)
-
-
-def _execute(client: Client, workflow_id: str, watch: bool, plan_id: str = "") -> None:
-    w = client(client.workflow.ExecuteWorkflow, wp.ExecuteWorkflowRequest(id=workflow_id, plan_id=plan_id))
-    console.print(f"Workflow [bold]{w.id}[/bold] started" + (f", applying plan {plan_id}." if plan_id else "."))
-    if w.plan_approval_status == "pending":
-        console.print(f"The plan waits for approval: request [bold]{w.plan_approval_request_id}[/bold].")
-    if watch:
-        w = _watch(client, w.id)
-        raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
-
-
-@workflow_app.command("plan")
-def workflow_plan(workflow_id: str, token: Optional[str] = typer.Option(None)) -> None:
-    """Plans every step that is not done, before anything is applied: a table
-    of each step's changes, or the inputs a deferred step waits for."""
-    client = Client(token)
-    w = client(client.workflow.PlanWorkflow, wp.PlanWorkflowRequest(id=workflow_id))
-    with console.status("planning"):
-        while w.plan_status == wp.PLAN_STATUS_IN_PROGRESS:
-            time.sleep(0.5)
-            w = client(client.workflow.GetWorkflow, wp.GetWorkflowRequest(id=workflow_id))
-    names = {s.id: s.template_name for s in w.steps}
-    table = Table("step", "plan", "+", "~", "-", "changes / waits for")
-    for s in sorted(w.steps, key=lambda s: (s.position, s.template_name)):
-        status = wp.StepPlanStatus.Name(s.plan.status).removeprefix("STEP_PLAN_STATUS_").lower() \
-            if s.HasField("plan") else "done before"
-        if s.plan.status == wp.STEP_PLAN_STATUS_DEFERRED:
-            detail = ", ".join(f"{d.variable} <- {names.get(d.source_step_id, d.source_template_id)}."
-                               f"{d.source_output}" for d in s.plan.deferred_inputs)
-        elif s.plan.status == wp.STEP_PLAN_STATUS_ERROR:
-            detail = Text(s.plan.error_message, style="red")
-        else:
-            detail = ", ".join(f"{c.action} {c.address}" for c in s.plan.changes)
-        counts = [str(n) for n in (s.plan.add, s.plan.change, s.plan.destroy)] \
-            if s.plan.status == wp.STEP_PLAN_STATUS_PLANNED else ["", "", ""]
-        table.add_row(s.template_name, status, *counts, detail)
-    console.print(table)
-    if w.plan_status == wp.PLAN_STATUS_ERROR:
-        console.print(f"[red]The plan failed: {w.plan_error_message}")
-        raise typer.Exit(1)
-    console.print(f"Plan [bold]{w.plan_id}[/bold]. To apply exactly this plan:")
-    console.print(f"  ik workflow execute {w.id} --plan {w.plan_id}", soft_wrap=True, highlight=False)
-
-
-@workflow_app.command("show")
-def workflow_show(workflow_id: str, token: Optional[str] = typer.Option(None)) -> None:
-    """The workflow's steps, statuses, resources and resolved variables."""
-    client = Client(token)
-    w = client(client.workflow.GetWorkflow, wp.GetWorkflowRequest(id=workflow_id))
-    console.print(_tree(w, details=True))
-
-
-@workflow_app.command("list")
-def workflow_list(token: Optional[str] = typer.Option(None)) -> None:
-    client = Client(token)
-    table = Table("id", "blueprint", "status", "steps", "created")
-    for w in client(client.workflow.ListWorkflows, wp.ListWorkflowsRequest(page_size=100)).workflows:
-        table.add_row(w.id, w.blueprint_id, wp.WorkflowStatus.Name(w.status).removeprefix("WORKFLOW_STATUS_"),
-                      str(len(w.steps)), w.create_time.ToDatetime().isoformat(timespec="seconds"))
-    console.print(table)
-
-
-@workflow_app.command("teardown")
-def workflow_teardown(workflow_id: str,
-                      preview: bool = typer.Option(False, "--preview", help="Only show what would be destroyed."),
-                      watch: bool = typer.Option(True, help="Follow the destroys live until the teardown ends."),
-                      token: Optional[str] = typer.Option(None)) -> None:
-    """Destroys the workflow's resources, dependents first (needs an admin token)."""
-    client = Client(token)
-    plan = client(client.workflow.PreviewWorkflowTeardown, wp.PreviewWorkflowTeardownRequest(id=workflow_id))
-    table = Table("order", "step", "resource", "after", "outside dependents")
-    for s in plan.steps:
-        table.add_row(str(s.level), s.template_name, s.resource_id, ", ".join(s.blocked_by_resource_ids),
-                      Text(", ".join(s.external_dependent_resource_ids), style="red"))
-    console.print(table if plan.steps else "Nothing left to destroy.")
-    if preview:
-        return
-    w = client(client.workflow.TeardownWorkflow, wp.TeardownWorkflowRequest(id=workflow_id))
-    console.print(f"Teardown of workflow [bold]{w.id}[/bold] started.")
-    if watch:
-        w = _watch(client, w.id)
-        raise typer.Exit(0 if w.teardown_status == wp.TEARDOWN_STATUS_DONE else 1)
-
-
-@resource_app.command("logs")
-def resource_logs(resource_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
-                  token: Optional[str] = typer.Option(None)) -> None:
-    """Log lines of the resource's latest job (with --follow: until it ends)."""
-    client = Client(token)
-    r = client(client.resource.GetResource, rp.GetResourceRequest(id=resource_id))
-    if not r.last_job_id:
-        console.print("This resource has run no job yet.")
-        return
-    stream = client.executor.StreamJobLogs(ep.StreamJobLogsRequest(job_id=r.last_job_id), metadata=client.md,
-                                           timeout=None if follow else 30)
-    try:
-        for chunk in stream:
-            for line in chunk.lines:
-                style = {"stderr": "red", "executor": "cyan"}.get(line.stream, "")
-                console.print(Text(line.text, style=style))
-            if not follow:
-                stream.cancel()
-                break
-    except grpc.RpcError as err:
-        if err.code() != grpc.StatusCode.CANCELLED:
-            console.print(f"[red]{err.code().name}[/red]: {err.details()}")
-            raise typer.Exit(1) from None
-
-
-# --- rendering --------------------------------------------------------------------------
-
-def _elapsed(step: wp.Step) -> str:
-    if not step.start_time.seconds:
-        return ""
-    start = step.start_time.ToDatetime()
-    end = step.completion_time.ToDatetime() if step.completion_time.seconds else dt.datetime.utcnow()
-    return f"{(end - start).total_seconds():.1f}s"
-
-
-def _tree(w: wp.Workflow, details: bool = False) -> Tree:
-    status = wp.WorkflowStatus.Name(w.status).removeprefix("WORKFLOW_STATUS_").lower()
-    root = Tree(Text.assemble(("workflow ", "bold"), (w.id, ""), ("  " + status, WORKFLOW_STYLE[w.status])))
-    if w.error_message:
-        root.add(Text(w.error_message, style="red"))
-    if w.teardown_status:
-        teardown = wp.TeardownStatus.Name(w.teardown_status).removeprefix("TEARDOWN_STATUS_").lower()
-        root.add(Text(f"teardown {teardown}", style="bold"))
-        if w.teardown_error_message:
-            root.add(Text(w.teardown_error_message, style="red"))
-    for position in sorted({s.position for s in w.steps}):
-        level = root.add(Text(f"position {position}", style="bold"))
-        for s in sorted((s for s in w.steps if s.position == position), key=lambda s: s.template_name):
-            mark, style = STEP_STYLE[s.status]
-            name = wp.StepStatus.Name(s.status).removeprefix("STEP_STATUS_").lower()
-            line = Text.assemble((f"{mark} ", style), (f"{s.template_name:<16}", "bold"), (f"{name:<12}", style),
-                                 (f"{_elapsed(s):>8}", "dim"))
-            if s.resource_id:
-                line.append(f"  resource {s.resource_id}", style="dim")
-            node = level.add(line)
-            if s.waiting_reason:
-                node.add(Text(s.waiting_reason, style="yellow"))
-            if s.error_message:
-                node.add(Text(s.error_message, style="red"))
-            if s.teardown_status:
-                teardown = wp.TeardownStatus.Name(s.teardown_status).removeprefix("TEARDOWN_STATUS_").lower()
-                node.add(Text(f"destroy {teardown}" + (f": {s.teardown_error_message}"
-                                                       if s.teardown_error_message else ""),
-                              style="red" if s.teardown_error_message else "dim"))
-            if details and s.resolved_variables:
-                node.add(Text(json.dumps(dict(s.resolved_variables.items()), default=str), style="dim"))
-    return root
-
-
-def _watch(client: Client, workflow_id: str) -> wp.Workflow:
-    last = client(client.workflow.GetWorkflow, wp.GetWorkflowRequest(id=workflow_id))
-    with Live(_tree(last), console=console, refresh_per_second=4) as live:
-        stream = client.workflow.WatchWorkflow(wp.WatchWorkflowRequest(id=workflow_id), metadata=client.md)
-        for change in stream:
-            last = change.workflow
-            live.update(_tree(last))
-    return last
-

@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from services.common.errors import InvalidArgument
+from services.common.errors import FieldViolation, InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -78,16 +78,31 @@ def next_page_token(key: Sequence[Any], scope: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(token, separators=(",", ":")).encode()).decode()
 
 
-def after_key(query, columns: Sequence[sa.Column], after: list | None):
-    """The query ordered by `columns` (ascending, unique together), continuing
-    after the row whose sort key is `after`."""
-    query = query.order_by(*columns)
+# `order_by` values of the Lists that take one (AIP-132): creation order, oldest first by default.
+ORDERS = {"": False, "create_time": False, "create_time asc": False, "create_time desc": True}
+MAX_ORDER_BY = 64
+
+
+def newest_first(order_by: str) -> bool:
+    """Whether a List's `order_by` asks for newest first; INVALID_ARGUMENT for anything else we do not sort by."""
+    normal = " ".join(order_by.lower().split()) if len(order_by) <= MAX_ORDER_BY else None
+    if normal not in ORDERS:
+        raise InvalidArgument("order_by is not one this list sorts by", [FieldViolation(
+            "order_by", '"create_time" (oldest first, the default) or "create_time desc" (newest first)')])
+    return ORDERS[normal]
+
+
+def after_key(query, columns: Sequence[sa.Column], after: list | None, descending: bool = False):
+    """The query ordered by `columns` (unique together; ascending, or all
+    descending), continuing after the row whose sort key is `after`."""
+    query = query.order_by(*(c.desc() for c in columns) if descending else columns)
     if after is None:
         return query
     if len(after) != len(columns):
         raise _bad_token()
     bound = [sa.literal(v, type_=c.type) for c, v in zip(columns, after)]
-    return query.where(sa.tuple_(*columns) > sa.tuple_(*bound))
+    return query.where(sa.tuple_(*columns) < sa.tuple_(*bound) if descending
+                       else sa.tuple_(*columns) > sa.tuple_(*bound))
 
 
 async def paginate(fetch: Callable[[list | None, int], Awaitable[list]], page_size: int, page_token: str,

@@ -179,7 +179,7 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
     # Tear it down: EKS and RDS first (side by side), then the VPC.
     preview = ik(platform, tmp_path, "workflow", "teardown", w.id, "--preview")
     assert preview.returncode == 0 and all(name in preview.stdout for name in steps), preview.stdout
-    torn = ik(platform, tmp_path, "workflow", "teardown", w.id)
+    torn = ik(platform, tmp_path, "workflow", "teardown", w.id, "--yes")
     assert torn.returncode == 0, torn.stdout + torn.stderr
     assert "teardown done" in torn.stdout
     with grpc.insecure_channel(platform.target("resource")) as rc:

@@ -23,6 +23,7 @@ from infrakitchen.workflow.v1 import workflow_pb2_grpc
 from tests.e2e.test_executor_workers import marker_runs
 from tests.support.jobs import module_repo
 from tests.support.processes import ServiceProcesses
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -41,20 +42,6 @@ def platform(tmp_path, event_prefix, nats_url):
     procs.start()
     yield procs
     procs.stop()
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got = check()
-        except grpc.RpcError:  # a service restarting
-            got = None
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not within {timeout}s")
-        time.sleep(0.2)
 
 
 def test_killing_each_service_mid_workflow_loses_nothing_and_runs_no_apply_twice_at_once(platform, tmp_path):

@@ -73,6 +73,12 @@ async def test_template_crud_with_etag_and_idempotent_create(svc):
     disabled = await svc.stub.UpdateTemplate(pb.UpdateTemplateRequest(
         template=pb.Template(id=first.id, enabled=False, etag=first.etag), update_mask=["enabled"]), metadata=svc.md)
     assert disabled.enabled is False and disabled.name == "VPC" and disabled.etag != first.etag
+    # One etag format in every service: a quoted number; the former "v<n>" still counts.
+    assert disabled.etag == '"2"' and first.etag == '"1"'
+    legacy = await svc.stub.UpdateTemplate(pb.UpdateTemplateRequest(
+        template=pb.Template(id=first.id, description="still network", etag="v2"), update_mask=["description"]),
+        metadata=svc.md)
+    assert legacy.etag == '"3"'
 
     stale = await rpc_error(svc.stub.UpdateTemplate(pb.UpdateTemplateRequest(
         template=pb.Template(id=first.id, name="New", etag=first.etag)), metadata=svc.md))

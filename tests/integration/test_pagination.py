@@ -110,3 +110,25 @@ async def test_concurrent_writers_and_a_reader_agree(p):
         await asyncio.gather(*writers)
     ids = [r.id for r in seen]
     assert len(ids) == len(set(ids)) and {r.id for r in start} <= set(ids)
+
+
+async def test_lists_can_go_newest_first_and_refuse_an_order_they_do_not_sort_by(p):
+    for n in range(5):
+        await p.create("team", f"ordered-{n}", labels=["ordered"])
+    oldest = [r.name for r in await list_all(p, rp.ListResourcesRequest(page_size=2, label="ordered"))]
+    newest = [r.name for r in await list_all(p, rp.ListResourcesRequest(page_size=2, label="ordered",
+                                                                         order_by="create_time desc"))]
+    assert oldest == [f"ordered-{n}" for n in range(5)] and newest == oldest[::-1]
+    everything = [r.id for r in await list_all(p, rp.ListResourcesRequest(page_size=3, order_by="Create_Time  DESC"))]
+    assert everything == [r.id for r in await list_all(p, rp.ListResourcesRequest(page_size=3))][::-1]
+    # A token continues its own order only; an order we do not sort by is a field violation.
+    first = await p.resource.ListResources(rp.ListResourcesRequest(page_size=2, order_by="create_time desc"),
+                                           metadata=p.md)
+    mixed = await rpc_error(p.resource.ListResources(rp.ListResourcesRequest(
+        page_size=2, page_token=first.next_page_token), metadata=p.md))
+    assert mixed.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for call in (p.resource.ListResources(rp.ListResourcesRequest(order_by="name"), metadata=p.md),
+                 p.workflow.ListWorkflows(wp.ListWorkflowsRequest(order_by="x" * 500), metadata=p.md)):
+        bad = await rpc_error(call)
+        assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and set(field_violations(bad)) == {"order_by"}
+        assert "x" * 100 not in bad.details()

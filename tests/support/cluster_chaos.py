@@ -29,6 +29,7 @@ from infrakitchen.workflow.v1 import workflow_pb2_grpc
 from services.common.config import SERVICES
 from tests.support.nats_cluster import NatsCluster
 from tests.support.processes import ROOT, ServiceProcesses, drop_streams
+from tests.support.waiting import wait_for
 
 ENDED = (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR)
 
@@ -47,20 +48,6 @@ class ChaosReport:
     wall_seconds: float = 0.0
     after_kills_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
-
-
-def _wait(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got = check()
-        except grpc.RpcError:  # a replica going away; the target's other address answers next
-            got = None
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout:.0f}s")
-        time.sleep(0.25)
 
 
 def run_cluster_chaos(work: Path, postgres, workflows: int = 10, kill_after_applies: int = 8,
@@ -109,7 +96,7 @@ def run_cluster_chaos(work: Path, postgres, workflows: int = 10, kill_after_appl
         def applies_done() -> int:
             jobs = executor_api.ListJobs(ep.ListJobsRequest(page_size=1000), metadata=md).jobs
             return sum(j.action == ep.JOB_ACTION_APPLY and j.status == ep.JOB_STATUS_SUCCEEDED for j in jobs)
-        _wait(lambda: applies_done() >= kill_after_applies, timeout, f"{kill_after_applies} applies")
+        wait_for(lambda: applies_done() >= kill_after_applies, timeout, f"{kill_after_applies} applies")
         # Mid-run: one NATS node, then the first replica of each service (the one every
         # pick_first target talks to), all with SIGKILL; none comes back.
         cluster.kill(0)
@@ -123,7 +110,7 @@ def run_cluster_chaos(work: Path, postgres, workflows: int = 10, kill_after_appl
             got = [workflow_api.GetWorkflow(wp.GetWorkflowRequest(id=i), metadata=md, timeout=10) for i in ids]
             return got if all(w.status in ENDED for w in got) else None
         try:
-            ended = _wait(all_ended, timeout, "the end of every workflow")
+            ended = wait_for(all_ended, timeout, "the end of every workflow")
         except TimeoutError as exc:
             report.errors.append(str(exc))
             ended = [workflow_api.GetWorkflow(wp.GetWorkflowRequest(id=i), metadata=md, timeout=10) for i in ids]

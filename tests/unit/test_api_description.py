@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
 # Fields and enum values without a comment, as of the last count: lower them when you add
 # comments; never raise them (a new field or value comes with its comment).
-UNCOMMENTED_FIELDS = 660
+UNCOMMENTED_FIELDS = 511
 UNCOMMENTED_VALUES = 81
 
 

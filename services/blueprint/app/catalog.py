@@ -28,6 +28,9 @@ ModuleReader = Callable[[ModuleSource], Awaitable["object"]]
 
 
 def _check_etag(kind: str, id_: str, given: str, current: str) -> None:
+    # Etags are '"<n>"' in every service; the 'v<n>' / 'r<n>' this service gave before still count.
+    if len(given) > 1 and given[0] in "vr" and given[1:].isdigit():
+        given = f'"{given[1:]}"'
     if given and given != current:
         raise Aborted(f"{kind} {id_} has etag {current}, not {given}; read it again and retry", reason="STALE_ETAG")
 

@@ -26,7 +26,7 @@ class Template:
 
     @property
     def etag(self) -> str:
-        return f"v{self.version}"
+        return f'"{self.version}"'
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class SourceCodeVersion:
 
     @property
     def etag(self) -> str:
-        return f"v{self.version}"
+        return f'"{self.version}"'
 
     @property
     def variables(self) -> list[Variable]:
@@ -158,7 +158,7 @@ class Blueprint:
 
     @property
     def etag(self) -> str:
-        return f"r{self.revision}"
+        return f'"{self.revision}"'
 
     def template_ids(self) -> list[str]:
         return [t.template_id for t in self.templates]

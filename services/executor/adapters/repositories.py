@@ -199,7 +199,7 @@ class JobRepository:
         return [r.id for r in rows if r.end_time is not None and _aware(r.end_time) > since]
 
     async def list(self, after: list | None, limit: int, resource_id: str = "", workflow_id: str = "",
-                   status: str = "") -> list[Job]:
+                   status: str = "", descending: bool = False) -> list[Job]:
         query = sa.select(jobs)
         if resource_id:
             query = query.where(jobs.c.resource_id == resource_id)
@@ -207,7 +207,7 @@ class JobRepository:
             query = query.where(jobs.c.workflow_id == workflow_id)
         if status:
             query = query.where(jobs.c.status == status)
-        query = after_key(query, (jobs.c.create_time, jobs.c.id), after).limit(limit)
+        query = after_key(query, (jobs.c.create_time, jobs.c.id), after, descending).limit(limit)
         return [self._job(r) for r in await self.s.execute(query)]
 
     async def uses(self, column: str, id_: str, limit: int = 20) -> list[str]:

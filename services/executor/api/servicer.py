@@ -69,7 +69,8 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     async def ListJobs(self, request, context):
         async with self.uow() as uow:
             found, token = await jobs.list_jobs(uow, request.page_size, request.page_token, request.resource_id,
-                                                request.workflow_id, convert.STATUS.get(request.status, ""))
+                                                request.workflow_id, convert.STATUS.get(request.status, ""),
+                                                request.order_by)
         return pb.ListJobsResponse(jobs=[convert.job_to_pb(j) for j in found], next_page_token=token)
 
     async def CancelJob(self, request, context):

@@ -12,7 +12,7 @@ from services.common.errors import (AlreadyExists, FailedPrecondition, FieldViol
 from services.common.events import Correlation as EventCorrelation
 from services.common.git import check_repository_url
 from services.common.events import new_event
-from services.common.paging import by_creation, paginate
+from services.common.paging import by_creation, newest_first, paginate
 from services.common.uow import utcnow
 from services.executor.domain.model import (ACTIONS, APPLY, PLAN, QUEUED, RUNNING, SUCCEEDED, Job,
                                             StatePathClaim, stale_plan_reason, valid_state_path)
@@ -178,10 +178,11 @@ async def get_job(uow, id_: str) -> Job:
 
 
 async def list_jobs(uow, page_size: int, page_token: str, resource_id: str = "", workflow_id: str = "",
-                    status: str = "") -> tuple[list[Job], str]:
-    return await paginate(lambda a, n: uow.jobs.list(a, n, resource_id, workflow_id, status), page_size, page_token,
-                          {"list": "jobs", "resource_id": resource_id, "workflow_id": workflow_id, "status": status},
-                          by_creation)
+                    status: str = "", order_by: str = "") -> tuple[list[Job], str]:
+    desc = newest_first(order_by)
+    return await paginate(lambda a, n: uow.jobs.list(a, n, resource_id, workflow_id, status, desc), page_size,
+                          page_token, {"list": "jobs", "resource_id": resource_id, "workflow_id": workflow_id,
+                                       "status": status, "desc": desc}, by_creation)
 
 
 async def cancel_job(uow, principal: Principal, id_: str) -> Job:

@@ -35,9 +35,9 @@ _GONE = object()  # a deleted entity, remembered as such
 
 
 def revision_of(etag: str) -> int:
-    """The blueprint service's etags are 'v<version>'."""
+    """The blueprint service's etags are '"<version>"' (formerly 'v<version>')."""
     try:
-        return int(etag.lstrip("v"))
+        return int(etag.strip('"').lstrip("v"))
     except ValueError:
         return 0
 

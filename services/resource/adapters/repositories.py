@@ -151,9 +151,10 @@ class ResourceRepository:
 
     async def list(self, after: list | None, limit: int, template_id: str = "", state: str = "", status: str = "",
                    label: str = "", parent_id: str = "", workflow_id: str = "", integration_id: str = "",
-                   secret_id: str = "") -> list[Resource]:
-        """Oldest first, after the sort key `after` (create_time, id); every
-        filter is in SQL, with an index for each (see tables.py)."""
+                   secret_id: str = "", descending: bool = False) -> list[Resource]:
+        """Oldest first (newest first when `descending`), after the sort key
+        `after` (create_time, id); every filter is in SQL, with an index for
+        each (see tables.py)."""
         query = sa.select(resources)
         for column, wanted in ((resources.c.integration_ids, integration_id), (resources.c.secret_ids, secret_id)):
             if wanted:
@@ -178,7 +179,7 @@ class ResourceRepository:
             order = (resource_labels.c.create_time, resource_labels.c.resource_id)
         else:
             order = (resources.c.create_time, resources.c.id)
-        query = after_key(query, order, after).limit(limit)
+        query = after_key(query, order, after, descending).limit(limit)
         return [self._resource(r) for r in await self.s.execute(query)]
 
     async def update(self, r: Resource, read_version: int) -> None:

@@ -59,7 +59,7 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
                 uow, request.page_size, request.page_token, template_id=request.template_id,
                 state=convert.STATE.get(request.state, ""), status=convert.STATUS.get(request.status, ""),
                 label=request.label, parent_id=request.parent_id, workflow_id=request.workflow_id,
-                integration_id=request.integration_id, secret_id=request.secret_id)
+                integration_id=request.integration_id, secret_id=request.secret_id, order_by=request.order_by)
         return pb.ListResourcesResponse(resources=[convert.resource_to_pb(r) for r in found], next_page_token=token)
 
     async def UpdateResource(self, request, context):

@@ -21,7 +21,7 @@ from infrakitchen.events.v1 import events_pb2
 from infrakitchen.executor.v1 import executor_pb2
 from services.common.errors import Aborted, FailedPrecondition, NotFound, PreconditionViolation
 from services.common.events import Correlation, new_event
-from services.common.paging import by_creation, paginate
+from services.common.paging import by_creation, newest_first, paginate
 from services.common.uow import utcnow
 from services.common.values import to_value
 from services.resource.adapters.remote import JobInfo, Remote
@@ -79,9 +79,10 @@ class LifecycleBase:
             raise NotFound("resource", id_)
         return r
 
-    async def list(self, uow, page_size, page_token, **filters):
-        return await paginate(lambda a, n: uow.resources.list(a, n, **filters), page_size, page_token,
-                              {"list": "resources", **filters}, by_creation)
+    async def list(self, uow, page_size, page_token, order_by: str = "", **filters):
+        desc = newest_first(order_by)
+        return await paginate(lambda a, n: uow.resources.list(a, n, descending=desc, **filters), page_size,
+                              page_token, {"list": "resources", "desc": desc, **filters}, by_creation)
 
     async def tree(self, uow, id_: str):
         root = await self.get(uow, id_)

@@ -104,13 +104,14 @@ class WorkflowRepository:
         row = (await self.s.execute(_WORKFLOW, {"id": id_})).first()
         return self._workflow(row) if row else None
 
-    async def list(self, after: list | None, limit: int, blueprint_id: str = "", status: str = "") -> list[Workflow]:
+    async def list(self, after: list | None, limit: int, blueprint_id: str = "", status: str = "",
+                   descending: bool = False) -> list[Workflow]:
         q = sa.select(workflows)
         if blueprint_id:
             q = q.where(workflows.c.blueprint_id == blueprint_id)
         if status:
             q = q.where(workflows.c.status == status)
-        q = after_key(q, (workflows.c.create_time, workflows.c.id), after).limit(limit)
+        q = after_key(q, (workflows.c.create_time, workflows.c.id), after, descending).limit(limit)
         return [self._workflow(r) for r in await self.s.execute(q)]
 
     async def in_progress(self) -> list[Workflow]:

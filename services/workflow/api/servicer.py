@@ -42,7 +42,8 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
     async def ListWorkflows(self, request, context):
         async with self.uow() as uow:
             found, token = await self.workflows.list(uow, request.page_size, request.page_token,
-                                                     request.blueprint_id, convert.STATUS.get(request.status, ""))
+                                                     request.blueprint_id, convert.STATUS.get(request.status, ""),
+                                                     request.order_by)
             out = [convert.workflow_to_pb(w, await uow.steps.of(w.id)) for w in found]
         return pb.ListWorkflowsResponse(workflows=out, next_page_token=token)
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from services.common.auth import Principal
 from services.common.errors import (Aborted, FailedPrecondition, FieldViolation, InvalidArgument,
                                     PreconditionViolation)
-from services.common.paging import by_creation, paginate
+from services.common.paging import by_creation, newest_first, paginate
 from services.common.uow import utcnow
 from services.common.values import from_struct
 from services.workflow.adapters.remote import ResourceInfo
@@ -277,9 +277,12 @@ class CreateCases(WorkflowsBase):
 
     # --- reading and deleting ----------------------------------------------------------------
 
-    async def list(self, uow, page_size: int, page_token: str, blueprint_id: str = "", status: str = ""):
-        return await paginate(lambda a, n: uow.workflows.list(a, n, blueprint_id, status), page_size, page_token,
-                              {"list": "workflows", "blueprint_id": blueprint_id, "status": status}, by_creation)
+    async def list(self, uow, page_size: int, page_token: str, blueprint_id: str = "", status: str = "",
+                   order_by: str = ""):
+        desc = newest_first(order_by)
+        return await paginate(lambda a, n: uow.workflows.list(a, n, blueprint_id, status, desc), page_size,
+                              page_token, {"list": "workflows", "blueprint_id": blueprint_id, "status": status,
+                                           "desc": desc}, by_creation)
 
     async def delete(self, uow, principal: Principal, id_: str) -> None:
         w = await self.get(uow, id_)

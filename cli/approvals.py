@@ -1,0 +1,54 @@
+"""`ik approval …`: the requests waiting for you, approve, reject."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from cli.connection import Client, console
+from cli.output import emit, enum_name, table
+from infrakitchen.approval.v1 import approval_pb2 as ap
+
+approval_app = typer.Typer(help="List approval requests, approve or reject them.", no_args_is_help=True)
+
+
+@approval_app.command("list")
+def approval_list(mine: bool = typer.Option(True, "--mine/--all",
+                                            help="Only pending requests you may decide (default), or all."),
+                  resource: str = typer.Option("", help="Requests about this resource."),
+                  token: Optional[str] = typer.Option(None)) -> None:
+    """Approval requests: by default the pending ones waiting for your decision."""
+    client = Client(token)
+    found = client.collect(client.approval.ListApprovalRequests,
+                           ap.ListApprovalRequestsRequest(awaiting_my_decision=mine, resource_id=resource),
+                           "approval_requests")
+
+    def render():
+        t = table("id", "operation", "resource", "requester", "status", "plan")
+        for r in found:
+            t.add_row(r.id, enum_name(ap.ApprovalOperation, r.operation, "APPROVAL_OPERATION_"),
+                      f"{r.resource_name} ({r.resource_id})" if r.resource_id else "", r.requester,
+                      enum_name(ap.ApprovalStatus, r.status, "APPROVAL_STATUS_"),
+                      f"+{r.plan_add} ~{r.plan_change} -{r.plan_destroy}" if r.plan_job_id else "")
+        return t
+    emit(found, render)
+
+
+@approval_app.command("approve")
+def approval_approve(request_id: str, comment: str = typer.Option("", help="Why."),
+                     token: Optional[str] = typer.Option(None)) -> None:
+    """Approves a request (its resource's owners and admins may)."""
+    client = Client(token)
+    _decided(client(client.approval.ApproveRequest, ap.ApproveRequestRequest(id=request_id, comment=comment)))
+
+
+@approval_app.command("reject")
+def approval_reject(request_id: str, comment: str = typer.Option("", help="Why."),
+                    token: Optional[str] = typer.Option(None)) -> None:
+    """Rejects a request (its resource's owners and admins may)."""
+    client = Client(token)
+    _decided(client(client.approval.RejectRequest, ap.RejectRequestRequest(id=request_id, comment=comment)))
+
+
+def _decided(r: ap.ApprovalRequest) -> None:
+    console.print(f"Request [bold]{r.id}[/bold]: {enum_name(ap.ApprovalStatus, r.status, 'APPROVAL_STATUS_')}.")
