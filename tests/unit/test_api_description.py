@@ -22,41 +22,16 @@ UNCOMMENTED_VALUES = 81
 
 
 def uncommented() -> dict[str, list[str]]:
+    from scripts.api_reference import elements
     files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set_path().read_bytes()).file
     missing: dict[str, list[str]] = {k: [] for k in ("service", "rpc", "message", "enum", "field", "value")}
     for f in files:
-        if not f.name.startswith("infrakitchen/"):
-            continue
-        said = {tuple(loc.path) for loc in f.source_code_info.location
-                if (loc.leading_comments + loc.trailing_comments).strip()}
-
-        def check(path, kind, what):
-            if tuple(path) not in said:
-                missing[kind].append(f"{f.name}: {what}")
-
-        def message(m, path, prefix):
-            check(path, "message", prefix + m.name)
-            for j, field in enumerate(m.field):
-                check(path + [2, j], "field", f"{prefix}{m.name}.{field.name}")
-            for j, nested in enumerate(m.nested_type):
-                if not nested.options.map_entry:
-                    message(nested, path + [3, j], f"{prefix}{m.name}.")
-            for j, e in enumerate(m.enum_type):
-                enum(e, path + [4, j], f"{prefix}{m.name}.")
-
-        def enum(e, path, prefix):
-            check(path, "enum", prefix + e.name)
-            for j, value in enumerate(e.value):
-                check(path + [2, j], "value", f"{prefix}{e.name}.{value.name}")
-
-        for i, m in enumerate(f.message_type):
-            message(m, [4, i], "")
-        for i, e in enumerate(f.enum_type):
-            enum(e, [5, i], "")
-        for i, s in enumerate(f.service):
-            check([6, i], "service", s.name)
-            for j, method in enumerate(s.method):
-                check([6, i, 2, j], "rpc", f"{s.name}.{method.name}")
+        if f.name.startswith("infrakitchen/"):
+            said = {tuple(loc.path) for loc in f.source_code_info.location
+                    if (loc.leading_comments + loc.trailing_comments).strip()}
+            for kind, path, name, _ in elements(f):
+                if path not in said:
+                    missing[kind].append(f"{f.name}: {name}")
     return missing
 
 
