@@ -100,6 +100,11 @@ class Runtime:
         return self.definition.uow_class(self.db, self.outbox_table, self.inbox_table, self.bus.names,
                                          on_commit=self.relay.notify, changes=self.changes, **self.uow_options)
 
+    def read_uow(self) -> UnitOfWork:
+        """A unit of work for reads only (autocommit on PostgreSQL)."""
+        return self.definition.uow_class(self.db, self.outbox_table, self.inbox_table, self.bus.names,
+                                         read_only=True, **self.uow_options)
+
     async def start(self) -> None:
         s = self.settings
         await self.bus.connect()

@@ -52,8 +52,12 @@ class UnitOfWork:
 
     def __init__(self, db: Database, outbox: sa.Table, inbox: sa.Table, names: Names,
                  on_commit: Callable[[list[tuple[str, str, bytes, str]]], None] | None = None,
-                 changes: ChangeFeed | None = None):
+                 changes: ChangeFeed | None = None, read_only: bool = False):
         self.db = db
+        # A read-only unit of work reads in autocommit on PostgreSQL (one round trip
+        # per statement, each statement its own snapshot): for answers that read one
+        # thing, or several that need not agree to the instant. It never commits.
+        self.read_only = read_only
         self._changes = changes
         self._touched: set[str] = set()  # ids whose followers wake at commit
         self._outbox = outbox
@@ -65,7 +69,7 @@ class UnitOfWork:
         self.session: AsyncSession
 
     async def __aenter__(self):
-        self.session = self.db.session()
+        self.session = self.db.read_session() if self.read_only else self.db.session()
         await self.session.begin()
         self._open()
         return self
@@ -124,6 +128,8 @@ class UnitOfWork:
         self._after_commit.append(action)
 
     async def commit(self) -> None:
+        if self.read_only:
+            raise RuntimeError("a read-only unit of work cannot commit")
         if self._touched and self.db.is_postgres:
             # Replicas of this service on other machines wake their streams
             # too: NOTIFY is delivered when (and only if) this transaction commits.

@@ -1,6 +1,5 @@
-"""The API describes itself: every service, RPC, message and enum in protos/
-carries a comment (fields and enum values may only get better: the counts
-of those without one can only go down), docs/api.md is what the protos
+"""The API describes itself: every service, RPC, message, field, enum and
+enum value in protos/ carries a comment, docs/api.md is what the protos
 give, and `buf breaking` (in `make lint`) refuses an incompatible change."""
 from __future__ import annotations
 
@@ -15,10 +14,6 @@ from services.common.reflection import descriptor_set_path
 
 ROOT = Path(__file__).resolve().parents[2]
 BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
-# Fields and enum values without a comment, as of the last count: lower them when you add
-# comments; never raise them (a new field or value comes with its comment).
-UNCOMMENTED_FIELDS = 511
-UNCOMMENTED_VALUES = 81
 
 
 def uncommented() -> dict[str, list[str]]:
@@ -35,12 +30,10 @@ def uncommented() -> dict[str, list[str]]:
     return missing
 
 
-def test_every_service_rpc_message_and_enum_is_commented_and_fields_only_get_better():
+def test_every_service_rpc_message_field_enum_and_value_is_commented():
     missing = uncommented()
-    for kind in ("service", "rpc", "message", "enum"):
-        assert not missing[kind], missing[kind]
-    assert len(missing["field"]) <= UNCOMMENTED_FIELDS, "a new field without a comment"
-    assert len(missing["value"]) <= UNCOMMENTED_VALUES, "a new enum value without a comment"
+    for kind, names in missing.items():
+        assert not names, f"{kind}s without a comment: {names[:10]}"
 
 
 def test_the_api_reference_is_what_the_protos_give():

@@ -24,6 +24,7 @@ _TS_FIELDS = ("description", "source_code_version_id", "variables", "integration
 class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
     def __init__(self, runtime):
         self.uow = runtime.uow
+        self.read_uow = runtime.read_uow
         self.changes = runtime.changes
         self.lc = runtime.lifecycle
 
@@ -50,11 +51,11 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         return convert.resource_to_pb(created)
 
     async def GetResource(self, request, context):
-        async with self.uow() as uow:
+        async with self.read_uow() as uow:
             return convert.resource_to_pb(await self.lc.get(uow, request.id))
 
     async def ListResources(self, request, context):
-        async with self.uow() as uow:
+        async with self.read_uow() as uow:
             found, token = await self.lc.list(
                 uow, request.page_size, request.page_token, template_id=request.template_id,
                 state=convert.STATE.get(request.state, ""), status=convert.STATUS.get(request.status, ""),
@@ -91,7 +92,7 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         return convert.resource_to_pb(await self._run(self.lc.cancel_destroy, request.id))
 
     async def GetResourceTree(self, request, context):
-        async with self.uow() as uow:
+        async with self.read_uow() as uow:
             parents, (root, kids) = await self.lc.tree(uow, request.id)
 
         def node(pair):
@@ -100,7 +101,7 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         return pb.GetResourceTreeResponse(parents=[convert.tree_node(p) for p in parents], root=node((root, kids)))
 
     async def ListResourceRevisions(self, request, context):
-        async with self.uow() as uow:
+        async with self.read_uow() as uow:
             await self.lc.get(uow, request.resource_id)
             found, token = await paginate(lambda a, n: uow.revisions.list(request.resource_id, a, n),
                                           request.page_size, request.page_token,
@@ -111,7 +112,7 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
 
     async def ListResourceEvents(self, request, context):
         # The audit trail outlives the resource, so a deleted resource's entries stay readable.
-        async with self.uow() as uow:
+        async with self.read_uow() as uow:
             found, token = await paginate(lambda a, n: uow.audit.list(request.resource_id, a, n),
                                           request.page_size, request.page_token,
                                           {"list": "audit", "resource_id": request.resource_id}, lambda e: (e.seq,))
@@ -143,7 +144,7 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
                 await watch.after(seen, WATCH_POLL_SECONDS)
 
     async def _sensitive(self, resource_id: str) -> list[str]:
-        async with self.uow() as uow:
+        async with self.read_uow() as uow:
             r = await uow.resources.get(resource_id)
         return r.sensitive_variables if r else []
 
@@ -153,12 +154,12 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         return convert.temporary_state_to_pb(t, await self._sensitive(t.resource_id))
 
     async def GetTemporaryState(self, request, context):
-        async with self.uow() as uow:
+        async with self.read_uow() as uow:
             t = await self.lc.get_temporary_state(uow, request.id)
         return convert.temporary_state_to_pb(t, await self._sensitive(t.resource_id))
 
     async def ListTemporaryStates(self, request, context):
-        async with self.uow() as uow:
+        async with self.read_uow() as uow:
             found, token = await self.lc.list_temporary_states(uow, request.resource_id, request.page_size,
                                                                request.page_token)
         return pb.ListTemporaryStatesResponse(
