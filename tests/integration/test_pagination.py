@@ -132,3 +132,26 @@ async def test_lists_can_go_newest_first_and_refuse_an_order_they_do_not_sort_by
         bad = await rpc_error(call)
         assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and set(field_violations(bad)) == {"order_by"}
         assert "x" * 100 not in bad.details()
+
+
+async def test_lists_take_an_aip160_filter_beside_their_typed_fields(p):
+    for n in range(4):
+        await p.create("team", f"filtered-{n}", labels=["blue" if n % 2 else "green"])
+    blue = await list_all(p, rp.ListResourcesRequest(page_size=1, filter='label = "blue"'))
+    assert [r.name for r in blue] == ["filtered-1", "filtered-3"]
+    both = await list_all(p, rp.ListResourcesRequest(filter="label = green AND state = PROVISIONED"))
+    assert [r.name for r in both] == ["filtered-0", "filtered-2"]
+    none = await list_all(p, rp.ListResourcesRequest(filter="label = green AND state = resource_state_destroyed"))
+    assert none == []
+    # A token continues its own filter only.
+    first = await p.resource.ListResources(rp.ListResourcesRequest(page_size=1, filter="label = blue"), metadata=p.md)
+    other = await rpc_error(p.resource.ListResources(rp.ListResourcesRequest(
+        page_size=1, filter="label = green", page_token=first.next_page_token), metadata=p.md))
+    assert other.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for call in (p.resource.ListResources(rp.ListResourcesRequest(filter="owner = bob"), metadata=p.md),
+                 p.resource.ListResources(rp.ListResourcesRequest(label="blue", filter="label = green"), metadata=p.md),
+                 p.workflow.ListWorkflows(wp.ListWorkflowsRequest(filter="status = SIDEWAYS"), metadata=p.md)):
+        bad = await rpc_error(call)
+        assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and set(field_violations(bad)) == {"filter"}
+    assert (await p.workflow.ListWorkflows(wp.ListWorkflowsRequest(filter="status = DONE"), metadata=p.md)).workflows \
+        == []

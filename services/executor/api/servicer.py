@@ -7,11 +7,13 @@ from google.protobuf import empty_pb2
 from infrakitchen.executor.v1 import executor_pb2 as pb
 from infrakitchen.executor.v1 import executor_pb2_grpc
 from services.common.auth import current_principal
+from services.common.filters import enum_word, merged, parse_filter, text, words_of
 from services.common.errors import FieldViolation, InvalidArgument
 from services.common.values import to_timestamp
 from services.executor.adapters.terraform import current_state_meta
 from services.executor.api import convert
 from services.executor.app import credentials, jobs
+from services.executor.domain.model import RUNNING
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 
@@ -21,6 +23,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
 LOG_POLL_SECONDS = 0.5
 INTEGRATION_MASK = ("name", "description", "credentials", "max_concurrent_jobs")
 
+
+
+# What ListJobs' `filter` may name, and how each value is read.
+FILTERS = {"resource_id": text, "workflow_id": text,
+           "status": enum_word(words_of(convert.STATUS, pb.JobStatus, "JOB_STATUS_"), "JOB_STATUS_")}
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     def __init__(self, runtime):
@@ -56,7 +63,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 turn.give_back()
             raise
         if turn is not None:
-            if created:
+            # Only a job stored running on this worker is started here: one an
+            # integration's cap kept queued waits on the work queue like any other.
+            if created and job.status == RUNNING and job.worker == self.config.worker_id:
                 self.workers.start_claimed(turn, job)
             else:
                 turn.give_back()
@@ -68,9 +77,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
     async def ListJobs(self, request, context):
         async with self.uow() as uow:
-            found, token = await jobs.list_jobs(uow, request.page_size, request.page_token, request.resource_id,
-                                                request.workflow_id, convert.STATUS.get(request.status, ""),
-                                                request.order_by)
+            filters = merged(dict(resource_id=request.resource_id, workflow_id=request.workflow_id,
+                                  status=convert.STATUS.get(request.status, "")), parse_filter(request.filter, FILTERS))
+            found, token = await jobs.list_jobs(uow, request.page_size, request.page_token, filters["resource_id"],
+                                                filters["workflow_id"], filters["status"], request.order_by)
         return pb.ListJobsResponse(jobs=[convert.job_to_pb(j) for j in found], next_page_token=token)
 
     async def CancelJob(self, request, context):

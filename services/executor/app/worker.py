@@ -168,6 +168,12 @@ class JobWorkers:
 
     def start_claimed(self, turn: "Turn", job: Job) -> None:
         """Runs a job stored claimed by this process (after its commit)."""
+        if job.status != RUNNING or job.worker != self.config.worker_id:
+            # Not ours to run (e.g. kept queued by an integration's cap): its run
+            # would overlap the one a worker starts when it claims the job.
+            log.error("job %s is %s on worker %r, not running here: not started", job.id, job.status, job.worker)
+            turn.give_back()
+            return
         async def run() -> None:
             try:
                 await self._execute(job, None, previous_worker="")

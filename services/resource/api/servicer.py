@@ -7,6 +7,7 @@ from google.protobuf import empty_pb2
 from infrakitchen.resource.v1 import resource_pb2 as pb
 from infrakitchen.resource.v1 import resource_pb2_grpc
 from services.common.auth import current_principal
+from services.common.filters import enum_word, merged, parse_filter, text, words_of
 from services.common.paging import paginate
 from services.resource.api import convert
 from services.resource.app.reviewed_plans import ReviewedPlan
@@ -19,6 +20,12 @@ WATCH_POLL_SECONDS = 1.0
 _METADATA_FIELDS = ("description", "labels", "dependency_tags", "dependency_configs", "variables")
 _TS_FIELDS = ("description", "source_code_version_id", "variables", "integration_ids", "secret_ids", "labels",
               "workspace")
+
+
+# What ListResources' `filter` may name, and how each value is read.
+FILTERS = {"template_id": text, "label": text, "parent_id": text, "workflow_id": text,
+           "state": enum_word(words_of(convert.STATE, pb.ResourceState, "RESOURCE_STATE_"), "RESOURCE_STATE_"),
+           "status": enum_word(words_of(convert.STATUS, pb.ResourceStatus, "RESOURCE_STATUS_"), "RESOURCE_STATUS_")}
 
 
 class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
@@ -55,12 +62,14 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
             return convert.resource_to_pb(await self.lc.get(uow, request.id))
 
     async def ListResources(self, request, context):
+        filters = merged(dict(template_id=request.template_id, state=convert.STATE.get(request.state, ""),
+                              status=convert.STATUS.get(request.status, ""), label=request.label,
+                              parent_id=request.parent_id, workflow_id=request.workflow_id,
+                              integration_id=request.integration_id, secret_id=request.secret_id),
+                         parse_filter(request.filter, FILTERS))
         async with self.read_uow() as uow:
-            found, token = await self.lc.list(
-                uow, request.page_size, request.page_token, template_id=request.template_id,
-                state=convert.STATE.get(request.state, ""), status=convert.STATUS.get(request.status, ""),
-                label=request.label, parent_id=request.parent_id, workflow_id=request.workflow_id,
-                integration_id=request.integration_id, secret_id=request.secret_id, order_by=request.order_by)
+            found, token = await self.lc.list(uow, request.page_size, request.page_token, order_by=request.order_by,
+                                              **filters)
         return pb.ListResourcesResponse(resources=[convert.resource_to_pb(r) for r in found], next_page_token=token)
 
     async def UpdateResource(self, request, context):

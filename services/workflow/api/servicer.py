@@ -7,6 +7,7 @@ from google.protobuf import empty_pb2
 from infrakitchen.workflow.v1 import workflow_pb2 as pb
 from infrakitchen.workflow.v1 import workflow_pb2_grpc
 from services.common.auth import current_principal
+from services.common.filters import enum_word, merged, parse_filter, text, words_of
 from services.workflow.api import convert
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name
@@ -14,6 +15,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name
 # the poll finds what another replica of the service committed.
 WATCH_POLL_SECONDS = 1.0
 
+
+
+# What ListWorkflows' `filter` may name, and how each value is read.
+FILTERS = {"blueprint_id": text,
+           "status": enum_word(words_of(convert.STATUS, pb.WorkflowStatus, "WORKFLOW_STATUS_"), "WORKFLOW_STATUS_")}
 
 class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
     def __init__(self, runtime):
@@ -41,9 +47,10 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
 
     async def ListWorkflows(self, request, context):
         async with self.uow() as uow:
+            filters = merged(dict(blueprint_id=request.blueprint_id, status=convert.STATUS.get(request.status, "")),
+                             parse_filter(request.filter, FILTERS))
             found, token = await self.workflows.list(uow, request.page_size, request.page_token,
-                                                     request.blueprint_id, convert.STATUS.get(request.status, ""),
-                                                     request.order_by)
+                                                     filters["blueprint_id"], filters["status"], request.order_by)
             out = [convert.workflow_to_pb(w, await uow.steps.of(w.id)) for w in found]
         return pb.ListWorkflowsResponse(workflows=out, next_page_token=token)
 
