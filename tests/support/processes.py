@@ -3,6 +3,7 @@ does, each on a free port, with a private data dir and event prefix."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,10 +22,34 @@ from services.common.tls import GrpcTls
 ROOT = Path(__file__).resolve().parents[2]
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port to listen on, below the kernel's ephemeral range: outgoing
+    connections take their ports from that range, so a port found free there
+    (bind to 0) could be taken by one before the service binds it. Never the
+    same port twice in one test process."""
+    low, high = 20000, _ephemeral_low() - 1
+    for _ in range(500):
+        port = random.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port between {low} and {high}")
 
 
 class ServiceProcesses:
