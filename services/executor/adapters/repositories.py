@@ -157,10 +157,13 @@ class JobRepository:
             jobs.c.status == "running", jobs.c.lease_until < moment))
         return [(r.id, r.attempt) for r in rows]
 
-    async def renew_lease(self, id_: str, worker: str, lease_until: dt.datetime) -> bool:
-        """False when the job is no longer this worker's (it lost the lease)."""
+    async def renew_lease(self, id_: str, worker: str, lease_until: dt.datetime, attempt: int) -> bool:
+        """False when the job is no longer this run's: it lost the lease and was
+        claimed again (another attempt: the same process's other worker task
+        has the same worker id, so the attempt tells the runs apart)."""
         result = await self.s.execute(sa.update(jobs).where(
-            jobs.c.id == id_, jobs.c.worker == worker, jobs.c.status == "running").values(lease_until=lease_until))
+            jobs.c.id == id_, jobs.c.worker == worker, jobs.c.attempt == attempt,
+            jobs.c.status == "running").values(lease_until=lease_until))
         return result.rowcount == 1
 
     async def cancel_if_queued(self, id_: str, reason: str, now: dt.datetime) -> bool:

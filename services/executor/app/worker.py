@@ -339,7 +339,11 @@ class JobWorkers:
             result = await self._supervise(msg, job, run)
         finally:
             self._runs.pop(job.id, None)
-            await logs.close()
+            try:
+                await logs.close()
+            except IntegrityError:  # a later attempt writes this job's log now: this run lost it
+                log.warning("job %s: attempt %d lost the job to a later attempt; its last log lines are dropped",
+                            job.id, job.attempt)
 
         if result.interrupted == "shutdown":
             async with self.runtime.uow() as uow:
@@ -361,7 +365,7 @@ class JobWorkers:
             error = "cancelled while running; terraform was interrupted"
         async with self.runtime.uow() as uow:
             current = await uow.jobs.get(job.id)
-            if current is None or current.worker != cfg.worker_id or current.ended:
+            if current is None or current.worker != cfg.worker_id or current.ended or current.attempt != job.attempt:
                 if msg is not None:
                     await msg.ack()
                 return
@@ -426,7 +430,7 @@ class JobWorkers:
                     await _quietly(msg.in_progress())
                 async with self.runtime.uow() as uow:
                     kept = await uow.jobs.renew_lease(job.id, self.config.worker_id,
-                                                      lease_deadline(self.config.lease))
+                                                      lease_deadline(self.config.lease), job.attempt)
                     await uow.commit()
                 if not kept:
                     run.interrupt("lost")
