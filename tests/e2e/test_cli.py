@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -92,7 +93,13 @@ def test_workflow_commands(platform, example):
 
 
 def test_resource_commands(platform, example):
-    resources = json.loads(ik(platform, "-o", "json", "resource", "list", "--workflow", example["id"]).output)
+    # The resource service applies the executor's events on its own: it may be a moment behind the workflow.
+    deadline = time.monotonic() + 30
+    while True:
+        resources = json.loads(ik(platform, "-o", "json", "resource", "list", "--workflow", example["id"]).output)
+        if all(r["state"] == "RESOURCE_STATE_PROVISIONED" for r in resources) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert len(resources) == 3 and all(r["state"] == "RESOURCE_STATE_PROVISIONED" for r in resources)
     vpc = next(r for r in resources if r["name"].startswith("vpc"))
     shown = ik(platform, "resource", "show", vpc["id"])

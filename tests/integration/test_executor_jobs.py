@@ -10,6 +10,7 @@ import logging
 import grpc
 import psycopg
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from infrakitchen.events.v1 import events_pb2
@@ -445,3 +446,26 @@ async def test_storage_and_credential_validation(executor):
     # As TF_VAR_<key> the same names are plain terraform variables.
     await executor.stub.CreateSecret(pb.CreateSecretRequest(secret=pb.Secret(
         name="tf-vars", exposure=pb.SECRET_EXPOSURE_TF_VAR), values={"PATH": "x"}), metadata=executor.md)
+
+
+async def test_a_run_that_lost_its_job_to_a_later_attempt_stops_renewing_it(executor, repo):
+    """One process's worker tasks share a worker id: the attempt tells a run whose
+    lease ran out (and whose job was claimed again) from the new one."""
+    import datetime as dt
+
+    from services.common.uow import utcnow
+    job = await executor.stub.SubmitJob(submit_request(repo, "slow", "l/lost", variables={"seconds": 1}),
+                                        metadata=executor.md)
+    job = await wait_job(executor.stub, job.id, executor.md, timeout=60)
+    runtime = executor.runtime
+    worker = runtime.executor_config.worker_id
+    async with runtime.uow() as uow:  # as if its lease had run out and a worker had claimed it again
+        stored = await uow.jobs.get(job.id)
+        await uow.session.execute(sa.text("UPDATE jobs SET status='running', worker=:w, attempt=:a WHERE id=:id"),
+                                  {"w": worker, "a": stored.attempt + 1, "id": job.id})
+        await uow.commit()
+    later = utcnow() + dt.timedelta(seconds=30)
+    async with runtime.uow() as uow:
+        assert not await uow.jobs.renew_lease(job.id, worker, later, attempt=stored.attempt)  # the old run
+        assert await uow.jobs.renew_lease(job.id, worker, later, attempt=stored.attempt + 1)  # the new one
+        await uow.commit()
