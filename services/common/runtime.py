@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import nats
 import sqlalchemy as sa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -117,7 +118,15 @@ class Runtime:
             self._spawn("change-listener", self.changes.listen(s.database_url, CHANGES_CHANNEL))
         for spec in self.definition.consumers(self):
             consumer = EventConsumer(self.bus, self.uow, spec)
-            await consumer.subscribe()  # create the durable before serving
+            for attempt in range(1, 11):  # create the durable before serving; a cluster electing leaders answers late
+                try:
+                    await consumer.subscribe()
+                    break
+                except nats.errors.TimeoutError:
+                    if attempt == 10:
+                        raise
+                    log.warning("consumer %s: JetStream did not answer; asking again", spec.durable)
+                    await asyncio.sleep(min(attempt, 3))
             self.consumers.append((consumer, self._spawn(f"consumer-{spec.durable}", consumer.run())))
         for i, coro in enumerate(self.definition.background(self)):
             self._spawn(f"background-{i}", coro)
