@@ -243,7 +243,7 @@ def main() -> None:
             for name, rounds in (("warm", warm), ("cold", cold)):
                 print(f"dispatch ({name} catalog copy): p50 {_spread(rounds, 'p50')}, p99 {_spread(rounds, 'p99')}, "
                       f"to the first terraform command p50 {_spread(rounds, 'first50')}")
-            for name, (p50, p90) in _dispatch_stages(procs.data_dir, middle["workflows"]).items():
+            for name, (p50, p90) in _dispatch_stages(procs.data_dir, middle["workflows"], verbose=True).items():
                 print(f"  {name}: p50 {p50 * 1000:.1f} ms, p90 {p90 * 1000:.1f} ms")
             return
 
@@ -403,7 +403,7 @@ def _spread(rounds: list[dict], key: str) -> str:
     return f"{values[0]:.0f} / {statistics.median(values):.0f} / {values[-1]:.0f} ms"
 
 
-def _dispatch_stages(data_dir: Path, workflow_ids: list[str]) -> dict[str, tuple[float, float]]:
+def _dispatch_stages(data_dir: Path, workflow_ids: list[str], verbose: bool = False) -> dict[str, tuple[float, float]]:
     """Splits each dispatch into stages using the timestamps the services
     stored (their SQLite files; a benchmark may read them, services never do)."""
     import json
@@ -429,14 +429,20 @@ def _dispatch_stages(data_dir: Path, workflow_ids: list[str]) -> dict[str, tuple
         "resource stored -> job stored (commit, SubmitJob)": [],
         "job stored -> job started (an idle worker at once, else outbox, work queue, claim)": []}
     values = list(stages.values())
+    worst = []
     for sid, (start, _, deps, resource_id) in steps.items():
         if not deps or sid not in jobs or deps[0] not in jobs:
             continue
         up_done, up_end = steps[deps[0]][1], jobs[deps[0]][2]
         queued, begun = jobs[sid][0], jobs[sid][1]
-        for bucket, seconds in zip(values, [(up_done - up_end), (start - up_done), (created[resource_id] - start),
-                                            (queued - created[resource_id]), (begun - queued)]):
+        split = [(up_done - up_end), (start - up_done), (created[resource_id] - start),
+                 (queued - created[resource_id]), (begun - queued)]
+        for bucket, seconds in zip(values, split):
             bucket.append(seconds.total_seconds())
+        worst.append(((begun - up_end).total_seconds(), sid, [round(x.total_seconds() * 1000) for x in split]))
+    if verbose:
+        for total, sid, split in sorted(worst, reverse=True)[:8]:
+            print(f"  slowest: {total * 1000:.0f} ms, step {sid}, stages (ms) {split}")
     return {name: (statistics.median(v), percentile(v, 0.9)) for name, v in stages.items() if v}
 
 

@@ -20,6 +20,8 @@ JOB_DURATION = Histogram("ik_job_duration_seconds", "Jobs from start to end, by 
                          buckets=_SLOW)
 JOB_QUEUED = Histogram("ik_job_queue_seconds", "Jobs from submission to start (queue and dispatch)",
                        buckets=_FAST + (30, 60, 300))
+STEP_HOLDS = Counter("ik_executor_step_holds_total", "Workers kept for a workflow's next step after its step's job "
+                     "succeeded, by outcome (taken: the next step came; expired: it did not in time)", ["outcome"])
 DEAD_LETTERS = Counter("ik_dead_letters_total", "Events a consumer gave up on (dead-lettered)", ["consumer"])
 OUTBOX_PUBLISHED = Counter("ik_outbox_published_total", "Events the outbox relay published", ["service"])
 WORKFLOWS = Histogram("ik_workflow_duration_seconds", "Executions from start to their end, by outcome",

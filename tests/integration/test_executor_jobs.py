@@ -469,3 +469,35 @@ async def test_a_run_that_lost_its_job_to_a_later_attempt_stops_renewing_it(exec
         assert not await uow.jobs.renew_lease(job.id, worker, later, attempt=stored.attempt)  # the old run
         assert await uow.jobs.renew_lease(job.id, worker, later, attempt=stored.attempt + 1)  # the new one
         await uow.commit()
+
+
+# --- step hold: a workflow's next step keeps the worker its previous step freed ----------
+
+@pytest.mark.parametrize("max_wait, next_step_first", [("120", True), ("0", False)],
+                         ids=["held-for-the-workflow", "fairness-bound-reached"])
+async def test_a_workflow_step_keeps_its_worker_for_the_next_step(repo, tmp_path, event_prefix, nats_url,
+                                                                  max_wait, next_step_first):
+    """One worker, a step's job running and another workflow's job queued: when
+    the step ends, its workflow's next job (submitted a moment later, as the
+    workflow service does) runs before the queued one, unless a queued job
+    has waited longer than IK_EXECUTOR_STEP_HOLD_MAX_WAIT."""
+    svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
+                               IK_EXECUTOR_WORKERS="1", IK_EXECUTOR_STEP_HOLD="10",
+                               IK_EXECUTOR_STEP_HOLD_MAX_WAIT=max_wait)
+    try:
+        def step(state_path, workflow_id, step_id):
+            return submit_request(repo, "ok", state_path, variables={"name": step_id},
+                                  correlation=pb.JobCorrelation(workflow_id=workflow_id, step_id=step_id))
+        first = await svc.stub.SubmitJob(step("h/a1", "w-a", "a1"), metadata=svc.md)
+        assert first.status == pb.JOB_STATUS_RUNNING  # started directly on the only worker
+        other = await svc.stub.SubmitJob(step("h/b1", "w-b", "b1"), metadata=svc.md)
+        assert other.status == pb.JOB_STATUS_QUEUED
+        assert (await wait_job(svc.stub, first.id, svc.md, timeout=60)).status == SUCCEEDED
+        following = await svc.stub.SubmitJob(step("h/a2", "w-a", "a2"), metadata=svc.md)
+        following = await wait_job(svc.stub, following.id, svc.md, timeout=60)
+        other = await wait_job(svc.stub, other.id, svc.md, timeout=60)
+        assert following.status == other.status == SUCCEEDED
+        started_before = following.start_time.ToDatetime() < other.start_time.ToDatetime()
+        assert started_before == next_step_first
+    finally:
+        await svc.__aexit__(None, None, None)

@@ -151,6 +151,13 @@ class JobRepository:
             queue_reason=reason))
         self.touch(id_)
 
+    async def oldest_waiting(self) -> dt.datetime | None:
+        """When the longest-waiting queued job (one no integration cap holds
+        back) was submitted; None when none waits."""
+        row = (await self.s.execute(sa.select(jobs.c.create_time).where(
+            jobs.c.status == "queued", jobs.c.queue_reason == "").order_by(jobs.c.create_time).limit(1))).first()
+        return _aware(row.create_time) if row else None
+
     async def lease_expired_before(self, moment: dt.datetime) -> list[tuple[str, int]]:
         """(id, attempt) of running jobs whose runner's lease ended before `moment`."""
         rows = await self.s.execute(sa.select(jobs.c.id, jobs.c.attempt).where(

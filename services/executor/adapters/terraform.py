@@ -48,8 +48,8 @@ LogSink = Callable[[str, str], None]  # (stream, text)
 _REAPER = str(Path(__file__).with_name("reaper.py"))
 
 
-def _die_with_parent(argv: list[str]) -> list[str]:
-    return [sys.executable, "-S", _REAPER, str(os.getpid()), *argv]
+def _die_with_parent(argv: list[str], niceness: int) -> list[str]:
+    return [sys.executable, "-S", _REAPER, str(os.getpid()), str(niceness), *argv]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ class TerraformConfig:
     cancel_grace: float
     sandbox: Sandbox = Sandbox("off")
     checkouts: CheckoutCache | None = None  # trees of commits already checked out
+    # Terraform runs this much nicer than the services (0-19): its CPU goes to
+    # the platform first, so a busy machine still dispatches steps promptly.
+    niceness: int = 10
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "TerraformConfig":
@@ -76,6 +79,7 @@ class TerraformConfig:
             sandbox=Sandbox.from_env(env),
             checkouts=CheckoutCache(Path(env.get("IK_EXECUTOR_CHECKOUT_CACHE") or settings.data_dir / "checkouts"),
                                     max_entries=int(env.get("IK_EXECUTOR_CHECKOUT_CACHE_ENTRIES", "256"))),
+            niceness=min(19, max(0, int(env.get("IK_EXECUTOR_JOB_NICE", "10")))),
         )
 
 
@@ -367,7 +371,7 @@ class TerraformRun:
         # The command's name only: its arguments may name files or variables.
         with tracing.span(f"terraform {args[0]}") as span:
             self._proc = await asyncio.create_subprocess_exec(
-                *_die_with_parent(argv), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+                *_die_with_parent(argv, self.config.niceness), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True, limit=4 * 1024 * 1024)
             await asyncio.gather(self._pump(self._proc.stdout, "stdout", captured if capture else None),

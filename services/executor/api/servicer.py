@@ -50,7 +50,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 await uow.rollback()
             return convert.job_to_pb(job)
         # An idle worker of this process takes the job as it is stored; else the work queue does.
-        turn = self.workers.reserve()
+        turn = self.workers.reserve(request.correlation.workflow_id)
         try:
             async with self.uow() as uow:
                 job, created = await jobs.submit_job(

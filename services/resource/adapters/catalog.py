@@ -8,9 +8,15 @@ from the moment the service starts (no durable state, nothing written to the
 database) puts each one in the cache or forgets it. What was not seen since
 then is read through over gRPC on first use. Each entry remembers the
 revision it holds, so a late event never replaces a newer read, and a
-deleted entity is remembered as deleted for a while so a read that started
-before the delete does not bring it back. `max_age` bounds how long any
-entry is trusted, in case an event was ever missed (0 turns the cache off).
+deleted entity is remembered as deleted so a read that started before the
+delete does not bring it back.
+
+An entry stored while the follower is subscribed never goes stale: every
+later change reaches it as an event (the ordered consumer resumes after its
+last sequence, so it misses none), which is what keeps the copy fresh, not
+its age. `max_age` bounds only what was stored while no follower was
+subscribed (before it started, or after it stopped), in case an event was
+missed then; 0 turns the cache off.
 
 Which integrations and storages exist has no events; an answer is reused
 for at most a minute (the executor checks them again when a job is
@@ -42,10 +48,24 @@ def revision_of(etag: str) -> int:
         return 0
 
 
+FOLLOWED = ("template", "version")  # the kinds the blueprint service's events keep current
+
+
 class CatalogCache:
     def __init__(self, max_age: float):
         self.max_age = max_age
         self._entries: dict[tuple[str, str], tuple[float, int, Any]] = {}  # key -> (stored at, revision, value)
+        self._followed_since: float | None = None  # when the follower subscribed; None while it is not
+
+    def following(self, live: bool) -> None:
+        """The follower subscribed (True) or stopped (False)."""
+        self._followed_since = time.monotonic() if live else None
+
+    def _fresh(self, key: tuple[str, str], stored_at: float, limit: float) -> bool:
+        since = self._followed_since
+        if since is not None and key[0] in FOLLOWED and stored_at >= since:
+            return True  # kept current by events
+        return time.monotonic() - stored_at < limit
 
     async def get(self, key: tuple[str, str], load: Callable[[], Awaitable[tuple[int, Any]]],
                   max_age: float | None = None) -> Any:
@@ -55,7 +75,7 @@ class CatalogCache:
         if limit <= 0:
             return (await load())[1]
         hit = self._entries.get(key)
-        if hit is not None and time.monotonic() - hit[0] < limit:
+        if hit is not None and self._fresh(key, hit[0], limit):
             return None if hit[2] is _GONE else hit[2]
         revision, value = await load()
         if value is not None:
@@ -92,8 +112,10 @@ class CatalogFollower:
         self._sub = await self.bus.js.subscribe(
             names.subject("ik.blueprint.>"), stream=names.context_stream("blueprint"), cb=self._on_message,
             ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, idle_heartbeat=5.0)
+        self.cache.following(True)
 
     async def stop(self) -> None:
+        self.cache.following(False)
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
