@@ -74,11 +74,12 @@ WHY_DISPATCH = (
     'event from memory; the workflow service\'s consumer marks the step done and starts the dependent step in '
     'one transaction; CreateResource (a gRPC hop) validates against the resource service\'s event-fed copy of '
     'the catalog and stores the resource queued; SubmitJob (a gRPC hop) stores the job already claimed by an '
-    'idle worker of the executor, which starts it when that transaction commits. Three processes, four write '
+    'idle worker of the executor (with jobs queued, the worker the upstream job freed, held for its workflow), '
+    'which starts it when that transaction commits. Three processes, four write '
     'transactions, one NATS hop and two gRPC hops, on two cores shared with NATS and the other events of the '
     'same moment (the resource and approval services apply the completion too). What made it fast is in '
     'docs/architecture.md (Decisions): SQLite statements on the event loop\'s thread, statements built once, '
-    'the outbox published from memory, the catalog copy, the direct start.')
+    'the outbox published from memory, the catalog copy kept by events, the direct start, the step hold.')
 
 CHAIN = 51  # templates per chain: 50 dispatches per workflow
 CHAINS = 4  # 200 dispatches

@@ -10,7 +10,6 @@ from typing import Optional
 import typer
 from google.protobuf import json_format
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
@@ -206,7 +205,7 @@ def workflow_plan(workflow_id: str, token: Optional[str] = typer.Option(None)) -
         emit(w, lambda: None)
         raise typer.Exit(1 if w.plan_status == wp.PLAN_STATUS_ERROR else 0)
     names = {s.id: s.template_name for s in w.steps}
-    table = Table("step", "plan", "+", "~", "-", "changes / waits for")
+    t = table("step", "plan", "+", "~", "-", "changes / waits for")
     for s in sorted(w.steps, key=lambda s: (s.position, s.template_name)):
         status = wp.StepPlanStatus.Name(s.plan.status).removeprefix("STEP_PLAN_STATUS_").lower() \
             if s.HasField("plan") else "done before"
@@ -219,8 +218,8 @@ def workflow_plan(workflow_id: str, token: Optional[str] = typer.Option(None)) -
             detail = ", ".join(f"{c.action} {c.address}" for c in s.plan.changes)
         counts = [str(n) for n in (s.plan.add, s.plan.change, s.plan.destroy)] \
             if s.plan.status == wp.STEP_PLAN_STATUS_PLANNED else ["", "", ""]
-        table.add_row(s.template_name, status, *counts, detail)
-    console.print(table)
+        t.add_row(s.template_name, status, *counts, detail)
+    console.print(t)
     if w.plan_status == wp.PLAN_STATUS_ERROR:
         console.print(f"[red]The plan failed: {w.plan_error_message}")
         raise typer.Exit(1)

@@ -149,6 +149,17 @@ async def test_an_approved_plan_is_applied_exactly_and_a_deferred_step_that_only
     assert listed[steps["network"].id].changes == ["null_resource.vpc create"]
     assert listed[steps["app"].id].status == "deferred" and not listed[steps["app"].id].plan_job_id
     assert request.owners == ["alice"] and request.workflow_plan_id == done.plan_id
+    # The reconciler does not ask again for an approval this process opened.
+    workflows = p.inner["workflow"].runtime.workflows
+    asked = []
+    original = workflows.remote.request_plan_approval
+    workflows.remote.request_plan_approval = lambda *a, **kw: asked.append(a) or original(*a, **kw)
+    try:
+        await workflows.reconcile(older_than_seconds=0)
+        await workflows.reconcile(older_than_seconds=0)
+    finally:
+        workflows.remote.request_plan_approval = original
+    assert asked == []
     assert not (await p.resource.ListResources(rp.ListResourcesRequest(workflow_id=w.id), metadata=p.md)).resources
     # Approvers are admins and the listed owners: another writer is not one.
     denied = await rpc_error(p.approval.ApproveRequest(ap.ApproveRequestRequest(id=request.id),

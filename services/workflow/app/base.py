@@ -44,6 +44,9 @@ class WorkflowsBase:
         self.hash_key = hash_key  # keys the digests of plan inputs (see inputs_hash)
         # IK_WORKFLOW_SCHEDULE=level: the level-by-level schedule, for the benchmark's comparison only.
         self.level_barrier = level_barrier
+        # Plan approval requests this process opened: the reconciler opens
+        # again only what it cannot know was opened (after a restart, once).
+        self.opened_approvals: set[str] = set()
 
     # --- events --------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ class PlanExecution(WorkflowsBase):
         else:
             listed = [s for s in steps if s.plan.get("status") in (PLANNED, DEFERRED)]
             request_id = w.plan_approval_request_id if w.plan_approval_status == PENDING else ""
-        if not request_id or not listed:
+        if not request_id or not listed or request_id in self.opened_approvals:
             return
         owners = {w.executor or w.creator}
         try:
@@ -86,6 +86,9 @@ class PlanExecution(WorkflowsBase):
                 plan_add=sum(s.plan.get("add", 0) for s in listed),
                 plan_change=sum(s.plan.get("change", 0) for s in listed),
                 plan_destroy=sum(s.plan.get("destroy", 0) for s in listed)))
+            if len(self.opened_approvals) >= 10_000:  # bounded: forgetting only costs one idempotent call
+                self.opened_approvals.clear()
+            self.opened_approvals.add(request_id)
         except RemoteError as exc:
             if exc.code == grpc.StatusCode.UNAVAILABLE:
                 log.warning("opening the plan approval of workflow %s: %s; the reconciler retries", w.id,
