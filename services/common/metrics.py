@@ -5,6 +5,7 @@ statuses, consumer names), never ids or user input."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -21,7 +22,8 @@ JOB_DURATION = Histogram("ik_job_duration_seconds", "Jobs from start to end, by 
 JOB_QUEUED = Histogram("ik_job_queue_seconds", "Jobs from submission to start (queue and dispatch)",
                        buckets=_FAST + (30, 60, 300))
 STEP_HOLDS = Counter("ik_executor_step_holds_total", "Workers kept for a workflow's next step after its step's job "
-                     "succeeded, by outcome (taken: the next step came; expired: it did not in time)", ["outcome"])
+                     "succeeded, by outcome (taken: the next step came; expired: it did not in time; late: a "
+                     "next step that had missed its hold was taken from the queue first)", ["outcome"])
 DEAD_LETTERS = Counter("ik_dead_letters_total", "Events a consumer gave up on (dead-lettered)", ["consumer"])
 OUTBOX_PUBLISHED = Counter("ik_outbox_published_total", "Events the outbox relay published", ["service"])
 WORKFLOWS = Histogram("ik_workflow_duration_seconds", "Executions from start to their end, by outcome",
@@ -46,3 +48,11 @@ def serve(service: str, env: dict[str, str], host: str) -> int:
 
 def seconds_between(start, end) -> float:
     return max(0.0, (end - start).total_seconds()) if start is not None and end is not None else 0.0
+
+
+def after_commit(uow, record: Callable[[], None]) -> None:
+    """Records a metric of what a transaction did once it is committed: a
+    rolled-back transaction did nothing, and counts nothing."""
+    async def run() -> None:
+        record()
+    uow.after_commit(run)

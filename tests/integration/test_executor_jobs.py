@@ -501,3 +501,31 @@ async def test_a_workflow_step_keeps_its_worker_for_the_next_step(repo, tmp_path
         assert started_before == next_step_first
     finally:
         await svc.__aexit__(None, None, None)
+
+
+async def test_a_next_step_that_missed_its_hold_runs_before_older_queued_jobs(repo, tmp_path, event_prefix,
+                                                                              nats_url):
+    """A workflow's next job that came too late for its worker's hold waits on
+    the queue behind another workflow's older job: the next worker that frees
+    runs it first, instead of leaving it behind every holding workflow."""
+    svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
+                               IK_EXECUTOR_WORKERS="1")
+    try:
+        def step(state_path, workflow_id, step_id, seconds=0):
+            return submit_request(repo, "slow", state_path, variables={"seconds": seconds},
+                                  correlation=pb.JobCorrelation(workflow_id=workflow_id, step_id=step_id))
+        done = await svc.stub.SubmitJob(step("m/a0", "w-a", "a0"), metadata=svc.md)  # the workflow's first step
+        assert (await wait_job(svc.stub, done.id, svc.md, timeout=60)).status == SUCCEEDED
+        running = await svc.stub.SubmitJob(step("m/c1", "w-c", "c1", seconds=3), metadata=svc.md)
+        running = await wait_job(svc.stub, running.id, svc.md, timeout=60, statuses={pb.JOB_STATUS_RUNNING})
+        assert running.status == pb.JOB_STATUS_RUNNING  # the only worker is busy from here on
+        older = await svc.stub.SubmitJob(step("m/b1", "w-b", "b1"), metadata=svc.md)
+        late = await svc.stub.SubmitJob(step("m/a1", "w-a", "a1"), metadata=svc.md)  # w-a's next step, queued last
+        assert older.status == late.status == pb.JOB_STATUS_QUEUED
+        late = await wait_job(svc.stub, late.id, svc.md, timeout=60)
+        older = await wait_job(svc.stub, older.id, svc.md, timeout=60)
+        assert late.status == older.status == SUCCEEDED
+        assert late.start_time.ToDatetime() < older.start_time.ToDatetime()
+        assert late.attempt == older.attempt == 1  # each ran once, its queue message notwithstanding
+    finally:
+        await svc.__aexit__(None, None, None)

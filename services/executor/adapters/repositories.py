@@ -158,6 +158,17 @@ class JobRepository:
             jobs.c.status == "queued", jobs.c.queue_reason == "").order_by(jobs.c.create_time).limit(1))).first()
         return _aware(row.create_time) if row else None
 
+    async def oldest_waiting_next_step(self) -> str | None:
+        """The longest-waiting queued job (no cap holding it back) of a
+        workflow that already has a succeeded job: a next step that missed
+        the hold of its workflow's worker."""
+        done = jobs.alias("done")
+        row = (await self.s.execute(sa.select(jobs.c.id).where(
+            jobs.c.status == "queued", jobs.c.queue_reason == "", jobs.c.workflow_id != "",
+            sa.exists().where(done.c.workflow_id == jobs.c.workflow_id, done.c.status == "succeeded"))
+            .order_by(jobs.c.create_time).limit(1))).first()
+        return row.id if row else None
+
     async def lease_expired_before(self, moment: dt.datetime) -> list[tuple[str, int]]:
         """(id, attempt) of running jobs whose runner's lease ended before `moment`."""
         rows = await self.s.execute(sa.select(jobs.c.id, jobs.c.attempt).where(

@@ -301,12 +301,21 @@ class JobWorkers:
         """Waits up to `step_hold` for the held-for workflow's next job
         (reserve() lends this worker's turn to it), when jobs wait on the queue
         and none has waited too long. With nothing queued the worker is
-        simply idle, which any submission may take."""
+        simply idle, which any submission may take. A workflow's next job
+        that missed its own hold (it came late) and waits on the queue is run
+        first, taken by id rather than in the queue's order: otherwise it
+        would wait behind every workflow whose workers keep holding."""
         taken = self._held[n][1]
         try:
             async with self.runtime.read_uow() as uow:
                 oldest = await uow.jobs.oldest_waiting()
+                stalled = await uow.jobs.oldest_waiting_next_step() if oldest is not None else None
             if oldest is None or (utcnow() - oldest).total_seconds() > self.config.step_hold_max_wait:
+                return
+            if stalled is not None and not taken.is_set():
+                del self._held[n]  # no await since the check: reserve() cannot have taken it meanwhile
+                if (ran := await self._take_waiting(stalled)) is not None:
+                    self._ended(n, *ran)
                 return
             async with asyncio.timeout(self.config.step_hold):
                 await taken.wait()
@@ -317,6 +326,33 @@ class JobWorkers:
         finally:
             if self._held.get(n, (None, None))[1] is taken:
                 del self._held[n]
+
+    async def _take_waiting(self, job_id: str) -> tuple[Job, str] | None:
+        """Claims a queued job by id, outside the queue's order, and runs it
+        as a job started directly (its work-queue message, fetched later,
+        finds it running or ended). None when it was not run: another worker
+        claimed it first, or an integration's cap holds it back."""
+        cfg = self.config
+        async with self.runtime.uow() as uow:
+            job = await uow.jobs.get(job_id)
+            if job is None or job.status != QUEUED:
+                return None
+            if reason := await cap_reason(uow, job):
+                if reason != job.queue_reason:
+                    await uow.jobs.set_queue_reason(job_id, reason)
+                    await uow.commit()
+                return None
+            if not await uow.jobs.claim(job_id, cfg.worker_id, utcnow(), lease_deadline(cfg.lease)):
+                return None
+            job = await uow.jobs.get(job_id)
+            await emit_job_event(uow, job)
+            await uow.commit()
+        metrics.STEP_HOLDS.labels("late").inc()
+        try:
+            return job, await self._execute(job, None, previous_worker="")
+        except Exception:  # noqa: BLE001 - its lease runs out and the reaper queues it again
+            log.exception("job %s failed to run", job.id)
+            return None
 
     async def _handle(self, msg) -> tuple[Job, str] | None:
         """Claims and runs the job of a work-queue message: (the job, how it
@@ -445,8 +481,9 @@ class JobWorkers:
         tracing.annotate(status=status)
         await uow.jobs.save(job)
         await emit_job_event(uow, job)
-        metrics.JOBS.labels(job.action, status).inc()
-        metrics.JOB_DURATION.labels(job.action).observe(metrics.seconds_between(job.start_time, job.end_time))
+        took = metrics.seconds_between(job.start_time, job.end_time)
+        metrics.after_commit(uow, lambda: (metrics.JOBS.labels(job.action, status).inc(),
+                                           metrics.JOB_DURATION.labels(job.action).observe(took)))
 
     async def _environment(self, uow, job: Job) -> tuple[dict[str, str], Redactor]:
         env: dict[str, str] = {}

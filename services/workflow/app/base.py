@@ -52,8 +52,9 @@ class WorkflowsBase:
 
     async def _workflow_event(self, uow, field: str, w: Workflow, actor: str) -> None:
         if field in ("workflow_completed", "workflow_failed"):
-            metrics.WORKFLOWS.labels("done" if field == "workflow_completed" else "error").observe(
-                metrics.seconds_between(w.start_time, w.completion_time))
+            outcome, took = "done" if field == "workflow_completed" else "error", metrics.seconds_between(
+                w.start_time, w.completion_time)
+            metrics.after_commit(uow, lambda: metrics.WORKFLOWS.labels(outcome).observe(took))
         await uow.emit(new_event(SOURCE, field, events_pb2.WorkflowChanged(
             workflow_id=w.id, blueprint_id=w.blueprint_id, status=_WF_STATUS[w.status],
             error_message=w.error_message, teardown_status=_TEARDOWN_STATUS[w.teardown_status],
@@ -63,8 +64,9 @@ class WorkflowsBase:
 
     async def _step_event(self, uow, field: str, st: Step, actor: str) -> None:
         if field in ("step_completed", "step_failed"):
-            metrics.STEPS.labels("done" if field == "step_completed" else "error").observe(
-                metrics.seconds_between(st.start_time, st.completion_time))
+            outcome, took = "done" if field == "step_completed" else "error", metrics.seconds_between(
+                st.start_time, st.completion_time)
+            metrics.after_commit(uow, lambda: metrics.STEPS.labels(outcome).observe(took))
         await uow.emit(new_event(SOURCE, field, events_pb2.StepChanged(
             workflow_id=st.workflow_id, step_id=st.id, template_id=st.template_id, resource_id=st.resource_id,
             status=_WF_STATUS[st.status], error_message=st.error_message, waiting_reason=st.waiting_reason,
