@@ -366,6 +366,12 @@ class JobWorkers:
                 return None
             now = utcnow()
             if job.status == RUNNING and job.lease_until is not None and job.lease_until > now:
+                if job.id in self._runs and job.worker == cfg.worker_id:
+                    # It runs in this very process (started directly, or taken by id
+                    # ahead of the queue): its lease and the reaper look after it, as
+                    # for any direct start, so this copy of its message is not needed.
+                    await msg.ack()
+                    return None
                 # Its worker is alive (a late heartbeat made NATS redeliver): not ours.
                 await msg.nak(delay=(job.lease_until - now).total_seconds() + 0.5)
                 return None
