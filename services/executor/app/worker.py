@@ -51,6 +51,7 @@ from services.executor.domain.model import (CANCELLED, FAILED, QUEUED, RUNNING, 
 log = logging.getLogger(__name__)
 
 DURABLE = "executor-workers"
+CAPPED, TAKEN = "capped", "taken"  # why a worker did not claim a job
 MAX_LINE = 16 * 1024
 
 
@@ -332,21 +333,13 @@ class JobWorkers:
         as a job started directly (its work-queue message, fetched later,
         finds it running or ended). None when it was not run: another worker
         claimed it first, or an integration's cap holds it back."""
-        cfg = self.config
         async with self.runtime.uow() as uow:
             job = await uow.jobs.get(job_id)
             if job is None or job.status != QUEUED:
                 return None
-            if reason := await cap_reason(uow, job):
-                if reason != job.queue_reason:
-                    await uow.jobs.set_queue_reason(job_id, reason)
-                    await uow.commit()
-                return None
-            if not await uow.jobs.claim(job_id, cfg.worker_id, utcnow(), lease_deadline(cfg.lease)):
-                return None
-            job = await uow.jobs.get(job_id)
-            await emit_job_event(uow, job)
-            await uow.commit()
+            job = await self._claim(uow, job, utcnow())
+        if not isinstance(job, Job):
+            return None
         metrics.STEP_HOLDS.labels("late").inc()
         try:
             return job, await self._execute(job, None, previous_worker="")
@@ -383,21 +376,28 @@ class JobWorkers:
                 await uow.commit()
                 await msg.ack()
                 return None
-            if job.status == QUEUED and (reason := await cap_reason(uow, job)):
-                # An integration it uses is at its cap: it stays queued, saying why, and comes back.
-                if reason != job.queue_reason:
-                    await uow.jobs.set_queue_reason(job_id, reason)
-                    await uow.commit()
-                await msg.nak(delay=cfg.cap_retry)
-                return None
-            if not await uow.jobs.claim(job_id, cfg.worker_id, now, lease_deadline(cfg.lease)):
-                await uow.rollback()
-                await msg.nak(delay=1)
-                return None
-            job = await uow.jobs.get(job_id)
-            await emit_job_event(uow, job)
-            await uow.commit()
-        return job, await self._execute(job, msg, previous_worker)
+            claimed = await self._claim(uow, job, now)
+        if not isinstance(claimed, Job):  # the message comes back: after the cap's retry, or in a second
+            await msg.nak(delay=cfg.cap_retry if claimed == CAPPED else 1)
+            return None
+        return claimed, await self._execute(claimed, msg, previous_worker)
+
+    async def _claim(self, uow, job: Job, now) -> Job | str:
+        """Makes this worker the job's runner and commits: the job as claimed,
+        or CAPPED (an integration it uses is at its cap: it stays queued,
+        saying why) or TAKEN (another worker claimed it first)."""
+        if job.status == QUEUED and (reason := await cap_reason(uow, job)):
+            if reason != job.queue_reason:
+                await uow.jobs.set_queue_reason(job.id, reason)
+                await uow.commit()
+            return CAPPED
+        if not await uow.jobs.claim(job.id, self.config.worker_id, now, lease_deadline(self.config.lease)):
+            await uow.rollback()
+            return TAKEN
+        job = await uow.jobs.get(job.id)
+        await emit_job_event(uow, job)
+        await uow.commit()
+        return job
 
     async def _execute(self, job: Job, msg, previous_worker: str) -> str:
         """Runs a job this worker has claimed; `msg` is its work-queue message
