@@ -1,0 +1,236 @@
+"""Job runs: what a worker does with a job it claimed, from its start to its
+recorded end. The environment (integrations' credentials, secrets) and the
+redactor of the job's sensitive values, terraform under supervision
+(deadline, cancel requests, the lease renewed with the work-queue message's
+heartbeat), the log written in small batches as it runs, and the end
+recorded only by the attempt that still holds the job. The worker pool
+(worker.py) decides which job a worker runs; this module runs it."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+
+from sqlalchemy.exc import IntegrityError
+
+from services.common import logs as service_logs
+from services.common import metrics, tracing
+from services.common.uow import utcnow
+from services.executor.adapters.terraform import RunSpec, TerraformRun, break_stale_lock
+from services.executor.app.jobs import DISPATCH_SUBJECT, emit_job_event, lease_deadline
+from services.executor.domain.model import (CANCELLED, FAILED, SUCCEEDED, TIMED_OUT, Job, Redactor, integration_env,
+                                            secret_env, sensitive_values)
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 16 * 1024
+
+
+class LogWriter:
+    """Buffers a job's lines and writes them in small batches (every 0.2 s),
+    numbered in order, so followers see them while the job runs.
+
+    One task does every write, the last one included: a write cancelled half
+    way could not tell whether its lines were stored, and a second writer
+    would race it for the same line numbers."""
+
+    def __init__(self, uow_factory, job_id: str, next_number: int, started: dt.datetime | None = None):
+        self.uow_factory = uow_factory
+        self.job_id = job_id
+        self.next_number = next_number
+        # The job's start_time goes with the first lines: stamped when the worker
+        # began, stored off the way to terraform's first command.
+        self.started = started
+        self._buffer: list = []
+        self._closing = asyncio.Event()
+        self._task = asyncio.create_task(self._loop())
+
+    def add(self, stream: str, text: str) -> None:
+        self._buffer.append((utcnow(), stream, text[:MAX_LINE]))
+
+    async def _loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                async with asyncio.timeout(0.2):
+                    await self._closing.wait()
+            except TimeoutError:
+                pass
+            try:
+                await self.flush()
+            except Exception as exc:  # noqa: BLE001 - kept in the buffer, written next time
+                log.warning("job %s: writing log lines failed: %s", self.job_id, exc)
+
+    async def flush(self) -> None:
+        if not self._buffer:
+            return
+        lines, self._buffer = self._buffer, []
+        try:
+            async with self.uow_factory() as uow:
+                await uow.logs.append(self.job_id, self.next_number, lines)
+                if self.started is not None:
+                    await uow.jobs.mark_started(self.job_id, self.started)
+                await uow.commit()
+            self.started = None
+        except BaseException:
+            self._buffer = lines + self._buffer
+            raise
+        self.next_number += len(lines)
+
+    async def close(self) -> None:
+        """Writes what is left; raises if the last write failed."""
+        self._closing.set()
+        await self._task
+        await self.flush()
+
+
+class JobRuns:
+    """Runs claimed jobs; the worker pool (JobWorkers) is one. Needs `runtime`,
+    `config` (ExecutorConfig), `terraform` (TerraformConfig) and `_runs`
+    (job id -> its TerraformRun, for interrupts)."""
+
+    async def _execute(self, job: Job, msg, previous_worker: str) -> str:
+        """Runs a job this worker has claimed; `msg` is its work-queue message
+        (None for a job started directly), heartbeated and acked here. Returns
+        the status this run ended the job with ("" when it did not end it)."""
+        c = job.correlation
+        with tracing.span(f"job {job.action}", job_id=job.id, attempt=job.attempt, worker=self.config.worker_id,
+                          workflow_id=c.workflow_id, step_id=c.step_id, resource_id=c.resource_id), \
+                service_logs.bound(job_id=job.id, workflow_id=c.workflow_id, step_id=c.step_id,
+                                   resource_id=c.resource_id):
+            return await self._run_job(job, msg, previous_worker)
+
+    async def _run_job(self, job: Job, msg, previous_worker: str) -> str:
+        cfg = self.config
+        started = utcnow()
+        async with self.runtime.uow() as uow:
+            storage = await uow.storages.get(job.storage_id) if job.storage_id else None
+            env, redact = await self._environment(uow, job)
+            plan_file = await uow.jobs.plan_file(job.plan_job_id) if job.plan_job_id else None
+            plan_job = await uow.jobs.get(job.plan_job_id) if job.plan_job_id else None
+            summary = plan_job.plan_summary if plan_job is not None else None
+            next_number = await uow.logs.last_number(job.id) + 1
+
+        logs = LogWriter(self.runtime.uow, job.id, next_number, started)
+        if previous_worker:
+            logs.add("executor", f"attempt {job.attempt}: worker {previous_worker} stopped without finishing "
+                                 f"(its lease expired); running the job again")
+            if break_stale_lock(self.terraform, storage, job.state_path):
+                logs.add("executor", "removed the stale state lock the stopped run left behind")
+        logs.add("executor", f"{job.action} job {job.id}, attempt {job.attempt}, on worker {cfg.worker_id}")
+        if job.attempt == 1:
+            metrics.JOB_QUEUED.observe(metrics.seconds_between(job.create_time, utcnow()))
+        spec = RunSpec(job_id=job.id, action=job.action, repository_url=job.source.repository_url,
+                       ref=job.commit or job.source.ref, path=job.source.path, variables=job.variables, env=env,
+                       storage=storage, state_path=job.state_path, plan_file=plan_file,
+                       plan_state=(summary.state_serial, summary.state_lineage) if summary else (0, ""))
+        run = TerraformRun(self.terraform, spec, redact, logs.add)
+        self._runs[job.id] = run
+        try:
+            result = await self._supervise(msg, job, run)
+        finally:
+            self._runs.pop(job.id, None)
+            try:
+                await logs.close()
+            except IntegrityError:  # a later attempt writes this job's log now: this run lost it
+                log.warning("job %s: attempt %d lost the job to a later attempt; its last log lines are dropped",
+                            job.id, job.attempt)
+
+        if result.interrupted == "shutdown":
+            async with self.runtime.uow() as uow:
+                await uow.jobs.release(job.id, cfg.worker_id)
+                if msg is None:  # started directly: a message for the next worker
+                    await uow.enqueue(DISPATCH_SUBJECT, job.id.encode(), f"dispatch-{job.id}-released-{job.attempt}")
+                await uow.commit()
+            if msg is not None:
+                await msg.nak(delay=0)
+            return ""
+        if result.interrupted == "lost":
+            return ""  # another worker holds the job now; it finishes it
+        status = {"cancelled": CANCELLED, "timed_out": TIMED_OUT}.get(
+            result.interrupted, SUCCEEDED if result.exit_code == 0 else FAILED)
+        error = result.error
+        if status == TIMED_OUT:
+            error = f"the job ran longer than its timeout of {job.timeout_seconds:g}s and was interrupted"
+        elif status == CANCELLED:
+            error = "cancelled while running; terraform was interrupted"
+        async with self.runtime.uow() as uow:
+            current = await uow.jobs.get(job.id)
+            if current is None or current.worker != cfg.worker_id or current.ended or current.attempt != job.attempt:
+                if msg is not None:
+                    await msg.ack()
+                return ""
+            current.commit = result.commit or current.commit
+            current.outputs = result.outputs
+            current.plan_summary = result.plan_summary
+            current.exit_code = result.exit_code
+            await self._end(uow, current, status, error if status != SUCCEEDED else "")
+            if result.plan_file is not None and status == SUCCEEDED:
+                await uow.jobs.set_plan_file(job.id, result.plan_file)
+            await uow.commit()
+        if msg is not None:
+            await msg.ack()
+        return status
+
+    async def _end(self, uow, job: Job, status: str, error: str) -> None:
+        job.status, job.error_message, job.end_time, job.lease_until = status, error, utcnow(), None
+        tracing.annotate(status=status)
+        await uow.jobs.save(job)
+        await emit_job_event(uow, job)
+        took = metrics.seconds_between(job.start_time, job.end_time)
+        metrics.after_commit(uow, lambda: (metrics.JOBS.labels(job.action, status).inc(),
+                                           metrics.JOB_DURATION.labels(job.action).observe(took)))
+
+    async def _environment(self, uow, job: Job) -> tuple[dict[str, str], Redactor]:
+        env: dict[str, str] = {}
+        redact = Redactor()
+        for id_ in job.integration_ids:
+            integration = await uow.integrations.get(id_)
+            if integration is not None:
+                env.update(integration_env(integration.provider, integration.credentials))
+                redact.add(integration.credentials.values())
+        for id_ in job.secret_ids:
+            secret = await uow.secrets.get(id_)
+            if secret is not None:
+                env.update(secret_env(secret.exposure, secret.values))
+                redact.add(secret.values.values())
+        for name in job.sensitive_variables:
+            redact.add(sensitive_values(job.variables.get(name)))
+        return env, redact
+
+    async def _supervise(self, msg, job: Job, run: TerraformRun):
+        """Runs terraform while watching the deadline, cancel requests and the lease."""
+        task = asyncio.create_task(run.run())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + job.timeout_seconds
+        next_heartbeat = loop.time() + self.config.lease / 3
+        next_cancel_check = loop.time() + 1.0
+        while not task.done():
+            await asyncio.wait([task], timeout=0.25)
+            if task.done() or run.interrupted:
+                continue
+            now = loop.time()
+            if now >= deadline:
+                run.interrupt("timed_out")
+            elif now >= next_cancel_check:
+                next_cancel_check = now + 1.0
+                async with self.runtime.uow() as uow:
+                    if await uow.jobs.cancel_requested(job.id):
+                        run.interrupt("cancelled")
+            if now >= next_heartbeat and not run.interrupted:
+                next_heartbeat = now + self.config.lease / 3
+                if msg is not None:
+                    await quietly(msg.in_progress())
+                async with self.runtime.uow() as uow:
+                    kept = await uow.jobs.renew_lease(job.id, self.config.worker_id,
+                                                      lease_deadline(self.config.lease), job.attempt)
+                    await uow.commit()
+                if not kept:
+                    run.interrupt("lost")
+        return task.result()
+
+
+async def quietly(awaitable) -> None:
+    try:
+        await awaitable
+    except Exception:  # noqa: BLE001 - best effort (connection may be gone)
+        pass
