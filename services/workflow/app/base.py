@@ -47,6 +47,8 @@ class WorkflowsBase:
         # Plan approval requests this process opened: the reconciler opens
         # again only what it cannot know was opened (after a restart, once).
         self.opened_approvals: set[str] = set()
+        # Step starts running beside the event consumer that completed their upstream step.
+        self.starting: set = set()
 
     # --- events --------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Execution: the ready queue that starts steps, and the step outcomes that advance it."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 from infrakitchen.resource.v1 import resource_pb2 as rp
@@ -89,8 +90,12 @@ class Execution(WorkflowsBase):
             if not ready and not any(s.status == IN_PROGRESS for s in steps):
                 await self._end_if_stopped(uow, w, actor)  # failed steps leave nothing that can run
                 return
+        starts = []
         for st in ready:
-            await self._start_ready(uow, w, st, upstream, actor)
+            if (start := await self._start_ready(uow, w, st, upstream, actor)) is not None:
+                starts.append(start)
+        if starts:
+            uow.after_commit(lambda: self._start_steps(starts, beside=completed is not None))
 
     async def _complete(self, uow, w: Workflow, actor: str) -> None:
         now = utcnow()
@@ -98,7 +103,28 @@ class Execution(WorkflowsBase):
         await uow.workflows.update(done, w.version)
         await self._workflow_event(uow, "workflow_completed", done, actor)
 
-    async def _start_ready(self, uow, w: Workflow, st: Step, upstream: dict[str, Step], actor: str) -> None:
+    async def _start_steps(self, starts, beside: bool) -> None:
+        """Creates and provisions the resources of the steps just marked in
+        progress, one after the other. `beside`: after a step completed (an
+        executor event) this runs beside the event's consumer, which goes on
+        with the next event at once; awaited there, every other workflow's
+        completion event arriving meanwhile would wait behind this step's
+        CreateResource and SubmitJob (the tail of dispatch under load). A
+        crash in between loses nothing: the reconciler starts again,
+        idempotently, a step in progress that has no resource."""
+        async def run() -> None:
+            for start in starts:
+                await start()
+        if not beside:
+            await run()
+            return
+        task = asyncio.get_running_loop().create_task(run(), name="workflow-start-steps")
+        self.starting.add(task)  # kept until done: the loop holds tasks weakly
+        task.add_done_callback(self.starting.discard)
+
+    async def _start_ready(self, uow, w: Workflow, st: Step, upstream: dict[str, Step], actor: str):
+        """Marks a ready step in progress; returns what starts it once this
+        commits (None when someone else started it)."""
         now = utcnow()
         resolved = resolve_variables(st, w.wiring, upstream)
         sensitive = self._sensitive(st, w, upstream)
@@ -106,12 +132,12 @@ class Execution(WorkflowsBase):
                           sensitive_variables=sensitive, attempts=1, attempt_job_ids=[], retry_time=None,
                           waiting_reason="", version=st.version + 1)
         if not await uow.steps.update(running, st.version):
-            return  # someone else started it
+            return None  # someone else started it
         await self._step_event(uow, "step_started", running, actor)
         # Resources are created on behalf of whoever executed the workflow
         # (they own them), whatever event triggered this step.
-        uow.after_commit(lambda step=running, user=w.executor or w.creator, done=list(upstream.values()):
-                         self.start_step(step.id, user, loaded=(step, w, done)))
+        return lambda step=running, user=w.executor or w.creator, done=list(upstream.values()): \
+            self.start_step(step.id, user, loaded=(step, w, done))
 
     async def start_step(self, step_id: str, actor: str,
                          loaded: tuple[Step, Workflow, list[Step]] | None = None) -> None:
