@@ -409,3 +409,39 @@ async def test_watches_and_log_streams_follow_commits_not_the_poll(p, monkeypatc
         await watcher
     assert chunks[-1].final_status == ep.JOB_STATUS_SUCCEEDED and any(c.lines for c in chunks)
     assert states[0] == (rp.RESOURCE_STATE_PROVISION, rp.RESOURCE_STATUS_READY) and len(states) >= 3
+
+
+async def test_one_workflows_slow_step_start_does_not_hold_up_the_others(p):
+    """A step's dependents are started beside the consumer of executor
+    completion events: while one workflow's next step is stuck on its way to
+    the resource service, other workflows' completion events still move
+    their steps."""
+    blueprint = await p.blueprint_of("pair", {"network": {"cidr": "10.0.0.0/16"}, "app": {}},
+                                     [("network", "vpc_id", "app", "vpc_id")])
+    stuck, other = [await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                                    metadata=p.md) for _ in range(2)]
+    stuck_app = by_template(p, stuck)["app"].id
+    workflows = p.inner["workflow"].runtime.workflows
+    original = workflows.remote.create_resource
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def create_resource(user, request):
+        if request.step_id == stuck_app:  # the resource service "hangs" for this one step
+            reached.set()
+            await release.wait()
+        return await original(user, request)
+    workflows.remote.create_resource = create_resource
+    try:
+        await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=stuck.id), metadata=p.md)
+        async with asyncio.timeout(60):
+            await reached.wait()
+        done = await run(p, other, timeout=60)
+        assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
+        waiting = await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=stuck.id), metadata=p.md)
+        assert by_template(p, waiting)["app"].status == wp.STEP_STATUS_IN_PROGRESS
+        assert not by_template(p, waiting)["app"].resource_id
+    finally:
+        release.set()
+        workflows.remote.create_resource = original
+    ended = await wait_workflow(p, stuck.id, (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR))
+    assert ended.status == wp.WORKFLOW_STATUS_DONE, ended.error_message
