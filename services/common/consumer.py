@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 Handler = Callable[[UnitOfWork, Envelope], Awaitable[None]]
 
 
+class NotYet(Exception):
+    """A handler's answer to an event that came before what it refers to was
+    stored here, a race the sender cannot avoid (a job's event before the
+    resource service recorded the job it submitted): retried like any
+    failure, but logged as information, not as a warning, until its last
+    delivery (then dead-lettered with an error, as any other)."""
+
+
 @dataclass
 class ConsumerSpec:
     durable: str
@@ -130,8 +138,9 @@ class EventConsumer:
             else:
                 delays = self.spec.retry_delays
                 delay = delays[min(delivered - 1, len(delays) - 1)]
-                log.warning("consumer %s: event %s (%s) failed (attempt %d), retry in %.1fs: %s",
-                            self.spec.durable, envelope.event_id, envelope.type, delivered, delay, exc)
+                log.log(logging.INFO if isinstance(exc, NotYet) else logging.WARNING,
+                        "consumer %s: event %s (%s) failed (attempt %d), retry in %.1fs: %s",
+                        self.spec.durable, envelope.event_id, envelope.type, delivered, delay, exc)
                 await msg.nak(delay=delay)
             return
         finally:

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from infrakitchen.events.v1 import events_pb2
 from services.common.bus import EventBus
 from services.common.changes import ChangeFeed
-from services.common.consumer import ConsumerSpec, EventConsumer
+from services.common.consumer import ConsumerSpec, EventConsumer, NotYet
 from services.common.db import Database, create_sync_engine
 from services.common.events import new_event
 from services.common.migrations import upgrade
@@ -227,6 +227,33 @@ async def test_failed_handler_is_retried_and_its_changes_rolled_back(plumbing):
         await stop(task)
     assert attempts == [env.event_id] * 3
     assert await p.applications() == {env.event_id: 1}, "failed attempts must not leave changes"
+
+
+async def test_an_event_ahead_of_what_it_refers_to_is_retried_without_a_warning(plumbing, caplog):
+    """A race the sender cannot avoid (a job's event before the resource
+    service stored the job id) is retried like a failure, and said in an
+    information line, not a warning an operator would chase."""
+    p = plumbing
+    attempts: list[str] = []
+
+    async def early(uow, env):
+        await record(uow, env)
+        attempts.append(env.event_id)
+        if len(attempts) < 2:
+            raise NotYet("the job is not recorded yet")
+
+    [env] = await p.emit_jobs(1)
+    await OutboxRelay(p.db, outbox_table, p.bus).relay_once()
+    caplog.set_level("INFO", logger="services.common.consumer")
+    task = await run_consumer(p, ConsumerSpec("early", "executor", "ik.executor.job.*", early, retry_delays=[0.1]))
+    try:
+        await eventually(lambda: p.consumer_settled("early", 1))
+    finally:
+        await stop(task)
+    assert attempts == [env.event_id] * 2
+    assert await p.applications() == {env.event_id: 1}
+    said = [r for r in caplog.records if r.name == "services.common.consumer"]
+    assert [r.levelname for r in said] == ["INFO"] and "not recorded yet" in said[0].getMessage()
 
 
 async def test_poison_event_is_dead_lettered_after_max_deliver(plumbing):

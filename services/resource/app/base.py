@@ -19,6 +19,7 @@ from dataclasses import replace
 from infrakitchen.approval.v1 import approval_pb2
 from infrakitchen.events.v1 import events_pb2
 from infrakitchen.executor.v1 import executor_pb2
+from services.common.consumer import NotYet
 from services.common.errors import Aborted, FailedPrecondition, NotFound, PreconditionViolation
 from services.common.events import Correlation, new_event
 from services.common.paging import by_creation, newest_first, paginate
@@ -41,8 +42,9 @@ _OPERATION_PB = {OP_PROVISION: approval_pb2.APPROVAL_OPERATION_PROVISION,
 _OPERATION = {v: k for k, v in _OPERATION_PB.items()}
 
 
-class JobNotRecordedYet(Exception):
-    """A job event arrived before the submitter stored the job id; retried."""
+class JobNotRecordedYet(NotYet):
+    """A job event arrived before the submitter stored the job id (the
+    executor publishes a direct start's events as SubmitJob commits); retried."""
 
 
 async def _nothing() -> None:
