@@ -529,3 +529,33 @@ async def test_a_next_step_that_missed_its_hold_runs_before_older_queued_jobs(re
         assert late.attempt == older.attempt == 1  # each ran once, its queue message notwithstanding
     finally:
         await svc.__aexit__(None, None, None)
+
+
+async def test_a_worker_keeps_holding_for_its_workflow_before_a_later_workflows_late_step(repo, tmp_path,
+                                                                                         event_prefix, nats_url):
+    """Workflows started first finish first, also when one came late: a
+    worker freed by a step of the workflow started first holds for that
+    workflow's next job rather than run a later workflow's queued next step,
+    which would make this workflow late in turn (and every step of every
+    workflow would then wait for a whole job of another)."""
+    svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
+                               IK_EXECUTOR_WORKERS="1", IK_EXECUTOR_STEP_HOLD="10")
+    try:
+        def step(state_path, workflow_id, step_id, seconds=0):
+            return submit_request(repo, "slow", state_path, variables={"seconds": seconds},
+                                  correlation=pb.JobCorrelation(workflow_id=workflow_id, step_id=step_id))
+        for first in (step("k/a0", "w-a", "a0"), step("k/c0", "w-c", "c0")):  # w-a started first, then w-c
+            done = await svc.stub.SubmitJob(first, metadata=svc.md)
+            assert (await wait_job(svc.stub, done.id, svc.md, timeout=60)).status == SUCCEEDED
+        running = await svc.stub.SubmitJob(step("k/a1", "w-a", "a1", seconds=2), metadata=svc.md)
+        assert running.status == pb.JOB_STATUS_RUNNING  # the only worker is busy from here on
+        later = await svc.stub.SubmitJob(step("k/c1", "w-c", "c1"), metadata=svc.md)  # w-c's next step waits
+        assert later.status == pb.JOB_STATUS_QUEUED
+        assert (await wait_job(svc.stub, running.id, svc.md, timeout=60)).status == SUCCEEDED
+        following = await svc.stub.SubmitJob(step("k/a2", "w-a", "a2"), metadata=svc.md)
+        following = await wait_job(svc.stub, following.id, svc.md, timeout=60)
+        later = await wait_job(svc.stub, later.id, svc.md, timeout=60)
+        assert following.status == later.status == SUCCEEDED
+        assert following.start_time.ToDatetime() < later.start_time.ToDatetime()
+    finally:
+        await svc.__aexit__(None, None, None)

@@ -26,7 +26,8 @@ resource service), and without the hold it would wait for a whole job of
 another workflow to end. Workflows started first thus finish first. Fairness
 bound: no worker holds while a queued job has waited longer than
 IK_EXECUTOR_STEP_HOLD_MAX_WAIT, so a busy workflow cannot keep the workers
-from everyone else for long."""
+from everyone else for long. A next job that came too late for its hold is
+run by the next worker a later-started workflow's step frees (see _hold)."""
 from __future__ import annotations
 
 import asyncio
@@ -243,15 +244,22 @@ class JobWorkers(JobRuns):
         """Waits up to `step_hold` for the held-for workflow's next job
         (reserve() lends this worker's turn to it), when jobs wait on the queue
         and none has waited too long. With nothing queued the worker is
-        simply idle, which any submission may take. A workflow's next job
-        that missed its own hold (it came late) and waits on the queue is run
-        first, taken by id rather than in the queue's order: otherwise it
-        would wait behind every workflow whose workers keep holding."""
-        taken = self._held[n][1]
+        simply idle, which any submission may take.
+
+        A next job of a workflow started earlier that missed its own hold (it
+        came late: its worker had taken the oldest queued job, a later
+        workflow's) is run instead, taken by id rather than in the queue's
+        order: otherwise it would wait behind every workflow whose workers
+        keep holding. Only of a workflow started earlier: giving the worker to
+        a later one's late job would make this workflow's next job late in
+        turn, and so on, every step of every workflow then waiting for a whole
+        job of another (one slow dispatch would start that for good)."""
+        workflow_id, taken = self._held[n]
         try:
             async with self.runtime.read_uow() as uow:
                 oldest = await uow.jobs.oldest_waiting()
-                stalled = await uow.jobs.oldest_waiting_next_step() if oldest is not None else None
+                stalled = await uow.jobs.oldest_waiting_next_step(started_before=workflow_id) \
+                    if oldest is not None else None
             if oldest is None or (utcnow() - oldest).total_seconds() > self.config.step_hold_max_wait:
                 return
             if stalled is not None and not taken.is_set():
