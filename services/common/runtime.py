@@ -56,6 +56,8 @@ class ServiceDefinition:
     consumers: Callable[["Runtime"], list[ConsumerSpec]] = lambda runtime: []
     # Extra long-running tasks (e.g. executor workers, reconcilers).
     background: Callable[["Runtime"], list] = lambda runtime: []
+    # Runs once the background tasks (consumers included) ended, before the bus
+    # and the database close (e.g. work those tasks handed off finishes).
     on_stop: list[Callable] = field(default_factory=list)
     # Wires service-specific objects onto the runtime before anything starts
     # (e.g. the executor's vault, passed to its unit of work via uow_options).
@@ -251,7 +253,7 @@ class Runtime:
             for task in stuck:
                 log.error("task %s did not stop; abandoning it", task.get_name())
         for hook in self.definition.on_stop:
-            await hook()
+            await hook(self)
         await self.bus.close()
         await self.db.dispose()
         log.info("%s service stopped", self.definition.name)

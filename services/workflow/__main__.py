@@ -23,6 +23,10 @@ def setup(runtime) -> None:
                                   level_barrier=schedule == "level")
 
 
+async def _finish_step_starts(runtime) -> None:
+    await runtime.workflows.finish_starting(timeout=runtime.settings.shutdown_grace)
+
+
 DEFINITION = ServiceDefinition(
     name="workflow",
     migrations_dir=Path(__file__).parent / "migrations",
@@ -32,6 +36,7 @@ DEFINITION = ServiceDefinition(
     setup=setup,
     consumers=consumers,
     background=lambda runtime: [reconciler(runtime)],
+    on_stop=[_finish_step_starts],
 )
 
 if __name__ == "__main__":

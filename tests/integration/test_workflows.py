@@ -445,3 +445,34 @@ async def test_one_workflows_slow_step_start_does_not_hold_up_the_others(p):
         workflows.remote.create_resource = original
     ended = await wait_workflow(p, stuck.id, (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR))
     assert ended.status == wp.WORKFLOW_STATUS_DONE, ended.error_message
+
+
+async def test_a_stop_during_a_step_start_leaves_the_step_to_the_reconciler_not_failed(p):
+    """A graceful stop while a step's start (beside the event consumer) is
+    still on its way to the resource service: the start gets the shutdown
+    grace, then is cancelled; the step stays in progress, never failed for
+    a closing connection, and the restarted service's reconciler starts it."""
+    blueprint = await p.blueprint_of("pair", {"network": {"cidr": "10.0.0.0/16"}, "app": {}},
+                                     [("network", "vpc_id", "app", "vpc_id")])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(blueprint_id=blueprint.id, **shared(p)),
+                                        metadata=p.md)
+    app = by_template(p, w)["app"].id
+    workflows = p.inner["workflow"].runtime.workflows
+    original = workflows.remote.create_resource
+    reached = asyncio.Event()
+
+    async def create_resource(user, request):
+        if request.step_id == app:  # the resource service never answers this one
+            reached.set()
+            await asyncio.Event().wait()
+        return await original(user, request)
+    workflows.remote.create_resource = create_resource
+    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
+    async with asyncio.timeout(60):
+        await reached.wait()
+    await p.restart("workflow")
+    assert not workflows.starting, "the start was cancelled at the stop"
+    waiting = await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=p.md)
+    assert by_template(p, waiting)["app"].status == wp.STEP_STATUS_IN_PROGRESS
+    ended = await wait_workflow(p, w.id, (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR), timeout=90)
+    assert ended.status == wp.WORKFLOW_STATUS_DONE, ended.error_message

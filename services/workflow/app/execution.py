@@ -109,9 +109,10 @@ class Execution(WorkflowsBase):
         executor event) this runs beside the event's consumer, which goes on
         with the next event at once; awaited there, every other workflow's
         completion event arriving meanwhile would wait behind this step's
-        CreateResource and SubmitJob (the tail of dispatch under load). A
-        crash in between loses nothing: the reconciler starts again,
-        idempotently, a step in progress that has no resource."""
+        CreateResource and SubmitJob, and a hanging call would stop them all
+        for up to its deadline. A crash in between loses nothing: the
+        reconciler starts again, idempotently, a step in progress that has no
+        resource; a graceful stop lets them finish (finish_starting)."""
         async def run() -> None:
             for start in starts:
                 await start()
@@ -121,6 +122,19 @@ class Execution(WorkflowsBase):
         task = asyncio.get_running_loop().create_task(run(), name="workflow-start-steps")
         self.starting.add(task)  # kept until done: the loop holds tasks weakly
         task.add_done_callback(self.starting.discard)
+
+    async def finish_starting(self, timeout: float) -> None:
+        """At a graceful stop, before the database closes: the step starts
+        under way beside the consumer finish; past `timeout` they are
+        cancelled (their steps stay in progress, and the reconciler starts
+        them again), never failed for a closing connection."""
+        if not self.starting:
+            return
+        _, late = await asyncio.wait(set(self.starting), timeout=timeout)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=1)
 
     async def _start_ready(self, uow, w: Workflow, st: Step, upstream: dict[str, Step], actor: str):
         """Marks a ready step in progress; returns what starts it once this
