@@ -559,3 +559,27 @@ async def test_a_worker_keeps_holding_for_its_workflow_before_a_later_workflows_
         assert following.start_time.ToDatetime() < later.start_time.ToDatetime()
     finally:
         await svc.__aexit__(None, None, None)
+
+
+async def test_a_worker_freed_by_a_step_runs_its_own_workflows_queued_job_without_holding(repo, tmp_path,
+                                                                                         event_prefix, nats_url):
+    """A workflow whose jobs wait on the queue already (a plan's parallel plan
+    jobs, a DAG's branches): the worker its step frees takes the next of
+    them at once instead of holding for a submission that will not come."""
+    svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
+                               IK_EXECUTOR_WORKERS="1", IK_EXECUTOR_STEP_HOLD="10")
+    try:
+        def step(state_path, step_id, seconds=0):
+            return submit_request(repo, "slow", state_path, variables={"seconds": seconds},
+                                  correlation=pb.JobCorrelation(workflow_id="w-p", step_id=step_id))
+        running = await svc.stub.SubmitJob(step("p/a", "a", seconds=1), metadata=svc.md)
+        assert running.status == pb.JOB_STATUS_RUNNING
+        sibling = await svc.stub.SubmitJob(step("p/b", "b"), metadata=svc.md)
+        assert sibling.status == pb.JOB_STATUS_QUEUED
+        running = await wait_job(svc.stub, running.id, svc.md, timeout=60)
+        sibling = await wait_job(svc.stub, sibling.id, svc.md, timeout=60)
+        assert running.status == sibling.status == SUCCEEDED
+        waited = (sibling.start_time.ToDatetime() - running.end_time.ToDatetime()).total_seconds()
+        assert waited < 5, f"the sibling waited {waited:.1f} s: the worker held for nothing"
+    finally:
+        await svc.__aexit__(None, None, None)

@@ -161,8 +161,9 @@ class JobRepository:
     async def oldest_waiting_next_step(self, started_before: str) -> str | None:
         """The longest-waiting queued job (no cap holding it back) of a
         workflow that already has a succeeded job (a next step that missed
-        the hold of its workflow's worker) and whose first job came before
-        the first job of workflow `started_before`."""
+        the hold of its workflow's worker, or one of several waiting at once,
+        e.g. a plan's parallel plan jobs) of workflow `started_before` itself
+        or of one whose first job came before that workflow's first job."""
         done, theirs, mine = jobs.alias("done"), jobs.alias("theirs"), jobs.alias("mine")
         their_start = sa.select(sa.func.min(theirs.c.create_time)).where(
             theirs.c.workflow_id == jobs.c.workflow_id).scalar_subquery()
@@ -171,7 +172,7 @@ class JobRepository:
         row = (await self.s.execute(sa.select(jobs.c.id).where(
             jobs.c.status == "queued", jobs.c.queue_reason == "", jobs.c.workflow_id != "",
             sa.exists().where(done.c.workflow_id == jobs.c.workflow_id, done.c.status == "succeeded"),
-            their_start < my_start)
+            their_start <= my_start)
             .order_by(jobs.c.create_time).limit(1))).first()
         return row.id if row else None
 

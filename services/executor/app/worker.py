@@ -246,14 +246,16 @@ class JobWorkers(JobRuns):
         and none has waited too long. With nothing queued the worker is
         simply idle, which any submission may take.
 
-        A next job of a workflow started earlier that missed its own hold (it
-        came late: its worker had taken the oldest queued job, a later
-        workflow's) is run instead, taken by id rather than in the queue's
-        order: otherwise it would wait behind every workflow whose workers
-        keep holding. Only of a workflow started earlier: giving the worker to
-        a later one's late job would make this workflow's next job late in
-        turn, and so on, every step of every workflow then waiting for a whole
-        job of another (one slow dispatch would start that for good)."""
+        Instead of holding, it runs at once, taken by id rather than in the
+        queue's order, a queued job of this workflow (one of several
+        submitted at once: a plan's plan jobs, a DAG's branches), or a next
+        job of a workflow started earlier that missed its own hold (it came
+        late: its worker had taken the oldest queued job, a later
+        workflow's), which would otherwise wait behind every workflow whose
+        workers keep holding. Not a later workflow's: giving it the worker
+        would make this workflow's next job late in turn, and so on, every
+        step of every workflow then waiting for a whole job of another (one
+        slow dispatch would start that for good)."""
         workflow_id, taken = self._held[n]
         try:
             async with self.runtime.read_uow() as uow:
