@@ -4,6 +4,7 @@ timeout, live logs, saved plans and secrets that never leak."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -473,6 +474,23 @@ async def test_a_run_that_lost_its_job_to_a_later_attempt_stops_renewing_it(exec
 
 # --- step hold: a workflow's next step keeps the worker its previous step freed ----------
 
+@contextlib.asynccontextmanager
+async def one_worker(tmp_path, event_prefix, nats_url, **env):
+    """An executor with a single worker, so the tests decide which job it runs next."""
+    svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
+                               IK_EXECUTOR_WORKERS="1", **env)
+    try:
+        yield svc
+    finally:
+        await svc.__aexit__(None, None, None)
+
+
+def step_job(repo, state_path: str, workflow_id: str, step_id: str, seconds: int = 0) -> pb.SubmitJobRequest:
+    """A workflow step's job that sleeps `seconds`."""
+    return submit_request(repo, "slow", state_path, variables={"seconds": seconds},
+                          correlation=pb.JobCorrelation(workflow_id=workflow_id, step_id=step_id))
+
+
 @pytest.mark.parametrize("max_wait, next_step_first", [("120", True), ("0", False)],
                          ids=["held-for-the-workflow", "fairness-bound-reached"])
 async def test_a_workflow_step_keeps_its_worker_for_the_next_step(repo, tmp_path, event_prefix, nats_url,
@@ -481,26 +499,19 @@ async def test_a_workflow_step_keeps_its_worker_for_the_next_step(repo, tmp_path
     the step ends, its workflow's next job (submitted a moment later, as the
     workflow service does) runs before the queued one, unless a queued job
     has waited longer than IK_EXECUTOR_STEP_HOLD_MAX_WAIT."""
-    svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
-                               IK_EXECUTOR_WORKERS="1", IK_EXECUTOR_STEP_HOLD="10",
-                               IK_EXECUTOR_STEP_HOLD_MAX_WAIT=max_wait)
-    try:
-        def step(state_path, workflow_id, step_id):
-            return submit_request(repo, "ok", state_path, variables={"name": step_id},
-                                  correlation=pb.JobCorrelation(workflow_id=workflow_id, step_id=step_id))
-        first = await svc.stub.SubmitJob(step("h/a1", "w-a", "a1"), metadata=svc.md)
+    async with one_worker(tmp_path, event_prefix, nats_url, IK_EXECUTOR_STEP_HOLD="10",
+                          IK_EXECUTOR_STEP_HOLD_MAX_WAIT=max_wait) as svc:
+        first = await svc.stub.SubmitJob(step_job(repo, "h/a1", "w-a", "a1"), metadata=svc.md)
         assert first.status == pb.JOB_STATUS_RUNNING  # started directly on the only worker
-        other = await svc.stub.SubmitJob(step("h/b1", "w-b", "b1"), metadata=svc.md)
+        other = await svc.stub.SubmitJob(step_job(repo, "h/b1", "w-b", "b1"), metadata=svc.md)
         assert other.status == pb.JOB_STATUS_QUEUED
         assert (await wait_job(svc.stub, first.id, svc.md, timeout=60)).status == SUCCEEDED
-        following = await svc.stub.SubmitJob(step("h/a2", "w-a", "a2"), metadata=svc.md)
+        following = await svc.stub.SubmitJob(step_job(repo, "h/a2", "w-a", "a2"), metadata=svc.md)
         following = await wait_job(svc.stub, following.id, svc.md, timeout=60)
         other = await wait_job(svc.stub, other.id, svc.md, timeout=60)
         assert following.status == other.status == SUCCEEDED
         started_before = following.start_time.ToDatetime() < other.start_time.ToDatetime()
         assert started_before == next_step_first
-    finally:
-        await svc.__aexit__(None, None, None)
 
 
 async def test_a_next_step_that_missed_its_hold_runs_before_older_queued_jobs(repo, tmp_path, event_prefix,
@@ -508,27 +519,22 @@ async def test_a_next_step_that_missed_its_hold_runs_before_older_queued_jobs(re
     """A workflow's next job that came too late for its worker's hold waits on
     the queue behind another workflow's older job: the next worker that frees
     runs it first, instead of leaving it behind every holding workflow."""
-    svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
-                               IK_EXECUTOR_WORKERS="1")
-    try:
-        def step(state_path, workflow_id, step_id, seconds=0):
-            return submit_request(repo, "slow", state_path, variables={"seconds": seconds},
-                                  correlation=pb.JobCorrelation(workflow_id=workflow_id, step_id=step_id))
-        done = await svc.stub.SubmitJob(step("m/a0", "w-a", "a0"), metadata=svc.md)  # the workflow's first step
+    async with one_worker(tmp_path, event_prefix, nats_url) as svc:
+        # The workflow's first step.
+        done = await svc.stub.SubmitJob(step_job(repo, "m/a0", "w-a", "a0"), metadata=svc.md)
         assert (await wait_job(svc.stub, done.id, svc.md, timeout=60)).status == SUCCEEDED
-        running = await svc.stub.SubmitJob(step("m/c1", "w-c", "c1", seconds=3), metadata=svc.md)
+        running = await svc.stub.SubmitJob(step_job(repo, "m/c1", "w-c", "c1", seconds=3), metadata=svc.md)
         running = await wait_job(svc.stub, running.id, svc.md, timeout=60, statuses={pb.JOB_STATUS_RUNNING})
         assert running.status == pb.JOB_STATUS_RUNNING  # the only worker is busy from here on
-        older = await svc.stub.SubmitJob(step("m/b1", "w-b", "b1"), metadata=svc.md)
-        late = await svc.stub.SubmitJob(step("m/a1", "w-a", "a1"), metadata=svc.md)  # w-a's next step, queued last
+        older = await svc.stub.SubmitJob(step_job(repo, "m/b1", "w-b", "b1"), metadata=svc.md)
+        # w-a's next step, queued last.
+        late = await svc.stub.SubmitJob(step_job(repo, "m/a1", "w-a", "a1"), metadata=svc.md)
         assert older.status == late.status == pb.JOB_STATUS_QUEUED
         late = await wait_job(svc.stub, late.id, svc.md, timeout=60)
         older = await wait_job(svc.stub, older.id, svc.md, timeout=60)
         assert late.status == older.status == SUCCEEDED
         assert late.start_time.ToDatetime() < older.start_time.ToDatetime()
         assert late.attempt == older.attempt == 1  # each ran once, its queue message notwithstanding
-    finally:
-        await svc.__aexit__(None, None, None)
 
 
 async def test_a_worker_keeps_holding_for_its_workflow_before_a_later_workflows_late_step(repo, tmp_path,
@@ -538,27 +544,22 @@ async def test_a_worker_keeps_holding_for_its_workflow_before_a_later_workflows_
     workflow's next job rather than run a later workflow's queued next step,
     which would make this workflow late in turn (and every step of every
     workflow would then wait for a whole job of another)."""
-    svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
-                               IK_EXECUTOR_WORKERS="1", IK_EXECUTOR_STEP_HOLD="10")
-    try:
-        def step(state_path, workflow_id, step_id, seconds=0):
-            return submit_request(repo, "slow", state_path, variables={"seconds": seconds},
-                                  correlation=pb.JobCorrelation(workflow_id=workflow_id, step_id=step_id))
-        for first in (step("k/a0", "w-a", "a0"), step("k/c0", "w-c", "c0")):  # w-a started first, then w-c
+    async with one_worker(tmp_path, event_prefix, nats_url, IK_EXECUTOR_STEP_HOLD="10") as svc:
+        # w-a started first, then w-c.
+        for first in (step_job(repo, "k/a0", "w-a", "a0"), step_job(repo, "k/c0", "w-c", "c0")):
             done = await svc.stub.SubmitJob(first, metadata=svc.md)
             assert (await wait_job(svc.stub, done.id, svc.md, timeout=60)).status == SUCCEEDED
-        running = await svc.stub.SubmitJob(step("k/a1", "w-a", "a1", seconds=2), metadata=svc.md)
+        running = await svc.stub.SubmitJob(step_job(repo, "k/a1", "w-a", "a1", seconds=2), metadata=svc.md)
         assert running.status == pb.JOB_STATUS_RUNNING  # the only worker is busy from here on
-        later = await svc.stub.SubmitJob(step("k/c1", "w-c", "c1"), metadata=svc.md)  # w-c's next step waits
+        # w-c's next step waits.
+        later = await svc.stub.SubmitJob(step_job(repo, "k/c1", "w-c", "c1"), metadata=svc.md)
         assert later.status == pb.JOB_STATUS_QUEUED
         assert (await wait_job(svc.stub, running.id, svc.md, timeout=60)).status == SUCCEEDED
-        following = await svc.stub.SubmitJob(step("k/a2", "w-a", "a2"), metadata=svc.md)
+        following = await svc.stub.SubmitJob(step_job(repo, "k/a2", "w-a", "a2"), metadata=svc.md)
         following = await wait_job(svc.stub, following.id, svc.md, timeout=60)
         later = await wait_job(svc.stub, later.id, svc.md, timeout=60)
         assert following.status == later.status == SUCCEEDED
         assert following.start_time.ToDatetime() < later.start_time.ToDatetime()
-    finally:
-        await svc.__aexit__(None, None, None)
 
 
 async def test_a_worker_freed_by_a_step_runs_its_own_workflows_queued_job_without_holding(repo, tmp_path,
@@ -566,20 +567,13 @@ async def test_a_worker_freed_by_a_step_runs_its_own_workflows_queued_job_withou
     """A workflow whose jobs wait on the queue already (a plan's parallel plan
     jobs, a DAG's branches): the worker its step frees takes the next of
     them at once instead of holding for a submission that will not come."""
-    svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
-                               IK_EXECUTOR_WORKERS="1", IK_EXECUTOR_STEP_HOLD="10")
-    try:
-        def step(state_path, step_id, seconds=0):
-            return submit_request(repo, "slow", state_path, variables={"seconds": seconds},
-                                  correlation=pb.JobCorrelation(workflow_id="w-p", step_id=step_id))
-        running = await svc.stub.SubmitJob(step("p/a", "a", seconds=1), metadata=svc.md)
+    async with one_worker(tmp_path, event_prefix, nats_url, IK_EXECUTOR_STEP_HOLD="10") as svc:
+        running = await svc.stub.SubmitJob(step_job(repo, "p/a", "w-p", "a", seconds=1), metadata=svc.md)
         assert running.status == pb.JOB_STATUS_RUNNING
-        sibling = await svc.stub.SubmitJob(step("p/b", "b"), metadata=svc.md)
+        sibling = await svc.stub.SubmitJob(step_job(repo, "p/b", "w-p", "b"), metadata=svc.md)
         assert sibling.status == pb.JOB_STATUS_QUEUED
         running = await wait_job(svc.stub, running.id, svc.md, timeout=60)
         sibling = await wait_job(svc.stub, sibling.id, svc.md, timeout=60)
         assert running.status == sibling.status == SUCCEEDED
         waited = (sibling.start_time.ToDatetime() - running.end_time.ToDatetime()).total_seconds()
         assert waited < 5, f"the sibling waited {waited:.1f} s: the worker held for nothing"
-    finally:
-        await svc.__aexit__(None, None, None)

@@ -207,24 +207,30 @@ async def test_committed_rows_are_published_from_memory_after_older_rows_of_the_
     assert table_reads == 1, "after the first read drained the table, commits are relayed without reading it"
 
 
-async def test_failed_handler_is_retried_and_its_changes_rolled_back(plumbing):
-    p = plumbing
+async def one_event_failing_first(p: Plumbing, durable: str, failures: list[Exception]):
+    """One job event through a consumer whose handler records it and raises
+    `failures` in turn first; returns the event and the event ids of every attempt."""
     attempts: list[str] = []
 
-    async def flaky(uow, env):
+    async def handler(uow, env):
         await record(uow, env)
         attempts.append(env.event_id)
-        if len(attempts) < 3:
-            raise RuntimeError("transient")
+        if len(attempts) <= len(failures):
+            raise failures[len(attempts) - 1]
 
     [env] = await p.emit_jobs(1)
     await OutboxRelay(p.db, outbox_table, p.bus).relay_once()
-    task = await run_consumer(p, ConsumerSpec("flaky", "executor", "ik.executor.job.*", flaky,
-                                              retry_delays=[0.1]))
+    task = await run_consumer(p, ConsumerSpec(durable, "executor", "ik.executor.job.*", handler, retry_delays=[0.1]))
     try:
-        await eventually(lambda: p.consumer_settled("flaky", 1))
+        await eventually(lambda: p.consumer_settled(durable, 1))
     finally:
         await stop(task)
+    return env, attempts
+
+
+async def test_failed_handler_is_retried_and_its_changes_rolled_back(plumbing):
+    p = plumbing
+    env, attempts = await one_event_failing_first(p, "flaky", [RuntimeError("transient")] * 2)
     assert attempts == [env.event_id] * 3
     assert await p.applications() == {env.event_id: 1}, "failed attempts must not leave changes"
 
@@ -234,22 +240,8 @@ async def test_an_event_ahead_of_what_it_refers_to_is_retried_without_a_warning(
     service stored the job id) is retried like a failure, and said in an
     information line, not a warning an operator would chase."""
     p = plumbing
-    attempts: list[str] = []
-
-    async def early(uow, env):
-        await record(uow, env)
-        attempts.append(env.event_id)
-        if len(attempts) < 2:
-            raise NotYet("the job is not recorded yet")
-
-    [env] = await p.emit_jobs(1)
-    await OutboxRelay(p.db, outbox_table, p.bus).relay_once()
     caplog.set_level("INFO", logger="services.common.consumer")
-    task = await run_consumer(p, ConsumerSpec("early", "executor", "ik.executor.job.*", early, retry_delays=[0.1]))
-    try:
-        await eventually(lambda: p.consumer_settled("early", 1))
-    finally:
-        await stop(task)
+    env, attempts = await one_event_failing_first(p, "early", [NotYet("the job is not recorded yet")])
     assert attempts == [env.event_id] * 2
     assert await p.applications() == {env.event_id: 1}
     said = [r for r in caplog.records if r.name == "services.common.consumer"]

@@ -350,6 +350,7 @@ class JobWorkers(JobRuns):
         await uow.commit()
         return job
 
+
 class Turn:
     """An idle worker's turn, lent to a job submitted to this process."""
 
