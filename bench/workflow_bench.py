@@ -188,10 +188,12 @@ def main() -> None:
     parser.add_argument("--chain-length", type=int, default=CHAIN, help="steps per dispatch chain")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the dispatch chains, warm and cold")
     parser.add_argument("--skip-dag", action="store_true", help="dispatch figures only (quick look while tuning)")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="the warm dispatch rounds only, with their stages (A/B of a setting while tuning)")
     parser.add_argument("--plans-only", action="store_true", help="the planning figures only (quick look)")
     parser.add_argument("--throughput-only", action="store_true", help="the throughput figures only (quick look)")
     args = parser.parse_args()
-    if args.write and (args.skip_dag or args.plans_only or args.throughput_only
+    if args.write and (args.skip_dag or args.warm_only or args.plans_only or args.throughput_only
                        or args.chains * (args.chain_length - 1) < 200 or args.repeats < 3):
         parser.error("--write records the full benchmark: 200+ dispatches and the DAG")
 
@@ -228,6 +230,12 @@ def main() -> None:
         print(f"dispatch: {args.chains} workflows of a {args.chain_length}-step chain, {args.chains_at_once} at a "
               f"time, {args.repeats} rounds with the catalog copy warm ...", flush=True)
         warm = [_dispatch_round(bench, procs, chain_bp, args) for _ in range(args.repeats)]
+        if args.warm_only:
+            print(f"dispatch (warm catalog copy): p50 {_spread(warm, 'p50')}, p99 {_spread(warm, 'p99')}")
+            middle = sorted(warm, key=lambda r: r["p50"])[len(warm) // 2]
+            for name, (p50, p90) in _dispatch_stages(procs.data_dir, middle["workflows"]).items():
+                print(f"  {name}: p50 {p50 * 1000:.1f} ms, p90 {p90 * 1000:.1f} ms")
+            return
         # Cold: the resource service restarted with its copy's age bound at 1 s, so
         # every entry is older than the bound, as one no event refreshed for 10
         # minutes is against the default 5 minutes: the first use of each template

@@ -10,9 +10,10 @@ from services.common.auth import Principal
 from services.common.errors import (Aborted, AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument,
                                     PreconditionViolation)
 from services.common.uow import utcnow
+from services.common.variable_types import type_problem
 from services.resource.adapters.remote import VersionInfo
 from services.resource.domain.model import (APPROVAL_PENDING, DONE, IN_PROGRESS, OP_PROVISION, PROVISION, PROVISIONED,
-                                            QUEUED, READY, Resource, default_storage_path, inherited, type_problem,
+                                            QUEUED, READY, Resource, default_storage_path, inherited,
                                             valid_storage_path)
 from services.resource.app.base import LifecycleBase, _nothing
 

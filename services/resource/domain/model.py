@@ -182,31 +182,6 @@ def can_move(state: str, next_state: str) -> bool:
     return next_state in ALLOWED_NEXT_STATES.get(state, set())
 
 
-_COLLECTION = re.compile(r"^(list|set|tuple)\b")
-_MAPPING = re.compile(r"^(map|object)\b")
-
-
-def type_problem(type_expr: str, value: Any) -> str:
-    """Why `value` cannot be given for a variable of HCL type `type_expr`
-    ('' when it can). Only the outer type is checked; terraform checks the rest."""
-    t = (type_expr or "any").strip()
-    if value is None or t in ("any", ""):
-        return ""
-    if t == "string":
-        ok = isinstance(value, str)
-    elif t == "number":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif t == "bool":
-        ok = isinstance(value, bool)
-    elif _COLLECTION.match(t):
-        ok = isinstance(value, list)
-    elif _MAPPING.match(t):
-        ok = isinstance(value, dict)
-    else:
-        ok = True
-    return "" if ok else f"must be of type {t}"
-
-
 def inherited(parents: list[Resource]) -> tuple[list[DependencyTag], list[DependencyConfig]]:
     """Union of the parents' inheritable tags and configs (first parent wins a name clash)."""
     tags: dict[tuple[str, str], DependencyTag] = {}
