@@ -85,6 +85,12 @@ class Resource:
     approval_request_id: str = ""
     workflow_id: str = ""
     step_id: str = ""
+    # Prepared ahead for a workflow's next step: its job waits at the executor
+    # for this job (the upstream step's) and takes these (variable, output)
+    # pairs from its outputs; hidden while still queued (see `hidden`), until
+    # the workflow adopts it (then "" and []).
+    prepared_after_job_id: str = ""
+    prepared_wiring: list[tuple[str, str]] = field(default_factory=list)
     ever_provisioned: bool = False
     last_dry_run: dict[str, Any] = field(default_factory=dict)  # see dry_run_started / dry_run_ended
     create_time: dt.datetime | None = None
@@ -98,6 +104,13 @@ class Resource:
     @property
     def busy(self) -> bool:
         return self.status in BUSY
+
+    @property
+    def hidden(self) -> bool:
+        """A prepared resource whose job has not started and that the workflow
+        has not adopted: nobody sees it (no response, list or event), and it
+        is dropped if its upstream job does not succeed."""
+        return bool(self.prepared_after_job_id) and self.status == QUEUED
 
     def masked_variables(self) -> dict[str, Any]:
         return mask(self.variables, self.sensitive_variables)
