@@ -9,16 +9,24 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
 from services.common.values import from_value
-from tests.integration.test_workflows import by_template, p, run, shared, wait_workflow  # noqa: F401 - fixture
+from tests.integration.test_workflows import by_template, run, shared, wait_workflow
 from tests.support.grpc_asserts import rpc_error
+from tests.support.platform import Platform
 from tests.support.waiting import eventually
 
-DONE, PENDING = wp.STEP_STATUS_DONE, wp.STEP_STATUS_PENDING
+PENDING = wp.STEP_STATUS_PENDING
+
+
+@pytest.fixture
+async def p(tmp_path, event_prefix, nats_url):
+    async with Platform(tmp_path, event_prefix, nats_url) as platform:
+        yield platform
 
 
 async def gated_then_leaf(p, gate, seconds: int) -> wp.Workflow:
