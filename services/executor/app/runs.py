@@ -87,7 +87,7 @@ class JobRuns:
     """Runs claimed jobs; the worker pool (JobWorkers) is one. Needs `runtime`,
     `config` (ExecutorConfig), `terraform` (TerraformConfig), `_runs`
     (job id -> its TerraformRun, for interrupts) and `released` (job id ->
-    the jobs its end queued, for the worker that ran it)."""
+    the jobs its end queued and its trace context, for the worker that ran it)."""
 
     async def _execute(self, job: Job, msg, previous_worker: str) -> str:
         """Runs a job this worker has claimed; `msg` is its work-queue message
@@ -181,8 +181,10 @@ class JobRuns:
         await uow.jobs.save(job)
         await emit_job_event(uow, job)
         if queued := await release_waiting(uow, job):
+            parent = tracing.traceparent()  # the released jobs' runs continue this job's trace
+
             async def tell_worker() -> None:
-                self.released[job.id] = [j.id for j in queued]
+                self.released[job.id] = ([j.id for j in queued], parent)
             uow.after_commit(tell_worker)
         took = metrics.seconds_between(job.start_time, job.end_time)
         metrics.after_commit(uow, lambda: (metrics.JOBS.labels(job.action, status).inc(),

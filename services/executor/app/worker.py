@@ -101,8 +101,9 @@ class JobWorkers(JobRuns):
         self._idle: list[int] = []  # workers waiting in a fetch, whose turn can be lent
         self._lent: dict[int, asyncio.Event] = {}  # worker -> set when the job it lent its turn to ended
         self._held: dict[int, tuple[str, asyncio.Event]] = {}  # worker -> (workflow it waits for, set when taken)
-        self.released: dict[str, list[str]] = {}  # job id -> the jobs its end queued (see JobRuns._end)
-        self._chained: dict[int, list[str]] = {}  # worker -> jobs the job it just ran released (run one at once)
+        # job id -> (the jobs its end queued, its trace context) (see JobRuns._end)
+        self.released: dict[str, tuple[list[str], str]] = {}
+        self._chained: dict[int, tuple[list[str], str]] = {}  # worker -> what its last job released
 
     async def run(self) -> None:
         """Background task of the service: the worker pool."""
@@ -206,7 +207,7 @@ class JobWorkers(JobRuns):
                     del self._lent[n]
                     continue
                 if n in self._chained:  # its last job released jobs waiting for it: it runs one of them at once
-                    await self._run_chained(n, self._chained.pop(n))
+                    await self._run_chained(n, *self._chained.pop(n))
                     continue
                 if n in self._held:  # its last job was a workflow step's: that workflow's next one may come
                     await self._hold(n)
@@ -249,15 +250,19 @@ class JobWorkers(JobRuns):
         elif status == SUCCEEDED and job.correlation.workflow_id and self.config.step_hold > 0:
             self._held[n] = (job.correlation.workflow_id, asyncio.Event())
 
-    async def _run_chained(self, n: int, job_ids: list[str]) -> None:
+    async def _run_chained(self, n: int, job_ids: list[str], traceparent: str) -> None:
         """The first of `job_ids` (queued by the end of worker n's last job)
-        that this worker can claim runs on it now; the others, and any this
-        one cannot take (another worker did, or an integration's cap), wait
-        on the work queue like any queued job."""
-        for job_id in job_ids:
-            if (ran := await self._take_waiting(job_id, outcome="")) is not None:
-                self._ended(n, *ran)
+        that this worker can claim runs on it now, in the trace of the job
+        that released it; the others, and any this one cannot take (another
+        worker did, or an integration's cap), wait on the work queue like
+        any queued job."""
+        with tracing.consuming("executor chained start", {"traceparent": traceparent}):
+            for job_id in job_ids:
+                if (ran := await self._take_waiting(job_id, outcome="")) is not None:
+                    break
+            else:
                 return
+        self._ended(n, *ran)
 
     async def _hold(self, n: int) -> None:
         """Waits up to `step_hold` for the held-for workflow's next job
