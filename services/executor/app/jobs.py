@@ -63,7 +63,7 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
         violations.append(FieldViolation("state_path", "must be a relative path of letters, digits, '.', '_', '-' "
                                                        "and '/', without '..'"))
     for i, name in enumerate(job.sensitive_variables):
-        if name not in job.variables:
+        if name not in job.variables and name not in {w.variable for w in job.wired}:
             violations.append(FieldViolation(f"sensitive_variables[{i}]", f"{name!r} is not one of the variables"))
     if job.timeout_seconds < 0:
         violations.append(FieldViolation("timeout", "must not be negative"))

@@ -182,6 +182,9 @@ class Operations(LifecycleBase):
                 submission.after_job_id = r.prepared_after_job_id
                 submission.wired = [(variable, output, getattr(version.variable(variable), "type", ""))
                                     for variable, output in r.prepared_wiring]
+                # (a wired variable the module declares sensitive is sensitive whatever its output is)
+                submission.sensitive_variables = sorted({*submission.sensitive_variables, *(
+                    variable for variable, _ in r.prepared_wiring if variable in r.sensitive_variables)})
             job_id = await self.remote.submit_job(submission, actor)
             error = ""
         except Unavailable as exc:
