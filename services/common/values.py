@@ -45,4 +45,3 @@ def to_timestamp(moment) -> "timestamp_pb2.Timestamp | None":
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(moment)
     return ts
-

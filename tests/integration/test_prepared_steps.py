@@ -54,17 +54,23 @@ async def waiting_job(p, w: wp.Workflow, template: str) -> ep.Job:
     return await eventually(found, timeout=60)
 
 
+async def leaf_waiting(p, seconds: int) -> tuple[wp.Workflow, ep.Job]:
+    """gated_then_leaf with the gate open, executed: the workflow, once the leaf's prepared job waits."""
+    gate = p.shared / "open"
+    gate.write_text("open")
+    w = await gated_then_leaf(p, gate, seconds)
+    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
+    return w, await waiting_job(p, w, "leaf")
+
+
 async def resources_of(p, workflow_id: str) -> list[rp.Resource]:
     return list((await p.resource.ListResources(rp.ListResourcesRequest(workflow_id=workflow_id),
                                                 metadata=p.md)).resources)
 
 
 async def test_the_next_step_waits_hidden_at_the_executor_and_starts_when_its_upstream_succeeds(p):
+    w, waiting = await leaf_waiting(p, seconds=4)
     gate = p.shared / "open"
-    gate.write_text("open")
-    w = await gated_then_leaf(p, gate, seconds=4)
-    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
-    waiting = await waiting_job(p, w, "leaf")
     steps = by_template(p, await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=w.id), metadata=p.md))
     assert waiting.correlation.step_id == steps["leaf"].id and steps["leaf"].status == PENDING
     gated_job = next(j for j in await jobs_of(p, w.id) if j.correlation.step_id == steps["gated"].id)
@@ -120,11 +126,7 @@ async def test_a_failed_upstream_leaves_no_trace_of_the_prepared_step_and_a_retr
 
 
 async def test_cancelling_the_workflow_cancels_the_job_prepared_for_its_next_step(p):
-    gate = p.shared / "open"
-    gate.write_text("open")
-    w = await gated_then_leaf(p, gate, seconds=30)
-    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
-    waiting = await waiting_job(p, w, "leaf")
+    w, waiting = await leaf_waiting(p, seconds=30)
     await p.workflow.CancelWorkflow(wp.CancelWorkflowRequest(id=w.id), metadata=p.md)
     ended = await wait_workflow(p, w.id, (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR), timeout=90)
     assert ended.status == wp.WORKFLOW_STATUS_ERROR and "cancelled" in ended.error_message

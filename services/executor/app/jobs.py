@@ -62,8 +62,9 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
     if not valid_state_path(job.state_path):
         violations.append(FieldViolation("state_path", "must be a relative path of letters, digits, '.', '_', '-' "
                                                        "and '/', without '..'"))
+    wired = {w.variable for w in job.wired}  # (named sensitive before their value comes)
     for i, name in enumerate(job.sensitive_variables):
-        if name not in job.variables and name not in {w.variable for w in job.wired}:
+        if name not in job.variables and name not in wired:
             violations.append(FieldViolation(f"sensitive_variables[{i}]", f"{name!r} is not one of the variables"))
     if job.timeout_seconds < 0:
         violations.append(FieldViolation("timeout", "must not be negative"))
@@ -88,18 +89,15 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
         await _plan_reads_no_claimed_state(uow, job)
     if job.correlation.resource_id:
         await claim_state_path(uow, job.storage_id, job.state_path, job.correlation.resource_id)
-    if upstream is not None and not upstream.ended:
-        # Stored waiting: no event, no work queue; its upstream's end queues
-        # (or cancels) it in the same transaction (release_waiting).
-        job = replace(job, status=WAITING)
-        await uow.jobs.add(job)
-        await uow.remember_request("SubmitJob", request_id, job.id)
-        return job, True
-    if upstream is not None:  # it ended before this submission: as if released at its end
-        job = _released(job, upstream)
+    if upstream is not None:
+        # Stored waiting (no event, no work queue: its upstream's end queues or
+        # cancels it in the same transaction, release_waiting); or, when the
+        # upstream ended before this submission, as if released at its end.
+        job = replace(job, status=WAITING) if not upstream.ended else _released(job, upstream)
         if job.status != QUEUED:
             await uow.jobs.add(job)
-            await emit_job_event(uow, job, principal.user)
+            if job.status != WAITING:
+                await emit_job_event(uow, job, principal.user)
             await uow.remember_request("SubmitJob", request_id, job.id)
             return job, True
     await emit_job_event(uow, job, principal.user)  # queued
