@@ -70,18 +70,16 @@ output "done" {
 
 # Written under the dispatch figures: what one dispatch crosses.
 WHY_DISPATCH = (
-    'What one dispatch crosses: while a step\'s job runs, the workflow service has prepared the next step '
-    '(its resource stored hidden by the resource service, its job waiting at the executor for this one); the '
-    'transaction that ends the upstream job queues the waiting job with the upstream\'s outputs wired in, and '
-    'the worker the upstream job frees claims it by id and starts it: one process, two write transactions, no '
-    'event, no gRPC call between the two jobs. The workflow and resource services catch up behind it (the '
-    'completion event marks the upstream step done and starts the next one, whose CreateResource adopts the '
-    'prepared resource and job). Without preparing ahead (the baseline above, and the way of a step that '
-    'cannot be prepared: approval flow on, a unique wired variable, a parallelism limit), a dispatch crosses '
-    'the completion event (outbox, NATS), the workflow service\'s consumer and step transaction, '
-    'CreateResource (a gRPC hop: validation against the resource service\'s event-fed catalog copy, the '
-    'resource stored) and SubmitJob (a gRPC hop: the job stored already claimed by the worker held for the '
-    'workflow): three processes, four write transactions, one NATS hop and two gRPC hops.')
+    'What one dispatch crosses: the executor commits the job\'s end and its relay publishes the completion '
+    'event from memory; the workflow service\'s consumer marks the step done and starts the dependent step in '
+    'one transaction; CreateResource (a gRPC hop) validates against the resource service\'s event-fed copy of '
+    'the catalog and stores the resource queued; SubmitJob (a gRPC hop) stores the job already claimed by an '
+    'idle worker of the executor (with jobs queued, the worker the upstream job freed, held for its workflow), '
+    'which starts it when that transaction commits. Three processes, four write '
+    'transactions, one NATS hop and two gRPC hops, on two cores shared with NATS and the other events of the '
+    'same moment (the resource and approval services apply the completion too). What made it fast is in '
+    'docs/architecture.md (Decisions): SQLite statements on the event loop\'s thread, statements built once, '
+    'the outbox published from memory, the catalog copy kept by events, the direct start, the step hold.')
 
 CHAIN = 51  # templates per chain: 50 dispatches per workflow
 CHAINS = 4  # 200 dispatches
@@ -190,12 +188,10 @@ def main() -> None:
     parser.add_argument("--chain-length", type=int, default=CHAIN, help="steps per dispatch chain")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the dispatch chains, warm and cold")
     parser.add_argument("--skip-dag", action="store_true", help="dispatch figures only (quick look while tuning)")
-    parser.add_argument("--warm-only", action="store_true",
-                        help="the warm dispatch rounds only, with their stages (A/B of a setting while tuning)")
     parser.add_argument("--plans-only", action="store_true", help="the planning figures only (quick look)")
     parser.add_argument("--throughput-only", action="store_true", help="the throughput figures only (quick look)")
     args = parser.parse_args()
-    if args.write and (args.skip_dag or args.warm_only or args.plans_only or args.throughput_only
+    if args.write and (args.skip_dag or args.plans_only or args.throughput_only
                        or args.chains * (args.chain_length - 1) < 200 or args.repeats < 3):
         parser.error("--write records the full benchmark: 200+ dispatches and the DAG")
 
@@ -232,14 +228,6 @@ def main() -> None:
         print(f"dispatch: {args.chains} workflows of a {args.chain_length}-step chain, {args.chains_at_once} at a "
               f"time, {args.repeats} rounds with the catalog copy warm ...", flush=True)
         warm = [_dispatch_round(bench, procs, chain_bp, args) for _ in range(args.repeats)]
-        if args.warm_only:
-            print(f"dispatch (warm catalog copy): p50 {_spread(warm, 'p50')}, p99 {_spread(warm, 'p99')}, "
-                  f"prepared ahead {min(r['prepared'] for r in warm):.0%}")
-            middle = sorted(warm, key=lambda r: r["p50"])[len(warm) // 2]
-            if middle["prepared"] < 0.5:  # (the stages are those of the way through the services)
-                for name, (p50, p90) in _dispatch_stages(procs.data_dir, middle["workflows"]).items():
-                    print(f"  {name}: p50 {p50 * 1000:.1f} ms, p90 {p90 * 1000:.1f} ms")
-            return
         # Cold: the resource service restarted with its copy's age bound at 1 s, so
         # every entry is older than the bound, as one no event refreshed for 10
         # minutes is against the default 5 minutes: the first use of each template
@@ -250,12 +238,7 @@ def main() -> None:
         print("dispatch: one round with the catalog copy off ...", flush=True)
         with _restarted(procs, "resource", IK_RESOURCE_CATALOG_CACHE_SECONDS="0"):
             off = [_dispatch_round(bench, procs, chain_bp, args)]
-        # Baseline: the same without preparing ahead (each step's resource and job
-        # created when it starts, through the completion event and two services).
-        print("dispatch: one round without preparing ahead ...", flush=True)
-        with _restarted(procs, "workflow", IK_WORKFLOW_PREPARE_AHEAD="off"):
-            unprepared = [_dispatch_round(bench, procs, chain_bp, args)]
-        # And without the step hold (a freed worker takes the oldest queued job).
+        # Baseline: the same without the step hold (a freed worker takes the oldest queued job).
         print("dispatch: one round without the step hold ...", flush=True)
         with _restarted(procs, "executor", IK_EXECUTOR_STEP_HOLD="0"):
             unheld = [_dispatch_round(bench, procs, chain_bp, args)]
@@ -266,14 +249,13 @@ def main() -> None:
                                  argparse.Namespace(**{**vars(args), "chains": 2, "chains_at_once": 1}))]
         middle = sorted(warm, key=lambda r: r["p50"])[len(warm) // 2]  # the median round, for the stages
         if args.skip_dag:
-            for name, rounds in (("warm", warm), ("cold", cold), ("off", off), ("warm, not prepared ahead", unprepared),
-                                 ("warm, no step hold", unheld), ("warm, one chain at a time", alone)):
+            for name, rounds in (("warm", warm), ("cold", cold), ("off", off), ("warm, no step hold", unheld),
+                                 ("warm, one chain at a time", alone)):
                 print(f"dispatch ({name} catalog copy): p50 {_spread(rounds, 'p50')}, p99 {_spread(rounds, 'p99')}, "
                       f"to the first terraform command p50 {_spread(rounds, 'first50')}, a workflow's first job "
                       f"waits p50 {_spread(rounds, 'first_wait50')}, wall {statistics.median(r['wall'] for r in rounds):.0f} s")
-            for name, (p50, p90) in _dispatch_stages(procs.data_dir, unprepared[0]["workflows"],
-                                                      verbose=True).items():
-                print(f"  {name} (not prepared ahead): p50 {p50 * 1000:.1f} ms, p90 {p90 * 1000:.1f} ms")
+            for name, (p50, p90) in _dispatch_stages(procs.data_dir, middle["workflows"], verbose=True).items():
+                print(f"  {name}: p50 {p50 * 1000:.1f} ms, p90 {p90 * 1000:.1f} ms")
             return
 
         print(f"makespan: a {DAG_STEPS}-step DAG with uneven sleeps, {DAG_REPEATS} runs ...", flush=True)
@@ -303,7 +285,8 @@ def main() -> None:
         print("planning: the example and a 30-step DAG ...", flush=True)
         planning = plan_figures(bench, procs.target("blueprint"), work, *plan_dag)
         noop = statistics.median(x for r in warm for x in r["terraform"])
-        stages = _dispatch_stages(procs.data_dir, unprepared[0]["workflows"])
+        stages = _dispatch_stages(procs.data_dir, middle["workflows"])
+        stages_alone = _dispatch_stages(procs.data_dir, alone[0]["workflows"])
         lines = [
             "# Performance\n",
             f"Measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `make bench` "
@@ -314,22 +297,16 @@ def main() -> None:
             f"(min / median / max of the rounds' percentiles) with the resource service's catalog copy warm (fed "
             f"by events) and again cold (the service restarted with the copy's age bound at 1 s, so every entry "
             f"is older than the bound, as one not refreshed for 10 minutes is against the default 5 minutes), "
-            f"then one round each with the copy off (every read over gRPC), without preparing ahead, without "
-            f"the step hold and with 2 chains run one at a time (unloaded); nothing "
+            f"then one round each with the copy off (every read over gRPC), without the step hold and with 2 "
+            f"chains run one at a time (unloaded); nothing "
             f"else ran on the machine; the DAG runs alone, {DAG_REPEATS} times per schedule (medians).\n",
             "| measure | value | baseline (same run) | ratio |",
             "|---|---|---|---|",
-            f"| dispatch p50, catalog copy warm | {_spread(warm, 'p50')} | without preparing ahead "
-            f"(IK_WORKFLOW_PREPARE_AHEAD=off), 1 round: {unprepared[0]['p50'] * 1000:.0f} ms | "
-            f"{p50_dispatch / unprepared[0]['p50']:.2f} |",
-            f"| dispatch p99, catalog copy warm | {_spread(warm, 'p99')} | without preparing ahead, 1 round: "
-            f"{unprepared[0]['p99'] * 1000:.0f} ms | {p99_dispatch / unprepared[0]['p99']:.2f} |",
-            f"| dependent steps whose job was prepared ahead (started by the upstream's worker), warm | "
-            f"{min(r['prepared'] for r in warm):.0%} of each round | | |",
-            f"| dispatch p50 / p99 without the step hold (IK_EXECUTOR_STEP_HOLD=0: a freed worker takes the "
-            f"oldest queued job unless its last job released a prepared one), 1 round | {unheld[0]['p50'] * 1000:.0f} / "
-            f"{unheld[0]['p99'] * 1000:.0f} ms | the same, warm: {p50_dispatch * 1000:.0f} / "
-            f"{p99_dispatch * 1000:.0f} ms | {p50_dispatch / unheld[0]['p50']:.3f} |",
+            f"| dispatch p50, catalog copy warm | {_spread(warm, 'p50')} | without the step hold "
+            f"(IK_EXECUTOR_STEP_HOLD=0), 1 round: {unheld[0]['p50'] * 1000:.0f} ms | "
+            f"{p50_dispatch / unheld[0]['p50']:.3f} |",
+            f"| dispatch p99, catalog copy warm | {_spread(warm, 'p99')} | without the step hold, 1 round: "
+            f"{unheld[0]['p99'] * 1000:.0f} ms | {p99_dispatch / unheld[0]['p99']:.3f} |",
             f"| dispatch p50, catalog copy cold | {_spread(cold, 'p50')} | the same, warm: {p50_dispatch * 1000:.0f} ms "
             f"| {p50_cold / p50_dispatch:.2f} |",
             f"| dispatch p99, catalog copy cold | {_spread(cold, 'p99')} | the same, warm: {p99_dispatch * 1000:.0f} ms "
@@ -344,13 +321,15 @@ def main() -> None:
             f"| upstream job end -> the dependent's first terraform command, p50, warm | {_spread(warm, 'first50')} "
             f"| terraform no-op job {noop * 1000:.0f} ms | "
             f"{statistics.median(r['first50'] for r in warm) / noop:.2f} |",
+            f"| upstream job end -> dependent job stored (the hops, before the worker's start), p50, warm "
+            f"| {_spread(warm, 'stored50')} | | |",
             f"| a workflow's first job, submission -> start, p50 (the price of the hold: later workflows wait for "
             f"earlier ones), warm | {_spread(warm, 'first_wait50')} | without the step hold, 1 round: "
             f"{unheld[0]['first_wait50'] * 1000:.0f} ms | "
             f"{statistics.median(r['first_wait50'] for r in warm) / max(unheld[0]['first_wait50'], 1e-9):.2f} |",
             f"| {args.chains} chains of {args.chain_length} steps ({args.chains_at_once} at a time), wall time, "
-            f"median round, warm | {chain_wall:.0f} s | without preparing ahead, 1 round: "
-            f"{unprepared[0]['wall']:.0f} s | {chain_wall / unprepared[0]['wall']:.2f} |",
+            f"median round, warm | {chain_wall:.0f} s | without the step hold, 1 round: {unheld[0]['wall']:.0f} s | "
+            f"{chain_wall / unheld[0]['wall']:.2f} |",
             f"| makespan of the {DAG_STEPS}-step DAG ({len(levels)} levels) | {makespan:.1f} s | weighted critical "
             f"path {critical:.1f} s | {makespan / critical:.2f} |",
             f"| the same DAG under a level-by-level schedule (measured: IK_WORKFLOW_SCHEDULE=level, same "
@@ -358,9 +337,7 @@ def main() -> None:
             f"{max(m for m, _ in levelled):.1f}) | {level_by_level:.1f} s | our makespan, median of {DAG_REPEATS} "
             f"(min {min(m for m, _ in ours):.1f}, max {max(m for m, _ in ours):.1f}) {makespan:.1f} s | "
             f"{level_by_level / makespan:.2f} |",
-            f"| orchestration time per step, p50 (a step's time beyond its job's run; a prepared step is marked "
-            f"started once its job runs already, so its start is not counted) | "
-            f"{statistics.median(orchestration) * 1000:.0f} ms | terraform "
+            f"| orchestration time per step, p50 | {statistics.median(orchestration) * 1000:.0f} ms | terraform "
             f"per step (no-op) {noop * 1000:.0f} ms | {statistics.median(orchestration) / noop:.2f} |",
             "",
             "Against the targets of the benchmark's issue (medians of the rounds):",
@@ -376,33 +353,40 @@ def main() -> None:
             f"| makespan below level-by-level | {makespan:.1f} s vs {level_by_level:.1f} s | "
             f"{'met' if makespan < level_by_level else 'missed'} |",
             "",
-            "With 4 chains at once on the default 2 workers, two chains' jobs wait for a worker. A prepared next "
-            "job runs on the worker its upstream frees, so each chain keeps its worker from one step to the next; "
-            "without preparing ahead the step hold does that (the worker waits up to 0.3 s for the workflow's next "
-            "job; without either, every dependent job waited behind a whole job of another chain, about a no-op "
-            "job's duration, as earlier versions of this page showed), and a prepared job needs no hold (the row "
-            "without it). Either way the chains started first finish first and the others' first jobs wait for "
-            "them (the row 'a workflow's first job'), in about the same wall time.",
+            "With 4 chains at once on the default 2 workers, two chains' jobs wait for a worker. Without the step "
+            "hold, every dependent job waited behind a whole job of another chain (the baseline above, about a "
+            "no-op job's duration). With it, the worker a step's job frees waits up to 0.3 s for that workflow's "
+            "next job, so a dispatch is the platform's hops alone; the chains started first finish first and the "
+            "others' first jobs wait for them (the row 'a workflow's first job'), in about the same wall time.",
             "",
             "The run is CPU-bound: two cores shared by the five services, NATS, SQLite writes and two terraform "
             "processes (a no-op `terraform init` + `apply` + `output` costs about a second of CPU; terraform runs "
             "at nice 10, below the services), so every hop of a dispatch also waits for a core.",
             "",
+            "Where the dispatch time goes (p50 / p90 over the dependent steps of the median warm round, and p50 "
+            "of the round of one chain at a time, from the services' own timestamps):",
+            "",
+            "| stage | p50 | p90 | p50, one chain at a time |",
+            "|---|---|---|---|",
+            *[f"| {name} | {p50 * 1000:.0f} ms | {p90 * 1000:.0f} ms | "
+              f"{stages_alone.get(name, (float('nan'), 0))[0] * 1000:.0f} ms |" for name, (p50, p90) in stages.items()],
+            "",
+            f"Even with nothing else running, the hops take {alone[0]['p50'] * 1000:.0f} ms p50: three Python "
+            "processes, four write transactions, one NATS hop and two gRPC hops, each hop a few milliseconds "
+            "of serialisation, interceptors and wake-ups. A 10 ms dispatch under load needs fewer processes on "
+            "the way, not a faster schedule.",
+            "",
             WHY_DISPATCH,
             "",
-            "Where the dispatch time went without preparing ahead (p50 / p90 over the dependent steps of that "
-            "round, from the services' own timestamps): the hops a prepared step no longer waits for.",
-            "",
-            "| stage | p50 | p90 |",
-            "|---|---|---|",
-            *[f"| {name} | {p50 * 1000:.0f} ms | {p90 * 1000:.0f} ms |" for name, (p50, p90) in stages.items()],
-            "",
             "Dispatch = the dependent step's job start_time (stamped by the worker as it begins) minus its "
-            "upstream job's end_time (both executor clock). With the default 2 workers and 4 chains at once, it "
-            "includes the wait for a free worker. The level-by-level figure is measured: the same DAG run by the "
-            "workflow service with IK_WORKFLOW_SCHEDULE=level (a step also waits for every step of its previous "
-            "level), same workers. The weighted critical path is the longest dependency chain summed over each "
-            "run's measured job durations; it assumes as many workers as the DAG is wide, which two are not.",
+            "upstream job's end_time (both executor clock): completion event through the outbox and NATS, the workflow's consumer, the step "
+            "transaction, CreateResource (which provisions in the same call), SubmitJob and the start by an "
+            "idle worker (or, with none idle, the work queue and a worker's claim). With the default 2 "
+            "workers and 4 chains at once, it includes the wait for a free worker. The level-by-level figure "
+            "is measured: the same DAG run by the workflow service with IK_WORKFLOW_SCHEDULE=level (a step "
+            "also waits for every step of its previous level), same workers. The weighted critical path is "
+            "the longest dependency chain summed over each run's measured job durations; it assumes as many "
+            "workers as the DAG is wide, which two are not.",
             "",
             *throughput,
             *planning,
@@ -426,7 +410,7 @@ def _dispatch_round(bench, procs, chain_bp: str, args) -> dict:
     for first in range(0, args.chains, args.chains_at_once):
         runs += bench.wait([bench.run(chain_bp) for _ in range(min(args.chains_at_once, args.chains - first))])
     wall = time.monotonic() - started
-    dispatch, first_command, orchestration, terraform, first_wait, prepared = [], [], [], [], [], []
+    dispatch, first_command, stored, orchestration, terraform, first_wait = [], [], [], [], [], []
     for w in runs:
         jobs = bench.jobs(w.id)
         commands = _first_command_times(procs.data_dir, [j.id for j in jobs.values()])
@@ -439,13 +423,13 @@ def _dispatch_round(bench, procs, chain_bp: str, args) -> dict:
             for dep in step.depends_on_step_ids:
                 upstream_end = ts(jobs[dep].end_time)
                 dispatch.append((ts(job.start_time) - upstream_end).total_seconds())
-                prepared.append(job.after_job_id == jobs[dep].id)
+                stored.append((ts(job.create_time) - upstream_end).total_seconds())
                 if job.id in commands:
                     first_command.append((commands[job.id].replace(tzinfo=None) - upstream_end).total_seconds())
     return {"workflows": [w.id for w in runs], "wall": wall, "dispatch": dispatch,
             "first_wait50": statistics.median(first_wait),
             "p50": statistics.median(dispatch), "p99": percentile(dispatch, 0.99),
-            "first50": statistics.median(first_command), "prepared": sum(prepared) / len(prepared),
+            "first50": statistics.median(first_command), "stored50": statistics.median(stored),
             "orchestration": orchestration, "terraform": terraform}
 
 

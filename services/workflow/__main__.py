@@ -19,11 +19,8 @@ def setup(runtime) -> None:
     schedule = runtime.settings.env.get("IK_WORKFLOW_SCHEDULE", "ready")
     if schedule not in ("ready", "level"):
         raise ValueError("IK_WORKFLOW_SCHEDULE must be ready (the default) or level (benchmarks)")
-    prepare = runtime.settings.env.get("IK_WORKFLOW_PREPARE_AHEAD", "on")
-    if prepare not in ("on", "off"):
-        raise ValueError("IK_WORKFLOW_PREPARE_AHEAD must be on (the default) or off")
     runtime.workflows = Workflows(Remote(runtime.clients), runtime.uow, hash_key=vault.derive("plan-inputs"),
-                                  level_barrier=schedule == "level", prepare_ahead=prepare == "on")
+                                  level_barrier=schedule == "level")
 
 
 async def _finish_step_starts(runtime) -> None:

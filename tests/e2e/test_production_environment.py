@@ -118,9 +118,8 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
         assert workflow[("ik_step_duration_seconds_count", (("outcome", "done"),))] == 3
         assert workflow[("ik_rpc_duration_seconds_count", (("code", "OK"), ("method", "ExecuteWorkflow"),
                                                            ("service", "workflow")))] == 1
-        # One per step, and one more for each of EKS and RDS: prepared ahead while the VPC's job ran, then adopted.
         assert scrape(platform, "resource")[("ik_rpc_duration_seconds_count", (
-            ("code", "OK"), ("method", "CreateResource"), ("service", "resource")))] == 5
+            ("code", "OK"), ("method", "CreateResource"), ("service", "resource")))] == 3
         # The backlog gauges: every consumer and outbox catches up after the run.
         assert executor[("ik_job_queue_seconds_count", ())] == 3  # submission to the worker's start
 

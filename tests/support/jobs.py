@@ -97,28 +97,6 @@ output "marker" {
   value = var.marker
 }
 ''',
-    # Sleeps `seconds`, then gives a plain, a list and a sensitive output (wired into a next job).
-    "upstream/main.tf": '''
-variable "seconds" {
-  type    = number
-  default = 0
-}
-resource "null_resource" "this" {
-  provisioner "local-exec" {
-    command = "sleep ${var.seconds}"
-  }
-}
-output "id" {
-  value = null_resource.this.id
-}
-output "names" {
-  value = ["a", "b"]
-}
-output "secret" {
-  value     = "s3cret-${null_resource.this.id}"
-  sensitive = true
-}
-''',
 }
 
 

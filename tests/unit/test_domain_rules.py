@@ -8,8 +8,7 @@ import zipfile
 from services.executor.domain.model import (Redactor, integration_env, plan_state_meta, plan_summary_from_json,
                                             secret_env, stale_plan_reason, state_meta, valid_state_path)
 from services.resource.domain.model import (DependencyConfig, DependencyTag, Resource, can_move,
-                                            default_storage_path, inherited)
-from services.common.variable_types import type_problem
+                                            default_storage_path, inherited, type_problem)
 from services.workflow.domain.model import (DONE, IN_PROGRESS, PENDING, Step, WiringRule, Workflow,
                                             plan_stays_approved, ready_steps, resolve_variables, teardown_order,
                                             teardown_ready)
@@ -169,18 +168,3 @@ def test_retry_patterns_match_in_linear_time_whatever_the_pattern():
     assert RetryPolicy().transient("Error: 429 Too Many Requests") != ""
     assert [v.field for v in retry_problems(RetryPolicy(transient_patterns=(r"(a)\1", "(?=x)", "ok")), "p")] == \
         ["p.transient_patterns[0]", "p.transient_patterns[1]"]
-
-
-def test_a_waiting_job_takes_its_upstreams_outputs_by_its_wires():
-    from services.executor.domain.model import Correlation, Job, Output, Source, Wire, wired_values
-
-    def job(**kw) -> Job:
-        return Job(id="j", action="apply", source=Source("file:///m", "v1"), variables={}, sensitive_variables=[],
-                   integration_ids=[], secret_ids=[], storage_id="", state_path="p", correlation=Correlation(), **kw)
-    upstream = job(outputs=[Output("vpc", "vpc-1"), Output("subnets", ["a"]), Output("password", "pw", True)])
-    waiting = job(wired=[Wire("vpc_id", "vpc", "string"), Wire("db_password", "password", "string"),
-                         Wire("zone", "absent", "string"), Wire("subnet_id", "subnets", "string")])
-    values, sensitive, problems = wired_values(waiting, upstream)
-    assert values == {"vpc_id": "vpc-1", "db_password": "pw"}  # an absent output leaves the variable as given
-    assert sensitive == ["db_password"]
-    assert problems == ["variable subnet_id (from output subnets) must be of type string"]

@@ -15,7 +15,7 @@ from services.common.paging import after_key
 from services.executor.adapters.tables import integrations, job_logs, jobs, secrets, state_path_claims, storages
 from services.common.vault import Vault
 from services.executor.domain.model import (Correlation, Integration, Job, Output, PlanSummary, Secret, Source,
-                                            StatePathClaim, Storage, Wire)
+                                            StatePathClaim, Storage)
 
 
 async def _exactly_one(session: AsyncSession, statement, kind: str, id_: str) -> None:
@@ -86,8 +86,7 @@ class JobRepository:
             plan_summary=_summary_to_json(j.plan_summary), exit_code=j.exit_code, error_message=j.error_message,
             attempt=j.attempt, worker=j.worker, lease_until=j.lease_until, cancel_requested=j.cancel_requested,
             creator=j.creator, create_time=j.create_time, start_time=j.start_time, end_time=j.end_time,
-            queue_reason=j.queue_reason, after_job_id=j.after_job_id,
-            wired_variables=[{"variable": w.variable, "output": w.output, "type": w.type} for w in j.wired] or None,
+            queue_reason=j.queue_reason,
         )
 
     def _job(self, r) -> Job:
@@ -108,7 +107,6 @@ class JobRepository:
             attempt=r.attempt, worker=r.worker, lease_until=_aware(r.lease_until),
             cancel_requested=r.cancel_requested, creator=r.creator, create_time=_aware(r.create_time),
             start_time=_aware(r.start_time), end_time=_aware(r.end_time), queue_reason=r.queue_reason,
-            after_job_id=r.after_job_id, wired=[Wire(**w) for w in r.wired_variables or ()],
         )
 
     async def add(self, j: Job) -> None:
@@ -193,16 +191,8 @@ class JobRepository:
             jobs.c.status == "running").values(lease_until=lease_until))
         return result.rowcount == 1
 
-    async def waiting_after(self, id_: str) -> list[Job]:
-        """The jobs waiting for job `id_` to end."""
-        rows = await self.s.execute(sa.select(jobs).where(jobs.c.after_job_id == id_, jobs.c.status == "waiting")
-                                    .order_by(jobs.c.create_time, jobs.c.id))
-        return [self._job(r) for r in rows]
-
     async def cancel_if_queued(self, id_: str, reason: str, now: dt.datetime) -> bool:
-        """Cancels a job that has not started (queued, or waiting for another job)."""
-        result = await self.s.execute(sa.update(jobs).where(
-            jobs.c.id == id_, jobs.c.status.in_(("queued", "waiting"))).values(
+        result = await self.s.execute(sa.update(jobs).where(jobs.c.id == id_, jobs.c.status == "queued").values(
             status="cancelled", cancel_requested=True, end_time=now, error_message=reason))
         if result.rowcount != 1:
             return False

@@ -46,11 +46,7 @@ jobs = sa.Table(
     sa.Column("start_time", TS, nullable=True),
     sa.Column("end_time", TS, nullable=True),
     sa.Column("queue_reason", sa.Text, nullable=False, server_default=""),
-    # A waiting job: the job it runs after, and its variables wired from that job's outputs.
-    sa.Column("after_job_id", sa.String(36), nullable=False, server_default=""),
-    sa.Column("wired_variables", sa.JSON, nullable=True),
     sa.Index("ix_jobs_state", "storage_id", "state_path"),
-    sa.Index("ix_jobs_after", "after_job_id"),
     # ListJobs: keyset pages by (create_time, id), alone or per resource, workflow or status.
     sa.Index("ix_jobs_created", "create_time", "id"),
     sa.Index("ix_jobs_resource_created", "resource_id", "create_time", "id"),

@@ -8,13 +8,12 @@ from infrakitchen.events.v1 import events_pb2
 from infrakitchen.executor.v1 import executor_pb2 as pb
 from services.common.values import from_struct, to_struct, to_timestamp, to_value
 from services.executor.domain.model import (AWS, AZURE, ENV, GCP, GENERIC, LOCAL, PG, TF_VAR, Correlation, Integration,
-                                            Job, Output, PlanSummary, Secret, Source, Storage, Wire)
+                                            Job, Output, PlanSummary, Secret, Source, Storage)
 
 ACTION = {pb.JOB_ACTION_PLAN: "plan", pb.JOB_ACTION_APPLY: "apply", pb.JOB_ACTION_DESTROY: "destroy"}
 ACTION_PB = {v: k for k, v in ACTION.items()}
 STATUS = {pb.JOB_STATUS_QUEUED: "queued", pb.JOB_STATUS_RUNNING: "running", pb.JOB_STATUS_SUCCEEDED: "succeeded",
-          pb.JOB_STATUS_FAILED: "failed", pb.JOB_STATUS_CANCELLED: "cancelled", pb.JOB_STATUS_TIMED_OUT: "timed_out",
-          pb.JOB_STATUS_WAITING: "waiting"}
+          pb.JOB_STATUS_FAILED: "failed", pb.JOB_STATUS_CANCELLED: "cancelled", pb.JOB_STATUS_TIMED_OUT: "timed_out"}
 STATUS_PB = {v: k for k, v in STATUS.items()}
 PROVIDER = {pb.INTEGRATION_PROVIDER_AWS: AWS, pb.INTEGRATION_PROVIDER_AZURE: AZURE,
             pb.INTEGRATION_PROVIDER_GCP: GCP, pb.INTEGRATION_PROVIDER_GENERIC: GENERIC}
@@ -35,7 +34,6 @@ def job_from_submit(r: pb.SubmitJobRequest) -> Job:
         state_path=r.state_path,
         correlation=Correlation(c.resource_id, c.resource_revision, c.workflow_id, c.step_id, c.temporary_state_id),
         plan_job_id=r.plan_job_id, timeout_seconds=r.timeout.ToTimedelta().total_seconds(),
-        after_job_id=r.after_job_id, wired=[Wire(w.variable, w.output, w.type) for w in r.wired_variables],
     )
 
 
@@ -69,8 +67,7 @@ def job_to_pb(j: Job) -> pb.Job:
         timeout=timeout, outputs=outputs_pb(j.outputs), plan_summary=plan_summary_pb(j.plan_summary),
         exit_code=j.exit_code, error_message=j.error_message, attempt=j.attempt, worker=j.worker,
         creator=j.creator, create_time=to_timestamp(j.create_time), start_time=to_timestamp(j.start_time),
-        end_time=to_timestamp(j.end_time), queue_reason=j.queue_reason, after_job_id=j.after_job_id,
-        wired_variables=[pb.WiredVariable(variable=w.variable, output=w.output, type=w.type) for w in j.wired],
+        end_time=to_timestamp(j.end_time), queue_reason=j.queue_reason,
     )
 
 

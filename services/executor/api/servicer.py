@@ -50,8 +50,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 await uow.rollback()
             return convert.job_to_pb(job)
         # An idle worker of this process takes the job as it is stored; else the work queue does.
-        # (Not for a job submitted to wait for another: the worker that job frees runs it.)
-        turn = self.workers.reserve(request.correlation.workflow_id) if not request.after_job_id else None
+        turn = self.workers.reserve(request.correlation.workflow_id)
         try:
             async with self.uow() as uow:
                 job, created = await jobs.submit_job(

@@ -8,15 +8,14 @@ from dataclasses import replace
 
 from services.common.auth import Principal
 from services.common.errors import (AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound,
-                                    PermissionDenied, PreconditionViolation)
+                                    PreconditionViolation)
 from services.common.events import Correlation as EventCorrelation
 from services.common.git import check_repository_url
 from services.common.events import new_event
 from services.common.paging import by_creation, newest_first, paginate
 from services.common.uow import utcnow
-from services.executor.domain.model import (ACTIONS, APPLY, CANCELLED, FAILED, PLAN, QUEUED, RUNNING, SUCCEEDED,
-                                            WAITING, Job, StatePathClaim, stale_plan_reason, valid_state_path,
-                                            wired_values)
+from services.executor.domain.model import (ACTIONS, APPLY, PLAN, QUEUED, RUNNING, SUCCEEDED, Job,
+                                            StatePathClaim, stale_plan_reason, valid_state_path)
 from services.executor.domain.model import cap_reason as integration_cap_reason
 
 SOURCE = "executor"
@@ -62,13 +61,11 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
     if not valid_state_path(job.state_path):
         violations.append(FieldViolation("state_path", "must be a relative path of letters, digits, '.', '_', '-' "
                                                        "and '/', without '..'"))
-    wired = {w.variable for w in job.wired}  # (named sensitive before their value comes)
     for i, name in enumerate(job.sensitive_variables):
-        if name not in job.variables and name not in wired:
+        if name not in job.variables:
             violations.append(FieldViolation(f"sensitive_variables[{i}]", f"{name!r} is not one of the variables"))
     if job.timeout_seconds < 0:
         violations.append(FieldViolation("timeout", "must not be negative"))
-    upstream = await _check_after(uow, principal, job, violations)
     for i, id_ in enumerate(job.integration_ids):
         if await uow.integrations.get(id_) is None:
             violations.append(FieldViolation(f"integration_ids[{i}]", f"unknown integration {id_!r}"))
@@ -89,17 +86,6 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
         await _plan_reads_no_claimed_state(uow, job)
     if job.correlation.resource_id:
         await claim_state_path(uow, job.storage_id, job.state_path, job.correlation.resource_id)
-    if upstream is not None:
-        # Stored waiting (no event, no work queue: its upstream's end queues or
-        # cancels it in the same transaction, release_waiting); or, when the
-        # upstream ended before this submission, as if released at its end.
-        job = replace(job, status=WAITING) if not upstream.ended else _released(job, upstream)
-        if job.status != QUEUED:
-            await uow.jobs.add(job)
-            if job.status != WAITING:
-                await emit_job_event(uow, job, principal.user)
-            await uow.remember_request("SubmitJob", request_id, job.id)
-            return job, True
     await emit_job_event(uow, job, principal.user)  # queued
     if start_as is not None and (reason := await cap_reason(uow, job)):
         start_as, job = None, replace(job, queue_reason=reason)  # it waits on the work queue
@@ -113,64 +99,6 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
         await emit_job_event(uow, job)  # started
     await uow.remember_request("SubmitJob", request_id, job.id)
     return job, True
-
-
-async def _check_after(uow, principal: Principal, job: Job, violations: list[FieldViolation]) -> Job | None:
-    """The job a submission runs after (None without after_job_id)."""
-    if not job.after_job_id:
-        if job.wired:
-            violations.append(FieldViolation("wired_variables", "only with after_job_id"))
-        return None
-    # Its wired variables read the upstream's outputs, sensitive ones
-    # included: only the resource service chains a workflow step's next
-    # job (a user could otherwise read another resource's secrets).
-    if principal.via != "resource":
-        raise PermissionDenied("only the resource service submits a job after another job")
-    upstream = await uow.jobs.get(job.after_job_id)
-    if upstream is None:
-        violations.append(FieldViolation("after_job_id", f"unknown job {job.after_job_id!r}"))
-    elif upstream.action == PLAN or job.plan_job_id:
-        violations.append(FieldViolation("after_job_id", "only an apply or destroy job runs after another, and "
-                                                         "after an apply or destroy"))
-    for i, wire in enumerate(job.wired):
-        if not wire.variable.strip() or not wire.output.strip():
-            violations.append(FieldViolation(f"wired_variables[{i}]", "needs a variable and an output"))
-    if len({w.variable for w in job.wired}) != len(job.wired):
-        violations.append(FieldViolation("wired_variables", "names a variable twice"))
-    return upstream
-
-
-def _released(job: Job, upstream: Job) -> Job:
-    """`job` once `upstream` (the job it waited for) has ended: queued with
-    the upstream's outputs wired in when it succeeded, else cancelled (or
-    failed when an output does not fit its variable's type)."""
-    now = utcnow()
-    if upstream.status != SUCCEEDED:
-        return replace(job, status=CANCELLED, cancel_requested=True, end_time=now,
-                       error_message=f"the job it runs after ({upstream.id}) ended {upstream.status}")
-    values, sensitive, problems = wired_values(job, upstream)
-    if problems:
-        return replace(job, status=FAILED, end_time=now,
-                       error_message=f"wired from job {upstream.id}: {'; '.join(problems)}"[:2000])
-    return replace(job, status=QUEUED, variables={**job.variables, **values},
-                   sensitive_variables=sorted({*job.sensitive_variables, *sensitive}))
-
-
-async def release_waiting(uow, upstream: Job) -> list[Job]:
-    """In the transaction that ends `upstream`: the jobs waiting for it are
-    queued (on the work queue; a worker this process frees runs its
-    workflow's queued job at once) or end. Returns the queued ones."""
-    queued = []
-    for waiting in await uow.jobs.waiting_after(upstream.id):
-        job = _released(waiting, upstream)
-        if job.status == QUEUED and (reason := await cap_reason(uow, job)):
-            job = replace(job, queue_reason=reason)
-        await uow.jobs.save(job)
-        await emit_job_event(uow, job)
-        if job.status == QUEUED:
-            await uow.enqueue(DISPATCH_SUBJECT, job.id.encode(), f"dispatch-{job.id}")
-            queued.append(job)
-    return queued
 
 
 async def cap_reason(uow, job: Job) -> str:
@@ -270,7 +198,6 @@ async def cancel_job(uow, principal: Principal, id_: str) -> Job:
     if await uow.jobs.cancel_if_queued(id_, reason, utcnow()):
         job = await uow.jobs.get(id_)
         await emit_job_event(uow, job, principal.user)
-        await release_waiting(uow, job)  # what waited for it is cancelled too
         return job
     if await uow.jobs.request_cancel_if_running(id_):
         return await uow.jobs.get(id_)

@@ -17,7 +17,7 @@ from services.common import logs as service_logs
 from services.common import metrics, tracing
 from services.common.uow import utcnow
 from services.executor.adapters.terraform import RunSpec, TerraformRun, break_stale_lock
-from services.executor.app.jobs import DISPATCH_SUBJECT, emit_job_event, lease_deadline, release_waiting
+from services.executor.app.jobs import DISPATCH_SUBJECT, emit_job_event, lease_deadline
 from services.executor.domain.model import (CANCELLED, FAILED, SUCCEEDED, TIMED_OUT, Job, Redactor, integration_env,
                                             secret_env, sensitive_values)
 
@@ -85,9 +85,8 @@ class LogWriter:
 
 class JobRuns:
     """Runs claimed jobs; the worker pool (JobWorkers) is one. Needs `runtime`,
-    `config` (ExecutorConfig), `terraform` (TerraformConfig), `_runs`
-    (job id -> its TerraformRun, for interrupts) and `released` (job id ->
-    the jobs its end queued and its trace context, for the worker that ran it)."""
+    `config` (ExecutorConfig), `terraform` (TerraformConfig) and `_runs`
+    (job id -> its TerraformRun, for interrupts)."""
 
     async def _execute(self, job: Job, msg, previous_worker: str) -> str:
         """Runs a job this worker has claimed; `msg` is its work-queue message
@@ -173,19 +172,10 @@ class JobRuns:
         return status
 
     async def _end(self, uow, job: Job, status: str, error: str) -> None:
-        """Ends the job, and queues or ends the jobs that waited for it (in
-        the same transaction: a crash never leaves one waiting for a job that
-        ended). Once this commits, `released` tells the worker which to run."""
         job.status, job.error_message, job.end_time, job.lease_until = status, error, utcnow(), None
         tracing.annotate(status=status)
         await uow.jobs.save(job)
         await emit_job_event(uow, job)
-        if queued := await release_waiting(uow, job):
-            parent = tracing.traceparent()  # the released jobs' runs continue this job's trace
-
-            async def tell_worker() -> None:
-                self.released[job.id] = ([j.id for j in queued], parent)
-            uow.after_commit(tell_worker)
         took = metrics.seconds_between(job.start_time, job.end_time)
         metrics.after_commit(uow, lambda: (metrics.JOBS.labels(job.action, status).inc(),
                                            metrics.JOB_DURATION.labels(job.action).observe(took)))

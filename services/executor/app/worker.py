@@ -46,7 +46,7 @@ from services.common.uow import utcnow
 from services.executor.adapters.terraform import TerraformConfig, TerraformRun
 from services.executor.app.jobs import DISPATCH_SUBJECT, cap_reason, emit_job_event, lease_deadline
 from services.executor.app.runs import JobRuns, quietly
-from services.executor.domain.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, WAITING, Job
+from services.executor.domain.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,6 @@ class JobWorkers(JobRuns):
         self._idle: list[int] = []  # workers waiting in a fetch, whose turn can be lent
         self._lent: dict[int, asyncio.Event] = {}  # worker -> set when the job it lent its turn to ended
         self._held: dict[int, tuple[str, asyncio.Event]] = {}  # worker -> (workflow it waits for, set when taken)
-        # job id -> (the jobs its end queued, its trace context) (see JobRuns._end)
-        self.released: dict[str, tuple[list[str], str]] = {}
-        self._chained: dict[int, tuple[list[str], str]] = {}  # worker -> what its last job released
 
     async def run(self) -> None:
         """Background task of the service: the worker pool."""
@@ -206,9 +203,6 @@ class JobWorkers(JobRuns):
                     await self._lent[n].wait()
                     del self._lent[n]
                     continue
-                if n in self._chained:  # its last job released jobs waiting for it: it runs one of them at once
-                    await self._run_chained(n, *self._chained.pop(n))
-                    continue
                 if n in self._held:  # its last job was a workflow step's: that workflow's next one may come
                     await self._hold(n)
                     continue  # lent meanwhile, or back to the queue
@@ -240,29 +234,11 @@ class JobWorkers(JobRuns):
             await quietly(sub.unsubscribe())
 
     def _ended(self, n: int, job: Job, status: str) -> None:
-        """Worker n ran `job` to `status`: the jobs its end released (they
-        waited for it: a workflow's next step, submitted ahead) run on this
-        worker at once, with no hop in between; otherwise, after a workflow
-        step's success, it holds for the workflow's next job at once, before
-        anything awaits, so a next job submitted this very moment finds it."""
-        if released := self.released.pop(job.id, None):
-            self._chained[n] = released
-        elif status == SUCCEEDED and job.correlation.workflow_id and self.config.step_hold > 0:
+        """Worker n ran `job` to `status`: after a workflow step's success it
+        holds for the workflow's next job at once, before anything awaits, so
+        a next job submitted this very moment finds it."""
+        if status == SUCCEEDED and job.correlation.workflow_id and self.config.step_hold > 0:
             self._held[n] = (job.correlation.workflow_id, asyncio.Event())
-
-    async def _run_chained(self, n: int, job_ids: list[str], traceparent: str) -> None:
-        """The first of `job_ids` (queued by the end of worker n's last job)
-        that this worker can claim runs on it now, in the trace of the job
-        that released it; the others, and any this one cannot take (another
-        worker did, or an integration's cap), wait on the work queue like
-        any queued job."""
-        with tracing.consuming("executor chained start", {"traceparent": traceparent}):
-            for job_id in job_ids:
-                if (ran := await self._take_waiting(job_id, outcome="")) is not None:
-                    break
-            else:
-                return
-        self._ended(n, *ran)
 
     async def _hold(self, n: int) -> None:
         """Waits up to `step_hold` for the held-for workflow's next job
@@ -303,7 +279,7 @@ class JobWorkers(JobRuns):
             if self._held.get(n, (None, None))[1] is taken:
                 del self._held[n]
 
-    async def _take_waiting(self, job_id: str, outcome: str = "late") -> tuple[Job, str] | None:
+    async def _take_waiting(self, job_id: str) -> tuple[Job, str] | None:
         """Claims a queued job by id, outside the queue's order, and runs it
         as a job started directly (its work-queue message, fetched later,
         finds it running or ended). None when it was not run: another worker
@@ -315,8 +291,7 @@ class JobWorkers(JobRuns):
             job = await self._claim(uow, job, utcnow())
         if not isinstance(job, Job):
             return None
-        if outcome:
-            metrics.STEP_HOLDS.labels(outcome).inc()
+        metrics.STEP_HOLDS.labels("late").inc()
         try:
             return job, await self._execute(job, None, previous_worker="")
         except Exception:  # noqa: BLE001 - its lease runs out and the reaper queues it again
@@ -330,7 +305,7 @@ class JobWorkers(JobRuns):
         cfg = self.config
         async with self.runtime.uow() as uow:
             job = await uow.jobs.get(job_id)
-            if job is None or job.ended or job.status == WAITING:  # a waiting job is queued anew when released
+            if job is None or job.ended:
                 await msg.ack()
                 return None
             now = utcnow()

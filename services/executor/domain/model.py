@@ -10,8 +10,6 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.variable_types import type_problem
-
 MASK = "***"
 
 # Job actions and statuses, in the product's words.
@@ -20,7 +18,6 @@ ACTIONS = (PLAN, APPLY, DESTROY)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT = (
     "queued", "running", "succeeded", "failed", "cancelled", "timed_out")
-WAITING = "waiting"  # for the job it runs after (after_job_id) to end
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, TIMED_OUT})
 
 # Integration providers and how their credentials become environment variables.
@@ -59,14 +56,6 @@ class Output:
 
     def masked(self) -> "Output":
         return Output(self.name, MASK, True) if self.sensitive else self
-
-
-@dataclass(frozen=True)
-class Wire:
-    """A variable filled in from an output of the job a job runs after."""
-    variable: str
-    output: str
-    type: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,8 +99,6 @@ class Job:
     start_time: dt.datetime | None = None
     end_time: dt.datetime | None = None
     queue_reason: str = ""  # why a queued job waits (an integration at its cap)
-    after_job_id: str = ""  # waits for this job; its outputs fill in `wired`
-    wired: list[Wire] = field(default_factory=list)
 
     @property
     def ended(self) -> bool:
@@ -179,25 +166,6 @@ class StatePathClaim:
     state_path: str
     resource_id: str
     create_time: dt.datetime | None = None
-
-
-def wired_values(job: Job, upstream: Job) -> tuple[dict[str, Any], list[str], list[str]]:
-    """(the variables `job` takes from `upstream`'s outputs, those of them
-    that are sensitive, why some cannot be taken). An absent output leaves
-    the variable as given (its fallback), as the workflow's wiring does."""
-    outputs = {o.name: o for o in upstream.outputs}
-    values, sensitive, problems = {}, [], []
-    for wire in job.wired:
-        output = outputs.get(wire.output)
-        if output is None:
-            continue
-        if problem := type_problem(wire.type, output.value):
-            problems.append(f"variable {wire.variable} (from output {wire.output}) {problem}")
-            continue
-        values[wire.variable] = output.value
-        if output.sensitive:
-            sensitive.append(wire.variable)
-    return values, sensitive, problems
 
 
 def valid_env_name(name: str) -> bool:

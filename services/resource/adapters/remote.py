@@ -58,19 +58,17 @@ class VersionInfo:
 class JobInfo:
     id: str
     action: str
-    status: str  # waiting | queued | running | succeeded | failed | cancelled | timed_out
+    status: str  # queued | running | succeeded | failed | cancelled | timed_out
     outputs: tuple[Output, ...] = ()
     error_message: str = ""
     plan_add: int = 0
     plan_change: int = 0
     plan_destroy: int = 0
-    attempt: int = 0  # 0: no worker ever ran it
 
 
 _JOB_STATUS = {executor_pb2.JOB_STATUS_QUEUED: "queued", executor_pb2.JOB_STATUS_RUNNING: "running",
                executor_pb2.JOB_STATUS_SUCCEEDED: "succeeded", executor_pb2.JOB_STATUS_FAILED: "failed",
-               executor_pb2.JOB_STATUS_CANCELLED: "cancelled", executor_pb2.JOB_STATUS_TIMED_OUT: "timed_out",
-               executor_pb2.JOB_STATUS_WAITING: "waiting"}
+               executor_pb2.JOB_STATUS_CANCELLED: "cancelled", executor_pb2.JOB_STATUS_TIMED_OUT: "timed_out"}
 _JOB_ACTION = {executor_pb2.JOB_ACTION_PLAN: "plan", executor_pb2.JOB_ACTION_APPLY: "apply",
                executor_pb2.JOB_ACTION_DESTROY: "destroy"}
 _ACTION_PB = {v: k for k, v in _JOB_ACTION.items()}
@@ -83,7 +81,7 @@ def job_info(job) -> JobInfo:
         status=_JOB_STATUS.get(job.status, ""),
         outputs=tuple(Output(o.name, from_value(o.value), o.sensitive) for o in job.outputs),
         error_message=job.error_message, plan_add=job.plan_summary.add, plan_change=job.plan_summary.change,
-        plan_destroy=job.plan_summary.destroy, attempt=job.attempt)
+        plan_destroy=job.plan_summary.destroy)
 
 
 @dataclass
@@ -104,8 +102,6 @@ class JobSubmission:
     plan_job_id: str = ""
     request_id: str = ""
     correlation: dict = field(default_factory=dict)
-    after_job_id: str = ""  # a prepared resource's: its job waits for this one
-    wired: list[tuple[str, str, str]] = field(default_factory=list)  # (variable, output, declared type)
 
 
 class Remote:
@@ -168,9 +164,7 @@ class Remote:
             storage_id=s.storage_id, state_path=s.state_path, plan_job_id=s.plan_job_id, request_id=s.request_id,
             correlation=executor_pb2.JobCorrelation(resource_id=s.resource_id, resource_revision=s.revision,
                                                     workflow_id=s.workflow_id, step_id=s.step_id,
-                                                    temporary_state_id=s.temporary_state_id),
-            after_job_id=s.after_job_id,
-            wired_variables=[executor_pb2.WiredVariable(variable=v, output=o, type=t) for v, o, t in s.wired])
+                                                    temporary_state_id=s.temporary_state_id))
         if not s.plan_job_id:
             request.source.CopyFrom(executor_pb2.JobSource(repository_url=s.version.repository_url,
                                                            ref=s.version.commit or s.version.ref,

@@ -45,10 +45,8 @@ _NAME_TAKEN = sa.select(sa.func.count()).where(
     resources.c.id != sa.bindparam("exclude_id"))
 _PATH_TAKEN = sa.select(sa.func.count()).where(resources.c.storage_id == sa.bindparam("storage_id"),
                                                resources.c.storage_path == sa.bindparam("storage_path"))
-# What nobody sees: a resource prepared ahead for a workflow's next step, still queued (Resource.hidden).
-_SHOWN = sa.or_(resources.c.prepared_after_job_id == "", resources.c.status != "queued")
 _CHILDREN = sa.select(resources).join(resource_links, resource_links.c.child_id == resources.c.id).where(
-    resource_links.c.parent_id == sa.bindparam("id"), _SHOWN).order_by(resources.c.create_time)
+    resource_links.c.parent_id == sa.bindparam("id")).order_by(resources.c.create_time)
 _UPDATE_RESOURCE = guarded_update(resources)
 _INSERT = {t.name: sa.insert(t) for t in (resources, resource_links, resource_revisions, audit_entries,
                                           resource_labels)}
@@ -93,8 +91,6 @@ class ResourceRepository:
             pending_operation=r.pending_operation, temporary_state_id=r.temporary_state_id,
             plan_job_id=r.plan_job_id, approval_request_id=r.approval_request_id, workflow_id=r.workflow_id,
             step_id=r.step_id, ever_provisioned=r.ever_provisioned, last_dry_run=dict(r.last_dry_run),
-            prepared_after_job_id=r.prepared_after_job_id,
-            prepared_wiring=[list(pair) for pair in r.prepared_wiring] or None,
             create_time=r.create_time,
             update_time=r.update_time, version=r.version)
 
@@ -107,7 +103,6 @@ class ResourceRepository:
             m[key] = list(m[key])
         m["variables"] = self.vault.open_from(m["variables"])
         m["last_dry_run"] = dict(m["last_dry_run"] or {})
-        m["prepared_wiring"] = [tuple(pair) for pair in m["prepared_wiring"] or ()]
         m["create_time"], m["update_time"] = _aware(m["create_time"]), _aware(m["update_time"])
         self._labels_read[m["id"]] = tuple(m["labels"])
         return Resource(**m)
@@ -148,13 +143,6 @@ class ResourceRepository:
     async def children(self, id_: str) -> list[Resource]:
         return [self._resource(r) for r in await self.s.execute(_CHILDREN, {"id": id_})]
 
-    async def prepared_for(self, workflow_id: str, step_id: str) -> Resource | None:
-        """The resource prepared ahead for this workflow step, not adopted yet."""
-        row = (await self.s.execute(sa.select(resources).where(
-            resources.c.workflow_id == workflow_id, resources.c.step_id == step_id,
-            resources.c.prepared_after_job_id != "").limit(1))).first()
-        return self._resource(row) if row else None
-
     async def busy_since(self, before: dt.datetime) -> list[Resource]:
         """Resources with an operation under way that has not moved since `before`."""
         rows = await self.s.execute(sa.select(resources).where(
@@ -167,7 +155,7 @@ class ResourceRepository:
         """Oldest first (newest first when `descending`), after the sort key
         `after` (create_time, id); every filter is in SQL, with an index for
         each (see tables.py)."""
-        query = sa.select(resources).where(_SHOWN)
+        query = sa.select(resources)
         for column, wanted in ((resources.c.integration_ids, integration_id), (resources.c.secret_ids, secret_id)):
             if wanted:
                 # A JSON list of ids, matched as text (portable across SQLite and

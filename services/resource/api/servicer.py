@@ -7,7 +7,6 @@ from google.protobuf import empty_pb2
 from infrakitchen.resource.v1 import resource_pb2 as pb
 from infrakitchen.resource.v1 import resource_pb2_grpc
 from services.common.auth import current_principal
-from services.common.errors import AlreadyExists, FailedPrecondition, PreconditionViolation
 from services.common.filters import enum_word, merged, parse_filter, text, words_of
 from services.common.paging import paginate
 from services.resource.api import convert
@@ -51,26 +50,11 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         r = convert.resource_from_pb(request.resource)
         r.workflow_id, r.step_id = request.workflow_id, request.step_id
         r.sensitive_variables = list(dict.fromkeys(request.sensitive_variables))
-        args = (r, request.request_id, request.provision, _reviewed(request), request.after_job_id,
-                [(w.variable, w.output) for w in request.wired_variables])
-        try:
-            created = await self._run(self.lc.create, *args)
-        except AlreadyExists:
-            if request.after_job_id or not (request.workflow_id and request.step_id):
-                raise
-            # The step's resource was being prepared ahead at this very
-            # moment (its name and storage path are the step's): once more,
-            # in a new transaction, this create adopts it.
-            created = await self._run(self.lc.create, *args)
+        created = await self._run(self.lc.create, r, request.request_id, request.provision,
+                                  _reviewed(request))
         if request.provision:  # the job submission ran after the commit
             async with self.uow() as uow:
-                # (a prepared resource is hidden from everyone but the workflow that prepares it)
-                created = await uow.resources.get(created.id) if request.after_job_id else \
-                    await self.lc.get(uow, created.id)
-                if created is None:  # dropped at once: its job could not be submitted
-                    raise FailedPrecondition("the step's resource could not be prepared ahead", [
-                        PreconditionViolation("NOT_PREPARABLE", "resources", "create it once the upstream is done")],
-                        reason="NOT_PREPARABLE")
+                created = await self.lc.get(uow, created.id)
         return convert.resource_to_pb(created)
 
     async def GetResource(self, request, context):
@@ -158,8 +142,6 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
                 seen = watch.changes  # before the read: a commit during it wakes the next wait at once
                 async with self.uow() as uow:
                     r = await uow.resources.get(request.id)
-                if r is not None and r.hidden:  # prepared, not shown yet
-                    r = None
                 if r is None:
                     if version is None:
                         async with self.uow() as uow:

@@ -77,7 +77,7 @@ class LifecycleBase:
 
     async def get(self, uow, id_: str) -> Resource:
         r = await uow.resources.get(id_) if id_ else None
-        if r is None or r.hidden:  # (a prepared resource: nobody sees it yet)
+        if r is None:
             raise NotFound("resource", id_)
         return r
 

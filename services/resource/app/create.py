@@ -10,10 +10,9 @@ from services.common.auth import Principal
 from services.common.errors import (Aborted, AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument,
                                     PreconditionViolation)
 from services.common.uow import utcnow
-from services.common.variable_types import type_problem
 from services.resource.adapters.remote import VersionInfo
 from services.resource.domain.model import (APPROVAL_PENDING, DONE, IN_PROGRESS, OP_PROVISION, PROVISION, PROVISIONED,
-                                            QUEUED, READY, Resource, default_storage_path, inherited,
+                                            QUEUED, READY, Resource, default_storage_path, inherited, type_problem,
                                             valid_storage_path)
 from services.resource.app.base import LifecycleBase, _nothing
 
@@ -22,21 +21,81 @@ class CreateCases(LifecycleBase):
     # --- create ----------------------------------------------------------------
 
     async def create(self, uow, principal: Principal, r: Resource, request_id: str = "",
-                     provision: bool = False, reviewed=None, after_job_id: str = "",
-                     wiring: list[tuple[str, str]] = ()) -> Resource:
+                     provision: bool = False, reviewed=None) -> Resource:
         """`reviewed` (a ReviewedPlan): the workflow step's plan, applied
-        exactly; its approved workflow plan stands in for the provision
-        approval. `after_job_id` and `wiring`: a workflow step's resource
-        prepared ahead (see prepared.py); a create for a step whose resource
-        was prepared adopts that one."""
+        exactly; its approved workflow plan stands in for the provision approval."""
         if (existing := await uow.find_request("CreateResource", request_id)) is not None:
             return await self.get(uow, existing)
-        if after_job_id or wiring:
-            return await self.prepare(uow, principal, r, provision, reviewed, after_job_id, wiring)
-        if r.workflow_id and r.step_id and (prepared := await uow.resources.prepared_for(r.workflow_id, r.step_id)):
-            return await self.adopt(uow, principal, prepared, r, request_id)
-        checked = await self._checked(uow, principal, r, provision, reviewed)
-        created = self._new(principal, r, *checked, approval_flow=await self.approval_flow_on(uow))
+        violations: list[FieldViolation] = []
+        if not r.name.strip():
+            violations.append(FieldViolation("resource.name", "must not be empty"))
+        # Both from the blueprint service, at once: they are on the way of every workflow step.
+        template, given_version = await asyncio.gather(
+            self.remote.template(r.template_id) if r.template_id else _nothing(),
+            self.remote.version(r.source_code_version_id) if r.source_code_version_id else _nothing())
+        if template is None:
+            violations.append(FieldViolation("resource.template_id", f"unknown template {r.template_id!r}"))
+            raise InvalidArgument("invalid resource", violations)
+        if not template.enabled:
+            raise FailedPrecondition(f"template {template.key} is disabled", [PreconditionViolation(
+                "TEMPLATE_DISABLED", f"templates/{template.id}", "enable the template to create resources of it")],
+                reason="TEMPLATE_DISABLED")
+        version: VersionInfo | None = None
+        if not template.abstract:
+            version = given_version if r.source_code_version_id else await self.remote.default_version(template.id)
+            if version is None or version.template_id != template.id:
+                violations.append(FieldViolation("resource.source_code_version_id",
+                                                 "unknown source code version of this template"
+                                                 if r.source_code_version_id else "the template has no version"))
+        version_id = version.id if version else ""
+        if r.name.strip() and await uow.resources.name_taken(template.id, version_id, r.name):
+            raise AlreadyExists("resource", r.name, f"a resource named {r.name!r} already exists for this template "
+                                                    "and source code version")
+        parents = await self._check_parents(uow, principal, r.parent_ids, template, violations)
+        tags, configs = inherited(parents)
+        variables = dict(r.variables)
+        self._prefill(version, variables, configs)
+        sensitive: list[str] = []
+        if version is not None:
+            sensitive = await self._check_variables(uow, template.id, "", version, variables, violations,
+                                                    "resource.variables")
+        if not template.abstract:
+            if not r.integration_ids:
+                violations.append(FieldViolation("resource.integration_ids",
+                                                 "a resource with infrastructure needs a cloud integration"))
+            for i, iid in enumerate(r.integration_ids):
+                if not await self.remote.integration_exists(iid):
+                    violations.append(FieldViolation(f"resource.integration_ids[{i}]", f"unknown integration {iid!r}"))
+        storage_path = r.storage_path or ("" if template.abstract else default_storage_path(template.key, r.name))
+        if not template.abstract:
+            # (without a name there is no default path to judge; the name's violation says why)
+            if (r.storage_path or r.name.strip()) and not valid_storage_path(storage_path):
+                violations.append(FieldViolation("resource.storage_path", "must be a relative path of letters, "
+                                                 "digits, '.', '_', '-' and '/', without '..'"))
+            if r.storage_id and not await self.remote.storage_exists(r.storage_id):
+                violations.append(FieldViolation("resource.storage_id", f"unknown storage {r.storage_id!r}"))
+        if reviewed is not None and (not provision or template.abstract):
+            violations.append(FieldViolation("reviewed_plan", "applies only to a resource provisioned at create"))
+        if violations:
+            raise InvalidArgument("invalid resource", violations)
+        if storage_path and await uow.resources.storage_path_taken(r.storage_id, storage_path):
+            raise AlreadyExists("storage path", storage_path,
+                                f"storage path {storage_path!r} is used by another resource")
+
+        now = utcnow()
+        flag = await self.approval_flow_on(uow)
+        own_tags = {(t.name, t.value) for t in r.dependency_tags}
+        created = replace(
+            r, id=str(uuid.uuid4()), source_code_version_id=version_id, abstract=template.abstract,
+            variables=variables, storage_path=storage_path,
+            # The version's sensitive variables, and those the caller marks (wired from sensitive outputs).
+            sensitive_variables=sorted({*sensitive, *(n for n in r.sensitive_variables if n in variables)}),
+            dependency_tags=list(r.dependency_tags) + [t for t in tags if (t.name, t.value) not in own_tags],
+            dependency_configs=list(r.dependency_configs), revision=1, owners=[principal.user],
+            creator=principal.user, create_time=now, update_time=now, version=1, outputs=[],
+            state=PROVISIONED if template.abstract else PROVISION,
+            status=DONE if template.abstract else (APPROVAL_PENDING if flag else READY),
+            pending_operation=OP_PROVISION if flag and not template.abstract else "")
         # Created and provisioned in one call (parents were checked provisioned
         # above): stored queued at once, recorded as a create and a provision.
         if reviewed is not None:
@@ -60,90 +119,8 @@ class CreateCases(LifecycleBase):
             self._submit_after_commit(uow, stored, principal.user)
         return stored
 
-    async def _checked(self, uow, principal: Principal, r: Resource, provision: bool, reviewed,
-                       wired: frozenset[str] = frozenset(), after_job_id: str = ""):
-        """Every check of a new resource; (template, version, variables with
-        inherited configs and platform defaults, the version's sensitive
-        variables, inherited tags, storage path). A prepared resource's
-        (`after_job_id`): `wired` variables, which that job's outputs fill in
-        later, count as given, and a parent that job is provisioning counts
-        as provisioned (its tags and configs are its own already)."""
-        violations: list[FieldViolation] = []
-        if not r.name.strip():
-            violations.append(FieldViolation("resource.name", "must not be empty"))
-        # Both from the blueprint service, at once: they are on the way of every workflow step.
-        template, given_version = await asyncio.gather(
-            self.remote.template(r.template_id) if r.template_id else _nothing(),
-            self.remote.version(r.source_code_version_id) if r.source_code_version_id else _nothing())
-        if template is None:
-            violations.append(FieldViolation("resource.template_id", f"unknown template {r.template_id!r}"))
-            raise InvalidArgument("invalid resource", violations)
-        if not template.enabled:
-            raise FailedPrecondition(f"template {template.key} is disabled", [PreconditionViolation(
-                "TEMPLATE_DISABLED", f"templates/{template.id}", "enable the template to create resources of it")],
-                reason="TEMPLATE_DISABLED")
-        version: VersionInfo | None = None
-        if not template.abstract:
-            version = given_version if r.source_code_version_id else await self.remote.default_version(template.id)
-            if version is None or version.template_id != template.id:
-                violations.append(FieldViolation("resource.source_code_version_id",
-                                                 "unknown source code version of this template"
-                                                 if r.source_code_version_id else "the template has no version"))
-        if r.name.strip() and await uow.resources.name_taken(template.id, version.id if version else "", r.name):
-            raise AlreadyExists("resource", r.name, f"a resource named {r.name!r} already exists for this template "
-                                                    "and source code version")
-        parents = await self._check_parents(uow, principal, r.parent_ids, template, violations, after_job_id)
-        tags, configs = inherited(parents)
-        variables = dict(r.variables)
-        self._prefill(version, variables, configs)
-        sensitive: list[str] = []
-        if version is not None:
-            sensitive = await self._check_variables(uow, template.id, "", version, variables, violations,
-                                                    "resource.variables", wired)
-        if not template.abstract:
-            if not r.integration_ids:
-                violations.append(FieldViolation("resource.integration_ids",
-                                                 "a resource with infrastructure needs a cloud integration"))
-            for i, iid in enumerate(r.integration_ids):
-                if not await self.remote.integration_exists(iid):
-                    violations.append(FieldViolation(f"resource.integration_ids[{i}]", f"unknown integration {iid!r}"))
-        storage_path = r.storage_path or ("" if template.abstract else default_storage_path(template.key, r.name))
-        if not template.abstract:
-            # (without a name there is no default path to judge; the name's violation says why)
-            if (r.storage_path or r.name.strip()) and not valid_storage_path(storage_path):
-                violations.append(FieldViolation("resource.storage_path", "must be a relative path of letters, "
-                                                 "digits, '.', '_', '-' and '/', without '..'"))
-            if r.storage_id and not await self.remote.storage_exists(r.storage_id):
-                violations.append(FieldViolation("resource.storage_id", f"unknown storage {r.storage_id!r}"))
-        if reviewed is not None and (not provision or template.abstract):
-            violations.append(FieldViolation("reviewed_plan", "applies only to a resource provisioned at create"))
-        if violations:
-            raise InvalidArgument("invalid resource", violations)
-        if storage_path and await uow.resources.storage_path_taken(r.storage_id, storage_path):
-            raise AlreadyExists("storage path", storage_path,
-                                f"storage path {storage_path!r} is used by another resource")
-        return template, version, variables, sensitive, tags, storage_path
-
-    @staticmethod
-    def _new(principal: Principal, r: Resource, template, version: VersionInfo | None, variables: dict[str, Any],
-             sensitive: list[str], tags, storage_path: str, approval_flow: bool) -> Resource:
-        """The resource `r` asks for, as `_checked` found it, before it is stored."""
-        now = utcnow()
-        own_tags = {(t.name, t.value) for t in r.dependency_tags}
-        return replace(
-            r, id=str(uuid.uuid4()), source_code_version_id=version.id if version else "",
-            abstract=template.abstract, variables=variables, storage_path=storage_path,
-            # The version's sensitive variables, and those the caller marks (wired from sensitive outputs).
-            sensitive_variables=sorted({*sensitive, *(n for n in r.sensitive_variables if n in variables)}),
-            dependency_tags=list(r.dependency_tags) + [t for t in tags if (t.name, t.value) not in own_tags],
-            dependency_configs=list(r.dependency_configs), revision=1, owners=[principal.user],
-            creator=principal.user, create_time=now, update_time=now, version=1, outputs=[],
-            state=PROVISIONED if template.abstract else PROVISION,
-            status=DONE if template.abstract else (APPROVAL_PENDING if approval_flow else READY),
-            pending_operation=OP_PROVISION if approval_flow and not template.abstract else "")
-
     async def _check_parents(self, uow, principal: Principal, parent_ids: list[str], template,
-                             violations: list[FieldViolation], provisioning_job: str = "") -> list[Resource]:
+                             violations: list[FieldViolation]) -> list[Resource]:
         found = await uow.resources.get_many(parent_ids)
         parents = []
         for i, pid in enumerate(parent_ids):
@@ -156,9 +133,7 @@ class CreateCases(LifecycleBase):
                 violations.append(FieldViolation(field, f"{parent.name} is of a template that is not a parent "
                                                         f"template of {template.key}"))
             parent = await self.settle(uow, parent, principal.user)
-            being_provisioned = provisioning_job and parent.last_job_id == provisioning_job \
-                and parent.state == PROVISION and parent.status in (QUEUED, IN_PROGRESS)
-            if parent.state != PROVISIONED and not being_provisioned:
+            if parent.state != PROVISIONED:
                 violations.append(FieldViolation(field, f"{parent.name} is {parent.state}/{parent.status}, "
                                                         "not provisioned"))
             parents.append(parent)
@@ -203,8 +178,7 @@ class CreateCases(LifecycleBase):
                 variables[declared.name] = declared.default
 
     async def _check_variables(self, uow, template_id: str, resource_id: str, version: VersionInfo,
-                               variables: dict[str, Any], violations: list[FieldViolation], field: str,
-                               wired: frozenset[str] = frozenset()) -> list[str]:
+                               variables: dict[str, Any], violations: list[FieldViolation], field: str) -> list[str]:
         for name, value in variables.items():
             declared = version.variable(name)
             if declared is None:
@@ -213,8 +187,7 @@ class CreateCases(LifecycleBase):
             if problem := type_problem(declared.type, value):
                 violations.append(FieldViolation(f"{field}.{name}", problem))
         for declared in version.variables:
-            if declared.required and not declared.has_default and variables.get(declared.name) is None \
-                    and declared.name not in wired:
+            if declared.required and not declared.has_default and variables.get(declared.name) is None:
                 violations.append(FieldViolation(f"{field}.{declared.name}", "is required"))
         unique = [v.name for v in version.variables if v.unique and variables.get(v.name) is not None]
         if unique:

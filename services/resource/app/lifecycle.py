@@ -8,7 +8,6 @@ from services.resource.app.base import FLAG_KEY, JobNotRecordedYet, _OPERATION
 from services.resource.app.create import CreateCases
 from services.resource.app.metadata import Metadata
 from services.resource.app.operations import Operations
-from services.resource.app.prepared import PreparedResources
 from services.resource.app.reconciliation import Reconciliation
 from services.resource.app.reviewed_plans import ReviewedPlans
 from services.resource.app.temporary_states import TemporaryStates
@@ -16,8 +15,7 @@ from services.resource.app.temporary_states import TemporaryStates
 __all__ = ["FLAG_KEY", "JobNotRecordedYet", "Lifecycle", "OPERATION_OF_APPROVAL"]
 
 
-class Lifecycle(CreateCases, PreparedResources, Operations, Metadata, TemporaryStates, Approvals, Reconciliation,
-                ReviewedPlans):
+class Lifecycle(CreateCases, Operations, Metadata, TemporaryStates, Approvals, Reconciliation, ReviewedPlans):
     """Everything a resource goes through, from create to delete."""
 
 

@@ -178,13 +178,6 @@ class Operations(LifecycleBase):
             action = "destroy" if r.pending_operation == OP_DESTROY else "apply"
             submission = self._submission(r, version, action, request_id)
             submission.plan_job_id = reviewed
-            if r.hidden:  # prepared: its job waits for the upstream step's, whose outputs fill these in
-                submission.after_job_id = r.prepared_after_job_id
-                submission.wired = [(variable, output, getattr(version.variable(variable), "type", ""))
-                                    for variable, output in r.prepared_wiring]
-                # (a wired variable the module declares sensitive is sensitive whatever its output is)
-                submission.sensitive_variables = sorted({*submission.sensitive_variables, *(
-                    variable for variable, _ in r.prepared_wiring if variable in r.sensitive_variables)})
             job_id = await self.remote.submit_job(submission, actor)
             error = ""
         except Unavailable as exc:
@@ -204,17 +197,10 @@ class Operations(LifecycleBase):
                 current = await uow.resources.get(resource_id)
                 if current is None or current.job_request_id != request_id or current.last_job_id:
                     return
-                if current.hidden and not job_id:  # a prepared resource nobody saw: the step creates it anew
-                    log.info("prepared resource %s dropped: %s", resource_id, error)
-                    await self.drop_prepared(uow, current)
-                elif job_id:
+                if job_id:
                     after = replace(current, last_job_id=job_id,
                                     last_job_action="destroy" if current.pending_operation == OP_DESTROY else "apply")
-                    if current.hidden:  # its audit trail begins when it is shown (with its job's id)
-                        await uow.resources.update(replace(after, version=current.version + 1), current.version)
-                    else:
-                        await self._save(uow, current, after, actor, "job_submitted", events=(),
-                                         extra={"job_id": job_id})
+                    await self._save(uow, current, after, actor, "job_submitted", events=(), extra={"job_id": job_id})
                 else:
                     after = replace(current, status=ERROR, error_message=error, job_request_id="",
                                     pending_operation="", plan_job_id="")
@@ -245,8 +231,6 @@ class Operations(LifecycleBase):
             raise JobNotRecordedYet(f"resource {r.id} has not recorded its job yet")
         if r.last_job_id != job.id:
             return  # an older job's event
-        if r.hidden and (r := await self.on_prepared_job_event(uow, r, job.status, job.attempt)) is None:
-            return
         if job.status == "running":
             if r.status == QUEUED:
                 await self._save(uow, r, replace(r, status=IN_PROGRESS), actor, "job_started")

@@ -85,12 +85,6 @@ class Resource:
     approval_request_id: str = ""
     workflow_id: str = ""
     step_id: str = ""
-    # Prepared ahead for a workflow's next step: its job waits at the executor
-    # for this job (the upstream step's) and takes these (variable, output)
-    # pairs from its outputs; hidden while still queued (see `hidden`), until
-    # the workflow adopts it (then "" and []).
-    prepared_after_job_id: str = ""
-    prepared_wiring: list[tuple[str, str]] = field(default_factory=list)
     ever_provisioned: bool = False
     last_dry_run: dict[str, Any] = field(default_factory=dict)  # see dry_run_started / dry_run_ended
     create_time: dt.datetime | None = None
@@ -104,13 +98,6 @@ class Resource:
     @property
     def busy(self) -> bool:
         return self.status in BUSY
-
-    @property
-    def hidden(self) -> bool:
-        """A prepared resource whose job has not started and that the workflow
-        has not adopted: nobody sees it (no response, list or event), and it
-        is dropped if its upstream job does not succeed."""
-        return bool(self.prepared_after_job_id) and self.status == QUEUED
 
     def masked_variables(self) -> dict[str, Any]:
         return mask(self.variables, self.sensitive_variables)
@@ -193,6 +180,31 @@ def mask(values: dict[str, Any], sensitive: list[str]) -> dict[str, Any]:
 
 def can_move(state: str, next_state: str) -> bool:
     return next_state in ALLOWED_NEXT_STATES.get(state, set())
+
+
+_COLLECTION = re.compile(r"^(list|set|tuple)\b")
+_MAPPING = re.compile(r"^(map|object)\b")
+
+
+def type_problem(type_expr: str, value: Any) -> str:
+    """Why `value` cannot be given for a variable of HCL type `type_expr`
+    ('' when it can). Only the outer type is checked; terraform checks the rest."""
+    t = (type_expr or "any").strip()
+    if value is None or t in ("any", ""):
+        return ""
+    if t == "string":
+        ok = isinstance(value, str)
+    elif t == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif t == "bool":
+        ok = isinstance(value, bool)
+    elif _COLLECTION.match(t):
+        ok = isinstance(value, list)
+    elif _MAPPING.match(t):
+        ok = isinstance(value, dict)
+    else:
+        ok = True
+    return "" if ok else f"must be of type {t}"
 
 
 def inherited(parents: list[Resource]) -> tuple[list[DependencyTag], list[DependencyConfig]]:

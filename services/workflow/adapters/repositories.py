@@ -18,7 +18,7 @@ _STEP_DATA = ("template_name", "depends_on", "source_code_version_id", "defaults
               "resolved_variables", "sensitive_variables", "parent_template_ids", "parent_resource_ids", "outputs",
               "sensitive_outputs", "teardown_status", "teardown_error_message", "teardown_job_id",
               "teardown_start_time", "plan", "attempts", "attempt_job_ids", "retry_time",
-              "retry_default", "prepared_job_id")
+              "retry_default")
 _SPEC = ("variable_overrides", "version_overrides", "parent_overrides", "integration_ids", "secret_ids",
          "storage_id", "max_parallel_steps", "teardown_error_message", "torn_down_by", "teardown_start_time",
          "teardown_completion_time", "plan_status", "plan_error_message", "plan_start_time", "plan_completion_time",

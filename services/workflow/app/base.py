@@ -38,15 +38,12 @@ def _slug(text: str) -> str:
 
 
 class WorkflowsBase:
-    def __init__(self, remote: Remote, uow_factory, hash_key: bytes = b"", level_barrier: bool = False,
-                 prepare_ahead: bool = True):
+    def __init__(self, remote: Remote, uow_factory, hash_key: bytes = b"", level_barrier: bool = False):
         self.remote = remote
         self.uow_factory = uow_factory
         self.hash_key = hash_key  # keys the digests of plan inputs (see inputs_hash)
         # IK_WORKFLOW_SCHEDULE=level: the level-by-level schedule, for the benchmark's comparison only.
         self.level_barrier = level_barrier
-        # A running step's next steps are prepared ahead (see Execution._prepare_next).
-        self.prepare_ahead = prepare_ahead
         # Plan approval requests this process opened: the reconciler opens
         # again only what it cannot know was opened (after a restart, once).
         self.opened_approvals: set[str] = set()

@@ -52,8 +52,6 @@ class Control(WorkflowsBase):
         if w.plan_approval_status == PENDING and w.plan_approval_request_id:
             approvals.append(w.plan_approval_request_id)
         for st in await uow.steps.of(w.id):
-            if st.status == PENDING and st.prepared_job_id:
-                jobs.append(st.prepared_job_id)  # prepared ahead: it waits for its upstream's job, or runs already
             if st.status != IN_PROGRESS:
                 continue
             idle = bool(st.waiting_reason) or st.retry_time is not None

@@ -119,11 +119,7 @@ class Execution(WorkflowsBase):
         if not beside:
             await run()
             return
-        self._beside(run(), "workflow-start-steps")
-
-    def _beside(self, work, name: str) -> None:
-        """Runs `work` in the background, finished (or cancelled) at a graceful stop (finish_starting)."""
-        task = asyncio.get_running_loop().create_task(work, name=name)
+        task = asyncio.get_running_loop().create_task(run(), name="workflow-start-steps")
         self.starting.add(task)  # kept until done: the loop holds tasks weakly
         task.add_done_callback(self.starting.discard)
 
@@ -180,9 +176,17 @@ class Execution(WorkflowsBase):
             if w.executed_plan_id:  # apply the step's plan, never a fresh apply
                 if (reviewed := await self.reviewed_plan(st, w, variables, actor)) is None:
                     return  # (re)planned now, or its new plan waits for approval
-            request = self._resource_request(w, st, upstream, variables, sensitive, reviewed)
-            request.request_id = st.id
-            resource = await self.remote.create_resource(actor, request)
+            parents = list(dict.fromkeys([*(upstream[t].resource_id for t in st.parent_template_ids
+                                            if t in upstream), *st.parent_resource_ids]))
+            resource = await self.remote.create_resource(actor, rp.CreateResourceRequest(
+                resource=rp.Resource(name=f"{_slug(st.template_name)}-{w.id[:8]}", template_id=st.template_id,
+                                     source_code_version_id=st.source_code_version_id,
+                                     variables=to_struct(variables), parent_ids=parents,
+                                     integration_ids=w.integration_ids, secret_ids=w.secret_ids,
+                                     storage_id=w.storage_id,
+                                     storage_path=st.plan.get("state_path", "") if reviewed else ""),
+                request_id=st.id, workflow_id=w.id, step_id=st.id, provision=True,
+                sensitive_variables=sensitive, reviewed_plan=reviewed))
             await self._record(st.id, resource_id=resource.id, job_id=resource.last_job_id)
             await self._cancel_if_cancelled(w.id, resource.last_job_id, actor)
             if resource.state == "provision" and resource.status in ("ready", "error"):
@@ -190,8 +194,7 @@ class Execution(WorkflowsBase):
                 # UpdateWorkflow): its resource, never provisioned, takes the
                 # step's inputs as they are now (no change: nothing happens).
                 resource = await self.remote.update_inputs(actor, resource.id, variables,
-                                                           st.source_code_version_id,
-                                                           list(request.resource.parent_ids))
+                                                           st.source_code_version_id, parents)
             if resource.state == "provisioned" and resource.status == "done":
                 await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
                                           list(resource.sensitive_outputs), actor)
@@ -203,14 +206,8 @@ class Execution(WorkflowsBase):
                 await self._cancel_if_cancelled(w.id, provisioned.last_job_id, actor)
                 if provisioned.status == "approval_pending":
                     await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
-                resource = provisioned
             elif resource.status == "rejected":
                 await self.step_failed(st.id, f"the approval of resource {resource.id} was rejected", actor)
-            if resource.status in ("queued", "in_progress") and resource.last_job_id and self.prepare_ahead:
-                # In the background: ExecuteWorkflow (which starts the first
-                # steps) and the next step's start do not wait for it.
-                self._beside(self._prepare_next(w, replace(st, resource_id=resource.id), resource.last_job_id,
-                                                actor), "workflow-prepare-next")
         except Unavailable as exc:
             # A service on the way is down or restarting: the step stays in
             # progress and the reconciler starts it again (idempotently).
@@ -223,61 +220,6 @@ class Execution(WorkflowsBase):
         except Exception as exc:  # noqa: BLE001 - never leave a step silently in_progress
             log.exception("starting step %s failed", step_id)
             await self.step_failed(step_id, f"could not start: {type(exc).__name__}", actor)
-
-    @staticmethod
-    def _resource_request(w: Workflow, st: Step, upstream: dict[str, Step], variables: dict, sensitive: list[str],
-                          reviewed=None) -> rp.CreateResourceRequest:
-        """The CreateResource of a step's resource, inputs resolved from `upstream` (done steps by template)."""
-        parents = list(dict.fromkeys([*(upstream[t].resource_id for t in st.parent_template_ids if t in upstream),
-                                      *st.parent_resource_ids]))
-        return rp.CreateResourceRequest(
-            resource=rp.Resource(name=f"{_slug(st.template_name)}-{w.id[:8]}", template_id=st.template_id,
-                                 source_code_version_id=st.source_code_version_id,
-                                 variables=to_struct(variables), parent_ids=parents,
-                                 integration_ids=w.integration_ids, secret_ids=w.secret_ids,
-                                 storage_id=w.storage_id,
-                                 storage_path=st.plan.get("state_path", "") if reviewed else ""),
-            workflow_id=w.id, step_id=st.id, provision=True, sensitive_variables=sensitive, reviewed_plan=reviewed)
-
-    async def _prepare_next(self, w: Workflow, st: Step, job_id: str, actor: str) -> None:
-        """While step `st`'s job runs, the resources of the steps that wait
-        only for it are prepared ahead (CreateResource with after_job_id):
-        the executor queues each one's job, its variables wired from this
-        job's outputs, when this job succeeds, and the worker it frees runs
-        it at once, with no hop in between. The step itself starts as ever
-        once this one is done: its CreateResource adopts the prepared
-        resource (the same workflow step). Not under a parallelism limit,
-        the level schedule or a reviewed plan; and the
-        resource service says no with the approval flow on, or for a wired
-        variable declared unique. Any refusal only means the step starts the
-        usual way. (`st` with its resource: a next step's parent, which the
-        resource service accepts while this job provisions it.)"""
-        if w.max_parallel_steps or self.level_barrier or w.executed_plan_id or w.cancelled_by:
-            return
-        async with self.uow_factory() as uow:
-            candidates = await uow.steps.pending_dependents(w.id, st.id)
-            steps = await uow.steps.of(w.id) if candidates else []
-        done = {s.id for s in steps if s.status == DONE}
-        for nxt in candidates:
-            if nxt.resource_id or any(d != st.id and d not in done for d in nxt.depends_on):
-                continue
-            wires = [rp.WiredInput(variable=r.target_variable, output=r.source_output) for r in w.wiring
-                     if r.target_template_id == nxt.template_id and r.source_template_id == st.template_id
-                     and r.target_variable not in nxt.overrides]
-            try:
-                upstream, _, variables, sensitive = await self._step_inputs(w, nxt, steps)
-                request = self._resource_request(w, nxt, {**upstream, st.template_id: st}, variables, sensitive)
-                request.after_job_id = job_id
-                request.wired_variables.extend(wires)
-                prepared = await self.remote.create_resource(actor, request)
-            except (DomainError, RemoteError) as exc:
-                message = exc.message if isinstance(exc, DomainError) else exc.describe()
-                log.info("step %s not prepared ahead: %s", nxt.id, message)
-                continue
-            except Exception:  # noqa: BLE001 - preparing is an optimisation: the step starts the usual way
-                log.exception("preparing step %s ahead failed", nxt.id)
-                continue
-            await self._record(nxt.id, prepared_job_id=prepared.last_job_id)
 
     async def _cancel_if_cancelled(self, workflow_id: str, job_id: str, actor: str) -> None:
         """A job started while (or just before) the workflow was cancelled is cancelled too."""

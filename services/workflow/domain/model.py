@@ -61,9 +61,6 @@ class Step:
     attempt_job_ids: list[str] = field(default_factory=list)
     retry_time: dt.datetime | None = None
     retry_default: dict[str, Any] = field(default_factory=dict)  # its template's retry policy, at create
-    # The job of its resource prepared ahead while it is pending (it waits
-    # for its upstream step's job; a cancel of the workflow cancels it too).
-    prepared_job_id: str = ""
     version: int = 1
 
 
