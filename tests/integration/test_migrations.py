@@ -50,3 +50,58 @@ def test_replicas_starting_at_once_on_a_fresh_postgres_database_take_turns(postg
             assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
     finally:
         engine.dispose()
+
+
+def _insert_row(url: str, table: str, values: dict) -> None:
+    """A row with the given values and a placeholder in every other required column."""
+    import datetime
+    import sqlalchemy as sa
+    engine = create_sync_engine(url)
+    try:
+        with engine.begin() as conn:
+            t = sa.Table(table, sa.MetaData(), autoload_with=conn)
+            row = dict(values)
+            for c in t.columns:
+                if c.name in row or c.nullable or c.server_default is not None:
+                    continue
+                python_type = c.type.python_type if not isinstance(c.type, sa.JSON) else dict
+                row[c.name] = {str: "x", int: 0, float: 0.0, bool: False, dict: {}, bytes: b"",
+                               datetime.datetime: datetime.datetime(2026, 1, 1)}[python_type]
+            conn.execute(t.insert().values(**row))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("service, before, table, live, settled", [
+    ("executor", "executor_0007", "jobs", {"id": "j1", "status": "waiting"}, "UPDATE jobs SET status = 'cancelled'"),
+    ("resource", "resource_0008", "resources",
+     {"id": "r1", "status": "queued", "prepared_after_job_id": "j1"}, "DELETE FROM resources"),
+])
+def test_removing_preparing_ahead_refuses_while_a_prepared_row_is_live(service, before, table, live, settled,
+                                                                       database_url):
+    """A job still waiting for its upstream, or a resource prepared ahead and still
+    hidden, would be left to code that no longer exists: the migration that drops
+    their columns refuses until they settled (the previous version, preparing
+    ahead off, settles them), and then runs."""
+    import sqlalchemy as sa
+    from alembic import command
+    from services.common.migrations import alembic_config
+    migrations = ROOT / "services" / service / "migrations"
+    command.upgrade(alembic_config(migrations, database_url), before)
+    _insert_row(database_url, table, live)
+    with pytest.raises(RuntimeError, match="IK_WORKFLOW_PREPARE_AHEAD=off"):
+        upgrade(migrations, database_url)
+    engine = create_sync_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(settled))
+    finally:
+        engine.dispose()
+    upgrade(migrations, database_url)
+    metadata = importlib.import_module(f"services.{service}.adapters.tables").metadata
+    engine = create_sync_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
+    finally:
+        engine.dispose()
