@@ -44,6 +44,7 @@ resources = sa.Table(
     sa.Column("workflow_id", sa.String(64), nullable=False, index=True),
     sa.Column("step_id", sa.String(64), nullable=False),
     sa.Column("ever_provisioned", sa.Boolean, nullable=False),
+    sa.Column("operation_approved", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("last_dry_run", sa.JSON, nullable=False, server_default=sa.text("'{}'")),
     sa.Column("create_time", TS, nullable=False),
     sa.Column("update_time", TS, nullable=False),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from services.common.uow import utcnow
-from services.resource.domain.model import (APPROVAL_PENDING, DONE, OP_DESTROY, OP_PROVISION, OP_UPDATE, PROVISIONED,
+from services.resource.domain.model import (APPROVAL_PENDING, DONE, OP_DESTROY, OP_PROVISION, OP_UPDATE,
                                             READY, REJECTED, TS_PENDING, TS_REJECTED)
 from services.resource.app.base import LifecycleBase
 
@@ -26,15 +26,15 @@ class Approvals(LifecycleBase):
             ready = await self._save(uow, r, replace(r, status=READY), actor, f"{operation}_approved")
             if operation == OP_UPDATE:
                 t = await uow.temporary_states.get(temporary_state_id)
-                await self._merge_and_apply(uow, actor, ready, t, r.plan_job_id)
+                await self._merge_and_apply(uow, actor, ready, t, r.plan_job_id, approved=True)
             else:
-                await self._start(uow, actor, ready, operation, operation)
+                await self._start(uow, actor, ready, operation, operation, approved=True)
             return
         rejected = decision == "rejected"
         if operation == OP_PROVISION:
             after = replace(r, status=REJECTED if rejected else READY, pending_operation="")
         elif operation == OP_DESTROY:
-            after = replace(r, state=PROVISIONED, status=DONE, pending_operation="")
+            after = self._destroy_withdrawn(r)
         else:
             t = await uow.temporary_states.get(temporary_state_id)
             if t is not None:

@@ -26,7 +26,8 @@ from services.common.paging import by_creation, newest_first, paginate
 from services.common.uow import utcnow
 from services.common.values import to_value
 from services.resource.adapters.remote import JobInfo, Remote
-from services.resource.domain.model import APPROVAL_PENDING, OP_DESTROY, OP_PROVISION, OP_UPDATE, AuditEntry, Resource
+from services.resource.domain.model import (APPROVAL_PENDING, DONE, ERROR, OP_DESTROY, OP_PROVISION, OP_UPDATE, PROVISION,
+                                            PROVISIONED, AuditEntry, Resource)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,15 @@ class LifecycleBase:
             return r, kids
         parents = list((await uow.resources.get_many(root.parent_ids)).values())
         return parents, await down(root, set())
+
+    @staticmethod
+    def _destroy_withdrawn(r: Resource) -> Resource:
+        """A destroy that will not run (cancelled, or its approval rejected):
+        the resource is back where the destroy found it, provisioned, or a
+        provisioning that failed when it never was."""
+        if r.ever_provisioned:
+            return replace(r, state=PROVISIONED, status=DONE, pending_operation="", operation_approved=False)
+        return replace(r, state=PROVISION, status=ERROR, pending_operation="", operation_approved=False)
 
     async def approval_flow_on(self, uow) -> bool:
         return bool(await uow.settings.get(FLAG_KEY, False))

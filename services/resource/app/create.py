@@ -101,12 +101,13 @@ class CreateCases(LifecycleBase):
         if reviewed is not None:
             # Raises unless the flow is off or an approved workflow plan covers
             # it; then that approval is this provisioning's.
-            await self.check_reviewed_plan(uow, principal, created, reviewed)
-            created = replace(created, plan_job_id=reviewed.plan_job_id, status=READY, pending_operation="")
+            approved = await self.check_reviewed_plan(uow, principal, created, reviewed)
+            created = replace(created, plan_job_id=reviewed.plan_job_id, status=READY, pending_operation="",
+                              operation_approved=approved)
         if created.status == APPROVAL_PENDING:
             created = self._awaiting_approval(created)
         start = provision and created.status == READY
-        stored = self._queued(created, OP_PROVISION) if start else created
+        stored = self._queued(created, OP_PROVISION, created.operation_approved) if start else created
         await uow.resources.add(stored)
         await uow.remember_request("CreateResource", request_id, created.id)
         await self._audit(uow, principal.user, "create", None, created)

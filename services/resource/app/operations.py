@@ -16,6 +16,14 @@ from services.resource.domain.model import (dry_run_moved, dry_run_started, APPR
 from services.resource.app.base import JobNotRecordedYet, LifecycleBase, _busy, _check_etag, _wrong_state, log
 
 
+def _teardown_of_its_workflow(principal: Principal, r: Resource) -> bool:
+    """The workflow service tearing down the workflow that created `r`: it
+    may destroy a failed first provisioning with its state, and delete a
+    resource whose provisioning never ran (beyond the product document's
+    state table, which users keep), so a teardown leaves nothing behind."""
+    return principal.via == "workflow" and bool(r.workflow_id)
+
+
 class Operations(LifecycleBase):
     # --- provision, dry run, recreate ---------------------------------------------
 
@@ -35,8 +43,9 @@ class Operations(LifecycleBase):
         if reviewed is not None:
             # A workflow step's plan, applied exactly. Checked first: it raises
             # unless the flow is off or an approved workflow plan covers it.
-            await self.check_reviewed_plan(uow, principal, r, reviewed)
-            return await self._start(uow, principal.user, r, OP_PROVISION, "provision", reviewed.plan_job_id)
+            approved = await self.check_reviewed_plan(uow, principal, r, reviewed)
+            return await self._start(uow, principal.user, r, OP_PROVISION, "provision", reviewed.plan_job_id,
+                                     approved=approved)
         return await self._start_or_ask(uow, principal, r, OP_PROVISION, "provision")
 
     async def recreate(self, uow, principal: Principal, id_: str, etag: str = "") -> Resource:
@@ -130,21 +139,24 @@ class Operations(LifecycleBase):
         return await self._start(uow, principal.user, r, operation, action)
 
     async def _start(self, uow, actor: str, r: Resource, operation: str, action: str,
-                     reviewed_plan_job_id: str = "") -> Resource:
+                     reviewed_plan_job_id: str = "", approved: bool = False) -> Resource:
+        """`approved`: an owner approved the operation (or an approved
+        workflow plan covers it); otherwise its submission checks the approval
+        flow again (see submit)."""
         if operation == OP_PROVISION:
             # A provisioning applies a saved plan only when a workflow step
             # hands it one (a dry run's plan_job_id is not an approval to apply it).
             r = replace(r, plan_job_id=reviewed_plan_job_id)
-        queued = await self._save(uow, r, self._queued(r, operation), actor, action)
+        queued = await self._save(uow, r, self._queued(r, operation, approved), actor, action)
         self._submit_after_commit(uow, queued, actor)
         return queued
 
     @staticmethod
-    def _queued(r: Resource, operation: str) -> Resource:
+    def _queued(r: Resource, operation: str, approved: bool = False) -> Resource:
         """The resource waiting for the job of `operation` (submitted after commit)."""
         return replace(r, state=DESTROY if operation == OP_DESTROY else r.state, status=QUEUED,
-                       pending_operation=operation, job_request_id=str(uuid.uuid4()), last_job_id="",
-                       error_message="")
+                       pending_operation=operation, operation_approved=approved, job_request_id=str(uuid.uuid4()),
+                       last_job_id="", error_message="")
 
     def _submit_after_commit(self, uow, queued: Resource, actor: str) -> None:
         uow.after_commit(lambda: self.submit(queued.id, queued.job_request_id, actor, queued))
@@ -168,6 +180,9 @@ class Operations(LifecycleBase):
             async with self.uow_factory() as uow:
                 r = await uow.resources.get(resource_id)
         if r is None or r.job_request_id != request_id or r.last_job_id:
+            return
+        if not r.operation_approved and r.pending_operation in (OP_PROVISION, OP_DESTROY) \
+                and await self._ask_instead_of_submitting(resource_id, request_id, actor):
             return
         try:
             # An approved update, and a workflow step's provisioning with a
@@ -203,13 +218,36 @@ class Operations(LifecycleBase):
                     await self._save(uow, current, after, actor, "job_submitted", events=(), extra={"job_id": job_id})
                 else:
                     after = replace(current, status=ERROR, error_message=error, job_request_id="",
-                                    pending_operation="", plan_job_id="")
+                                    pending_operation="", operation_approved=False, plan_job_id="")
                     await self._save(uow, current, after, actor, "job_failed_to_start", events=("resource_failed",))
                 try:
                     await uow.commit()
                     return
                 except Aborted:
                     continue
+
+    async def _ask_instead_of_submitting(self, resource_id: str, request_id: str, actor: str) -> bool:
+        """The approval flow was turned on after the operation was queued
+        (it was off then) and before its job was submitted, e.g. while the
+        executor was unreachable and the reconciler submits it later: no job
+        starts without an owner's approval, so the operation waits for one.
+        (An update merged its temporary state before queueing; it is
+        submitted as queued: see docs/architecture.md, Security model.)"""
+        async with self.uow_factory() as uow:
+            if not await self.approval_flow_on(uow):
+                return False
+            current = await uow.resources.get(resource_id)
+            if current is None or current.job_request_id != request_id or current.last_job_id:
+                return True  # submitted or changed meanwhile: nothing to submit from here
+            waiting = replace(current, status=APPROVAL_PENDING, job_request_id="", error_message="")
+            await self._save(uow, current, waiting, actor, f"{current.pending_operation}_requested")
+            try:
+                await uow.commit()
+            except Aborted:
+                return True  # changed at the same moment; the reconciler looks again
+        log.info("resource %s: the approval flow was turned on before its %s job was submitted; it waits for an "
+                 "owner's approval", resource_id, waiting.pending_operation)
+        return True
 
     async def _version(self, id_: str) -> VersionInfo:
         version = await self.remote.version(id_)
@@ -266,7 +304,7 @@ class Operations(LifecycleBase):
         if r.last_job_id != job.id or r.status not in (QUEUED, IN_PROGRESS):
             return None
         operation = r.pending_operation
-        base = replace(r, pending_operation="", job_request_id="", plan_job_id="")
+        base = replace(r, pending_operation="", operation_approved=False, job_request_id="", plan_job_id="")
         if job.status != "succeeded":
             message = job.error_message or f"the {job.action} job ended {job.status}"
             failed = await self._save(uow, r, replace(base, status=ERROR, error_message=message), actor,
@@ -305,10 +343,13 @@ class Operations(LifecycleBase):
         self._needs_iac(r, "destroy")
         if r.busy:
             raise _busy(r, "destroy")
-        if not (r.state == PROVISIONED or (r.state == DESTROY and r.status in (READY, ERROR, UNKNOWN))):
+        if not (r.state == PROVISIONED or (r.state == DESTROY and r.status in (READY, ERROR, UNKNOWN))
+                or (r.failed_first_provisioning and _teardown_of_its_workflow(principal, r))):
             raise _wrong_state(r, "destroy", "state provisioned")
         await self._guard_dependents(uow, r, principal.user)
-        if r.state == PROVISIONED:
+        if r.state != DESTROY:
+            # A failed or interrupted provisioning may have created part of its
+            # infrastructure: the destroy job removes what its state holds.
             r = await self._save(uow, r, replace(r, state=DESTROY, status=READY, error_message=""), principal.user,
                                  "destroy_requested")
         return await self._start_or_ask(uow, principal, r, OP_DESTROY, "destroy")
@@ -337,13 +378,14 @@ class Operations(LifecycleBase):
         r = await self.get(uow, id_)
         if r.state != DESTROY or r.status not in (READY, ERROR, APPROVAL_PENDING, REJECTED, UNKNOWN):
             raise _wrong_state(r, "cancel the destroy of", "state destroy, not running")
-        return await self._save(uow, r, replace(r, state=PROVISIONED, status=DONE, pending_operation="",
-                                                error_message=""), principal.user, "destroy_cancelled")
+        return await self._save(uow, r, replace(self._destroy_withdrawn(r), error_message=""), principal.user,
+                                "destroy_cancelled")
 
     async def delete(self, uow, principal: Principal, id_: str, etag: str = "") -> None:
         r = await self.get(uow, id_)
         _check_etag(r, etag)
-        if not r.abstract and not (r.state == DESTROYED and r.status == DONE):
+        if not r.abstract and not (r.state == DESTROYED and r.status == DONE) \
+                and not (r.never_ran and _teardown_of_its_workflow(principal, r)):
             raise _wrong_state(r, "delete", "destroyed/done")
         problems = [PreconditionViolation("CHILD_EXISTS", f"resources/{c.id}", f"{c.name} still has it as parent")
                     for c in await uow.resources.children(r.id)]

@@ -162,13 +162,14 @@ class TemporaryStates(LifecycleBase):
         await self._merge_and_apply(uow, principal.user, r, t, reviewed)
         return await self.get_temporary_state(uow, t.id)
 
-    async def _merge_and_apply(self, uow, actor: str, r: Resource, t: TemporaryState, plan_job_id: str) -> Resource:
+    async def _merge_and_apply(self, uow, actor: str, r: Resource, t: TemporaryState, plan_job_id: str,
+                               approved: bool = False) -> Resource:
         merged = replace(self._proposed(r, t), temporary_state_id=t.id, plan_job_id=plan_job_id)
         if t.status == TS_APPROVAL_PENDING:
             await uow.temporary_states.update(replace(t, status=TS_PENDING, version=t.version + 1), t.version)
         r = await self._save(uow, r, merged, actor, "merged", events=(),
                              extra={"temporary_state_id": t.id})
-        return await self._start(uow, actor, r, OP_UPDATE, "update")
+        return await self._start(uow, actor, r, OP_UPDATE, "update", approved=approved)
 
     async def discard_temporary_state(self, uow, principal: Principal, id_: str) -> None:
         t = await self.get_temporary_state(uow, id_)

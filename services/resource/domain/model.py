@@ -19,6 +19,10 @@ BUSY = frozenset({QUEUED, IN_PROGRESS, APPROVAL_PENDING})
 OP_PROVISION, OP_UPDATE, OP_DESTROY, OP_DRY_RUN = "provision", "update", "destroy", "dry_run"
 
 # "State Constraints" of the product document: current state -> allowed next states.
+# One exception, for a workflow's teardown only (see Operations.destroy and
+# delete): the resource of a workflow step whose provisioning failed or was
+# interrupted is destroyed with its state (provision -> destroy), and one
+# whose provisioning never ran is deleted; a teardown leaves nothing behind.
 ALLOWED_NEXT_STATES = {
     PROVISION: {PROVISIONED, PROVISION},
     PROVISIONED: {PROVISIONED, DESTROY},
@@ -80,6 +84,9 @@ class Resource:
     last_job_action: str = ""  # the operation last_job_id runs
     job_request_id: str = ""  # request_id of the job submission under way
     pending_operation: str = ""  # what waits for approval or runs
+    # The queued operation was approved (an owner's decision, or an approved
+    # workflow plan covering it): its submission need not check the approval flow again.
+    operation_approved: bool = False
     temporary_state_id: str = ""  # the temporary state being applied or reviewed
     plan_job_id: str = ""  # the reviewed dry run the pending operation applies
     approval_request_id: str = ""
@@ -98,6 +105,21 @@ class Resource:
     @property
     def busy(self) -> bool:
         return self.status in BUSY
+
+    @property
+    def never_ran(self) -> bool:
+        """A provisioning that never ran a job (not yet started, rejected, or
+        its job could not even be submitted): it has no state and no
+        infrastructure, so a teardown deletes its record without a destroy."""
+        return self.state == PROVISION and self.status in (READY, REJECTED, ERROR) and not self.last_job_id \
+            and not self.ever_provisioned
+
+    @property
+    def failed_first_provisioning(self) -> bool:
+        """A provisioning that failed or was interrupted after its job ran: part
+        of its infrastructure may exist, recorded in its state."""
+        return self.state == PROVISION and self.status in (ERROR, UNKNOWN) and bool(self.last_job_id) \
+            and not self.ever_provisioned
 
     def masked_variables(self) -> dict[str, Any]:
         return mask(self.variables, self.sensitive_variables)

@@ -168,6 +168,10 @@ class Remote:
                                                      rp.DestroyResourceRequest(id=resource_id), user=user,
                                                      role=Role.ADMIN))
 
+    async def delete_resource(self, user: str, resource_id: str) -> None:
+        await self.clients.call("resource", self.resource.DeleteResource, rp.DeleteResourceRequest(id=resource_id),
+                                user=user, role=Role.ADMIN)
+
     async def find_resource(self, resource_id: str) -> ResourceInfo | None:
         """The resource, or None when it no longer exists."""
         return await found_or_none(self.get_resource(resource_id))

@@ -27,7 +27,7 @@ from services.common.clients import RemoteError
 from services.common.errors import DomainError, FailedPrecondition, PreconditionViolation
 from services.common.uow import utcnow
 from services.workflow.domain.controls import RetryPolicy, blocked_by
-from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow
+from services.workflow.domain.model import DONE, ERROR, IN_PROGRESS, PENDING, PLANNING, Step, Workflow
 from services.workflow.app.base import WorkflowsBase, log
 
 EXPIRY_ACTOR = "system:expiry"
@@ -61,6 +61,8 @@ class Control(WorkflowsBase):
                 approvals.append(("resource", st.resource_id))
             if idle:
                 await self._end_step(uow, st, message, principal.user)
+                if st.plan.get("status") == PLANNING and st.plan.get("job_id"):
+                    jobs.append(st.plan["job_id"])  # its (re)plan: no job of the workflow outlives it
             elif st.job_id:
                 jobs.append(st.job_id)
             # (a step being started records its job later; start_step cancels it then)

@@ -178,6 +178,12 @@ class Execution(WorkflowsBase):
                     return  # (re)planned now, or its new plan waits for approval
             parents = list(dict.fromkeys([*(upstream[t].resource_id for t in st.parent_template_ids
                                             if t in upstream), *st.parent_resource_ids]))
+            # A cancel that came after the step was marked in progress: no job
+            # starts. The create still runs (without provisioning), so that a
+            # resource an earlier attempt of this very start created (the
+            # create is idempotent by the step id) is recorded on the step and
+            # its job cancelled, and a teardown finds whatever exists.
+            cancelled_by = await self._cancelled_by(w.id)
             resource = await self.remote.create_resource(actor, rp.CreateResourceRequest(
                 resource=rp.Resource(name=f"{_slug(st.template_name)}-{w.id[:8]}", template_id=st.template_id,
                                      source_code_version_id=st.source_code_version_id,
@@ -185,9 +191,12 @@ class Execution(WorkflowsBase):
                                      integration_ids=w.integration_ids, secret_ids=w.secret_ids,
                                      storage_id=w.storage_id,
                                      storage_path=st.plan.get("state_path", "") if reviewed else ""),
-                request_id=st.id, workflow_id=w.id, step_id=st.id, provision=True,
-                sensitive_variables=sensitive, reviewed_plan=reviewed))
+                request_id=st.id, workflow_id=w.id, step_id=st.id, provision=not cancelled_by,
+                sensitive_variables=sensitive, reviewed_plan=None if cancelled_by else reviewed))
             await self._record(st.id, resource_id=resource.id, job_id=resource.last_job_id)
+            if cancelled_by:
+                await self._stop_cancelled_start(st, resource, cancelled_by, actor)
+                return
             await self._cancel_if_cancelled(w.id, resource.last_job_id, actor)
             if resource.state == "provision" and resource.status in ("ready", "error"):
                 # The step runs again (a re-execution, perhaps after
@@ -221,14 +230,38 @@ class Execution(WorkflowsBase):
             log.exception("starting step %s failed", step_id)
             await self.step_failed(step_id, f"could not start: {type(exc).__name__}", actor)
 
-    async def _cancel_if_cancelled(self, workflow_id: str, job_id: str, actor: str) -> None:
-        """A job started while (or just before) the workflow was cancelled is cancelled too."""
-        if not job_id:
+    async def _stop_cancelled_start(self, st: Step, resource, cancelled_by: str, actor: str) -> None:
+        """The step of a cancelled workflow found its resource (created now,
+        without a job, or by an earlier attempt of this start): a job that
+        runs is cancelled and its end ends the step, so the workflow does not
+        end while it runs; an approval it waits for is withdrawn; otherwise
+        the step ends now."""
+        if resource.status in ("queued", "in_progress") and resource.last_job_id:
+            await self.cancel_job(resource.last_job_id, cancelled_by)
             return
+        if resource.state == "provisioned" and resource.status == "done":  # it finished before the cancel
+            await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
+                                      list(resource.sensitive_outputs), actor)
+            return
+        if resource.status == "approval_pending" and resource.approval_request_id:
+            try:
+                await self.remote.cancel_approval(cancelled_by, resource.approval_request_id,
+                                                  f"workflow cancelled by {cancelled_by}")
+            except RemoteError as exc:
+                log.warning("cancelling approval request %s: %s", resource.approval_request_id, exc.describe())
+        await self.step_failed(st.id, f"cancelled by {cancelled_by}", actor)
+
+    async def _cancelled_by(self, workflow_id: str) -> str:
         async with self.uow_factory() as uow:
             w = await uow.workflows.get(workflow_id)
-        if w is not None and w.cancelled_by:
-            await self.cancel_job(job_id, w.cancelled_by)
+        return w.cancelled_by if w is not None else ""
+
+    async def _cancel_if_cancelled(self, workflow_id: str, job_id: str, actor: str) -> None:
+        """A job started while (or just before) the workflow was cancelled is
+        cancelled too; the step ends when the job's end arrives, so the
+        workflow never ends while the job runs."""
+        if job_id and (cancelled_by := await self._cancelled_by(workflow_id)):
+            await self.cancel_job(job_id, cancelled_by)
 
     async def _record(self, step_id: str, **fields) -> None:
         for _ in range(5):
@@ -279,12 +312,17 @@ class Execution(WorkflowsBase):
         await self.schedule(uow, st.workflow_id, actor, completed=done)
         return True
 
-    async def step_failed(self, step_id: str, message: str, actor: str, uow=None, job_failed: bool = False) -> None:
+    async def step_failed(self, step_id: str, message: str, actor: str, uow=None, job_failed: bool = False,
+                          resource_id: str = "") -> None:
         """`job_failed`: the step's job failed (its error output may make it
-        a transient failure, retried by the workflow's retry policy)."""
-        await self._in_uow(uow, lambda u: self._fail(u, step_id, message, actor, job_failed))
+        a transient failure, retried by the workflow's retry policy).
+        `resource_id`: the resource the failed job ran for, recorded on the
+        step even when its start had not recorded it yet (a teardown destroys
+        what the step's resource holds)."""
+        await self._in_uow(uow, lambda u: self._fail(u, step_id, message, actor, job_failed, resource_id))
 
-    async def _fail(self, uow, step_id: str, message: str, actor: str, job_failed: bool = False) -> bool:
+    async def _fail(self, uow, step_id: str, message: str, actor: str, job_failed: bool = False,
+                    resource_id: str = "") -> bool:
         """The step goes to error, and what else stops follows the workflow's
         failure policy: with stop (the default) the workflow goes to error,
         steps not started stay pending and running siblings finish; nothing
@@ -303,7 +341,7 @@ class Execution(WorkflowsBase):
             message = f"{message} (after {st.attempts} attempts)"
         now = utcnow()
         failed = replace(st, status=ERROR, error_message=message, waiting_reason="", completion_time=now,
-                         retry_time=None, version=st.version + 1)
+                         retry_time=None, resource_id=st.resource_id or resource_id, version=st.version + 1)
         if not await uow.steps.update(failed, st.version):
             return False
         await self._step_event(uow, "step_failed", failed, actor)

@@ -86,8 +86,9 @@ class Reconciliation(WorkflowsBase):
             elif resource.state == "destroy" and resource.status in ("error", "rejected", "unknown"):
                 await self.teardown_step_failed(st.id, resource.error_message or f"resource is {resource.status}",
                                                 actor)
-            elif resource.state == "provisioned" and st.waiting_reason:  # its destroy was rejected
+            elif resource.state in ("provisioned", "provision") and st.waiting_reason:  # its destroy was rejected
                 await self.teardown_step_failed(st.id, f"the destroy of resource {resource.id} was not approved",
                                                 actor)
-            elif resource.state == "provisioned":  # the destroy call was lost (a crash before it was made)
+            elif resource.state in ("provisioned", "provision") and resource.status not in (
+                    "queued", "in_progress", "approval_pending"):  # the destroy (or delete) call was lost
                 await self.destroy_step(st.id, w.torn_down_by or actor)

@@ -13,6 +13,13 @@ from services.workflow.domain.model import (DONE, ERROR, IN_PROGRESS, PENDING, S
 from services.workflow.app.base import WorkflowsBase, log
 
 
+def never_ran(r: ResourceInfo) -> bool:
+    """The resource service's rule for a record deleted without a destroy:
+    a provisioning whose job never ran (not started, rejected, withdrawn, or
+    its job could not be submitted)."""
+    return r.state == "provision" and r.status in ("ready", "rejected", "error") and not r.last_job_id
+
+
 class Teardown(WorkflowsBase):
     # --- teardown ------------------------------------------------------------------------------
 
@@ -105,6 +112,16 @@ class Teardown(WorkflowsBase):
         if st is None or st.teardown_status != IN_PROGRESS:
             return
         try:
+            found = await self.remote.find_resource(st.resource_id)
+            if found is None:
+                await self.teardown_step_done(step_id, "", actor)
+                return
+            if never_ran(found):  # no job ever ran for it: no state, no infrastructure, only the record
+                await self.remote.delete_resource(actor, found.id)
+                await self.teardown_step_done(step_id, "", actor)
+                return
+            # Provisioned, or a provisioning that failed or was interrupted
+            # (part of its infrastructure may exist): destroyed with its state.
             resource = await self.remote.destroy(actor, st.resource_id)
         except RemoteError as exc:
             resource = await self._resource_after_refusal(st, exc, actor)

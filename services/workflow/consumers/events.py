@@ -67,7 +67,7 @@ def consumers(runtime) -> list[ConsumerSpec]:
                 [o.name for o in body.outputs if o.sensitive], actor, uow=uow)
         elif kind in _JOB_ENDED_BADLY:
             await workflows.step_failed(step_id, body.error_message or f"the job ended {kind[4:]}", actor, uow=uow,
-                                        job_failed=kind == "job_failed")
+                                        job_failed=kind == "job_failed", resource_id=body.correlation.resource_id)
 
     async def on_resource(uow, env: Envelope) -> None:
         kind, body = body_of(env)
@@ -94,8 +94,8 @@ def consumers(runtime) -> list[ConsumerSpec]:
         if body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING:
             await workflows.step_waiting(step_id, f"the destroy of resource {body.resource_id} waits for an "
                                                   "owner's approval", actor, uow=uow)
-        elif (body.state, body.previous_state) == (resource_pb2.RESOURCE_STATE_PROVISIONED,
-                                                   resource_pb2.RESOURCE_STATE_DESTROY):
+        elif body.previous_state == resource_pb2.RESOURCE_STATE_DESTROY and body.state in (
+                resource_pb2.RESOURCE_STATE_PROVISIONED, resource_pb2.RESOURCE_STATE_PROVISION):
             await workflows.teardown_step_failed(step_id, f"the destroy of resource {body.resource_id} was rejected "
                                                           "or withdrawn", actor, uow=uow)
         elif body.status == resource_pb2.RESOURCE_STATUS_ERROR and not body.job_id:
