@@ -2,7 +2,8 @@
 processes; while a chain of steps executes, each service is killed with
 SIGKILL and started again, the executor while a step's terraform apply runs.
 The workflow still finishes, every resource ends provisioned (none stuck in
-progress), and no apply of a step ever ran beside another of the same step."""
+progress), no apply of a step ever ran beside another of the same step, and
+no job started before the workflow service had started its step."""
 from __future__ import annotations
 
 import signal
@@ -88,6 +89,17 @@ def test_killing_each_service_mid_workflow_loses_nothing_and_runs_no_apply_twice
                     240, "the end of the workflow")
     assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
     assert all(s.status == wp.STEP_STATUS_DONE and s.resource_id for s in done.steps)
+
+    # One owner of every step: each job of the workflow was submitted, and started, only after the
+    # workflow service had recorded its step in progress (the step's start_time), never ahead of it.
+    jobs = stub("executor", executor_pb2_grpc.ExecutorServiceStub).ListJobs(
+        ep.ListJobsRequest(workflow_id=w.id, page_size=100), metadata=md).jobs
+    step_started = {s.id: s.start_time.ToDatetime() for s in done.steps}
+    assert len(jobs) >= STEPS and all(j.correlation.step_id in step_started for j in jobs)
+    for j in jobs:
+        assert step_started[j.correlation.step_id] <= j.create_time.ToDatetime(), f"job {j.id} ahead of its step"
+        if j.HasField("start_time"):
+            assert step_started[j.correlation.step_id] <= j.start_time.ToDatetime(), f"job {j.id} ahead of its step"
 
     resources = stub("resource", resource_pb2_grpc.ResourceServiceStub)
     for s in done.steps:
