@@ -16,14 +16,12 @@ from sqlalchemy.engine import make_url
 
 from infrakitchen.events.v1 import events_pb2
 from infrakitchen.executor.v1 import executor_pb2 as pb
-from infrakitchen.executor.v1 import executor_pb2_grpc
 from services.common.auth import Role
 from services.common.values import from_value
-from services.executor.__main__ import DEFINITION
+from services.executor.adapters.resources import ResourceUsers
 from tests.support.events import read_events as _read_events
-from tests.support.grpc_asserts import field_violations, precondition_violations, rpc_error
-from tests.support.inprocess import InProcessService
-from tests.support.jobs import all_logs, log_text, module_repo, submit_request, wait_job
+from tests.support.grpc_asserts import field_violations, precondition_violations, reason, rpc_error
+from tests.support.jobs import all_logs, log_text, module_repo, start_executor, submit_request, wait_job
 
 SUCCEEDED, FAILED = pb.JOB_STATUS_SUCCEEDED, pb.JOB_STATUS_FAILED
 
@@ -31,16 +29,6 @@ SUCCEEDED, FAILED = pb.JOB_STATUS_SUCCEEDED, pb.JOB_STATUS_FAILED
 @pytest.fixture
 def repo(tmp_path):
     return module_repo(tmp_path / "modules")
-
-
-async def start_executor(database_url, event_prefix, nats_url, data_dir, **env):
-    svc = InProcessService(DEFINITION, database_url, event_prefix, nats_url, data_dir,
-                           extra_env={"IK_EXECUTOR_CANCEL_GRACE": "5", "IK_TERRAFORM_LOCK_TIMEOUT": "2s", **env})
-    await svc.__aenter__()
-    svc.stub = executor_pb2_grpc.ExecutorServiceStub(svc.channel)
-    svc.md = svc.metadata(Role.WRITE, "alice")
-    svc.admin = svc.metadata(Role.ADMIN, "root")
-    return svc
 
 
 @pytest.fixture
@@ -402,6 +390,88 @@ async def test_a_state_path_belongs_to_one_resource(executor, repo, tmp_path):
         storage_id=storage.id, state_path="net/vpc", resource_id="r-1"), metadata=executor.md)
     await executor.stub.ClaimStatePath(pb.ClaimStatePathRequest(
         storage_id=storage.id, state_path="net/vpc", resource_id="r-2"), metadata=executor.md)
+
+
+async def _no_resources(self, field: str, id_: str) -> list[tuple[str, str]]:
+    return []  # no resource service here: no resource names it
+
+
+async def _what_jobs_use(svc, tmp_path) -> tuple[pb.Integration, pb.Secret, pb.Storage, list]:
+    """An integration (at most one job at once), a secret and a storage, and
+    their deletes as (call, request)."""
+    integration = await svc.stub.CreateIntegration(pb.CreateIntegrationRequest(
+        integration=pb.Integration(name="acct", provider=pb.INTEGRATION_PROVIDER_GENERIC, max_concurrent_jobs=1),
+        credentials={"ACCOUNT": "one"}), metadata=svc.admin)
+    secret = await svc.stub.CreateSecret(pb.CreateSecretRequest(
+        secret=pb.Secret(name="api", exposure=pb.SECRET_EXPOSURE_TF_VAR), values={"token": "t-1"}),
+        metadata=svc.md)
+    storage = await local_storage(svc, tmp_path / "states")
+    deletes = [(svc.stub.DeleteIntegration, pb.DeleteIntegrationRequest(id=integration.id)),
+               (svc.stub.DeleteSecret, pb.DeleteSecretRequest(id=secret.id)),
+               (svc.stub.DeleteStorage, pb.DeleteStorageRequest(id=storage.id))]
+    return integration, secret, storage, deletes
+
+
+async def _refused_naming(call, request, svc, jobs) -> None:
+    err = await rpc_error(call(request, metadata=svc.admin))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+    assert reason(err) == "IN_USE_BY_JOBS"
+    assert precondition_violations(err) == [("IN_USE", f"jobs/{j.id}", f"job {j.id} is queued or running with it")
+                                            for j in jobs]
+
+
+async def test_what_a_queued_job_names_is_not_deleted_until_the_job_ended(repo, tmp_path, event_prefix, nats_url,
+                                                                         monkeypatch):
+    """A job that has not started holds its integration, secret and storage
+    as a running one does (it would start without them). No workers here, so
+    every job stays queued; a delete names the oldest 20 of them, and goes
+    through once they ended."""
+    monkeypatch.setattr(ResourceUsers, "of", _no_resources)
+    svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
+                               IK_EXECUTOR_WORKERS="0")
+    try:
+        integration, secret, storage, deletes = await _what_jobs_use(svc, tmp_path)
+        jobs = [await svc.stub.SubmitJob(submit_request(
+            repo, "ok", f"q/{n}", variables={"name": "q"}, integration_ids=[integration.id], secret_ids=[secret.id],
+            storage_id=storage.id), metadata=svc.md) for n in range(25)]
+        assert {j.status for j in jobs} == {pb.JOB_STATUS_QUEUED}
+        for call, request in deletes:
+            await _refused_naming(call, request, svc, jobs[:20])
+        for j in jobs[:-1]:
+            await svc.stub.CancelJob(pb.CancelJobRequest(id=j.id), metadata=svc.md)
+        for call, request in deletes:  # one still queued is enough
+            await _refused_naming(call, request, svc, jobs[-1:])
+        await svc.stub.CancelJob(pb.CancelJobRequest(id=jobs[-1].id), metadata=svc.md)
+        for call, request in deletes:
+            await call(request, metadata=svc.admin)
+        gone = await rpc_error(svc.stub.GetIntegration(pb.GetIntegrationRequest(id=integration.id),
+                                                       metadata=svc.admin))
+        assert gone.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await svc.__aexit__(None, None, None)
+
+
+async def test_a_job_held_back_by_its_integrations_cap_holds_what_it_names(executor, repo, tmp_path, monkeypatch):
+    """The integration's cap keeps the second job queued behind the running
+    first: the secret only the queued job names is not deleted either, and
+    the integration is named for both."""
+    monkeypatch.setattr(ResourceUsers, "of", _no_resources)
+    integration, secret, storage, deletes = await _what_jobs_use(executor, tmp_path)
+    running = await executor.stub.SubmitJob(submit_request(
+        repo, "slow", "cap/a", variables={"seconds": 60}, integration_ids=[integration.id]), metadata=executor.md)
+    await wait_until_logged(executor, running.id, "tick 1")
+    queued = await executor.stub.SubmitJob(submit_request(
+        repo, "ok", "cap/b", variables={"name": "b"}, integration_ids=[integration.id], secret_ids=[secret.id],
+        storage_id=storage.id), metadata=executor.md)
+    queued = await wait_job(executor.stub, queued.id, executor.md, statuses={pb.JOB_STATUS_QUEUED})
+    await _refused_naming(*deletes[0], executor, [running, queued])
+    await _refused_naming(*deletes[1], executor, [queued])
+    await _refused_naming(*deletes[2], executor, [queued])
+    for job in (queued, running):
+        await executor.stub.CancelJob(pb.CancelJobRequest(id=job.id), metadata=executor.md)
+        assert (await wait_job(executor.stub, job.id, executor.md, timeout=30)).status == pb.JOB_STATUS_CANCELLED
+    for call, request in deletes:
+        await call(request, metadata=executor.admin)
 
 
 async def test_storage_and_credential_validation(executor):

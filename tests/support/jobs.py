@@ -8,7 +8,11 @@ import time
 from google.protobuf import duration_pb2, struct_pb2
 
 from infrakitchen.executor.v1 import executor_pb2 as pb
+from infrakitchen.executor.v1 import executor_pb2_grpc
+from services.common.auth import Role
+from services.executor.__main__ import DEFINITION
 from tests.support.gitrepos import ModuleRepo
+from tests.support.inprocess import InProcessService
 
 MODULES = {
     # Outputs of every kind, a sensitive variable and a sensitive output; the
@@ -147,3 +151,14 @@ async def all_logs(stub, job_id: str, metadata) -> list[pb.LogLine]:
 
 def log_text(lines) -> str:
     return "\n".join(line.text for line in lines)
+
+
+async def start_executor(database_url, event_prefix, nats_url, data_dir, **env) -> InProcessService:
+    """An executor in the test's event loop, with `stub`, `md` (a writer) and `admin` metadata."""
+    svc = InProcessService(DEFINITION, database_url, event_prefix, nats_url, data_dir,
+                           extra_env={"IK_EXECUTOR_CANCEL_GRACE": "5", "IK_TERRAFORM_LOCK_TIMEOUT": "2s", **env})
+    await svc.__aenter__()
+    svc.stub = executor_pb2_grpc.ExecutorServiceStub(svc.channel)
+    svc.md = svc.metadata(Role.WRITE, "alice")
+    svc.admin = svc.metadata(Role.ADMIN, "root")
+    return svc

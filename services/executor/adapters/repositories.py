@@ -14,8 +14,8 @@ from services.common.errors import Aborted
 from services.common.paging import after_key
 from services.executor.adapters.tables import integrations, job_logs, jobs, secrets, state_path_claims, storages
 from services.common.vault import Vault
-from services.executor.domain.model import (Correlation, Integration, Job, Output, PlanSummary, Secret, Source,
-                                            StatePathClaim, Storage)
+from services.executor.domain.model import (NOT_ENDED, Correlation, Integration, Job, JobLease, Output, PlanSummary,
+                                            Secret, Source, StatePathClaim, Storage)
 
 
 async def _exactly_one(session: AsyncSession, statement, kind: str, id_: str) -> None:
@@ -182,6 +182,15 @@ class JobRepository:
             jobs.c.status == "running", jobs.c.lease_until < moment))
         return [(r.id, r.attempt) for r in rows]
 
+    async def leases(self, ids: list[str]) -> dict[str, JobLease]:
+        """Who runs each of these jobs (those that exist), read in batches."""
+        found: dict[str, JobLease] = {}
+        for start in range(0, len(ids), 500):
+            rows = await self.s.execute(sa.select(jobs.c.id, jobs.c.status, jobs.c.attempt, jobs.c.worker,
+                                                  jobs.c.lease_until).where(jobs.c.id.in_(ids[start:start + 500])))
+            found.update({r.id: JobLease(r.status, r.attempt, r.worker, _aware(r.lease_until)) for r in rows})
+        return found
+
     async def renew_lease(self, id_: str, worker: str, lease_until: dt.datetime, attempt: int) -> bool:
         """False when the job is no longer this run's: it lost the lease and was
         claimed again (another attempt: the same process's other worker task
@@ -239,9 +248,13 @@ class JobRepository:
         return [self._job(r) for r in await self.s.execute(query)]
 
     async def uses(self, column: str, id_: str, limit: int = 20) -> list[str]:
-        """Ids of unfinished jobs that reference an integration, secret or storage."""
+        """Ids of up to `limit` jobs that have not ended (NOT_ENDED: queued
+        or running) and reference an integration, secret or storage, oldest
+        first. The statuses come from the model, not a list of their own
+        here: a job waiting in a status such a list missed once let its
+        credentials be deleted under it."""
         rows = await self.s.execute(sa.select(jobs.c.id, jobs.c[column]).where(
-            jobs.c.status.in_(["queued", "running"])))
+            jobs.c.status.in_(NOT_ENDED)).order_by(jobs.c.create_time, jobs.c.id))
         return [r.id for r in rows if (id_ in r[1] if isinstance(r[1], list) else r[1] == id_)][:limit]
 
 

@@ -6,7 +6,10 @@ generated backend override for the storage, the variables as an
 and secrets of the job (never the executor's own environment, which holds its
 keys). `terraform init` runs offline against the provider plugin directory.
 Output lines go to `log` as they are written, already redacted. The working
-directory is removed afterwards, whatever happens.
+directory is removed afterwards, whatever happens; a run whose process was
+killed cannot remove it, so it is named after its job and attempt
+(`<job id>-attempt<n>-<random>`) for the worker pool to find and remove what
+such a run left (see `job_workdirs`).
 
 Interrupting (cancel, timeout, lost lease) sends SIGINT to terraform's process
 group, so terraform stops gracefully and writes and unlocks its state; SIGKILL
@@ -126,6 +129,7 @@ class RunSpec:
     state_path: str
     plan_file: bytes | None = None
     plan_state: tuple[int, str] = (0, "")  # (serial, lineage) the saved plan was made against
+    attempt: int = 0  # the job's attempt this run is: it names the working directory
 
 
 @dataclass
@@ -183,6 +187,45 @@ def break_stale_lock(config: TerraformConfig, storage: Storage | None, state_pat
     return False
 
 
+def workdir_prefix(job_id: str, attempt: int) -> str:
+    return f"{job_id}-attempt{attempt}-"
+
+
+# `<job id>-attempt<n>-<random>`; `<job id>-<random>` from versions before
+# the attempt was in the name.
+_WORKDIR_RE = re.compile(r"(?P<job>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+                         r"-(?:attempt(?P<attempt>[0-9]+)-)?[^/]+")
+
+
+@dataclass(frozen=True)
+class JobWorkdir:
+    path: Path
+    job_id: str
+    attempt: int | None  # None: named by an earlier version, without its attempt
+
+
+def job_workdirs(work_dir: Path, job_id: str = "") -> list[JobWorkdir]:
+    """The jobs' working directories under the work root (of one job when
+    `job_id` is given). Anything else there is not a job's and is ignored."""
+    try:
+        entries = list(work_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        m = _WORKDIR_RE.fullmatch(entry.name)
+        if m and (not job_id or m["job"] == job_id) and entry.is_dir() and not entry.is_symlink():
+            found.append(JobWorkdir(entry, m["job"], int(m["attempt"]) if m["attempt"] else None))
+    return found
+
+
+def remove_workdir(workdir: Path) -> bool:
+    """Removes a working directory a run left behind; False when some of it
+    could not be removed."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    return not workdir.exists()
+
+
 class TerraformRun:
     """One job's run; `interrupt()` may be called from another task."""
 
@@ -223,7 +266,8 @@ class TerraformRun:
 
     async def run(self) -> RunResult:
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix=f"{self.spec.job_id}-", dir=self.config.work_dir))
+        workdir = Path(tempfile.mkdtemp(prefix=workdir_prefix(self.spec.job_id, self.spec.attempt),
+                                        dir=self.config.work_dir))
         self._writable = [workdir]
         result = RunResult()
         try:

@@ -140,10 +140,14 @@ async def _refuse_if_resources_use(resource_users, field: str, kind: str, id_: s
 
 
 async def _refuse_if_used(uow, column: str, kind: str, id_: str) -> None:
+    """Every job that has not ended holds what it names: a queued one would
+    start without it, a running one may still need it (a destroy's
+    credentials). Names up to 20 of them, the oldest first."""
     users = await uow.jobs.uses(column, id_)
     if users:
-        raise FailedPrecondition(f"{kind} {id_} is used by unfinished jobs", [
-            PreconditionViolation("IN_USE", f"jobs/{j}", f"job {j} is queued or running with it") for j in users])
+        raise FailedPrecondition(f"{kind} {id_} is used by jobs that have not ended", [
+            PreconditionViolation("IN_USE", f"jobs/{j}", f"job {j} is queued or running with it") for j in users],
+            reason="IN_USE_BY_JOBS")
 
 
 # --- secrets ---------------------------------------------------------------

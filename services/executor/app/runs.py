@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from services.common import logs as service_logs
 from services.common import metrics, tracing
 from services.common.uow import utcnow
-from services.executor.adapters.terraform import RunSpec, TerraformRun, break_stale_lock
+from services.executor.adapters.terraform import RunSpec, TerraformRun, break_stale_lock, job_workdirs, remove_workdir
 from services.executor.app.jobs import DISPATCH_SUBJECT, emit_job_event, lease_deadline
 from services.executor.domain.model import (CANCELLED, FAILED, SUCCEEDED, TIMED_OUT, Job, Redactor, integration_env,
                                             secret_env, sensitive_values)
@@ -116,13 +116,16 @@ class JobRuns:
                                  f"(its lease expired); running the job again")
             if break_stale_lock(self.terraform, storage, job.state_path):
                 logs.add("executor", "removed the stale state lock the stopped run left behind")
+            if await self._remove_workdirs_left(job.id, up_to_attempt=job.attempt - 1):
+                logs.add("executor", "removed the working directory the stopped run left behind")
         logs.add("executor", f"{job.action} job {job.id}, attempt {job.attempt}, on worker {cfg.worker_id}")
         if job.attempt == 1:
             metrics.JOB_QUEUED.observe(metrics.seconds_between(job.create_time, utcnow()))
         spec = RunSpec(job_id=job.id, action=job.action, repository_url=job.source.repository_url,
                        ref=job.commit or job.source.ref, path=job.source.path, variables=job.variables, env=env,
                        storage=storage, state_path=job.state_path, plan_file=plan_file,
-                       plan_state=(summary.state_serial, summary.state_lineage) if summary else (0, ""))
+                       plan_state=(summary.state_serial, summary.state_lineage) if summary else (0, ""),
+                       attempt=job.attempt)
         run = TerraformRun(self.terraform, spec, redact, logs.add)
         self._runs[job.id] = run
         try:
@@ -179,6 +182,34 @@ class JobRuns:
         took = metrics.seconds_between(job.start_time, job.end_time)
         metrics.after_commit(uow, lambda: (metrics.JOBS.labels(job.action, status).inc(),
                                            metrics.JOB_DURATION.labels(job.action).observe(took)))
+
+    async def _remove_workdirs_left(self, job_id: str, up_to_attempt: int) -> int:
+        """Removes the working directories that runs of the job up to attempt
+        `up_to_attempt` left under this process's work root, and returns how
+        many. A run removes its own when it ends; one whose process was
+        killed could not, and its directory holds the checkout, the variables
+        file with every input (sensitive ones too) and the backend override.
+        Called once the job's lease says those runs are over (the reaper's
+        takeover, a re-run, the end of a job whose runner died); a run of
+        this process that still goes on keeps its directory."""
+        running_here = self._runs.get(job_id)
+        try:
+            left = [w for w in job_workdirs(self.terraform.work_dir, job_id)
+                    if (w.attempt is None or w.attempt <= up_to_attempt)
+                    and not (running_here is not None and w.attempt == running_here.spec.attempt)]
+        except OSError as exc:  # an unreadable work root must not keep the job from running again
+            log.warning("job %s: cannot look for working directories left behind: %s", job_id, exc)
+            return 0
+        removed = 0
+        for workdir in left:
+            if await asyncio.to_thread(remove_workdir, workdir.path):
+                removed += 1
+            else:
+                log.warning("job %s: could not remove all of %s, which a stopped run left behind", job_id,
+                            workdir.path)
+        if removed:
+            log.info("job %s: removed %d working directories stopped runs left behind", job_id, removed)
+        return removed
 
     async def _environment(self, uow, job: Job) -> tuple[dict[str, str], Redactor]:
         env: dict[str, str] = {}

@@ -18,6 +18,14 @@ its last fetch still brings is handed back to the queue). Such a job has no
 message to be redelivered if its process dies; the lease reaper of any
 executor process puts a job whose lease ran out back on the queue instead.
 
+Leftovers: a run removes its working directory when it ends, but a run
+whose process was killed cannot. Its job's directory (the checkout, the
+variables file with every input, sensitive ones too, the backend override)
+is removed when the job is taken over (the reaper queues it again, a worker
+claims it again, or it ends without its runner), by a process sharing that
+work root, and at start every directory under the work root that no live
+run can use is removed (see workdir_left_behind).
+
 Step hold: when a workflow step's job succeeds while other jobs wait on the
 queue, its worker waits a moment (IK_EXECUTOR_STEP_HOLD) for that workflow's
 next job instead of taking the oldest queued one: the next step's job arrives
@@ -43,10 +51,10 @@ from sqlalchemy.exc import IntegrityError
 from services.common import metrics, tracing
 from services.common.config import Settings
 from services.common.uow import utcnow
-from services.executor.adapters.terraform import TerraformConfig, TerraformRun
+from services.executor.adapters.terraform import TerraformConfig, TerraformRun, job_workdirs, remove_workdir
 from services.executor.app.jobs import DISPATCH_SUBJECT, cap_reason, emit_job_event, lease_deadline
 from services.executor.app.runs import JobRuns, quietly
-from services.executor.domain.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from services.executor.domain.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, workdir_left_behind
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +112,8 @@ class JobWorkers(JobRuns):
 
     async def run(self) -> None:
         """Background task of the service: the worker pool."""
+        # Before any worker starts, so no run of this process has a directory yet.
+        await self._remove_workdirs_left_at_start()
         bus = self.runtime.bus
         stream = bus.names.stream("IK_EXECUTOR_JOBS")
         await bus.js.add_consumer(stream, ConsumerConfig(
@@ -152,6 +162,40 @@ class JobWorkers(JobRuns):
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
+    async def _remove_workdirs_left_at_start(self) -> None:
+        """Removes the job working directories under the work root that runs
+        which died left behind (a kill -9 of an executor leaves every job it
+        ran there), keeping those live runs of other replicas sharing the
+        root still use. Trouble here is logged, never fatal: the next start
+        or the job's takeover tries again."""
+        try:
+            # Listed before the jobs are read: a directory a run makes after
+            # that read (a claim moments later) is not in this list, and a
+            # listed one whose job reads queued or ended belongs to no run.
+            workdirs = job_workdirs(self.terraform.work_dir)  # one directory listing: no thread needed
+            if not workdirs:
+                return
+            async with self.runtime.read_uow() as uow:
+                leases = await uow.jobs.leases(sorted({w.job_id for w in workdirs}))
+            now, removed, unknown = utcnow(), [], []
+            for w in workdirs:
+                if w.job_id not in leases:
+                    unknown.append(w.path.name)
+                elif w.job_id not in self._runs and workdir_left_behind(leases[w.job_id], w.attempt, now,
+                                                                        self.config.worker_id):
+                    if await asyncio.to_thread(remove_workdir, w.path):
+                        removed.append(w.job_id)
+                    else:
+                        log.warning("could not remove all of %s, which a stopped run left behind", w.path)
+            if removed:
+                log.warning("removed %d working directories of jobs whose runs stopped without removing them "
+                            "(jobs %s)", len(removed), ", ".join(sorted(set(removed))[:20]))
+            if unknown:
+                log.warning("left alone %d directories under %s that name jobs this database does not know: %s",
+                            len(unknown), self.terraform.work_dir, ", ".join(sorted(unknown)[:20]))
+        except Exception as exc:  # noqa: BLE001 - the takeover of each job removes its own
+            log.warning("cannot look for working directories left behind: %s", exc)
+
     async def _reap(self) -> None:
         """Jobs whose runner stopped renewing its lease for a whole lease (its
         process died) go back on the work queue, once per attempt; a job that
@@ -171,6 +215,8 @@ class JobWorkers(JobRuns):
                         # Its lease ran out: the runner renewed nothing for a whole lease.
                         lost = await uow.jobs.lease_expired_before(utcnow())
                     for job_id, attempt in lost:
+                        # Its runner died: what its run left on this machine goes before the job runs again.
+                        await self._remove_workdirs_left(job_id, up_to_attempt=attempt)
                         await self._requeue(job_id, attempt)
             except asyncio.CancelledError:
                 raise
@@ -325,6 +371,7 @@ class JobWorkers(JobRuns):
                           f"its worker stopped without finishing {job.attempt} times; not run again")
                 await self._end(uow, job, CANCELLED if job.cancel_requested else FAILED, reason)
                 await uow.commit()
+                await self._remove_workdirs_left(job.id, up_to_attempt=job.attempt)
                 await msg.ack()
                 return None
             claimed = await self._claim(uow, job, now)

@@ -19,6 +19,10 @@ ACTIONS = (PLAN, APPLY, DESTROY)
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT = (
     "queued", "running", "succeeded", "failed", "cancelled", "timed_out")
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, TIMED_OUT})
+# Every status before the end. A job in one of these holds what it names (its
+# integrations, secrets and storage); each status is in exactly one of the two
+# sets (a unit test keeps it so), so no new status slips past that check.
+NOT_ENDED = (QUEUED, RUNNING)
 
 # Integration providers and how their credentials become environment variables.
 AWS, AZURE, GCP, GENERIC = "aws", "azure", "gcp", "generic"
@@ -166,6 +170,42 @@ class StatePathClaim:
     state_path: str
     resource_id: str
     create_time: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class JobLease:
+    """Who runs a job, as the database says: enough to tell whether a
+    working directory of it can still belong to a live run."""
+    status: str
+    attempt: int
+    worker: str
+    lease_until: dt.datetime | None
+
+
+def workdir_left_behind(lease: JobLease | None, attempt: int | None, now: dt.datetime, this_worker: str) -> bool:
+    """Whether a job's working directory, made by its run `attempt` (None:
+    a directory named without its attempt, by an earlier version), is what a
+    run that died left behind and may be removed, when no run of this
+    process uses it.
+
+    Executor replicas on one machine may share the work root (it is under
+    the data directory, or IK_EXECUTOR_WORK_DIR), so a directory can belong
+    to another replica's live run: such a run holds its job `running`, as
+    its latest attempt, with a lease it keeps renewing. Everything else is left behind: a queued job
+    has no run (a run's directory is gone before its job is handed back), an
+    ended job's run is over, an earlier attempt lost the job, a lease that
+    ran out means its runner died, and a job recorded on this worker id runs
+    nowhere else (the caller runs none of it). A job the database does not
+    know is not this deployment's: it is left alone."""
+    if lease is None:
+        return False
+    if lease.status != RUNNING:
+        return True
+    if attempt is not None and attempt < lease.attempt:
+        return True
+    if lease.worker == this_worker:
+        return True
+    return lease.lease_until is None or lease.lease_until < now
 
 
 def valid_env_name(name: str) -> bool:
