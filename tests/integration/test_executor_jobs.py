@@ -647,3 +647,32 @@ async def test_a_worker_freed_by_a_step_runs_its_own_workflows_queued_job_withou
         assert running.status == sibling.status == SUCCEEDED
         waited = (sibling.start_time.ToDatetime() - running.end_time.ToDatetime()).total_seconds()
         assert waited < 5, f"the sibling waited {waited:.1f} s: the worker held for nothing"
+
+
+@pytest.mark.parametrize("kind", ["integration", "secret", "storage"])
+async def test_a_delete_racing_a_submission_waits_for_it_and_sees_its_job(repo, tmp_path, event_prefix, nats_url,
+                                                                         postgres, monkeypatch, kind):
+    """PostgreSQL, two transactions at once: a SubmitJob that has read what
+    its job names but not committed yet, and a delete of one of those. The
+    delete waits for the submission and is then refused naming its job; it
+    never deletes what a job stored a moment later names."""
+    from services.common.auth import Principal, Role
+    from services.executor.api import convert
+    from services.executor.app import jobs as job_use_cases
+    monkeypatch.setattr(ResourceUsers, "of", _no_resources)
+    svc = await start_executor(postgres.create(), event_prefix, nats_url, tmp_path / "data", IK_EXECUTOR_WORKERS="0")
+    try:
+        integration, secret, storage, deletes = await _what_jobs_use(svc, tmp_path)
+        call, request = deletes[["integration", "secret", "storage"].index(kind)]
+        submission = convert.job_from_submit(submit_request(
+            repo, "ok", "race/1", variables={"name": "r"}, integration_ids=[integration.id], secret_ids=[secret.id],
+            storage_id=storage.id))
+        async with svc.runtime.uow() as uow:
+            job, _ = await job_use_cases.submit_job(uow, Principal("alice", Role.WRITE), submission, 60)
+            delete = asyncio.ensure_future(call(request, metadata=svc.admin))
+            await asyncio.sleep(1)
+            assert not delete.done(), "the delete did not wait for the submission holding what it names"
+            await uow.commit()
+        await _refused_naming(lambda req, metadata: delete, request, svc, [job])
+    finally:
+        await svc.__aexit__(None, None, None)

@@ -247,6 +247,22 @@ class JobRepository:
         query = after_key(query, (jobs.c.create_time, jobs.c.id), after, descending).limit(limit)
         return [self._job(r) for r in await self.s.execute(query)]
 
+    async def hold_named(self, integration_ids: list[str], secret_ids: list[str],
+                         storage_id: str) -> set[tuple[str, str]]:
+        """(kind, id) of the integrations, secrets and storage a job names
+        that exist; on PostgreSQL their rows are held FOR KEY SHARE until
+        commit, so a concurrent delete waits for this transaction."""
+        found: set[tuple[str, str]] = set()
+        for kind, table, ids in (("integration", integrations, integration_ids), ("secret", secrets, secret_ids),
+                                 ("storage", storages, [storage_id] if storage_id else [])):
+            if not ids:
+                continue
+            query = sa.select(table.c.id).where(table.c.id.in_(sorted(set(ids))))
+            if self.s.bind.dialect.name == "postgresql":
+                query = query.with_for_update(read=True, key_share=True)
+            found.update((kind, r.id) for r in await self.s.execute(query))
+        return found
+
     async def uses(self, column: str, id_: str, limit: int = 20) -> list[str]:
         """Ids of up to `limit` jobs that have not ended (NOT_ENDED: queued
         or running) and reference an integration, secret or storage, oldest
@@ -304,7 +320,9 @@ class IntegrationRepository:
         query = sa.select(integrations.c.id, integrations.c.name, integrations.c.max_concurrent_jobs).where(
             integrations.c.id.in_(ids))
         if lock and self.s.bind.dialect.name == "postgresql":
-            query = query.with_for_update()
+            # FOR NO KEY UPDATE: serializes cap checks without conflicting with
+            # the FOR KEY SHARE that SubmitJob holds on what a job names.
+            query = query.with_for_update(key_share=True)
         return {r.id: (r.name, r.max_concurrent_jobs) for r in await self.s.execute(query)}
 
     async def add(self, i: Integration) -> None:

@@ -124,9 +124,9 @@ async def update_integration(uow, principal: Principal, id_: str, etag: str, nam
 async def delete_integration(uow, principal: Principal, id_: str, etag: str, resource_users=None) -> None:
     current = await get_integration(uow, id_)
     _check_etag("integration", id_, etag, current.etag)
-    await _refuse_if_used(uow, "integration_ids", "integration", id_)
     await _refuse_if_resources_use(resource_users, "integration_id", "integration", id_)
     await uow.integrations.delete(id_)
+    await _refuse_if_used(uow, "integration_ids", "integration", id_)  # after the delete: see there
 
 
 async def _refuse_if_resources_use(resource_users, field: str, kind: str, id_: str) -> None:
@@ -142,7 +142,12 @@ async def _refuse_if_resources_use(resource_users, field: str, kind: str, id_: s
 async def _refuse_if_used(uow, column: str, kind: str, id_: str) -> None:
     """Every job that has not ended holds what it names: a queued one would
     start without it, a running one may still need it (a destroy's
-    credentials). Names up to 20 of them, the oldest first."""
+    credentials). Names up to 20 of them, the oldest first. Called after the
+    row's delete, in its transaction (a refusal rolls the delete back), so a
+    job submitted at the same moment is seen: on SQLite the delete holds the
+    write lock; on PostgreSQL SubmitJob reads what the job names FOR KEY
+    SHARE, so the delete waits for that submission to commit and this read,
+    a statement after it, sees its job."""
     users = await uow.jobs.uses(column, id_)
     if users:
         raise FailedPrecondition(f"{kind} {id_} is used by jobs that have not ended", [
@@ -204,9 +209,9 @@ async def update_secret(uow, principal: Principal, id_: str, etag: str, descript
 async def delete_secret(uow, principal: Principal, id_: str, etag: str, resource_users=None) -> None:
     current = await get_secret(uow, id_)
     _check_etag("secret", id_, etag, current.etag)
-    await _refuse_if_used(uow, "secret_ids", "secret", id_)
     await _refuse_if_resources_use(resource_users, "secret_id", "secret", id_)
     await uow.secrets.delete(id_)
+    await _refuse_if_used(uow, "secret_ids", "secret", id_)  # after the delete: see there
 
 
 # --- storages --------------------------------------------------------------
@@ -257,8 +262,8 @@ async def delete_storage(uow, principal: Principal, id_: str, etag: str) -> None
         raise FailedPrecondition(f"storage {id_} still holds the state of resources", [
             PreconditionViolation("STATE_PATH_CLAIMED", f"storages/{id_}/paths/{p}", f"state path {p} is claimed")
             for p in claimed])
-    await _refuse_if_used(uow, "storage_id", "storage", id_)
     await uow.storages.delete(id_)
+    await _refuse_if_used(uow, "storage_id", "storage", id_)  # after the delete: see there
 
 
 async def claim(uow, storage_id: str, state_path: str, resource_id: str) -> StatePathClaim:

@@ -66,13 +66,17 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
             violations.append(FieldViolation(f"sensitive_variables[{i}]", f"{name!r} is not one of the variables"))
     if job.timeout_seconds < 0:
         violations.append(FieldViolation("timeout", "must not be negative"))
+    # Held (PostgreSQL: FOR KEY SHARE) until this submission commits, so a
+    # delete at the same moment waits for it and then sees its job (see
+    # credentials._refuse_if_used).
+    held = await uow.jobs.hold_named(job.integration_ids, job.secret_ids, job.storage_id)
     for i, id_ in enumerate(job.integration_ids):
-        if await uow.integrations.get(id_) is None:
+        if ("integration", id_) not in held:
             violations.append(FieldViolation(f"integration_ids[{i}]", f"unknown integration {id_!r}"))
     for i, id_ in enumerate(job.secret_ids):
-        if await uow.secrets.get(id_) is None:
+        if ("secret", id_) not in held:
             violations.append(FieldViolation(f"secret_ids[{i}]", f"unknown secret {id_!r}"))
-    if job.storage_id and await uow.storages.get(job.storage_id) is None:
+    if job.storage_id and ("storage", job.storage_id) not in held:
         violations.append(FieldViolation("storage_id", f"unknown storage {job.storage_id!r}"))
     if violations:
         raise InvalidArgument("invalid job", violations)
