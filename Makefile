@@ -15,7 +15,7 @@ PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_part
 export IK_DATA_DIR ?= $(CURDIR)/.data
 export IK_TERRAFORM_PLUGIN_DIR ?= $(CURDIR)/$(VENV)/terraform-plugins
 
-.PHONY: help install proto plugins sandbox nats run token test lint docs client-ts bench bench-api bench-cluster clean
+.PHONY: help install proto plugins sandbox nats run token test lint docs client-ts bench bench-cpu bench-api bench-cluster clean
 
 help:
 	@echo "make run    install everything and start NATS (if needed) and the five services"
@@ -25,7 +25,8 @@ help:
 	@echo "make docs   the API reference (docs/api.md) from the protos' comments"
 	@echo "make client-ts  build the generated TypeScript client (clients/typescript)"
 	@echo "make proto  regenerate Python code from protos/ into gen/"
-	@echo "make bench  orchestration benchmarks (docs/performance.md)"
+	@echo "make bench  orchestration benchmarks (docs/performance.md); the services' profiles go to .data/bench-profiles"
+	@echo "make bench-cpu  CPU per step of each service on a 21-step chain, and their profiles (a quick look)"
 	@echo "make bench-api  reads at 100k resources and the catalog at 500 templates (docs/performance-api.md)"
 	@echo "make bench-cluster  a NATS cluster and service replicas with kills mid-run (docs/reliability.md)"
 
@@ -108,9 +109,16 @@ test: install nats lint client-ts
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks of the orchestration (not part of the tests): prints the figures
-# and records them in docs/performance.md.
+# and records them in docs/performance.md. Each service's profile (CPU sampler
+# and cProfile, SQL statements per step; services/common/profiling.py) of a
+# 21-step chain goes to PROFILE_DIR, with summary.txt.
+PROFILE_DIR ?= $(IK_DATA_DIR)/bench-profiles
 bench: install nats
-	$(PY) -m bench.workflow_bench --write
+	$(PY) -m bench.workflow_bench --write --profile-dir $(PROFILE_DIR)
+
+# The CPU figures and the profiles alone (about 5 minutes), while tuning.
+bench-cpu: install nats
+	$(PY) -m bench.workflow_bench --cpu-only --profile-dir $(PROFILE_DIR)
 
 # Reads at 100k resources (SQLite and PostgreSQL) and the catalog at 500
 # templates: records them in docs/performance-api.md.

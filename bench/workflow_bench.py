@@ -12,8 +12,11 @@ Prints (and writes to docs/performance.md with --write):
    measured job durations), and the makespan a level-by-level schedule would
    have had with the same job durations;
 3. orchestration time per step beside Terraform's own time per step (no-op module);
-4. throughput: 20 workflows of 10 steps at once (bench/throughput_bench.py);
-5. the time to plan the example and a 30-step DAG (bench/plan_bench.py).
+4. CPU per step of each service above idle on a 21-step chain run alone, and
+   a profile of each service (bench/cpu_bench.py; the files go to
+   --profile-dir);
+5. throughput: 20 workflows of 10 steps at once (bench/throughput_bench.py);
+6. the time to plan the example and a 30-step DAG (bench/plan_bench.py).
 Figures are ratios against baselines measured in the same run."""
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.executor.v1 import executor_pb2_grpc
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
 from infrakitchen.workflow.v1 import workflow_pb2_grpc
+from bench.cpu_bench import PROFILE_RUNS, STEPS as CPU_STEPS, cpu_figures
 from bench.plan_bench import PLAN_DAG_STEPS, plan_figures
 from bench.throughput_bench import STEPS, WORKFLOWS, throughput_figures
 from tests.support.gitrepos import ModuleRepo
@@ -190,8 +194,19 @@ def main() -> None:
     parser.add_argument("--skip-dag", action="store_true", help="dispatch figures only (quick look while tuning)")
     parser.add_argument("--plans-only", action="store_true", help="the planning figures only (quick look)")
     parser.add_argument("--throughput-only", action="store_true", help="the throughput figures only (quick look)")
+    parser.add_argument("--cpu-only", action="store_true",
+                        help=f"CPU per step and the services' profiles on a {CPU_STEPS}-step chain only (quick look)")
+    parser.add_argument("--skip-cpu", action="store_true", help="with --skip-dag: no CPU figures and profiles")
+    parser.add_argument("--profile-dir", type=Path, default=None,
+                        help="where the services' profiles go (default: profiles/ in the bench's temporary directory)")
+    parser.add_argument("--profile-runs", type=int, default=PROFILE_RUNS,
+                        help="runs of the chain under the CPU sampler (more samples, steadier profiles)")
+    parser.add_argument("--log-level", default="WARNING",
+                        help="the services' IK_LOG_LEVEL (the product's default is INFO: a line per call and event)")
     args = parser.parse_args()
-    if args.write and (args.skip_dag or args.plans_only or args.throughput_only
+    if args.write and args.log_level != "WARNING":
+        parser.error("--write records the figures with the services logging warnings only")
+    if args.write and (args.skip_dag or args.plans_only or args.throughput_only or args.cpu_only or args.skip_cpu
                        or args.chains * (args.chain_length - 1) < 200 or args.repeats < 3):
         parser.error("--write records the full benchmark: 200+ dispatches and the DAG")
 
@@ -200,14 +215,19 @@ def main() -> None:
     repo = ModuleRepo(work / "modules")
     repo.write("step/main.tf", MODULE)
     repo.commit("bench module", tag="v1")
+    profile_dir = (args.profile_dir or work / "profiles").resolve()
     procs = ServiceProcesses(work / "data", prefix, args.nats, extra_env={
-        "IK_LOG_LEVEL": "WARNING"})  # every other setting: the product's defaults (2 executor workers)
+        "IK_LOG_LEVEL": args.log_level,
+        # Profiling waits for the CPU figures' signals (services/common/profiling.py); nothing runs before.
+        "IK_PROFILE_DIR": str(profile_dir), "IK_PROFILE_FROM": "signal",
+    })  # every other setting: the product's defaults (2 executor workers)
     procs.start()
     try:
         bench = Bench(procs, repo.url)
         print("registering templates ...", flush=True)
-        chain = bench.templates("chain", args.chain_length)
-        chain_bp = bench.blueprint_of("chain", chain, [(n, n + 1) for n in range(args.chain_length - 1)], {})
+        chain = bench.templates("chain", max(args.chain_length, CPU_STEPS))
+        chain_bp = bench.blueprint_of("chain", chain[:args.chain_length],
+                                      [(n, n + 1) for n in range(args.chain_length - 1)], {})
 
         rng = random.Random(7)
         dag = bench.templates("dag", DAG_STEPS)
@@ -221,6 +241,10 @@ def main() -> None:
         plan_dag = (dag[:PLAN_DAG_STEPS], [(a, b) for a, b in edges if b < PLAN_DAG_STEPS])
         if args.throughput_only:
             print("\n".join(throughput_figures(bench, procs, chain)))
+            return
+        if args.cpu_only:
+            print(f"CPU: a {CPU_STEPS}-step chain alone, idle, then profiled ...", flush=True)
+            print("\n".join(cpu_figures(bench, procs, chain, profile_dir, args.profile_runs)[0]))
             return
         if args.plans_only:
             print("\n".join(plan_figures(bench, procs.target("blueprint"), work, *plan_dag)))
@@ -253,9 +277,20 @@ def main() -> None:
                                  ("warm, one chain at a time", alone)):
                 print(f"dispatch ({name} catalog copy): p50 {_spread(rounds, 'p50')}, p99 {_spread(rounds, 'p99')}, "
                       f"to the first terraform command p50 {_spread(rounds, 'first50')}, a workflow's first job "
-                      f"waits p50 {_spread(rounds, 'first_wait50')}, wall {statistics.median(r['wall'] for r in rounds):.0f} s")
+                      f"waits p50 {_spread(rounds, 'first_wait50')}, wall {statistics.median(r['wall'] for r in rounds):.0f} s, "
+                      f"services' CPU per step (idle included) {_spread(rounds, 'cpu_per_step')}, other load "
+                      f"{', '.join(format(r['others'], '.2f') for r in rounds)} cores")
             for name, (p50, p90) in _dispatch_stages(procs.data_dir, middle["workflows"], verbose=True).items():
                 print(f"  {name}: p50 {p50 * 1000:.1f} ms, p90 {p90 * 1000:.1f} ms")
+            p50_cold = statistics.median(r["p50"] for r in cold)
+            p99_cold = statistics.median(r["p99"] for r in cold)
+            print(f"targets (cold, medians of the rounds): dispatch p50 {p50_cold * 1000:.0f} ms (<= 20: "
+                  f"{'met' if p50_cold <= 0.020 else 'missed'}), p99 {p99_cold * 1000:.0f} ms (<= 60: "
+                  f"{'met' if p99_cold <= 0.060 else 'missed'}); without the shortcuts (no step hold), same run: "
+                  f"p50 {unheld[0]['p50'] * 1000:.0f} ms, p99 {unheld[0]['p99'] * 1000:.0f} ms", flush=True)
+            if not args.skip_cpu:
+                print(f"CPU: a {CPU_STEPS}-step chain alone, idle, then profiled ...", flush=True)
+                print("\n".join(cpu_figures(bench, procs, chain, profile_dir, args.profile_runs)[0]))
             return
 
         print(f"makespan: a {DAG_STEPS}-step DAG with uneven sleeps, {DAG_REPEATS} runs ...", flush=True)
@@ -280,6 +315,8 @@ def main() -> None:
         chain_wall = middle["wall"]
         orchestration = [x for r in warm for x in r["orchestration"]]
 
+        print(f"CPU: a {CPU_STEPS}-step chain alone, idle, then profiled ...", flush=True)
+        cpu, cpu_per_step = cpu_figures(bench, procs, chain, profile_dir, args.profile_runs)
         print(f"throughput: {WORKFLOWS} workflows of {STEPS} steps at once ...", flush=True)
         throughput = throughput_figures(bench, procs, chain)
         print("planning: the example and a 30-step DAG ...", flush=True)
@@ -344,10 +381,13 @@ def main() -> None:
             "",
             "| target | measured | |",
             "|---|---|---|",
-            f"| dispatch p50 <= 10 ms (defaults, cold catalog copy, 4 chains at once) | {p50_cold * 1000:.0f} ms | "
-            f"{'met' if p50_cold <= 0.010 else 'missed'} |",
-            f"| dispatch p99 <= 40 ms (same) | {p99_cold * 1000:.0f} ms | "
-            f"{'met' if p99_cold <= 0.040 else 'missed'} |",
+            f"| dispatch p50 <= 20 ms (defaults, cold catalog copy, 4 chains at once) | {p50_cold * 1000:.0f} ms "
+            f"(without the shortcuts, i.e. without the step hold, same run: {unheld[0]['p50'] * 1000:.0f} ms) | "
+            f"{'met' if p50_cold <= 0.020 else 'missed'} |",
+            f"| dispatch p99 <= 60 ms (same) | {p99_cold * 1000:.0f} ms (without the shortcuts, same run: "
+            f"{unheld[0]['p99'] * 1000:.0f} ms) | {'met' if p99_cold <= 0.060 else 'missed'} |",
+            f"| CPU of the five services per step above idle <= 40 ms ({CPU_STEPS}-step chain alone) | "
+            f"{cpu_per_step * 1000:.1f} ms | {'met' if cpu_per_step <= 0.040 else 'missed'} |",
             f"| makespan / weighted critical path <= 1.10 | {makespan / critical:.2f} | "
             f"{'met' if makespan / critical <= 1.10 else 'missed'} |",
             f"| makespan below level-by-level | {makespan:.1f} s vs {level_by_level:.1f} s | "
@@ -388,6 +428,7 @@ def main() -> None:
             "the longest dependency chain summed over each run's measured job durations; it assumes as many "
             "workers as the DAG is wide, which two are not.",
             "",
+            *cpu,
             *throughput,
             *planning,
         ]
@@ -404,12 +445,19 @@ def _dispatch_round(bench, procs, chain_bp: str, args) -> dict:
     """One round of the dispatch chains: every dependent step's dispatch, the
     time to its first terraform command and to its job being stored, and the
     per-step orchestration and terraform times."""
+    from bench.cpu_bench import _children_cpu, _cpu_all, _machine
     from bench.throughput_bench import _first_command_times
     started = time.monotonic()
+    cpu0, busy0, tf0 = _cpu_all(procs), _machine(), _children_cpu(procs.procs["executor"].pid)
     runs = []
     for first in range(0, args.chains, args.chains_at_once):
         runs += bench.wait([bench.run(chain_bp) for _ in range(min(args.chains_at_once, args.chains - first))])
     wall = time.monotonic() - started
+    cpu1 = _cpu_all(procs)
+    # Cores busy beside the services' own CPU: terraform (what the executor's children's accounting misses),
+    # NATS, this bench, anything else on the machine.
+    others = (_machine() - busy0 - (_children_cpu(procs.procs["executor"].pid) - tf0)
+              - sum(sum(cpu1[n].values()) - sum(cpu0[n].values()) for n in cpu1)) / wall
     dispatch, first_command, stored, orchestration, terraform, first_wait = [], [], [], [], [], []
     for w in runs:
         jobs = bench.jobs(w.id)
@@ -426,7 +474,9 @@ def _dispatch_round(bench, procs, chain_bp: str, args) -> dict:
                 stored.append((ts(job.create_time) - upstream_end).total_seconds())
                 if job.id in commands:
                     first_command.append((commands[job.id].replace(tzinfo=None) - upstream_end).total_seconds())
-    return {"workflows": [w.id for w in runs], "wall": wall, "dispatch": dispatch,
+    services_cpu = sum(sum(cpu1[n].values()) - sum(cpu0[n].values()) for n in cpu1)
+    return {"workflows": [w.id for w in runs], "wall": wall, "dispatch": dispatch, "others": others,
+            "cpu_per_step": services_cpu / max(1, sum(len(w.steps) for w in runs)),
             "first_wait50": statistics.median(first_wait),
             "p50": statistics.median(dispatch), "p99": percentile(dispatch, 0.99),
             "first50": statistics.median(first_command), "stored50": statistics.median(stored),

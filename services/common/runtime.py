@@ -20,7 +20,7 @@ import nats
 import sqlalchemy as sa
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.common import logs, metrics, reflection, tracing
+from services.common import logs, metrics, profiling, reflection, tracing
 from services.common.bus import EventBus
 from services.common.changes import ChangeFeed
 from services.common.config import Settings
@@ -283,11 +283,19 @@ async def _serve(definition: ServiceDefinition, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Benchmarks only (IK_PROFILE_DIR): a CPU sampler or cProfile of this process (services/common/profiling.py).
+    profiler = profiling.ServiceProfiler.from_env(definition.name, settings.env)
+    if profiler is not None:
+        profiler.install(loop)
     try:
         await runtime.start()
     except BaseException:
         await runtime.stop()
         raise
+    if profiler is not None:
+        profiler.serving()
     await stop.wait()
     log.info("%s service stopping", definition.name)
+    if profiler is not None:
+        profiler.close()
     await runtime.stop()
