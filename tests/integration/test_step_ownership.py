@@ -134,7 +134,9 @@ async def test_a_stop_policy_failure_starts_no_further_job_and_a_fixed_rerun_app
         metadata=p.md)
     ended = await run(p, w)
     assert ended.status == wp.WORKFLOW_STATUS_ERROR and "step Tail failed" in ended.error_message
-    await job_succeeded(p, w.id, "gated")  # the running sibling finishes ...
+    # It ended only once the running sibling had finished (a workflow never ends while a job runs).
+    await assert_ended_with_nothing_running(p, ended)
+    await job_succeeded(p, w.id, "gated")  # the running sibling finished ...
     await asyncio.sleep(2)  # ... and nothing starts after it, now or a moment later
     steps = by_template(p, await get(p, w.id))
     assert steps["gated"].status == wp.STEP_STATUS_DONE
@@ -238,3 +240,80 @@ async def test_a_teardown_destroys_a_failed_provisioning_with_its_state(p):
     text = [line.text async for chunk in p.executor.StreamJobLogs(ep.StreamJobLogsRequest(job_id=destroy.id),
                                                                  metadata=p.md) for line in chunk.lines]
     assert any("1 destroyed" in line for line in text), "the tainted resource was destroyed with its state"
+
+
+async def test_a_cancel_while_the_executor_is_unreachable_cancels_the_job_submitted_later(p, monkeypatch):
+    """The step's resource is queued but its job cannot be submitted (the
+    executor is unreachable from the resource service: a network fault,
+    injected at that one call) when the workflow is cancelled: the workflow
+    does not end while that job may still come; once the job is submitted,
+    it is cancelled, and only then the workflow ends, with nothing running."""
+    from services.common.errors import Unavailable
+    remote = p.inner["resource"].runtime.lifecycle.remote
+    submit_job, reachable = remote.submit_job, asyncio.Event()
+
+    async def flaky_submit(*args, **kwargs):
+        if not reachable.is_set():
+            raise Unavailable("the executor is not reachable (injected)")
+        return await submit_job(*args, **kwargs)
+    monkeypatch.setattr(remote, "submit_job", flaky_submit)
+    blueprint = await p.blueprint_of("unreachable", {"leaf": {}}, [])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, leaf={"upstream": "x", "seconds": 30}),
+        **shared(p)), metadata=p.md)
+    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
+
+    async def queued():
+        step = (await get(p, w.id)).steps[0]
+        return step.resource_id and (await p.get(step.resource_id)).status == rp.RESOURCE_STATUS_QUEUED
+    await eventually(queued, timeout=30)
+    cancelling = await p.workflow.CancelWorkflow(wp.CancelWorkflowRequest(id=w.id), metadata=p.md)
+    assert cancelling.status == wp.WORKFLOW_STATUS_IN_PROGRESS, "ended while its job may still be submitted"
+    await p.inner["workflow"].runtime.workflows.reconcile(older_than_seconds=0)
+    assert (await get(p, w.id)).status == wp.WORKFLOW_STATUS_IN_PROGRESS
+    reachable.set()
+    await p.inner["resource"].runtime.lifecycle.reconcile(older_than_seconds=0)  # submits the job now
+    await p.inner["workflow"].runtime.workflows.reconcile(older_than_seconds=0)  # and this cancels it
+    ended = await wait_workflow(p, w.id, ENDED, timeout=90)
+    assert ended.status == wp.WORKFLOW_STATUS_ERROR and ended.error_message == "cancelled by alice"
+    await assert_ended_with_nothing_running(p, ended)
+    [job] = await jobs_of(p, w.id)
+    assert job.status == ep.JOB_STATUS_CANCELLED, "the 30 s apply was interrupted"
+
+
+async def test_a_teardown_destroys_a_failed_resource_queued_again_and_never_run(p):
+    """A first apply failed half-way (its state holds a tainted resource);
+    executed again with the approval flow on, the step waits for approval,
+    and the workflow is cancelled (the request withdrawn): the resource is
+    provision/ready, its last job gone, but its state is not empty. The
+    teardown destroys it with its state instead of deleting its record."""
+    blueprint = await p.blueprint_of("again", {"gated": {}}, [])
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, gated={"gate": "/closed"}), **shared(p)),
+        metadata=p.md)
+    failed = await run(p, w)
+    assert failed.status == wp.WORKFLOW_STATUS_ERROR
+    resource_id = failed.steps[0].resource_id
+    await set_flow(p, True)
+    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
+
+    async def waits():
+        return "approval" in (await get(p, w.id)).steps[0].waiting_reason
+    await eventually(waits, timeout=60)
+    await p.workflow.CancelWorkflow(wp.CancelWorkflowRequest(id=w.id), metadata=p.md)
+    ended = await wait_workflow(p, w.id, ENDED, timeout=60)
+    await assert_ended_with_nothing_running(p, ended)
+    await set_flow(p, False)
+    left = await eventually(lambda: _not_waiting(p, resource_id), timeout=30)
+    assert left.state == rp.RESOURCE_STATE_PROVISION and left.status != rp.RESOURCE_STATUS_APPROVAL_PENDING
+    torn = await tear_down(p, w.id)
+    assert torn.teardown_status == wp.TEARDOWN_STATUS_DONE, torn.teardown_error_message
+    destroyed = await p.get(resource_id)
+    assert (destroyed.state, destroyed.status) == (rp.RESOURCE_STATE_DESTROYED, rp.RESOURCE_STATUS_DONE)
+    destroy = await p.executor.GetJob(ep.GetJobRequest(id=destroyed.last_job_id), metadata=p.md)
+    assert destroy.action == ep.JOB_ACTION_DESTROY and destroy.status == ep.JOB_STATUS_SUCCEEDED
+
+
+async def _not_waiting(p, resource_id: str):
+    r = await p.get(resource_id)
+    return r if r.status != rp.RESOURCE_STATUS_APPROVAL_PENDING else None

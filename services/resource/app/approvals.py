@@ -23,12 +23,14 @@ class Approvals(LifecycleBase):
             return  # the decision of another request (e.g. a withdrawn one's late cancellation)
         r = replace(r, approval_request_id=request_id or r.approval_request_id)
         if decision == "approved":
-            ready = await self._save(uow, r, replace(r, status=READY), actor, f"{operation}_approved")
             if operation == OP_UPDATE:
+                ready = await self._save(uow, r, replace(r, status=READY), actor, f"{operation}_approved")
                 t = await uow.temporary_states.get(temporary_state_id)
                 await self._merge_and_apply(uow, actor, ready, t, r.plan_job_id, approved=True)
             else:
-                await self._start(uow, actor, ready, operation, operation, approved=True)
+                # One change, approval_pending -> queued (audit "<operation>_approved"):
+                # its event says the wait for approval is over.
+                await self._start(uow, actor, r, operation, f"{operation}_approved", approved=True)
             return
         rejected = decision == "rejected"
         if operation == OP_PROVISION:

@@ -18,9 +18,11 @@ from services.resource.app.base import JobNotRecordedYet, LifecycleBase, _busy, 
 
 def _teardown_of_its_workflow(principal: Principal, r: Resource) -> bool:
     """The workflow service tearing down the workflow that created `r`: it
-    may destroy a failed first provisioning with its state, and delete a
-    resource whose provisioning never ran (beyond the product document's
-    state table, which users keep), so a teardown leaves nothing behind."""
+    may destroy with its state a resource never provisioned for which a job
+    ran, and delete one for which none ever ran (beyond the product
+    document's state table, which users keep), so a teardown leaves nothing
+    behind. A destroy of the first kind withdrawn (cancelled, or its approval
+    rejected) returns it to provision/error."""
     return principal.via == "workflow" and bool(r.workflow_id)
 
 
@@ -181,7 +183,11 @@ class Operations(LifecycleBase):
                 r = await uow.resources.get(resource_id)
         if r is None or r.job_request_id != request_id or r.last_job_id:
             return
-        if not r.operation_approved and r.pending_operation in (OP_PROVISION, OP_DESTROY) \
+        # A submission right after the commit that queued the operation: that
+        # transaction read the approval flow. A later one (the reconciler's,
+        # after the executor was unreachable) reads it again here.
+        delayed = queued is None
+        if delayed and not r.operation_approved and r.pending_operation in (OP_PROVISION, OP_DESTROY) \
                 and await self._ask_instead_of_submitting(resource_id, request_id, actor):
             return
         try:
@@ -239,14 +245,21 @@ class Operations(LifecycleBase):
             current = await uow.resources.get(resource_id)
             if current is None or current.job_request_id != request_id or current.last_job_id:
                 return True  # submitted or changed meanwhile: nothing to submit from here
-            waiting = replace(current, status=APPROVAL_PENDING, job_request_id="", error_message="")
-            await self._save(uow, current, waiting, actor, f"{current.pending_operation}_requested")
+            if current.plan_job_id:  # a workflow step's reviewed plan, checked while the flow was off
+                waiting = replace(current, status=ERROR, job_request_id="", pending_operation="", plan_job_id="",
+                                  error_message="the approval flow was turned on after the step's plan was "
+                                                "checked; plan and approve the workflow again")
+                await self._save(uow, current, waiting, actor, "job_failed_to_start", events=(
+                    "resource_status_changed", "resource_failed"))
+            else:
+                waiting = replace(current, status=APPROVAL_PENDING, job_request_id="", error_message="")
+                await self._save(uow, current, waiting, actor, f"{current.pending_operation}_requested")
             try:
                 await uow.commit()
             except Aborted:
                 return True  # changed at the same moment; the reconciler looks again
-        log.info("resource %s: the approval flow was turned on before its %s job was submitted; it waits for an "
-                 "owner's approval", resource_id, waiting.pending_operation)
+        log.info("resource %s: the approval flow was turned on before its job was submitted; it is now %s",
+                 resource_id, waiting.status)
         return True
 
     async def _version(self, id_: str) -> VersionInfo:
@@ -341,10 +354,13 @@ class Operations(LifecycleBase):
         r = await self.get(uow, id_)
         _check_etag(r, etag)
         self._needs_iac(r, "destroy")
+        # Its job may have ended a moment ago, its event not applied here yet
+        # (a workflow's teardown right after the workflow ended): settled first.
+        r = await self.settle(uow, r, principal.user)
         if r.busy:
             raise _busy(r, "destroy")
         if not (r.state == PROVISIONED or (r.state == DESTROY and r.status in (READY, ERROR, UNKNOWN))
-                or (r.failed_first_provisioning and _teardown_of_its_workflow(principal, r))):
+                or (r.provisioning_left_state and _teardown_of_its_workflow(principal, r))):
             raise _wrong_state(r, "destroy", "state provisioned")
         await self._guard_dependents(uow, r, principal.user)
         if r.state != DESTROY:

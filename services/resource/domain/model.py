@@ -108,18 +108,21 @@ class Resource:
 
     @property
     def never_ran(self) -> bool:
-        """A provisioning that never ran a job (not yet started, rejected, or
-        its job could not even be submitted): it has no state and no
-        infrastructure, so a teardown deletes its record without a destroy."""
-        return self.state == PROVISION and self.status in (READY, REJECTED, ERROR) and not self.last_job_id \
-            and not self.ever_provisioned
+        """Never provisioned, and no job was ever submitted for it (not yet
+        started, rejected, withdrawn, or its job could not be submitted):
+        it has no state and no infrastructure, so a teardown deletes its
+        record without a destroy. (`last_job_action` is set when a job is
+        submitted and never cleared; `last_job_id` is cleared when an
+        operation is queued again.)"""
+        return self.state == PROVISION and not self.busy and not self.ever_provisioned and not self.last_job_action
 
     @property
-    def failed_first_provisioning(self) -> bool:
-        """A provisioning that failed or was interrupted after its job ran: part
-        of its infrastructure may exist, recorded in its state."""
-        return self.state == PROVISION and self.status in (ERROR, UNKNOWN) and bool(self.last_job_id) \
-            and not self.ever_provisioned
+    def provisioning_left_state(self) -> bool:
+        """Never provisioned, but a job ran for it (failed, interrupted,
+        or queued again and then not run): part of its infrastructure may
+        exist, recorded in its state, so a teardown destroys it with that
+        state."""
+        return self.state == PROVISION and not self.busy and not self.ever_provisioned and bool(self.last_job_action)
 
     def masked_variables(self) -> dict[str, Any]:
         return mask(self.variables, self.sensitive_variables)

@@ -52,8 +52,9 @@ _STEPS_OF = sa.select(steps).where(steps.c.workflow_id == sa.bindparam("workflow
                                                                                                steps.c.id)
 _UPDATE_STEP = guarded_update(steps)
 _STEPS = sa.select(steps).where(steps.c.id.in_(sa.bindparam("ids", expanding=True)))
-_NOT_DONE = sa.select(sa.func.count()).where(steps.c.workflow_id == sa.bindparam("workflow_id"),
-                                             steps.c.status != "done")
+_NOT_DONE_AND_FAILED = sa.select(
+    sa.func.count().filter(steps.c.status != "done"),
+    sa.func.count().filter(steps.c.status == "error")).where(steps.c.workflow_id == sa.bindparam("workflow_id"))
 # Pending steps that list a given step among their dependencies (JSON list in
 # `data`): the SQL differs between SQLite and PostgreSQL.
 _PENDING_DEPENDENTS = {
@@ -190,8 +191,10 @@ class StepRepository:
             return []
         return [self._step(r) for r in await self.s.execute(_STEPS, {"ids": list(ids)})]
 
-    async def count_not_done(self, workflow_id: str) -> int:
-        return int(await self.s.scalar(_NOT_DONE, {"workflow_id": workflow_id}))
+    async def not_done_and_failed(self, workflow_id: str) -> tuple[int, int]:
+        """How many of the workflow's steps are not done, and how many failed."""
+        row = (await self.s.execute(_NOT_DONE_AND_FAILED, {"workflow_id": workflow_id})).one()
+        return int(row[0] or 0), int(row[1] or 0)
 
     async def pending_dependents(self, workflow_id: str, step_id: str) -> list[Step]:
         query = _PENDING_DEPENDENTS[self.s.bind.dialect.name]

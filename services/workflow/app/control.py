@@ -66,7 +66,7 @@ class Control(WorkflowsBase):
             elif st.job_id:
                 jobs.append(st.job_id)
             # (a step being started records its job later; start_step cancels it then)
-        uow.after_commit(lambda: self._cancel_elsewhere(jobs, approvals, principal.user))
+        uow.after_commit(lambda: self._cancel_elsewhere(w.id, jobs, approvals, principal.user))
         await self._end_if_stopped(uow, cancelling, principal.user)
         return cancelling
 
@@ -76,11 +76,16 @@ class Control(WorkflowsBase):
         if await uow.steps.update(ended, st.version):
             await self._step_event(uow, "step_failed", ended, actor)
 
-    async def _cancel_elsewhere(self, jobs: list[str], approvals: list, actor: str) -> None:
+    async def _cancel_elsewhere(self, workflow_id: str, jobs: list[str], approvals: list, actor: str) -> None:
         """The running jobs (the executor interrupts them) and the open
         approval requests of a cancelled workflow. Failures are logged: a job
-        that ended meanwhile brings its own outcome."""
-        for job_id in jobs:
+        that ended meanwhile brings its own outcome. The steps are read again
+        once the cancel committed: a job a step start recorded while the
+        cancel was being decided is cancelled too."""
+        async with self.uow_factory() as uow:
+            recorded = [st.job_id for st in await uow.steps.of(workflow_id)
+                        if st.status == IN_PROGRESS and st.job_id and st.job_id not in jobs]
+        for job_id in [*jobs, *recorded]:
             await self.cancel_job(job_id, actor)
         for request in approvals:
             try:
@@ -91,6 +96,39 @@ class Control(WorkflowsBase):
                     await self.remote.cancel_approval(actor, request, f"workflow cancelled by {actor}")
             except RemoteError as exc:
                 log.warning("cancelling approval request %s: %s", request, exc.describe())
+
+    async def reconcile_cancelled(self, w: Workflow, steps: list[Step], cutoff) -> None:
+        """A cancelled workflow's steps that still run after a while: their
+        jobs are cancelled (one submitted only after the cancel, the executor
+        having been unreachable; one whose start raced the cancel exactly),
+        an approval one waits for is withdrawn and the step ended, and a step
+        whose resource runs nothing any more ends, so the workflow ends once
+        no job of it runs."""
+        actor = w.cancelled_by
+        for st in steps:
+            if st.status != IN_PROGRESS or (st.start_time and st.start_time > cutoff):
+                continue
+            if not st.resource_id:
+                await self.start_step(st.id, w.executor or w.creator)  # records what exists, starts nothing
+                continue
+            resource = await self.remote.find_resource(st.resource_id)
+            if resource is None:
+                await self.step_failed(st.id, f"cancelled by {actor}", "system:reconciler")
+            elif resource.status in ("queued", "in_progress"):
+                if resource.last_job_id:
+                    await self.cancel_job(resource.last_job_id, actor)  # its end ends the step
+            elif resource.state == "provisioned" and resource.status == "done":
+                await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
+                                          list(resource.sensitive_outputs), "system:reconciler")
+            else:
+                if resource.status == "approval_pending" and resource.approval_request_id:
+                    try:
+                        await self.remote.cancel_approval(actor, resource.approval_request_id,
+                                                          f"workflow cancelled by {actor}")
+                    except RemoteError as exc:
+                        log.warning("cancelling approval request %s: %s", resource.approval_request_id,
+                                    exc.describe())
+                await self.step_failed(st.id, f"cancelled by {actor}", "system:reconciler")
 
     async def cancel_job(self, job_id: str, actor: str) -> None:
         try:

@@ -72,8 +72,12 @@ class Execution(WorkflowsBase):
             return
         if completed is not None and w.max_parallel_steps == 0 and w.on_failure != CONTINUE_INDEPENDENT \
                 and not self.level_barrier:
-            if await uow.steps.count_not_done(w.id) == 0:
+            not_done, failed = await uow.steps.not_done_and_failed(w.id)
+            if not_done == 0:
                 return await self._complete(uow, w, actor)
+            if failed:  # stopped by a failure: nothing starts; it ends once nothing runs
+                await self._end_if_stopped(uow, w, actor)
+                return
             ready, upstream = [], {}
             for candidate in await uow.steps.pending_dependents(w.id, completed.id):
                 deps = await uow.steps.get_many(candidate.depends_on)
@@ -85,6 +89,9 @@ class Execution(WorkflowsBase):
             steps = await uow.steps.of(w.id)
             if steps and all(s.status == DONE for s in steps) or not steps:
                 return await self._complete(uow, w, actor)
+            if w.on_failure != CONTINUE_INDEPENDENT and any(s.status == ERROR for s in steps):
+                await self._end_if_stopped(uow, w, actor)  # stopped by a failure: ends once nothing runs
+                return
             upstream = {s.template_id: s for s in steps if s.status == DONE}
             ready = ready_steps(w, steps, self.level_barrier)
             if not ready and not any(s.status == IN_PROGRESS for s in steps):
@@ -184,6 +191,7 @@ class Execution(WorkflowsBase):
             # create is idempotent by the step id) is recorded on the step and
             # its job cancelled, and a teardown finds whatever exists.
             cancelled_by = await self._cancelled_by(w.id)
+            rerun = bool(st.resource_id)  # its resource exists from an earlier execution of the step
             resource = await self.remote.create_resource(actor, rp.CreateResourceRequest(
                 resource=rp.Resource(name=f"{_slug(st.template_name)}-{w.id[:8]}", template_id=st.template_id,
                                      source_code_version_id=st.source_code_version_id,
@@ -193,11 +201,19 @@ class Execution(WorkflowsBase):
                                      storage_path=st.plan.get("state_path", "") if reviewed else ""),
                 request_id=st.id, workflow_id=w.id, step_id=st.id, provision=not cancelled_by,
                 sensitive_variables=sensitive, reviewed_plan=None if cancelled_by else reviewed))
-            await self._record(st.id, resource_id=resource.id, job_id=resource.last_job_id)
+            # Recorded with the cancel mark read in the same transaction: a
+            # cancel committed meanwhile is seen here (or it saw the job).
+            cancelled_by = await self._record(st.id, w.id, resource_id=resource.id,
+                                              job_id=resource.last_job_id) or cancelled_by
             if cancelled_by:
                 await self._stop_cancelled_start(st, resource, cancelled_by, actor)
                 return
-            await self._cancel_if_cancelled(w.id, resource.last_job_id, actor)
+            if not rerun and resource.state == "provision" and resource.status == "error":
+                # Created now, and its job could not be submitted: the step
+                # fails (its error event says so too); never provisioned again here.
+                await self.step_failed(st.id, resource.error_message or "the resource failed", actor,
+                                       resource_id=resource.id)
+                return
             if resource.state == "provision" and resource.status in ("ready", "error"):
                 # The step runs again (a re-execution, perhaps after
                 # UpdateWorkflow): its resource, never provisioned, takes the
@@ -211,8 +227,9 @@ class Execution(WorkflowsBase):
                 await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
             elif resource.status in ("ready", "error", "unknown", "pending") and resource.state == "provision":
                 provisioned = await self.remote.provision(actor, resource.id, reviewed)
-                await self._record(st.id, job_id=provisioned.last_job_id)
-                await self._cancel_if_cancelled(w.id, provisioned.last_job_id, actor)
+                if cancelled_by := await self._record(st.id, w.id, job_id=provisioned.last_job_id):
+                    await self._stop_cancelled_start(st, provisioned, cancelled_by, actor)
+                    return
                 if provisioned.status == "approval_pending":
                     await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
             elif resource.status == "rejected":
@@ -234,10 +251,12 @@ class Execution(WorkflowsBase):
         """The step of a cancelled workflow found its resource (created now,
         without a job, or by an earlier attempt of this start): a job that
         runs is cancelled and its end ends the step, so the workflow does not
-        end while it runs; an approval it waits for is withdrawn; otherwise
-        the step ends now."""
-        if resource.status in ("queued", "in_progress") and resource.last_job_id:
-            await self.cancel_job(resource.last_job_id, cancelled_by)
+        end while it runs (a job queued but not yet submitted, the executor
+        being unreachable, is cancelled by the reconciler once it has an id);
+        an approval it waits for is withdrawn; otherwise the step ends now."""
+        if resource.status in ("queued", "in_progress"):
+            if resource.last_job_id:
+                await self.cancel_job(resource.last_job_id, cancelled_by)
             return
         if resource.state == "provisioned" and resource.status == "done":  # it finished before the cancel
             await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
@@ -256,27 +275,29 @@ class Execution(WorkflowsBase):
             w = await uow.workflows.get(workflow_id)
         return w.cancelled_by if w is not None else ""
 
-    async def _cancel_if_cancelled(self, workflow_id: str, job_id: str, actor: str) -> None:
-        """A job started while (or just before) the workflow was cancelled is
-        cancelled too; the step ends when the job's end arrives, so the
-        workflow never ends while the job runs."""
-        if job_id and (cancelled_by := await self._cancelled_by(workflow_id)):
-            await self.cancel_job(job_id, cancelled_by)
-
-    async def _record(self, step_id: str, **fields) -> None:
+    async def _record(self, step_id: str, workflow_id: str = "", **fields) -> str:
+        """Records the step's resource and job; returns the workflow's cancel
+        mark (`cancelled_by`), read in the same transaction, when
+        `workflow_id` is given. A cancel committed before is seen here; one
+        committed after re-reads the steps once it committed and finds the
+        recorded job; one racing it exactly (neither sees the other) is
+        caught by the reconciler's round over cancelled workflows."""
         for _ in range(5):
             async with self.uow_factory() as uow:
                 st = await uow.steps.get(step_id)
+                w = await uow.workflows.get(workflow_id) if workflow_id else None
+                cancelled_by = w.cancelled_by if w is not None else ""
                 if st is None:
-                    return
+                    return cancelled_by
                 changes = {k: v for k, v in fields.items() if v and getattr(st, k) != v}
                 if not changes:
-                    return
+                    return cancelled_by
                 if changes.get("job_id") and changes["job_id"] not in st.attempt_job_ids:
                     changes["attempt_job_ids"] = [*st.attempt_job_ids, changes["job_id"]]
                 if await uow.steps.update(replace(st, **changes, version=st.version + 1), st.version):
                     await uow.commit()
-                    return
+                    return cancelled_by
+        return 
 
     async def step_waiting(self, step_id: str, reason: str, actor: str, uow=None, resource_id: str = "") -> None:
         """A running step (or one whose resource a teardown is destroying)
@@ -347,14 +368,13 @@ class Execution(WorkflowsBase):
         await self._step_event(uow, "step_failed", failed, actor)
         if not running:
             return True
-        if w.cancelled_by:
-            await self._end_if_stopped(uow, w, actor)
-        elif w.on_failure == CONTINUE_INDEPENDENT:
+        if w.on_failure == CONTINUE_INDEPENDENT and not w.cancelled_by:
             await self.continue_independent(uow, w, failed, actor)
         else:
-            errored = replace(w, status=ERROR, error_message=f"step {st.template_name} failed: {message}",
-                              completion_time=now, update_time=now, version=w.version + 1)
-            await uow.workflows.update(errored, w.version)
-            await self._workflow_event(uow, "workflow_failed", errored, actor)
+            # Cancelled, or stopped by this failure: no step starts any more,
+            # and the workflow ends in error once no step runs (running
+            # siblings finish first: a workflow never ends while a job it
+            # started still runs).
+            await self._end_if_stopped(uow, w, actor)
         return True
 

@@ -29,6 +29,9 @@ class Reconciliation(WorkflowsBase):
             if w.teardown_status == IN_PROGRESS:
                 await self._reconcile_teardown(w, steps, cutoff)
                 continue
+            if w.cancelled_by:
+                await self.reconcile_cancelled(w, steps, cutoff)
+                continue
             if w.executed_plan_id:
                 if w.plan_approval_status == PENDING and w.update_time and w.update_time < cutoff:
                     await self.open_plan_approval(w.id)  # its request may never have been opened

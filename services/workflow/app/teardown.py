@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import grpc
+
 from services.common.auth import Principal
 from services.common.clients import RemoteError
 from services.common.errors import Aborted, FailedPrecondition, PreconditionViolation, Unavailable
@@ -11,13 +13,6 @@ from services.workflow.adapters.remote import ResourceInfo
 from services.workflow.domain.model import (DONE, ERROR, IN_PROGRESS, PENDING, Step, TeardownItem, Workflow,
                                             teardown_order, teardown_ready)
 from services.workflow.app.base import WorkflowsBase, log
-
-
-def never_ran(r: ResourceInfo) -> bool:
-    """The resource service's rule for a record deleted without a destroy:
-    a provisioning whose job never ran (not started, rejected, withdrawn, or
-    its job could not be submitted)."""
-    return r.state == "provision" and r.status in ("ready", "rejected", "error") and not r.last_job_id
 
 
 class Teardown(WorkflowsBase):
@@ -116,12 +111,18 @@ class Teardown(WorkflowsBase):
             if found is None:
                 await self.teardown_step_done(step_id, "", actor)
                 return
-            if never_ran(found):  # no job ever ran for it: no state, no infrastructure, only the record
-                await self.remote.delete_resource(actor, found.id)
-                await self.teardown_step_done(step_id, "", actor)
-                return
-            # Provisioned, or a provisioning that failed or was interrupted
-            # (part of its infrastructure may exist): destroyed with its state.
+            if found.state == "provision" and found.status not in ("queued", "in_progress", "approval_pending"):
+                # Never provisioned. The resource service deletes its record
+                # when no job ever ran for it (no state, no infrastructure);
+                # otherwise it refuses, and the destroy below removes what its
+                # state holds (a provisioning that failed or was interrupted).
+                try:
+                    await self.remote.delete_resource(actor, found.id)
+                    await self.teardown_step_done(step_id, "", actor)
+                    return
+                except RemoteError as exc:
+                    if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+                        raise
             resource = await self.remote.destroy(actor, st.resource_id)
         except RemoteError as exc:
             resource = await self._resource_after_refusal(st, exc, actor)

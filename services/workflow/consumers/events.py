@@ -31,10 +31,14 @@ log = logging.getLogger(__name__)
 def _moves_a_step(env: Envelope) -> bool:
     """A step's resource changed in a way the step reacts to: a resource that
     reached done moves nothing here (its job's completion event does), unless
-    a destroy was turned back (a teardown step fails)."""
+    a destroy was turned back (a teardown step fails); a job queued or started
+    moves nothing either (decided without a transaction: two per step), unless
+    it ends a wait for approval (the step's waiting_reason is cleared)."""
     if not env.correlation.step_id:
         return False
     body = env.resource_status_changed
+    if body.status in (resource_pb2.RESOURCE_STATUS_QUEUED, resource_pb2.RESOURCE_STATUS_IN_PROGRESS):
+        return body.previous_status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING
     return body.status != resource_pb2.RESOURCE_STATUS_DONE or body.previous_state == resource_pb2.RESOURCE_STATE_DESTROY
 
 
@@ -86,9 +90,10 @@ def consumers(runtime) -> list[ConsumerSpec]:
                                          env.actor, uow=uow, resource_id=body.resource_id)
         elif body.status == resource_pb2.RESOURCE_STATUS_REJECTED:
             await workflows.step_failed(step_id, f"the approval of resource {body.resource_id} was rejected",
-                                        env.actor, uow=uow)
+                                        env.actor, uow=uow, resource_id=body.resource_id)
         elif body.status == resource_pb2.RESOURCE_STATUS_ERROR and not body.job_id:
-            await workflows.step_failed(step_id, body.error_message or "the resource failed", env.actor, uow=uow)
+            await workflows.step_failed(step_id, body.error_message or "the resource failed", env.actor, uow=uow,
+                                        resource_id=body.resource_id)
 
     async def on_teardown_resource(uow, step_id: str, body, actor: str) -> None:
         if body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING:
