@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections import OrderedDict
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -17,8 +18,15 @@ from cryptography.fernet import Fernet, InvalidToken
 from services.common.config import Settings, load_or_create_secret
 
 
+# Tokens opened lately, and what they hold: a workflow step's sealed overrides
+# are read many times per step (each read of the step), always the same token
+# until it is written again. Bounded; in memory only, as any opened value is.
+OPENED_CACHE_SIZE = 512
+
+
 class Vault:
     def __init__(self, key: str):
+        self._opened: OrderedDict[bytes, bytes] = OrderedDict()
         self._key = key.encode()
         try:
             self._fernet = Fernet(self._key)
@@ -39,11 +47,18 @@ class Vault:
         return self._fernet.encrypt(data)
 
     def open(self, token: bytes) -> bytes:
+        if (data := self._opened.get(token)) is not None:
+            self._opened.move_to_end(token)
+            return data
         try:
-            return self._fernet.decrypt(token)
+            data = self._fernet.decrypt(token)
         except InvalidToken:
             raise RuntimeError("stored secret cannot be decrypted: IK_ENCRYPTION_KEY differs from the one "
                                "it was written with") from None
+        self._opened[token] = data
+        if len(self._opened) > OPENED_CACHE_SIZE:
+            self._opened.popitem(last=False)
+        return data
 
     def seal_json(self, value: Any) -> bytes:
         return self.seal(json.dumps(value).encode())
