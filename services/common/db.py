@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import threading
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -106,38 +107,82 @@ class Database:
             self.engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False) \
             if self.is_postgres else self.sessionmaker
         self._sqlite_file = None if self.is_postgres else u.database
+        self._checkpointer = None  # the sqlite3 connection of checkpoint(), opened at the first
+        self._checkpointing = threading.Lock()
 
     async def checkpoints(self, interval: float = 1.0, truncate_every: int = 60) -> None:
         """Background task on SQLite: the WAL is copied back into the database
         file on a thread of its own, since the serving connections run on the
         event loop and a checkpoint (copy and fsync) there would hold it up
-        for milliseconds; PASSIVE never waits for readers or writers. Every
+        for milliseconds; PASSIVE never waits for readers or writers. A round
+        (every `interval`) checkpoints only when the WAL file changed since
+        the last checkpoint (its size or modification time: a commit writes
+        it), so an idle service does nothing but look at the file. Every
         `truncate_every` rounds a TRUNCATE checkpoint (it waits up to 5 s for
-        a quiet moment) empties the WAL file, so its size stays bounded even
-        when PASSIVE rounds never find it idle (journal_size_limit cuts it
-        back as well once a checkpoint got through)."""
+        a quiet moment) empties a WAL file that is not empty, so its size
+        stays bounded even when PASSIVE rounds never find it idle
+        (journal_size_limit cuts it back as well once a checkpoint got
+        through). One connection does every checkpoint."""
         if self._sqlite_file is None or self._sqlite_file == ":memory:":
             return
         import asyncio
         import sqlite3
-        rounds = 0
-        while True:
-            await asyncio.sleep(interval)
-            rounds += 1
-            try:
-                await asyncio.to_thread(self.checkpoint, "TRUNCATE" if rounds % truncate_every == 0 else "PASSIVE")
-            except sqlite3.Error:
-                pass  # e.g. busy: the next round
+        wal = Path(f"{self._sqlite_file}-wal")
+        rounds, checkpointed = 0, None
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                rounds += 1
+                try:
+                    st = wal.stat()
+                    seen = (st.st_size, st.st_mtime_ns)
+                except FileNotFoundError:
+                    seen = None
+                truncate = rounds % truncate_every == 0 and seen is not None and seen[0] > 0
+                if seen is None or (seen == checkpointed and not truncate):
+                    continue  # nothing written since the last checkpoint
+                try:
+                    await asyncio.to_thread(self.checkpoint, "TRUNCATE" if truncate else "PASSIVE")
+                    # What was seen before the checkpoint: a commit during it changes the file again.
+                    checkpointed = seen
+                except sqlite3.Error:
+                    pass  # e.g. busy: the next round
+        finally:
+            self._close_checkpointer_if_idle()
 
     def checkpoint(self, mode: str = "PASSIVE") -> None:
-        """One checkpoint of the SQLite WAL, on a connection of its own (blocking: call it on a thread)."""
+        """One checkpoint of the SQLite WAL, on a connection of its own, kept
+        for the next (blocking: call it on a thread, one call at a time)."""
         import sqlite3
-        conn = sqlite3.connect(self._sqlite_file, timeout=5)
-        try:
-            conn.execute(f"PRAGMA journal_size_limit={int(self.wal_limit)}")
-            conn.execute(f"PRAGMA wal_checkpoint({mode})")
-        finally:
+        with self._checkpointing:
+            if self._checkpointer is None:
+                conn = sqlite3.connect(self._sqlite_file, timeout=5, check_same_thread=False)
+                try:
+                    conn.execute(f"PRAGMA journal_size_limit={int(self.wal_limit)}")
+                except BaseException:
+                    conn.close()
+                    raise
+                self._checkpointer = conn
+            try:
+                self._checkpointer.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+            except sqlite3.Error:
+                self._close_checkpointer()  # a connection in trouble is not kept
+                raise
+
+    def _close_checkpointer(self) -> None:
+        conn, self._checkpointer = self._checkpointer, None
+        if conn is not None:
             conn.close()
+
+    def _close_checkpointer_if_idle(self) -> None:
+        """Closes checkpoint()'s connection unless a checkpoint is under way on
+        a thread (never waiting for it on the event loop); such a connection
+        closes when it is collected."""
+        if self._checkpointing.acquire(blocking=False):
+            try:
+                self._close_checkpointer()
+            finally:
+                self._checkpointing.release()
 
     @contextlib.asynccontextmanager
     async def leading(self, name: str):
@@ -167,6 +212,7 @@ class Database:
         return self.read_sessionmaker()
 
     async def dispose(self) -> None:
+        self._close_checkpointer_if_idle()  # before the serving connections: the last one checkpoints at close
         await self.engine.dispose()
 
 

@@ -22,6 +22,7 @@ from services.executor.adapters.resources import ResourceUsers
 from tests.support.events import read_events as _read_events
 from tests.support.grpc_asserts import field_violations, precondition_violations, reason, rpc_error
 from tests.support.jobs import all_logs, log_text, module_repo, start_executor, submit_request, wait_job
+from tests.support.waiting import eventually
 
 SUCCEEDED, FAILED = pb.JOB_STATUS_SUCCEEDED, pb.JOB_STATUS_FAILED
 
@@ -550,6 +551,9 @@ async def one_worker(tmp_path, event_prefix, nats_url, **env):
     svc = await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
                                IK_EXECUTOR_WORKERS="1", **env)
     try:
+        # Its worker waits in a fetch (its first job starts directly on it), which
+        # on a busy machine may come a moment after the service serves.
+        await eventually(lambda: svc.runtime.workers._idle, timeout=30)
         yield svc
     finally:
         await svc.__aexit__(None, None, None)
@@ -674,5 +678,112 @@ async def test_a_delete_racing_a_submission_waits_for_it_and_sees_its_job(repo, 
             assert not delete.done(), "the delete did not wait for the submission holding what it names"
             await uow.commit()
         await _refused_naming(lambda req, metadata: delete, request, svc, [job])
+    finally:
+        await svc.__aexit__(None, None, None)
+
+
+# --- a job's end: its last lines with it, its directory gone before it ------------------
+
+async def test_the_last_log_lines_are_stored_in_the_transaction_that_ends_the_job(executor, repo, tmp_path,
+                                                                                  monkeypatch):
+    """A job's end, its last log lines (here every line: no timed write in
+    between) and its start time are committed together, so a follower that
+    sees the job ended has its whole log; the run's working directory,
+    removed on a thread while that transaction is made, is gone by its
+    commit."""
+    from services.executor.app import runs
+    monkeypatch.setattr(runs, "FLUSH_INTERVAL", 600)
+    engine = executor.runtime.db.engine.sync_engine
+    work = tmp_path / "data" / "work"
+    open_transactions: dict[int, list] = {}
+    committed: list[tuple[list, list]] = []  # (statements, what the work root held at the commit)
+
+    def before_execute(conn, cursor, statement, parameters, context, executemany):
+        open_transactions.setdefault(id(conn.connection.dbapi_connection), []).append((statement, parameters))
+
+    def on_commit(conn):
+        statements = open_transactions.pop(id(conn.connection.dbapi_connection), [])
+        if statements:
+            committed.append((statements, sorted(p.name for p in work.iterdir()) if work.exists() else []))
+    sa.event.listen(engine, "before_cursor_execute", before_execute)
+    sa.event.listen(engine, "commit", on_commit)
+    try:
+        job = await executor.stub.SubmitJob(submit_request(repo, "ok", "end/lines", variables={"name": "x"}),
+                                            metadata=executor.md)
+        job = await wait_job(executor.stub, job.id, executor.md)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", before_execute)
+        sa.event.remove(engine, "commit", on_commit)
+    assert job.status == SUCCEEDED, job.error_message
+    assert job.start_time.seconds > 0
+    writes = [(statements, held) for statements, held in committed
+              if any(s.startswith("INSERT INTO job_logs") and job.id in str(p) for s, p in statements)]
+    assert len(writes) == 1, "one transaction writes the lines"
+    [(statements, held)] = writes
+    assert any(s.startswith("UPDATE jobs SET") and "succeeded" in str(p) for s, p in statements), \
+        "the lines go with the end"
+    assert not [name for name in held if name.startswith(job.id)], "the directory was there at the end's commit"
+    lines = await all_logs(executor.stub, job.id, executor.md)
+    assert [line.number for line in lines] == list(range(1, len(lines) + 1))
+    assert "Apply complete!" in log_text(lines)
+
+
+async def test_the_cap_check_locks_an_integration_only_when_it_has_a_cap(repo, tmp_path, event_prefix, nats_url,
+                                                                        postgres):
+    """PostgreSQL. A submission that may start its job at once reads its
+    integrations' caps in the statement that holds what it names (FOR KEY
+    SHARE): without a cap nothing more is read or locked. With one, the
+    integration's row is locked FOR NO KEY UPDATE for the check, so two
+    submissions at once take turns and never both take the last slot."""
+    from services.common.auth import Principal, Role
+    from services.executor.api import convert
+    from services.executor.app import jobs as job_use_cases
+    svc = await start_executor(postgres.create(), event_prefix, nats_url, tmp_path / "data", IK_EXECUTOR_WORKERS="0")
+    alice = Principal("alice", Role.WRITE)
+    try:
+        free = await svc.stub.CreateIntegration(pb.CreateIntegrationRequest(
+            integration=pb.Integration(name="free", provider=pb.INTEGRATION_PROVIDER_GENERIC),
+            credentials={"ACCOUNT": "free"}), metadata=svc.admin)
+        capped = await svc.stub.CreateIntegration(pb.CreateIntegrationRequest(
+            integration=pb.Integration(name="capped", provider=pb.INTEGRATION_PROVIDER_GENERIC,
+                                       max_concurrent_jobs=1), credentials={"ACCOUNT": "capped"}), metadata=svc.admin)
+
+        def submission(integration: pb.Integration, path: str):
+            return convert.job_from_submit(submit_request(repo, "ok", path, variables={"name": "c"},
+                                                          integration_ids=[integration.id]))
+        engine = svc.runtime.db.engine.sync_engine
+        reads: list[str] = []
+
+        def before_execute(conn, cursor, statement, parameters, context, executemany):
+            if "FROM integrations" in statement:
+                reads.append(statement)
+        sa.event.listen(engine, "before_cursor_execute", before_execute)
+        try:
+            async with svc.runtime.uow() as uow:
+                job, _ = await job_use_cases.submit_job(uow, alice, submission(free, "cap/free"), 60,
+                                                        start_as=("worker-1", 60))
+                await uow.rollback()
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", before_execute)
+        assert job.status == "running"
+        assert len(reads) == 1 and "FOR KEY SHARE" in reads[0], reads
+
+        async with svc.runtime.uow() as first:
+            one, _ = await job_use_cases.submit_job(first, alice, submission(capped, "cap/1"), 60,
+                                                    start_as=("worker-1", 60))
+            assert one.status == "running"
+
+            async def second_submission():
+                async with svc.runtime.uow() as uow:
+                    job, _ = await job_use_cases.submit_job(uow, alice, submission(capped, "cap/2"), 60,
+                                                            start_as=("worker-2", 60))
+                    await uow.rollback()
+                    return job
+            second = asyncio.ensure_future(second_submission())
+            await asyncio.sleep(1)
+            assert not second.done(), "the second cap check did not wait for the first"
+            await first.commit()
+        two = await second
+        assert two.status == "queued" and "runs 1 of at most 1 jobs" in two.queue_reason
     finally:
         await svc.__aexit__(None, None, None)

@@ -500,3 +500,170 @@ async def test_a_commit_on_postgres_wakes_the_streams_of_another_replica(postgre
         listening.cancel()
         await asyncio.gather(listening, return_exceptions=True)
         await writer_db.dispose()
+
+
+# --- the relay's deletes and polls ------------------------------------------------------
+
+class CountingRelay(OutboxRelay):
+    """Counts the transactions that deleted published rows, and the table reads."""
+
+    deletes = 0
+    reads = 0
+
+    async def _delete_published(self) -> None:
+        if self._published:
+            self.deletes += 1
+        await super()._delete_published()
+
+    async def relay_once(self) -> int:
+        self.reads += 1
+        return await super().relay_once()
+
+
+async def commit_events(p: Plumbing, relay: OutboxRelay, count: int, start: int = 0) -> None:
+    """`count` commits of one event each, handed to the relay as the services' units of work do."""
+    for i in range(start, start + count):
+        async with UnitOfWork(p.db, outbox_table, inbox_table, p.bus.names, on_commit=relay.notify) as uow:
+            await uow.emit(new_event("executor", "job_succeeded", events_pb2.JobChanged(job_id=f"job-{i}")))
+            await uow.commit()
+
+
+async def test_published_rows_are_deleted_together_once_the_relay_is_idle(plumbing, monkeypatch):
+    """Rows published from memory stay in the table while commits keep
+    coming, and go in one delete once the relay had nothing to do for
+    DELETE_WHEN_IDLE_FOR; the table is not read meanwhile."""
+    from services.common import outbox
+    p = plumbing
+    monkeypatch.setattr(outbox, "DELETE_WHEN_IDLE_FOR", 0.5)
+    relay = CountingRelay(p.db, outbox_table, p.bus, poll_interval=30)
+    published = outbox.metrics.OUTBOX_PUBLISHED.labels(relay.name)
+    task = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: relay.reads == 1)  # the read at start drains the (empty) table
+        before = published._value.get()
+        for i in range(5):  # a commit every 0.1 s: never idle for 0.5 s
+            await commit_events(p, relay, 1, start=i)
+            await eventually(lambda: published._value.get() == before + i + 1)
+            await asyncio.sleep(0.1)
+        assert relay.deletes == 0 and await p.count(outbox_table) == 5, "deleted while commits kept coming"
+        await eventually(lambda: p.outbox_empty(), timeout=5)
+        assert relay.deletes == 1, "one delete for the whole burst"
+        assert relay.reads == 1, "no table read while the fast path is in use"
+    finally:
+        await stop(task)
+
+
+@pytest.mark.parametrize("bound", ["count", "age"])
+async def test_under_continuous_load_published_rows_are_deleted_within_bounds(plumbing, monkeypatch, bound):
+    """A relay that is never idle still deletes what it published: once
+    DELETE_BATCH rows wait, or the oldest was published DELETE_WITHIN ago
+    (a crash republishes at most that much, inside the stream's duplicate
+    window); it reads the table then too."""
+    from services.common import bus as bus_module
+    from services.common import outbox
+    p = plumbing
+    monkeypatch.setattr(outbox, "DELETE_WHEN_IDLE_FOR", 60)  # never idle long enough here
+    if bound == "count":
+        monkeypatch.setattr(outbox, "DELETE_BATCH", 4)
+    else:
+        monkeypatch.setattr(outbox, "DELETE_WITHIN", 0.3)
+    assert outbox.DELETE_WITHIN < bus_module.DUPLICATE_WINDOW_SECONDS
+    relay = CountingRelay(p.db, outbox_table, p.bus, poll_interval=30)
+    published = outbox.metrics.OUTBOX_PUBLISHED.labels(relay.name)
+    task = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: relay.reads == 1)
+        before = published._value.get()
+        for i in range(10):
+            await commit_events(p, relay, 1, start=i)
+            await eventually(lambda: published._value.get() == before + i + 1)
+            await asyncio.sleep(0.05)
+        left = await p.count(outbox_table)
+        if bound == "count":  # deleted at the 4th and the 8th
+            assert relay.deletes == 2 and left == 2
+        else:
+            assert relay.deletes >= 1 and left < 10
+        assert relay.reads == 1 + relay.deletes
+    finally:
+        await stop(task)
+
+
+class FailingOnce:
+    """A bus whose first publish fails (a NATS reconnect), then works."""
+
+    def __init__(self, bus: EventBus):
+        self.bus, self.failed = bus, False
+        self.max_payload = bus.max_payload
+
+    async def publish_in_order(self, messages):
+        if not self.failed:
+            self.failed = True
+            raise TimeoutError()
+        await self.bus.publish_in_order(messages)
+
+
+async def test_a_failed_publish_is_retried_from_the_table_at_the_short_poll(plumbing):
+    """While the fast path is in use the table is read only after a long
+    quiet (drained_poll_interval); a publish that failed is retried from the
+    table at the short poll_interval, without waiting for that or for
+    another commit."""
+    p = plumbing
+    relay = CountingRelay(p.db, outbox_table, FailingOnce(p.bus), poll_interval=0.2, drained_poll_interval=60)
+    assert relay.drained_poll_interval == 60
+    task = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: relay.reads == 1)
+        await asyncio.sleep(0.5)
+        assert relay.reads == 1, "no table read while drained, before the long poll"
+        started = asyncio.get_running_loop().time()
+        await commit_events(p, relay, 1)  # the fast path's publish fails
+        await eventually(lambda: p.outbox_empty(), timeout=10)
+        assert relay.bus.failed and relay.reads == 2
+        assert asyncio.get_running_loop().time() - started < 3
+    finally:
+        await stop(task)
+
+
+async def test_an_idle_sqlite_database_is_not_checkpointed_again(tmp_path, monkeypatch):
+    """A checkpoint round does something only when the WAL changed since the
+    last checkpoint; every checkpoint uses the same connection."""
+    import sqlite3
+
+    path = tmp_path / "idle.db"
+    engine = create_sync_engine(f"sqlite:///{path}")
+    applied.create(engine)
+    engine.dispose()
+    db = Database(f"sqlite:///{path}")
+    done: list[str] = []
+    connections: set[int] = set()
+    checkpoint = db.checkpoint
+
+    def counting(mode: str = "PASSIVE") -> None:
+        checkpoint(mode)
+        done.append(mode)
+        connections.add(id(db._checkpointer))
+    monkeypatch.setattr(db, "checkpoint", counting)
+    opened = []
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: opened.append(kw) or real_connect(*a, **kw))
+    try:
+        async with db.session() as s, s.begin():
+            await s.execute(sa.insert(applied).values(event_id="first"))
+        task = asyncio.create_task(db.checkpoints(interval=0.05, truncate_every=1000))
+        try:
+            await eventually(lambda: len(done) == 1)
+            await asyncio.sleep(0.5)  # ten rounds with nothing written
+            assert done == ["PASSIVE"], "checkpointed an unchanged WAL"
+            async with db.session() as s, s.begin():
+                await s.execute(sa.insert(applied).values(event_id="second"))
+            await eventually(lambda: len(done) == 2)
+            await asyncio.sleep(0.3)
+            assert len(done) == 2
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        checkpointers = [kw for kw in opened if kw.get("timeout") == 5]  # the serving ones wait for nothing (0)
+        assert len(connections) == 1 and len(checkpointers) == 1, "one connection for every checkpoint"
+        assert db._checkpointer is None, "closed with the task"
+    finally:
+        await db.dispose()

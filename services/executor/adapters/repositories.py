@@ -4,7 +4,9 @@ below them sees clear text."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -56,6 +58,36 @@ _STORAGE = sa.select(storages).where(storages.c.id == sa.bindparam("id"))
 _CLAIM = sa.select(state_path_claims).where(state_path_claims.c.storage_id == sa.bindparam("storage_id"),
                                             state_path_claims.c.state_path == sa.bindparam("state_path"))
 _INSERT_CLAIM = sa.insert(state_path_claims)
+_MARK_STARTED = sa.update(jobs).where(jobs.c.id == sa.bindparam("w_id"), jobs.c.start_time.is_(None)).values(
+    start_time=sa.bindparam("start_time"))
+_OLDEST_WAITING = sa.select(jobs.c.create_time).where(
+    jobs.c.status == "queued", jobs.c.queue_reason == "").order_by(jobs.c.create_time).limit(1)
+_INSERT_LOG_LINES = sa.insert(job_logs)
+_LAST_LOG_NUMBER = sa.select(sa.func.coalesce(sa.func.max(job_logs.c.number), 0)).where(
+    job_logs.c.job_id == sa.bindparam("job_id"))
+
+
+@functools.cache
+def _named_query(kind: str, postgres: bool) -> sa.Select:
+    """The ids (and an integration's cap) of what a job names, held FOR KEY
+    SHARE on PostgreSQL (see JobRepository.hold_named)."""
+    table = {"integration": integrations, "secret": secrets, "storage": storages}[kind]
+    columns = [table.c.id]
+    if kind == "integration":
+        columns += [table.c.name, table.c.max_concurrent_jobs]
+    query = sa.select(*columns).where(table.c.id.in_(sa.bindparam("ids", expanding=True)))
+    return query.with_for_update(read=True, key_share=True) if postgres else query
+
+
+@dataclass(frozen=True)
+class Named:
+    """What hold_named found: `(kind, id) in named` for each that exists, and
+    `caps` (integration id -> (name, max_concurrent_jobs)) as read with it."""
+    found: set[tuple[str, str]] = field(default_factory=set)
+    caps: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        return item in self.found
 
 
 class JobRepository:
@@ -132,8 +164,7 @@ class JobRepository:
 
     async def mark_started(self, id_: str, moment: dt.datetime) -> None:
         """The moment a worker began running the job, kept from its first attempt."""
-        await self.s.execute(sa.update(jobs).where(jobs.c.id == id_, jobs.c.start_time.is_(None)).values(
-            start_time=moment))
+        await self.s.execute(_MARK_STARTED, {"w_id": id_, "start_time": moment})
 
     async def count_by_status(self, statuses: tuple[str, ...]) -> dict[str, int]:
         rows = await self.s.execute(sa.select(jobs.c.status, sa.func.count()).where(
@@ -154,8 +185,7 @@ class JobRepository:
     async def oldest_waiting(self) -> dt.datetime | None:
         """When the longest-waiting queued job (one no integration cap holds
         back) was submitted; None when none waits."""
-        row = (await self.s.execute(sa.select(jobs.c.create_time).where(
-            jobs.c.status == "queued", jobs.c.queue_reason == "").order_by(jobs.c.create_time).limit(1))).first()
+        row = (await self.s.execute(_OLDEST_WAITING)).first()
         return _aware(row.create_time) if row else None
 
     async def oldest_waiting_next_step(self, started_before: str) -> str | None:
@@ -247,21 +277,22 @@ class JobRepository:
         query = after_key(query, (jobs.c.create_time, jobs.c.id), after, descending).limit(limit)
         return [self._job(r) for r in await self.s.execute(query)]
 
-    async def hold_named(self, integration_ids: list[str], secret_ids: list[str],
-                         storage_id: str) -> set[tuple[str, str]]:
-        """(kind, id) of the integrations, secrets and storage a job names
-        that exist; on PostgreSQL their rows are held FOR KEY SHARE until
-        commit, so a concurrent delete waits for this transaction."""
-        found: set[tuple[str, str]] = set()
-        for kind, table, ids in (("integration", integrations, integration_ids), ("secret", secrets, secret_ids),
-                                 ("storage", storages, [storage_id] if storage_id else [])):
+    async def hold_named(self, integration_ids: list[str], secret_ids: list[str], storage_id: str) -> Named:
+        """What of the integrations, secrets and storage a job names exists
+        (and the integrations' caps, read in the same statement); on
+        PostgreSQL their rows are held FOR KEY SHARE until commit, so a
+        concurrent delete waits for this transaction."""
+        named = Named()
+        postgres = self.s.bind.dialect.name == "postgresql"
+        for kind, ids in (("integration", integration_ids), ("secret", secret_ids),
+                          ("storage", [storage_id] if storage_id else [])):
             if not ids:
                 continue
-            query = sa.select(table.c.id).where(table.c.id.in_(sorted(set(ids))))
-            if self.s.bind.dialect.name == "postgresql":
-                query = query.with_for_update(read=True, key_share=True)
-            found.update((kind, r.id) for r in await self.s.execute(query))
-        return found
+            for r in await self.s.execute(_named_query(kind, postgres), {"ids": sorted(set(ids))}):
+                named.found.add((kind, r.id))
+                if kind == "integration":
+                    named.caps[r.id] = (r.name, r.max_concurrent_jobs)
+        return named
 
     async def uses(self, column: str, id_: str, limit: int = 20) -> list[str]:
         """Ids of up to `limit` jobs that have not ended (NOT_ENDED: queued
@@ -283,14 +314,13 @@ class JobLogRepository:
 
     async def append(self, job_id: str, first_number: int, lines: list[tuple[dt.datetime, str, str]]) -> None:
         if lines:
-            await self.s.execute(sa.insert(job_logs), [
+            await self.s.execute(_INSERT_LOG_LINES, [
                 dict(job_id=job_id, number=first_number + i, time=t, stream=stream, text=text)
                 for i, (t, stream, text) in enumerate(lines)])
             self.touch(job_id)
 
     async def last_number(self, job_id: str) -> int:
-        return int(await self.s.scalar(sa.select(sa.func.coalesce(sa.func.max(job_logs.c.number), 0)).where(
-            job_logs.c.job_id == job_id)))
+        return int(await self.s.scalar(_LAST_LOG_NUMBER, {"job_id": job_id}))
 
     async def after(self, job_id: str, after: int, limit: int = 500) -> list:
         return list(await self.s.execute(sa.select(job_logs).where(

@@ -6,10 +6,11 @@ generated backend override for the storage, the variables as an
 and secrets of the job (never the executor's own environment, which holds its
 keys). `terraform init` runs offline against the provider plugin directory.
 Output lines go to `log` as they are written, already redacted. The working
-directory is removed afterwards, whatever happens; a run whose process was
-killed cannot remove it, so it is named after its job and attempt
-(`<job id>-attempt<n>-<random>`) for the worker pool to find and remove what
-such a run left (see `job_workdirs`).
+directory is removed afterwards, whatever happens, on a thread (off the event
+loop, beside the transaction that records the job's end, which waits for it:
+`workdir_removed`); a run whose process was killed cannot remove it, so it is
+named after its job and attempt (`<job id>-attempt<n>-<random>`) for the
+worker pool to find and remove what such a run left (see `job_workdirs`).
 
 Interrupting (cancel, timeout, lost lease) sends SIGINT to terraform's process
 group, so terraform stops gracefully and writes and unlocks its state; SIGKILL
@@ -239,6 +240,7 @@ class TerraformRun:
         self._killer: asyncio.Task | None = None
         self._stderr_tail: list[str] = []
         self._writable: list[Path] = []  # what the sandbox lets terraform write: its run and its state
+        self._removal: asyncio.Future | None = None  # the working directory's removal, started as the run ends
 
     def say(self, text: str) -> None:
         self.log_sink("executor", self.redact(text))
@@ -278,9 +280,40 @@ class TerraformRun:
         finally:
             if self._killer is not None:
                 self._killer.cancel()
-            shutil.rmtree(workdir, ignore_errors=True)
+            self._remove(workdir)
         result.interrupted = self.interrupted
         return result
+
+    def _remove(self, workdir: Path) -> None:
+        """Starts removing the working directory on a thread: removing a
+        checkout and terraform's files takes the event loop's thread some
+        time, and the run's result is known already."""
+        try:
+            self._removal = asyncio.get_running_loop().run_in_executor(None, remove_workdir, workdir)
+        except RuntimeError:  # no thread to be had (the process is stopping): here and now
+            self._removal = None
+            if not remove_workdir(workdir):
+                log.warning("job %s: could not remove all of %s", self.spec.job_id, workdir)
+            return
+        self._removal.add_done_callback(self._removed)
+
+    def _removed(self, removal: asyncio.Future) -> None:
+        if removal.cancelled():
+            return
+        if (exc := removal.exception()) is not None or not removal.result():
+            log.warning("job %s: could not remove all of its working directory%s", self.spec.job_id,
+                        f": {exc}" if exc is not None else "")
+
+    async def workdir_removed(self) -> None:
+        """Returns once the ended run's working directory is removed (at
+        once when it is already, or the run never made one). Whoever records
+        the job's end waits for this before committing, so nothing of a run
+        is on disk once its end can be seen."""
+        if self._removal is not None:
+            try:
+                await asyncio.shield(self._removal)
+            except Exception:  # noqa: BLE001 - logged by _removed; the job's end is recorded all the same
+                pass
 
     async def _run(self, workdir: Path, result: RunResult) -> None:
         spec = self.spec

@@ -91,7 +91,7 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
     if job.correlation.resource_id:
         await claim_state_path(uow, job.storage_id, job.state_path, job.correlation.resource_id)
     await emit_job_event(uow, job, principal.user)  # queued
-    if start_as is not None and (reason := await cap_reason(uow, job)):
+    if start_as is not None and (reason := await cap_reason(uow, job, held.caps)):
         start_as, job = None, replace(job, queue_reason=reason)  # it waits on the work queue
     if start_as is None:
         await uow.jobs.add(job)
@@ -105,12 +105,17 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
     return job, True
 
 
-async def cap_reason(uow, job: Job) -> str:
+async def cap_reason(uow, job: Job, read: dict[str, tuple[str, int]] | None = None) -> str:
     """Why the job may not start now (an integration it uses is at its cap
     of concurrent jobs), or "". Checked in the transaction that starts it;
-    on PostgreSQL the integrations' rows are locked so two executors never
-    both take the last slot (SQLite serializes writers anyway)."""
+    on PostgreSQL the integrations' rows are locked (FOR NO KEY UPDATE) so
+    two executors never both take the last slot (SQLite serializes writers
+    anyway). `read`: the caps (id -> (name, cap)) this transaction read
+    already (SubmitJob's hold_named); when none of the job's integrations
+    has a cap there, nothing more is read or locked, as no slot is taken."""
     if not job.integration_ids:
+        return ""
+    if read is not None and all(id_ in read and not read[id_][1] for id_ in job.integration_ids):
         return ""
     caps = await uow.integrations.caps(job.integration_ids, lock=True)
     if not any(cap for _, cap in caps.values()):

@@ -24,15 +24,22 @@ from services.executor.domain.model import (CANCELLED, FAILED, SUCCEEDED, TIMED_
 log = logging.getLogger(__name__)
 
 MAX_LINE = 16 * 1024
+# Seconds between two writes of a running job's new lines: a live view
+# (StreamJobLogs) redraws twice a second. The last lines are written with
+# the job's end, in the transaction that records it.
+FLUSH_INTERVAL = 0.5
 
 
 class LogWriter:
-    """Buffers a job's lines and writes them in small batches (every 0.2 s),
-    numbered in order, so followers see them while the job runs.
+    """Buffers a job's lines and writes them in small batches (every
+    FLUSH_INTERVAL), numbered in order, so followers see them while the job
+    runs.
 
-    One task does every write, the last one included: a write cancelled half
-    way could not tell whether its lines were stored, and a second writer
-    would race it for the same line numbers."""
+    One writer at a time: the timed writes are one task's, and once it is
+    stopped (`stop`) what is left is written either with the job's end
+    (`write`, in the transaction that records it) or on its own (`flush`).
+    A write cancelled half way could not tell whether its lines were stored,
+    and a second writer would race it for the same line numbers."""
 
     def __init__(self, uow_factory, job_id: str, next_number: int, started: dt.datetime | None = None):
         self.uow_factory = uow_factory
@@ -49,10 +56,11 @@ class LogWriter:
         self._buffer.append((utcnow(), stream, text[:MAX_LINE]))
 
     async def _loop(self) -> None:
-        while not self._closing.is_set():
+        while True:
             try:
-                async with asyncio.timeout(0.2):
+                async with asyncio.timeout(FLUSH_INTERVAL):
                     await self._closing.wait()
+                return  # stopped: what is left is written by whoever stopped it
             except TimeoutError:
                 pass
             try:
@@ -60,26 +68,43 @@ class LogWriter:
             except Exception as exc:  # noqa: BLE001 - kept in the buffer, written next time
                 log.warning("job %s: writing log lines failed: %s", self.job_id, exc)
 
+    async def write(self, uow, lines: list) -> None:
+        """Adds `lines` (numbered from next_number) and the start time, if
+        not stored yet, to the transaction `uow`; `stored(lines)` once it committed."""
+        await uow.logs.append(self.job_id, self.next_number, lines)
+        if self.started is not None:
+            await uow.jobs.mark_started(self.job_id, self.started)
+
+    def take(self) -> list:
+        """The lines not written yet, for `write` (after `stop`)."""
+        lines, self._buffer = self._buffer, []
+        return lines
+
+    def stored(self, lines: list) -> None:
+        self.started = None
+        self.next_number += len(lines)
+
     async def flush(self) -> None:
         if not self._buffer:
             return
-        lines, self._buffer = self._buffer, []
+        lines = self.take()
         try:
             async with self.uow_factory() as uow:
-                await uow.logs.append(self.job_id, self.next_number, lines)
-                if self.started is not None:
-                    await uow.jobs.mark_started(self.job_id, self.started)
+                await self.write(uow, lines)
                 await uow.commit()
-            self.started = None
         except BaseException:
             self._buffer = lines + self._buffer
             raise
-        self.next_number += len(lines)
+        self.stored(lines)
+
+    async def stop(self) -> None:
+        """Ends the timed writes (waiting for one under way); what is left stays buffered."""
+        self._closing.set()
+        await self._task
 
     async def close(self) -> None:
         """Writes what is left; raises if the last write failed."""
-        self._closing.set()
-        await self._task
+        await self.stop()
         await self.flush()
 
 
@@ -108,7 +133,8 @@ class JobRuns:
             plan_file = await uow.jobs.plan_file(job.plan_job_id) if job.plan_job_id else None
             plan_job = await uow.jobs.get(job.plan_job_id) if job.plan_job_id else None
             summary = plan_job.plan_summary if plan_job is not None else None
-            next_number = await uow.logs.last_number(job.id) + 1
+            # A first attempt's log is empty: only a run of the job writes it.
+            next_number = await uow.logs.last_number(job.id) + 1 if job.attempt > 1 else 1
 
         logs = LogWriter(self.runtime.uow, job.id, next_number, started)
         if previous_worker:
@@ -130,15 +156,29 @@ class JobRuns:
         self._runs[job.id] = run
         try:
             result = await self._supervise(msg, job, run)
-        finally:
+        except BaseException:
             self._runs.pop(job.id, None)
-            try:
-                await logs.close()
-            except IntegrityError:  # a later attempt writes this job's log now: this run lost it
-                log.warning("job %s: attempt %d lost the job to a later attempt; its last log lines are dropped",
-                            job.id, job.attempt)
+            await self._close_log(logs, job)
+            raise
+        self._runs.pop(job.id, None)
+        try:
+            await logs.stop()
+            return await self._after_run(job, msg, result, logs, run)
+        finally:
+            await run.workdir_removed()
 
+    async def _close_log(self, logs: LogWriter, job: Job) -> None:
+        """Writes the last lines of a run that does not record the job's end."""
+        try:
+            await logs.close()
+        except IntegrityError:  # a later attempt writes this job's log now: this run lost it
+            log.warning("job %s: attempt %d lost the job to a later attempt; its last log lines are dropped",
+                        job.id, job.attempt)
+
+    async def _after_run(self, job: Job, msg, result, logs: LogWriter, run: TerraformRun) -> str:
+        cfg = self.config
         if result.interrupted == "shutdown":
+            await self._close_log(logs, job)
             async with self.runtime.uow() as uow:
                 await uow.jobs.release(job.id, cfg.worker_id)
                 if msg is None:  # started directly: a message for the next worker
@@ -148,6 +188,7 @@ class JobRuns:
                 await msg.nak(delay=0)
             return ""
         if result.interrupted == "lost":
+            await self._close_log(logs, job)
             return ""  # another worker holds the job now; it finishes it
         status = {"cancelled": CANCELLED, "timed_out": TIMED_OUT}.get(
             result.interrupted, SUCCEEDED if result.exit_code == 0 else FAILED)
@@ -156,23 +197,41 @@ class JobRuns:
             error = f"the job ran longer than its timeout of {job.timeout_seconds:g}s and was interrupted"
         elif status == CANCELLED:
             error = "cancelled while running; terraform was interrupted"
+        lines = logs.take()
+        try:
+            return await self._record_end(job, msg, result, status, error, logs, lines, run)
+        except IntegrityError:  # a later attempt writes this job's log now: this run lost it
+            log.warning("job %s: attempt %d lost the job to a later attempt; its last log lines are dropped",
+                        job.id, job.attempt)
+            return await self._record_end(job, msg, result, status, error, logs, [], run)
+
+    async def _record_end(self, job: Job, msg, result, status: str, error: str, logs: LogWriter, lines: list,
+                          run: TerraformRun) -> str:
+        """Records the job's end, with its last log lines, in one
+        transaction, if this attempt still holds the job (else only the
+        lines); acks its message. Returns the status it ended the job with
+        ("" when it did not end it)."""
+        cfg = self.config
         async with self.runtime.uow() as uow:
+            await logs.write(uow, lines)
             current = await uow.jobs.get(job.id)
-            if current is None or current.worker != cfg.worker_id or current.ended or current.attempt != job.attempt:
-                if msg is not None:
-                    await msg.ack()
-                return ""
-            current.commit = result.commit or current.commit
-            current.outputs = result.outputs
-            current.plan_summary = result.plan_summary
-            current.exit_code = result.exit_code
-            await self._end(uow, current, status, error if status != SUCCEEDED else "")
-            if result.plan_file is not None and status == SUCCEEDED:
-                await uow.jobs.set_plan_file(job.id, result.plan_file)
+            ours = not (current is None or current.worker != cfg.worker_id or current.ended
+                        or current.attempt != job.attempt)
+            if ours:
+                current.commit = result.commit or current.commit
+                current.outputs = result.outputs
+                current.plan_summary = result.plan_summary
+                current.exit_code = result.exit_code
+                await self._end(uow, current, status, error if status != SUCCEEDED else "")
+                if result.plan_file is not None and status == SUCCEEDED:
+                    await uow.jobs.set_plan_file(job.id, result.plan_file)
+            # Removed on a thread while this transaction was made: gone before the end can be seen.
+            await run.workdir_removed()
             await uow.commit()
+        logs.stored(lines)
         if msg is not None:
             await msg.ack()
-        return status
+        return status if ours else ""
 
     async def _end(self, uow, job: Job, status: str, error: str) -> None:
         job.status, job.error_message, job.end_time, job.lease_until = status, error, utcnow(), None
@@ -236,7 +295,10 @@ class JobRuns:
         next_heartbeat = loop.time() + self.config.lease / 3
         next_cancel_check = loop.time() + 1.0
         while not task.done():
-            await asyncio.wait([task], timeout=0.25)
+            # Woken by the run's end, or for the next check that is due (an
+            # interrupted run has none left: it is waited for).
+            due = None if run.interrupted else min(deadline, next_cancel_check, next_heartbeat)
+            await asyncio.wait([task], timeout=None if due is None else max(0.0, due - loop.time()))
             if task.done() or run.interrupted:
                 continue
             now = loop.time()
