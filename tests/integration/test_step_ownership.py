@@ -15,6 +15,7 @@ from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
 from tests.integration.test_resource_approvals import set_flow
+from tests.integration.test_workflow_control import job_reached
 from tests.integration.test_workflows import by_template, overrides, run, shared, wait_workflow
 from tests.support.grpc_asserts import rpc_error
 from tests.support.platform import Platform
@@ -45,13 +46,7 @@ async def resources_of(p, workflow_id: str) -> list[rp.Resource]:
 
 
 async def job_succeeded(p, workflow_id: str, template: str) -> None:
-    async def done():
-        step = by_template(p, await get(p, workflow_id))[template]
-        if not step.job_id:
-            return False
-        job = await p.executor.GetJob(ep.GetJobRequest(id=step.job_id), metadata=p.md)
-        return job.status == ep.JOB_STATUS_SUCCEEDED
-    await eventually(done, timeout=90, interval=0.01)
+    await job_reached(p, workflow_id, template, ep.JOB_STATUS_SUCCEEDED, timeout=90, interval=0.01)
 
 
 async def assert_ended_with_nothing_running(p, ended: wp.Workflow) -> None:

@@ -37,15 +37,21 @@ async def get(p, workflow_id: str) -> wp.Workflow:
     return await p.workflow.GetWorkflow(wp.GetWorkflowRequest(id=workflow_id), metadata=p.md)
 
 
-async def job_running(p, workflow_id: str, template: str) -> str:
-    """The id of the step's job once it runs."""
-    async def running():
+async def job_reached(p, workflow_id: str, template: str, status: int, timeout: float = 60,
+                      interval: float = 0.05) -> str:
+    """The id of the step's job once it has this status."""
+    async def reached():
         step = by_template(p, await get(p, workflow_id))[template]
         if not step.job_id:
             return None
         job = await p.executor.GetJob(ep.GetJobRequest(id=step.job_id), metadata=p.md)
-        return job.id if job.status == ep.JOB_STATUS_RUNNING else None
-    return await eventually(running, timeout=60)
+        return job.id if job.status == status else None
+    return await eventually(reached, timeout=timeout, interval=interval)
+
+
+async def job_running(p, workflow_id: str, template: str) -> str:
+    """The id of the step's job once it runs."""
+    return await job_reached(p, workflow_id, template, ep.JOB_STATUS_RUNNING)
 
 
 async def test_cancel_during_an_apply_stops_it_and_a_later_execute_finishes_the_step(p):
