@@ -84,6 +84,8 @@ class Planning(PlanExecution):
             steps = await uow.steps.of(st.workflow_id) if st else []
         if st is None or w is None or st.plan.get("status") != PLANNING or st.plan.get("queued"):
             return
+        if w.cancelled_by and w.status == IN_PROGRESS:  # a cancelled execution plans nothing more
+            return
         try:
             _, _, variables, sensitive = await self._step_inputs(w, st, steps)
             # A step run before has its resource (never provisioned, or it
@@ -107,6 +109,12 @@ class Planning(PlanExecution):
             return
         await self._record_plan(step_id, job_id, inputs_hash(st.source_code_version_id, variables, self.hash_key),
                                 state_path)
+        # A cancel committed while the plan job was being submitted: no job of
+        # the workflow outlives it (the cancel may have ended this step already).
+        async with self.uow_factory() as uow:
+            now = await uow.workflows.get(w.id)
+        if now is not None and now.cancelled_by and (now.status == IN_PROGRESS or not w.cancelled_by):
+            await self.cancel_job(job_id, now.cancelled_by)
 
     async def _record_plan(self, step_id: str, job_id: str, hashed: str, state_path: str) -> None:
         """Records the plan job and the inputs it was made from. The job's
