@@ -20,13 +20,17 @@ def test_migrations_match_tables(service, database_url):
     migrations = ROOT / "services" / service / "migrations"
     upgrade(migrations, database_url)
     upgrade(migrations, database_url)  # idempotent: a restart applies nothing new
-    engine = create_sync_engine(database_url)
+    assert schema_diff(database_url, metadata) == []
+
+
+def schema_diff(url: str, metadata) -> list:
+    """What differs between the database's schema and the service's tables."""
+    engine = create_sync_engine(url)
     try:
         with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+            return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     finally:
         engine.dispose()
-    assert diff == []
 
 
 def test_replicas_starting_at_once_on_a_fresh_postgres_database_take_turns(postgres):
@@ -44,12 +48,7 @@ def test_replicas_starting_at_once_on_a_fresh_postgres_database_take_turns(postg
     outcomes = [(r.wait(120), r.stdout.read()) for r in replicas]
     assert [code for code, _ in outcomes] == [0, 0, 0], [out[-2000:] for _, out in outcomes]
     metadata = importlib.import_module("services.resource.adapters.tables").metadata
-    engine = create_sync_engine(url)
-    try:
-        with engine.connect() as conn:
-            assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
-    finally:
-        engine.dispose()
+    assert schema_diff(url, metadata) == []
 
 
 def _insert_row(url: str, table: str, values: dict) -> None:
@@ -99,9 +98,4 @@ def test_removing_preparing_ahead_refuses_while_a_prepared_row_is_live(service, 
         engine.dispose()
     upgrade(migrations, database_url)
     metadata = importlib.import_module(f"services.{service}.adapters.tables").metadata
-    engine = create_sync_engine(database_url)
-    try:
-        with engine.connect() as conn:
-            assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata) == []
-    finally:
-        engine.dispose()
+    assert schema_diff(database_url, metadata) == []

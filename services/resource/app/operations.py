@@ -223,14 +223,19 @@ class Operations(LifecycleBase):
                                     last_job_action="destroy" if current.pending_operation == OP_DESTROY else "apply")
                     await self._save(uow, current, after, actor, "job_submitted", events=(), extra={"job_id": job_id})
                 else:
-                    after = replace(current, status=ERROR, error_message=error, job_request_id="",
-                                    pending_operation="", operation_approved=False, plan_job_id="")
-                    await self._save(uow, current, after, actor, "job_failed_to_start", events=("resource_failed",))
+                    await self._failed_to_start(uow, current, error, actor, events=("resource_failed",))
                 try:
                     await uow.commit()
                     return
                 except Aborted:
                     continue
+
+    async def _failed_to_start(self, uow, current: Resource, error: str, actor: str,
+                               events: tuple[str, ...]) -> Resource:
+        """The queued operation ends before any job ran: the resource shows why."""
+        after = replace(current, status=ERROR, error_message=error, job_request_id="", pending_operation="",
+                        operation_approved=False, plan_job_id="")
+        return await self._save(uow, current, after, actor, "job_failed_to_start", events=events)
 
     async def _ask_instead_of_submitting(self, resource_id: str, request_id: str, actor: str) -> bool:
         """The approval flow was turned on after the operation was queued
@@ -246,11 +251,10 @@ class Operations(LifecycleBase):
             if current is None or current.job_request_id != request_id or current.last_job_id:
                 return True  # submitted or changed meanwhile: nothing to submit from here
             if current.plan_job_id:  # a workflow step's reviewed plan, checked while the flow was off
-                waiting = replace(current, status=ERROR, job_request_id="", pending_operation="", plan_job_id="",
-                                  error_message="the approval flow was turned on after the step's plan was "
-                                                "checked; plan and approve the workflow again")
-                await self._save(uow, current, waiting, actor, "job_failed_to_start", events=(
-                    "resource_status_changed", "resource_failed"))
+                waiting = await self._failed_to_start(
+                    uow, current, "the approval flow was turned on after the step's plan was checked; plan and "
+                                  "approve the workflow again", actor,
+                    events=("resource_status_changed", "resource_failed"))
             else:
                 waiting = replace(current, status=APPROVAL_PENDING, job_request_id="", error_message="")
                 await self._save(uow, current, waiting, actor, f"{current.pending_operation}_requested")

@@ -88,14 +88,24 @@ class Control(WorkflowsBase):
         for job_id in [*jobs, *recorded]:
             await self.cancel_job(job_id, actor)
         for request in approvals:
-            try:
-                if isinstance(request, tuple):  # the request a step's resource waits for
+            if isinstance(request, tuple):  # the request a step's resource waits for
+                try:
                     resource = await self.remote.find_resource(request[1])
-                    request = resource.approval_request_id if resource else ""
-                if request:
-                    await self.remote.cancel_approval(actor, request, f"workflow cancelled by {actor}")
-            except RemoteError as exc:
-                log.warning("cancelling approval request %s: %s", request, exc.describe())
+                except RemoteError as exc:
+                    log.warning("reading resource %s of a cancelled workflow: %s", request[1], exc.describe())
+                    continue
+                request = resource.approval_request_id if resource else ""
+            await self.withdraw_approval(request, actor)
+
+    async def withdraw_approval(self, request_id: str, actor: str) -> None:
+        """Withdraws an open approval request of a cancelled workflow; a
+        failure is logged (the request may have been decided meanwhile)."""
+        if not request_id:
+            return
+        try:
+            await self.remote.cancel_approval(actor, request_id, f"workflow cancelled by {actor}")
+        except RemoteError as exc:
+            log.warning("cancelling approval request %s: %s", request_id, exc.describe())
 
     async def reconcile_cancelled(self, w: Workflow, steps: list[Step], cutoff) -> None:
         """A cancelled workflow's steps that still run after a while: their
@@ -114,21 +124,8 @@ class Control(WorkflowsBase):
             resource = await self.remote.find_resource(st.resource_id)
             if resource is None:
                 await self.step_failed(st.id, f"cancelled by {actor}", "system:reconciler")
-            elif resource.status in ("queued", "in_progress"):
-                if resource.last_job_id:
-                    await self.cancel_job(resource.last_job_id, actor)  # its end ends the step
-            elif resource.state == "provisioned" and resource.status == "done":
-                await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
-                                          list(resource.sensitive_outputs), "system:reconciler")
             else:
-                if resource.status == "approval_pending" and resource.approval_request_id:
-                    try:
-                        await self.remote.cancel_approval(actor, resource.approval_request_id,
-                                                          f"workflow cancelled by {actor}")
-                    except RemoteError as exc:
-                        log.warning("cancelling approval request %s: %s", resource.approval_request_id,
-                                    exc.describe())
-                await self.step_failed(st.id, f"cancelled by {actor}", "system:reconciler")
+                await self._stop_cancelled_start(st, resource, actor, "system:reconciler")
 
     async def cancel_job(self, job_id: str, actor: str) -> None:
         try:

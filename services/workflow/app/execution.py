@@ -249,7 +249,8 @@ class Execution(WorkflowsBase):
 
     async def _stop_cancelled_start(self, st: Step, resource, cancelled_by: str, actor: str) -> None:
         """The step of a cancelled workflow found its resource (created now,
-        without a job, or by an earlier attempt of this start): a job that
+        without a job, by an earlier attempt of this start, or read by the
+        reconciler's round over cancelled workflows): a job that
         runs is cancelled and its end ends the step, so the workflow does not
         end while it runs (a job queued but not yet submitted, the executor
         being unreachable, is cancelled by the reconciler once it has an id);
@@ -262,12 +263,8 @@ class Execution(WorkflowsBase):
             await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
                                       list(resource.sensitive_outputs), actor)
             return
-        if resource.status == "approval_pending" and resource.approval_request_id:
-            try:
-                await self.remote.cancel_approval(cancelled_by, resource.approval_request_id,
-                                                  f"workflow cancelled by {cancelled_by}")
-            except RemoteError as exc:
-                log.warning("cancelling approval request %s: %s", resource.approval_request_id, exc.describe())
+        if resource.status == "approval_pending":
+            await self.withdraw_approval(resource.approval_request_id, cancelled_by)
         await self.step_failed(st.id, f"cancelled by {cancelled_by}", actor)
 
     async def _cancelled_by(self, workflow_id: str) -> str:
