@@ -56,7 +56,7 @@ class Names:
 
 class EventBus:
     def __init__(self, nats_url: str, prefix: str = "", client_name: str = "infrakitchen",
-                 connect_options: dict | None = None, replicas: int = 1):
+                 connect_options: dict | None = None, replicas: int = 1, signer=None):
         self.nats_url = nats_url
         # Copies of each stream in a JetStream cluster (IK_STREAM_REPLICAS; 3 in a
         # 3-node cluster): a stream survives the loss of a minority of nodes.
@@ -66,6 +66,9 @@ class EventBus:
         self.connect_options = dict(connect_options or {})  # TLS and credentials (services.common.tls)
         self.nc: nats.NATS | None = None
         self.js: JetStreamContext | None = None
+        # Signs every message this bus publishes (services.common.signing.EventSigner):
+        # consumers refuse an event its subject's owner did not sign.
+        self.signer = signer
 
     async def connect(self, attempts: int = 30, delay: float = 1.0) -> None:
         last: Exception | None = None
@@ -146,6 +149,8 @@ class EventBus:
         hdrs = dict(headers or {})
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id
+        if self.signer is not None:
+            hdrs.update(self.signer.headers(subject, payload))
         await self.js.publish(subject, payload, headers=hdrs or None)
 
     async def publish_in_order(self, messages: list[tuple[str, bytes, str, str]], timeout: float = 5.0) -> None:
@@ -156,8 +161,10 @@ class EventBus:
         acks = []
         try:
             for subject, payload, msg_id, parent in messages:
-                acks.append(await self.js.publish_async(subject, payload,
-                                                        headers=tracing.message_headers(msg_id, parent)))
+                headers = tracing.message_headers(msg_id, parent)
+                if self.signer is not None:
+                    headers.update(self.signer.headers(subject, payload))
+                acks.append(await self.js.publish_async(subject, payload, headers=headers))
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*acks)
         finally:

@@ -2,7 +2,9 @@
 
 Each event is handled inside one unit of work: the inbox records the event id
 and the handler's state changes (and the events it emits, via the outbox) are
-committed together; the message is acked only after that commit. A redelivered
+committed together; the message is acked only after that commit. An event
+not signed by the service owning its subject is dead-lettered unread
+(services.common.signing). A redelivered
 or re-published event finds its id in the inbox and changes nothing. A handler
 that keeps failing is dead-lettered after max_deliver attempts."""
 from __future__ import annotations
@@ -21,9 +23,14 @@ from infrakitchen.events.v1 import events_pb2
 from services.common import logs, metrics, tracing
 from services.common.bus import EventBus
 from services.common.events import Envelope
+from services.common.signing import SIGNER_HEADER, EventVerifier
 from services.common.uow import UnitOfWork
 
 log = logging.getLogger(__name__)
+
+# What a dead letter keeps of a rejected (forged) event: enough to look at, never
+# so much that the letter itself outgrows what NATS accepts.
+REJECTED_DATA_BYTES = 64 * 1024
 
 Handler = Callable[[UnitOfWork, Envelope], Awaitable[None]]
 
@@ -54,10 +61,12 @@ class ConsumerSpec:
 
 
 class EventConsumer:
-    def __init__(self, bus: EventBus, uow_factory: Callable[[], UnitOfWork], spec: ConsumerSpec):
+    def __init__(self, bus: EventBus, uow_factory: Callable[[], UnitOfWork], spec: ConsumerSpec,
+                 verifier: EventVerifier):
         self.bus = bus
         self.uow_factory = uow_factory
         self.spec = spec
+        self.verifier = verifier  # only events signed by their subject's owner get through
         self._sub = None
         self._stopping = asyncio.Event()
 
@@ -109,6 +118,14 @@ class EventConsumer:
                 pass
 
     async def handle(self, msg) -> None:
+        if reason := self.verifier.rejects(msg.subject, msg.headers, msg.data):
+            # Forged or tampered with: it changes nothing, and no retry can make it genuine.
+            signer = (msg.headers or {}).get(SIGNER_HEADER, "")
+            log.warning("consumer %s: event on %s rejected (%s, signer %r): dead-lettered", self.spec.durable,
+                        msg.subject[:200], reason, signer[:64])
+            metrics.EVENTS_REJECTED.labels(self.spec.durable, reason).inc()
+            await self._dead_letter(msg, f"rejected: {reason}", keep=REJECTED_DATA_BYTES)
+            return
         try:
             envelope = Envelope.FromString(msg.data)
         except DecodeError as exc:
@@ -170,10 +187,11 @@ class EventConsumer:
             except Exception:  # noqa: BLE001 - best effort
                 return
 
-    async def _dead_letter(self, msg, error: str) -> None:
+    async def _dead_letter(self, msg, error: str, keep: int | None = None) -> None:
+        """`keep`: how many bytes of the message are kept (all by default)."""
         letter = events_pb2.DeadLetter(
             consumer=self.spec.durable, subject=msg.subject, deliveries=msg.metadata.num_delivered,
-            error=error[:2000], data=msg.data, headers={k: v for k, v in (msg.headers or {}).items()},
+            error=error[:2000], data=msg.data[:keep], headers={k: v[:1024] for k, v in (msg.headers or {}).items()},
         )
         await self.bus.publish(self.bus.names.deadletter_subject(self.spec.durable), letter.SerializeToString())
         metrics.DEAD_LETTERS.labels(self.spec.durable).inc()

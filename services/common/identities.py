@@ -109,9 +109,13 @@ class ServiceIdentity:
         self._minted[key] = (token, issued + TTL_SECONDS)
         return token
 
+    def sign(self, data: bytes) -> bytes:
+        """This service's signature of `data` (its events: services.common.signing)."""
+        return self._private.sign(data)
+
     # --- being called ----------------------------------------------------------
 
-    def _public_key(self, service: str) -> Ed25519PublicKey:
+    def public_key(self, service: str) -> Ed25519PublicKey:
         with self._lock:
             if service not in self._public:
                 path = self.keys_dir / f"{service}.pub"
@@ -147,7 +151,7 @@ class ServiceIdentity:
         if caller not in CALLERS:
             raise Unauthenticated("a service token must name a known service", reason="SERVICE_UNKNOWN")
         try:
-            claims = jwt.decode(token, self._public_key(caller), algorithms=[ALGORITHM], audience=self.service,
+            claims = jwt.decode(token, self.public_key(caller), algorithms=[ALGORITHM], audience=self.service,
                                 issuer=f"service:{caller}", leeway=LEEWAY_SECONDS,
                                 options={"require": ["exp", "iss", "aud", "sub"]})
         except jwt.ExpiredSignatureError:

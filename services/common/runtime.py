@@ -28,6 +28,7 @@ from services.common.consumer import ConsumerSpec, EventConsumer
 from services.common.db import Database
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor
 from services.common.identities import ServiceIdentity
+from services.common.signing import EventSigner, EventVerifier
 from services.common.oidc import OidcVerifier
 from services.common.tls import GrpcTls, nats_options
 from services.common.migrations import upgrade
@@ -79,15 +80,18 @@ class Runtime:
         self.settings = settings
         self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous,
                            wal_limit=int(settings.env.get("IK_SQLITE_WAL_LIMIT", str(64 * 1024 * 1024))))
-        self.bus = EventBus(settings.nats_url, settings.event_prefix, client_name=f"ik-{definition.name}",
-                            connect_options=nats_options(settings.env),
-                            replicas=int(settings.env.get("IK_STREAM_REPLICAS", "1")))
         md = definition.metadata
         if "outbox" not in md.tables:
             plumbing_tables(md)
         self.outbox_table, self.inbox_table = md.tables["outbox"], md.tables["inbox"]
         # This service's key pair: it signs calls to the others (clients) and checks theirs (server).
         self.identity = ServiceIdentity.from_settings(definition.name, settings.env, settings.data_dir)
+        # It signs every event this service publishes; consumers check the signer owns the subject.
+        self.bus = EventBus(settings.nats_url, settings.event_prefix, client_name=f"ik-{definition.name}",
+                            connect_options=nats_options(settings.env),
+                            replicas=int(settings.env.get("IK_STREAM_REPLICAS", "1")),
+                            signer=EventSigner(self.identity))
+        self.verifier = EventVerifier(self.identity, self.bus.names)
         self.relay = OutboxRelay(self.db, self.outbox_table, self.bus, name=f"outbox-{self.definition.name}")
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
@@ -119,7 +123,7 @@ class Runtime:
         if self.db.is_postgres:  # other replicas' commits wake this one's streams
             self._spawn("change-listener", self.changes.listen(s.database_url, CHANGES_CHANNEL))
         for spec in self.definition.consumers(self):
-            consumer = EventConsumer(self.bus, self.uow, spec)
+            consumer = EventConsumer(self.bus, self.uow, spec, self.verifier)
             for attempt in range(1, 11):  # create the durable before serving; a cluster electing leaders answers late
                 try:
                     await consumer.subscribe()

@@ -17,7 +17,7 @@ from infrakitchen.resource.v1 import resource_pb2
 from services.approval.__main__ import DEFINITION
 from services.common.auth import Role
 from services.common.events import Correlation, new_event
-from tests.support.events import read_events
+from tests.support.events import publish_as, read_events
 from tests.support.grpc_asserts import field_violations, precondition_violations, rpc_error
 from tests.support.inprocess import InProcessService
 from tests.support.waiting import eventually
@@ -37,8 +37,7 @@ async def svc(database_url, event_prefix, nats_url, tmp_path):
 async def publish_resource_event(svc, field: str, body, actor: str = "carol") -> str:
     """What the resource service publishes; the approval service consumes it."""
     env = new_event("resource", field, body, actor=actor, correlation=Correlation(resource_id=body.resource_id))
-    bus = svc.runtime.bus
-    await bus.publish(bus.names.subject(env.type), env.SerializeToString(), msg_id=env.event_id)
+    await publish_as("resource", svc.runtime, env)
     return env.event_id
 
 
@@ -243,10 +242,9 @@ async def test_a_resource_waiting_for_approval_opens_one_request_and_a_discard_c
     pending.plan_summary.add, pending.plan_summary.change = 1, 2
     env = new_event("resource", "resource_status_changed", pending, actor="wendy",
                     correlation=Correlation(resource_id=resource_id))
-    bus = svc.runtime.bus
     # Delivered twice (a redelivery after a crash): one request.
-    await bus.publish(bus.names.subject(env.type), env.SerializeToString(), msg_id=env.event_id)
-    await bus.publish(bus.names.subject(env.type), env.SerializeToString(), msg_id=env.event_id + "-again")
+    await publish_as("resource", svc.runtime, env)
+    await publish_as("resource", svc.runtime, env, msg_id=env.event_id + "-again")
 
     async def opened():
         return (await svc.stub.ListApprovalRequests(pb.ListApprovalRequestsRequest(resource_id=resource_id),

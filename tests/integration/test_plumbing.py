@@ -16,8 +16,11 @@ from services.common.changes import ChangeFeed
 from services.common.consumer import ConsumerSpec, EventConsumer, NotYet
 from services.common.db import Database, create_sync_engine
 from services.common.events import new_event
+from services.common.identities import ServiceIdentity
 from services.common.migrations import upgrade
 from services.common.outbox import OutboxRelay
+from services.common import metrics, signing
+from services.common.signing import EventSigner, EventVerifier
 from services.common.tables import plumbing_tables
 from services.common.uow import CHANGES_CHANNEL, UnitOfWork
 from tests.support.waiting import eventually
@@ -36,7 +39,8 @@ applied = sa.Table("applied", metadata,
 @dataclass
 class Plumbing:
     db: Database
-    bus: EventBus
+    bus: EventBus  # publishes signed as the executor
+    keys: Path  # the services' keys
 
     def uow(self) -> UnitOfWork:
         return UnitOfWork(self.db, outbox_table, inbox_table, self.bus.names)
@@ -68,17 +72,22 @@ class Plumbing:
             and info.num_ack_pending == 0
 
 
+def identity(keys: Path, service: str) -> ServiceIdentity:
+    return ServiceIdentity.from_settings(service, {"IK_SERVICE_KEYS_DIR": str(keys)}, keys)
+
+
 @pytest.fixture
-async def plumbing(database_url, event_prefix, nats_url):
+async def plumbing(database_url, event_prefix, nats_url, tmp_path):
     upgrade(MIGRATIONS, database_url)  # the real migrations create outbox and inbox
     engine = create_sync_engine(database_url)
     applied.create(engine, checkfirst=True)
     engine.dispose()
     db = Database(database_url)
-    bus = EventBus(nats_url, event_prefix)
+    keys = tmp_path / "service-keys"
+    bus = EventBus(nats_url, event_prefix, signer=EventSigner(identity(keys, "executor")))
     await bus.connect(attempts=3)
     await bus.ensure_event_streams()
-    yield Plumbing(db, bus)
+    yield Plumbing(db, bus, keys)
     await bus.close()
     await db.dispose()
 
@@ -107,7 +116,8 @@ class CrashingBus:
 
 
 async def run_consumer(p: Plumbing, spec: ConsumerSpec) -> asyncio.Task:
-    consumer = EventConsumer(p.bus, p.uow, spec)
+    # The consumer checks signatures as the resource service's consumers do.
+    consumer = EventConsumer(p.bus, p.uow, spec, EventVerifier(identity(p.keys, "resource"), p.bus.names))
     await consumer.subscribe()
     task = asyncio.create_task(consumer.run())
     task.consumer = consumer
@@ -667,3 +677,64 @@ async def test_an_idle_sqlite_database_is_not_checkpointed_again(tmp_path, monke
         assert db._checkpointer is None, "closed with the task"
     finally:
         await db.dispose()
+
+
+async def test_only_events_signed_by_the_owner_of_their_subject_are_applied(plumbing, event_prefix, nats_url,
+                                                                            tmp_path):
+    """A client that can publish on NATS (anonymous, another service's key, a
+    key of its own named after the executor, a real signature moved to
+    another payload) changes nothing: each forgery is dead-lettered with its
+    reason and counted; the genuine event after them is applied once."""
+    p = plumbing
+    subject = p.bus.names.subject("ik.executor.job.succeeded")
+
+    def job_event(job_id: str) -> bytes:
+        return new_event("executor", "job_succeeded", events_pb2.JobChanged(job_id=job_id)).SerializeToString()
+
+    anonymous = EventBus(nats_url, event_prefix)
+    other_service = EventBus(nats_url, event_prefix, signer=EventSigner(identity(p.keys, "approval")))
+    impostor = EventBus(nats_url, event_prefix, signer=EventSigner(identity(tmp_path / "own-keys", "executor")))
+    forged = [(anonymous, "unsigned"), (other_service, "wrong_signer"), (impostor, "bad_signature")]
+    for bus, _ in forged:
+        await bus.connect(attempts=3)
+    moved = EventSigner(identity(p.keys, "executor")).headers(subject, job_event("job-signed"))
+    rejected_before = {reason: metrics.EVENTS_REJECTED.labels("signed-only", reason)._value.get()
+                       for reason in signing.REASONS}
+    try:
+        for bus, reason in forged:
+            await bus.publish(subject, job_event(f"job-{reason}"))
+        await anonymous.publish(subject, job_event("job-moved"), headers=moved)  # a real signature, another body
+        await anonymous.publish(subject, job_event("job-stranger"), headers={"Ik-Signer": "mallory",
+                                                                             "Ik-Signature": "AAAA"})
+        genuine = job_event("job-genuine")
+        await p.bus.publish(subject, genuine)
+    finally:
+        for bus, _ in forged:
+            await bus.close()
+    seen: list[str] = []
+
+    async def handler(uow, env):
+        seen.append(env.job_succeeded.job_id)
+        await record(uow, env)
+
+    dead = await p.bus.js.pull_subscribe(p.bus.names.deadletter_subject("signed-only"), durable="dlq-signed",
+                                         stream=p.bus.names.deadletter_stream)
+    task = await run_consumer(p, ConsumerSpec("signed-only", "executor", "ik.executor.job.*", handler))
+    try:
+        letters = [events_pb2.DeadLetter.FromString(m.data) for m in await dead.fetch(5, timeout=15)]
+        while len(letters) < 5:
+            letters += [events_pb2.DeadLetter.FromString(m.data) for m in await dead.fetch(5 - len(letters),
+                                                                                           timeout=15)]
+        await eventually(lambda: p.consumer_settled("signed-only", 6))
+    finally:
+        await stop(task)
+    assert seen == ["job-genuine"]
+    assert await p.applications() == {events_pb2.Envelope.FromString(genuine).event_id: 1}
+    reasons = [letter.error for letter in letters]
+    assert reasons == ["rejected: unsigned", "rejected: wrong_signer", "rejected: bad_signature",
+                       "rejected: bad_signature", "rejected: unknown_signer"]
+    assert [events_pb2.Envelope.FromString(letter.data).job_succeeded.job_id for letter in letters] == \
+        ["job-unsigned", "job-wrong_signer", "job-bad_signature", "job-moved", "job-stranger"]
+    counted = {reason: metrics.EVENTS_REJECTED.labels("signed-only", reason)._value.get() - rejected_before[reason]
+               for reason in signing.REASONS}
+    assert counted == {"unsigned": 1, "wrong_signer": 1, "bad_signature": 2, "unknown_signer": 1}
