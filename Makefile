@@ -18,7 +18,7 @@ export IK_TERRAFORM_PLUGIN_DIR ?= $(CURDIR)/$(VENV)/terraform-plugins
 .PHONY: help install proto plugins sandbox nats run token test lint docs client-ts bench bench-cpu bench-api bench-cluster clean
 
 help:
-	@echo "make run    install everything and start NATS (if needed) and the five services"
+	@echo "make run    install everything and start the platform's NATS (with identities) and the five services"
 	@echo "make test   install everything and run lint and the whole test suite"
 	@echo "make token  print a fresh local admin token (last line)"
 	@echo "make lint   buf lint of protos/ and buf breaking against the previous commit"
@@ -101,9 +101,12 @@ docs: proto
 token: install
 	@$(PY) -m services.common.tokens --user admin --role admin
 
-run: install nats
+# The platform's own NATS server, with a NATS identity per service (anonymous
+# clients refused); see scripts/run-nats.sh.
+run: install
+	@scripts/run-nats.sh
 	@$(PY) -m services.common.tokens --banner --user admin --role admin
-	exec $(VENV)/bin/honcho -f Procfile start
+	IK_NATS_URL=$${IK_NATS_URL:-$$(cat $(IK_DATA_DIR)/nats.url)} exec $(VENV)/bin/honcho -f Procfile start
 
 test: install nats lint client-ts
 	$(PY) -m pytest $(PYTEST_ARGS)

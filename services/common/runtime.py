@@ -88,7 +88,7 @@ class Runtime:
         self.identity = ServiceIdentity.from_settings(definition.name, settings.env, settings.data_dir)
         # It signs every event this service publishes; consumers check the signer owns the subject.
         self.bus = EventBus(settings.nats_url, settings.event_prefix, client_name=f"ik-{definition.name}",
-                            connect_options=nats_options(settings.env),
+                            connect_options=nats_options(settings.env, definition.name, settings.data_dir),
                             replicas=int(settings.env.get("IK_STREAM_REPLICAS", "1")),
                             signer=EventSigner(self.identity))
         self.verifier = EventVerifier(self.identity, self.bus.names)

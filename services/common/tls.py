@@ -25,6 +25,8 @@ from pathlib import Path
 
 import grpc
 
+from services.common import nats_identities
+
 
 class TlsConfigError(ValueError):
     pass
@@ -92,8 +94,12 @@ class GrpcTls:
         return grpc.secure_channel(target, credentials, options=options)
 
 
-def nats_options(env: dict[str, str]) -> dict:
-    """Keyword arguments of nats.connect for TLS and credentials."""
+def nats_options(env: dict[str, str], service: str = "", data_dir: Path | None = None) -> dict:
+    """Keyword arguments of nats.connect for TLS and credentials. A service
+    logs in with its own NATS identity (services.common.nats_identities):
+    `IK_NATS_NKEY_SEED_FILE`, or by default its seed in the data directory's
+    `nats-identities/` when there is one; a user and password
+    (`IK_NATS_USER`) are taken instead when set."""
     options: dict = {}
     ca = env.get("IK_NATS_TLS_CA_FILE", "").strip()
     if ca:
@@ -104,9 +110,17 @@ def nats_options(env: dict[str, str]) -> dict:
         options["tls"] = context
         if name := env.get("IK_NATS_TLS_SERVER_NAME", "").strip():
             options["tls_hostname"] = name
+    if service:  # its replies come to its own inbox, the only subjects its identity may subscribe to
+        options["inbox_prefix"] = nats_identities.inbox_prefix(service).encode()
     if env.get("IK_NATS_USER"):
         options["user"] = env["IK_NATS_USER"]
         options["password"] = env.get("IK_NATS_PASSWORD", "")
-    if seed := env.get("IK_NATS_NKEY_SEED_FILE", "").strip():
+        return options
+    seed = env.get("IK_NATS_NKEY_SEED_FILE", "").strip()
+    if not seed and service and data_dir is not None:
+        default = nats_identities.seed_file(Path(env.get("IK_NATS_IDENTITIES_DIR") or
+                                                 data_dir / nats_identities.DEFAULT_DIRECTORY), service)
+        seed = str(default) if default.exists() else ""
+    if seed:
         options["nkeys_seed"] = seed
     return options

@@ -19,7 +19,7 @@ def setup(runtime) -> None:
     cache = float(runtime.settings.env.get("IK_RESOURCE_CATALOG_CACHE_SECONDS", "300"))
     remote = Remote(runtime.clients, cache)
     runtime.lifecycle = Lifecycle(remote, runtime.uow)
-    runtime.catalog = CatalogFollower(runtime.bus, remote.cache, template_info, version_info)
+    runtime.catalog = CatalogFollower(runtime.bus, remote.cache, template_info, version_info, runtime.verifier)
 
 
 def background(runtime) -> list:

@@ -53,9 +53,10 @@ class ChaosReport:
 def run_cluster_chaos(work: Path, postgres, workflows: int = 10, kill_after_applies: int = 8,
                       timeout: float = 420.0) -> ChaosReport:
     report = ChaosReport(workflows=workflows)
-    cluster = NatsCluster(work / "nats")
-    cluster.start()
     prefix = f"chaos{uuid.uuid4().hex[:6]}"
+    # The services log in with their own NATS identities (made in their data directory).
+    cluster = NatsCluster(work / "nats", identities=work / "data" / "nats-identities", prefix=prefix)
+    cluster.start()
     databases = {name: postgres.create() for name in SERVICES}
     procs = ServiceProcesses(work / "data", prefix, cluster.url, database_urls=databases, extra_env={
         "IK_STREAM_REPLICAS": "3", "IK_LOG_LEVEL": "WARNING"})
@@ -148,7 +149,7 @@ def run_cluster_chaos(work: Path, postgres, workflows: int = 10, kill_after_appl
     finally:
         procs.stop()
         try:
-            drop_streams(cluster.url, prefix)
+            drop_streams(cluster.url, prefix, cluster.connect_options())
         except Exception:  # noqa: BLE001 - the cluster goes away with its store anyway
             pass
         cluster.stop()

@@ -141,14 +141,14 @@ class ServiceProcesses:
         return codes
 
 
-def drop_streams(nats_url: str, prefix: str) -> None:
+def drop_streams(nats_url: str, prefix: str, connect_options: dict | None = None) -> None:
     """Deletes every stream of a test's event prefix (sync; for fixtures)."""
     import asyncio
 
     from services.common.bus import EventBus
 
     async def drop():
-        bus = EventBus(nats_url, prefix)
+        bus = EventBus(nats_url, prefix, connect_options=connect_options)
         await bus.connect(attempts=3)
         try:
             await bus.delete_streams()

@@ -31,8 +31,10 @@ from typing import Any
 
 from nats.js.api import DeliverPolicy
 
+from services.common import metrics
 from services.common.bus import EventBus
 from services.common.events import Envelope, body_of
+from services.common.signing import EventVerifier
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,9 @@ class CatalogCache:
 class CatalogFollower:
     """Applies the blueprint service's template and version events to the cache."""
 
-    def __init__(self, bus: EventBus, cache: CatalogCache, template_info, version_info):
+    def __init__(self, bus: EventBus, cache: CatalogCache, template_info, version_info, verifier: EventVerifier):
         self.bus = bus
+        self.verifier = verifier  # only the blueprint service's own events move the cache
         self.cache = cache
         self.template_info = template_info  # pb.Template -> TemplateInfo
         self.version_info = version_info  # pb.SourceCodeVersion -> VersionInfo
@@ -124,6 +127,11 @@ class CatalogFollower:
             self._sub = None
 
     async def _on_message(self, msg) -> None:
+        if reason := self.verifier.rejects(msg.subject, msg.headers, msg.data):
+            # A forged catalog event would point later jobs at another module: dropped.
+            log.warning("catalog event on %s rejected (%s): not applied", msg.subject[:200], reason)
+            metrics.EVENTS_REJECTED.labels("resource-catalog-follower", reason).inc()
+            return
         try:
             self.apply(Envelope.FromString(msg.data))
         except Exception as exc:  # noqa: BLE001 - a bad event must not stop the follower; entries age out

@@ -1,0 +1,152 @@
+"""NATS identities: each service logs in to NATS as itself and may do only
+what it does.
+
+An identity is an nkey (Ed25519): the service holds its seed
+(`<data>/nats-identities/<service>.nk`, mode 600, or `IK_NATS_NKEY_SEED_FILE`),
+the server only the public keys, in the `authorization` block this module
+writes (`python -m services.common.nats_identities`). No password is shared
+and the server's configuration holds no secret. With that block the server
+refuses anonymous connections.
+
+What each identity may do (PERMISSIONS, for one event prefix):
+- publish its own context's events (`ik.<service>.>`), dead letters
+  (`ik.deadletter.>`) and, for the executor, its job dispatch messages;
+  never another service's subjects;
+- the JetStream API: look at, create and bring up to date the platform's
+  streams (every service ensures them at start, in whatever order they
+  start); create, read and consume from durable consumers of only the streams
+  it consumes, and ack their messages. No identity may delete or purge a
+  stream or delete messages: not the API a service needs, so not allowed;
+- subscribe only to its own reply inbox (`_INBOX_<service>.>`), where
+  JetStream answers it and delivers the messages it pulls.
+An `admin` identity (everything) is for operators' tools and tests; no
+service uses it.
+
+Events carry signatures as well (services.common.signing): an identity that
+leaks still cannot make a consumer apply an event of another service."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import nkeys
+
+SERVICES = ("blueprint", "workflow", "resource", "executor", "approval")
+ADMIN = "admin"
+# Whose event streams each service consumes (durable consumers, the catalog follower).
+CONSUMES: dict[str, tuple[str, ...]] = {
+    "blueprint": (),
+    "workflow": ("approval", "executor", "resource"),
+    "resource": ("executor", "approval", "blueprint"),
+    "executor": (),
+    "approval": ("resource",),
+}
+DEFAULT_DIRECTORY = "nats-identities"
+
+
+def inbox_prefix(service: str) -> str:
+    """The reply subjects of one service's connection (its only subscriptions)."""
+    return f"_INBOX_{service}"
+
+
+def seed_file(directory: Path, name: str) -> Path:
+    return directory / f"{name}.nk"
+
+
+def ensure(directory: Path) -> dict[str, str]:
+    """Creates the seeds that do not exist yet (mode 600, atomically, so
+    processes starting together agree); returns each identity's public key."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    publics = {}
+    for name in (*SERVICES, ADMIN):
+        path = seed_file(directory, name)
+        if not path.exists():
+            seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(seed)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        publics[name] = nkeys.from_seed(path.read_bytes().strip()).public_key.decode()
+    return publics
+
+
+def _stream(prefix: str, name: str) -> str:
+    return f"{prefix.upper()}_{name}" if prefix else name
+
+
+def _subject(prefix: str, subject: str) -> str:
+    return f"{prefix}.{subject}" if prefix else subject
+
+
+def streams(prefix: str) -> dict[str, str]:
+    """Every stream of the platform, by what it holds."""
+    named = {context: _stream(prefix, f"IK_{context.upper()}") for context in SERVICES}
+    named["deadletter"] = _stream(prefix, "IK_DEADLETTER")
+    named["dispatch"] = _stream(prefix, "IK_EXECUTOR_JOBS")
+    return named
+
+
+def permissions(service: str, prefix: str = "") -> dict[str, dict[str, list[str]]]:
+    every = streams(prefix)
+    consumed = [every[c] for c in CONSUMES[service]] + ([every["dispatch"]] if service == "executor" else [])
+    publish = [_subject(prefix, f"ik.{service}.>"), _subject(prefix, "ik.deadletter.>"), "$JS.API.INFO"]
+    if service == "executor":
+        publish.append(_subject(prefix, "ik.dispatch.>"))
+    for stream in every.values():
+        publish += [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",
+                    f"$JS.API.STREAM.UPDATE.{stream}"]
+    for stream in consumed:
+        publish += [f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+                    f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.>",
+                    f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>",
+                    f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>"]
+    return {"publish": {"allow": publish, "deny": ["$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
+                                                   "$JS.API.STREAM.MSG.DELETE.>"]},
+            "subscribe": {"allow": [f"{inbox_prefix(service)}.>"]}}
+
+
+def _list(items: list[str]) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
+def authorization(publics: dict[str, str], prefix: str = "") -> str:
+    """The nats-server `authorization` block: every identity with its permissions."""
+    users = []
+    for name in SERVICES:
+        p = permissions(name, prefix)
+        users.append(
+            f'    # {name}\n'
+            f'    {{ nkey: "{publics[name]}", permissions: {{\n'
+            f'      publish: {{ allow: {_list(p["publish"]["allow"])}, deny: {_list(p["publish"]["deny"])} }}\n'
+            f'      subscribe: {{ allow: {_list(p["subscribe"]["allow"])} }}\n'
+            f'    }} }}')
+    users.append(f'    # {ADMIN}: operators\' tools and tests, never a service\n    {{ nkey: "{publics[ADMIN]}" }}')
+    return "authorization {\n  users = [\n" + ",\n".join(users) + "\n  ]\n}\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Creates the services' NATS identities (nkey seeds, mode 600) "
+                                                 "and prints or writes the nats-server authorization block.")
+    parser.add_argument("--directory", type=Path, required=True, help="where the seeds are (created)")
+    parser.add_argument("--prefix", default="", help="the event prefix (IK_EVENT_PREFIX)")
+    parser.add_argument("--out", type=Path, help="write the block here (mode 600) instead of printing it")
+    args = parser.parse_args(argv)
+    block = authorization(ensure(args.directory), args.prefix)
+    if args.out is None:
+        sys.stdout.write(block)
+        return
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(block)
+
+
+if __name__ == "__main__":
+    main()
