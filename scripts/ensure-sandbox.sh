@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Makes sure bubblewrap (bwrap) is installed: the executor runs every
-# terraform command of a job inside it and refuses to start without it
-# (unless IK_EXECUTOR_SANDBOX=off, for development only).
+# Makes sure what a job's sandbox needs is installed: bubblewrap (bwrap; the
+# executor runs every terraform command of a job inside it) and, for the job's
+# own network, pasta (Debian's passt), nftables, iproute2 and util-linux's
+# unshare and setpriv. The executor refuses to start without them unless
+# IK_EXECUTOR_SANDBOX=off or IK_EXECUTOR_NETWORK=shared (development only).
 set -euo pipefail
-if command -v bwrap >/dev/null 2>&1; then
+missing=()
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+command -v pasta >/dev/null 2>&1 || missing+=(passt)
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
-echo "installing bubblewrap (Debian package)"
+echo "installing ${missing[*]} (Debian packages)"
 sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
 $sudo_cmd apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq bubblewrap
+DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"

@@ -14,8 +14,14 @@ capability dropped. The command sees only:
 - directories an operator lists in IK_EXECUTOR_SANDBOX_BIND (say, a shared
   cache); nothing of the platform belongs there.
 Not visible: the data directory (auth secret, encryption key, databases),
-other jobs' directories and other resources' state. The network stays shared:
-providers need it (and the pg backend reaches its database through it).
+other jobs' directories and other resources' state.
+
+The network is the job's own (IK_EXECUTOR_NETWORK=isolated, the default;
+jobnet.py): the internet is reachable, nothing of the machine or of private
+ranges is, but what IK_EXECUTOR_EGRESS_ALLOW lists (CIDRs, host:port) and the
+database of a pg storage (its host:port, until pg state reaches terraform
+through the executor). `shared` keeps the machine's network (development only;
+a warning says so).
 
 The executor says at start which isolation it uses, and refuses to start
 without one unless IK_EXECUTOR_SANDBOX=off is set explicitly (development
@@ -26,14 +32,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from services.executor.adapters import jobnet
 
 log = logging.getLogger(__name__)
 
 OFF, BWRAP = "off", "bwrap"
+ISOLATED, SHARED = "isolated", "shared"
 # What programs need from /etc to resolve names, check TLS certificates and
 # know users; read-only, and only those that exist.
 ETC_FILES = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf", "/etc/host.conf", "/etc/gai.conf",
@@ -52,6 +63,8 @@ class Sandbox:
     kind: str
     bwrap: str = ""
     binds: tuple[str, ...] = field(default_factory=tuple)  # operator-listed read-write directories
+    network: str = SHARED
+    egress: tuple[str, ...] = field(default_factory=tuple)  # IK_EXECUTOR_EGRESS_ALLOW
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Sandbox":
@@ -67,30 +80,73 @@ class Sandbox:
         if not bwrap:
             raise SandboxUnavailable("bubblewrap (bwrap) is not installed: `make install` installs it; "
                                      "IK_EXECUTOR_SANDBOX=off runs jobs unsandboxed (development only)")
-        sandbox = cls(BWRAP, bwrap, binds)
-        probe = subprocess.run(sandbox.wrap(["/bin/true"], cwd=Path("/"), writable=[]), capture_output=True,
-                               text=True, timeout=30, stdin=subprocess.DEVNULL)
+        network = env.get("IK_EXECUTOR_NETWORK", ISOLATED).strip().lower()
+        if network not in (ISOLATED, SHARED):
+            raise SandboxUnavailable(f"IK_EXECUTOR_NETWORK must be {ISOLATED} or {SHARED}, not {network!r}")
+        egress = tuple(e for e in re.split(r"[,\s]+", env.get("IK_EXECUTOR_EGRESS_ALLOW", "")) if e)
+        try:
+            jobnet.parse_allow(list(egress))
+        except jobnet.EgressError as exc:
+            raise SandboxUnavailable(f"IK_EXECUTOR_EGRESS_ALLOW: {exc}") from None
+        if network == ISOLATED and (missing := [t for t in jobnet.TOOLS if not shutil.which(t)]):
+            raise SandboxUnavailable(f"a job's own network needs {', '.join(missing)} (`make install` installs "
+                                     "them); IK_EXECUTOR_NETWORK=shared keeps the machine's network "
+                                     "(development only)")
+        sandbox = cls(BWRAP, bwrap, binds, network, egress)
+        with tempfile.TemporaryDirectory(prefix="ik-sandbox-probe-") as probe_dir:
+            argv = sandbox.wrap(["/bin/true"], cwd=Path("/"), writable=[],
+                                network=sandbox.prepare_network(Path(probe_dir)))
+            if argv[0] == "--network":
+                code = jobnet.run(argv[1], argv[2:], None)
+                if code != 0:
+                    raise SandboxUnavailable(
+                        f"a job's own network cannot be set up here (exit {code}; pasta needs /dev/net/tun, "
+                        "nft a kernel with nftables); IK_EXECUTOR_NETWORK=shared keeps the machine's network "
+                        "(development only)")
+                probe = subprocess.CompletedProcess(argv, 0, "", "")
+            else:
+                probe = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
         if probe.returncode != 0:
             raise SandboxUnavailable(f"bubblewrap cannot create its namespaces here: "
                                      f"{probe.stderr.strip()[:300]}; IK_EXECUTOR_SANDBOX=off runs jobs "
                                      "unsandboxed (development only)")
+        if network == SHARED:
+            log.warning("IK_EXECUTOR_NETWORK=shared: jobs share the machine's network and can reach its "
+                        "services (NATS, PostgreSQL, the platform's ports); for development only")
         log.info("jobs run in a bubblewrap sandbox (user, mount, pid, ipc, uts namespaces, no capabilities; "
-                 "network shared)%s", f"; operator binds: {', '.join(binds)}" if binds else "")
+                 "network %s)%s%s", "of their own" if network == ISOLATED else "shared",
+                 f"; egress allowed to: {', '.join(egress)}" if egress and network == ISOLATED else "",
+                 f"; operator binds: {', '.join(binds)}" if binds else "")
         return sandbox
+
+    def prepare_network(self, directory: Path, allow: tuple[str, ...] = ()) -> Path | None:
+        """A job's network settings, written into `directory` (never one its
+        sandbox can write: a command would change the next one's rules), or
+        None when jobs share the machine's network. `allow`: what this job
+        may reach besides the operator's list (its pg storage's database)."""
+        if not self.on or self.network != ISOLATED:
+            return None
+        return jobnet.prepare(directory, [*self.egress, *allow])
 
     @property
     def on(self) -> bool:
         return self.kind != OFF
 
-    def wrap(self, argv: list[str], *, cwd: Path, writable: list[Path], readable: list[str] = ()) -> list[str]:
+    def wrap(self, argv: list[str], *, cwd: Path, writable: list[Path], readable: list[str] = (),
+             network: Path | None = None) -> list[str]:
         """`argv` as run inside the sandbox (unchanged when it is off):
         `writable` directories (the job's own) and `readable` files or
-        directories (binary, plugins) are the only paths of the platform it sees."""
+        directories (binary, plugins) are the only paths of the platform it
+        sees. With `network` (prepare_network's), the result starts with
+        `--network <directory>`, which the reaper runs in the job's own network."""
         if not self.on:
             return argv
         args = [self.bwrap, "--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-ipc",
                 "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL", "--hostname", "job",
                 "--ro-bind", "/usr", "/usr"]
+        if network is not None:
+            # No user namespace of its own inside: nothing to gain power over the network with.
+            args[1:1] = ["--disable-userns"]
         for link in ROOT_LINKS:
             if os.path.islink(link):
                 args += ["--symlink", os.readlink(link), link]
@@ -106,4 +162,7 @@ class Sandbox:
             args += ["--bind", str(path), str(path)]
         for path in self.binds:
             args += ["--bind-try", path, path]
+        if network is not None:  # names resolve through pasta's forwarder, the only resolver there
+            args += ["--ro-bind", str(network / jobnet.RESOLV), "/etc/resolv.conf"]
+            return ["--network", str(network), *args, "--chdir", str(cwd), "--", *argv]
         return [*args, "--chdir", str(cwd), "--", *argv]

@@ -33,11 +33,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from psycopg.conninfo import conninfo_to_dict
+
 from services.common import tracing
 from services.common.config import Settings
 from services.common.git import GitError, checkout, redact_url
 from services.executor.adapters.checkouts import CheckoutCache
-from services.executor.adapters.sandbox import Sandbox
+from services.executor.adapters.jobnet import EgressError
+from services.executor.adapters.sandbox import ISOLATED, Sandbox
 from services.executor.domain.model import (APPLY, DESTROY, LOCAL, PG, PLAN, Output, PlanSummary, Redactor,
                                             Storage, plan_state_meta, plan_summary_from_json, protected_env_name,
                                             stale_plan_reason, state_meta)
@@ -240,6 +243,7 @@ class TerraformRun:
         self._killer: asyncio.Task | None = None
         self._stderr_tail: list[str] = []
         self._writable: list[Path] = []  # what the sandbox lets terraform write: its run and its state
+        self._network: Path | None = None  # the job's network settings (None: the machine's network)
         self._removal: asyncio.Future | None = None  # the working directory's removal, started as the run ends
 
     def say(self, text: str) -> None:
@@ -272,14 +276,25 @@ class TerraformRun:
                                         dir=self.config.work_dir))
         self._writable = [workdir]
         result = RunResult()
+        network = None
         try:
+            if self.config.sandbox.network == ISOLATED and self.config.sandbox.on:
+                # Beside the working directory, never inside it: a command must not change the next one's rules.
+                network = Path(tempfile.mkdtemp(prefix=workdir_prefix(self.spec.job_id, self.spec.attempt) + "net-",
+                                                dir=self.config.work_dir))
+                self._network = await asyncio.to_thread(self.config.sandbox.prepare_network, network,
+                                                        self._storage_egress())
             await self._run(workdir, result)
         except RunFailed as exc:
             result.exit_code = exc.exit_code or 1
             result.error = self.redact(exc.message)
+        except EgressError as exc:
+            result.exit_code, result.error = 1, str(exc)
         finally:
             if self._killer is not None:
                 self._killer.cancel()
+            if network is not None:
+                remove_workdir(network)
             self._remove(workdir)
         result.interrupted = self.interrupted
         return result
@@ -315,10 +330,32 @@ class TerraformRun:
             except Exception:  # noqa: BLE001 - logged by _removed; the job's end is recorded all the same
                 pass
 
+    def _storage_egress(self) -> tuple[str, ...]:
+        """The database of a pg storage: its terraform backend talks to it
+        from inside the job's network (until state reaches terraform
+        through the executor)."""
+        storage = self.spec.storage
+        if storage is None or storage.kind == LOCAL:
+            return ()
+        try:
+            info = conninfo_to_dict(storage.pg_connection_string)
+        except Exception:  # noqa: BLE001 - an unreadable string fails at init, with terraform's own error
+            return ()
+        host, port = str(info.get("host") or ""), str(info.get("port") or "5432")
+        hosts = [h for h in host.split(",") if h and not h.startswith("/")]  # a socket directory is not bound
+        ports = port.split(",")
+        return tuple(f"{h}:{ports[i] if i < len(ports) else ports[-1]}" for i, h in enumerate(hosts))
+
     async def _run(self, workdir: Path, result: RunResult) -> None:
         spec = self.spec
         src = workdir / "src"
         self.say(f"sandbox: {self.config.sandbox.kind}")
+        if self._network is not None:
+            allowed = [*self.config.sandbox.egress, *self._storage_egress()]
+            self.say("network: the job's own (the internet; not this machine nor private ranges)"
+                     + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
+        elif self.config.sandbox.on:
+            self.say("network: shared with the machine")
         self.say(f"checking out {redact_url(spec.repository_url)} at {spec.ref}")
         try:
             if self.config.checkouts is not None:
@@ -443,7 +480,7 @@ class TerraformRun:
             self.say(f"$ {Path(self.config.binary).name} {' '.join(args)}")
         self._stderr_tail = []
         argv = self.config.sandbox.wrap([self.config.binary, *args], cwd=cwd, writable=self._writable,
-                                        readable=[self.config.binary, self.config.plugin_dir])
+                                        readable=[self.config.binary, self.config.plugin_dir], network=self._network)
         captured: list[str] = []
         # The command's name only: its arguments may name files or variables.
         with tracing.span(f"terraform {args[0]}") as span:
