@@ -103,8 +103,8 @@ async def test_apply_returns_outputs_and_destroy_removes_the_resource(executor, 
             data = conn.execute("SELECT data FROM ik_states.states WHERE name='team__vpc'").fetchone()[0]
         assert json.loads(data)["resources"] == []
 
-    # Nothing of the run is left on disk.
-    assert not list((tmp_path / "data" / "work").iterdir())
+    # Nothing of the run is left on disk (pg: the directory that holds states during runs, empty).
+    assert not [p for p in (tmp_path / "data" / "work").rglob("*") if p.name != "pg-states"]
 
 
 async def test_sensitive_outputs_only_through_the_admin_read(executor, repo):
@@ -217,9 +217,19 @@ async def test_log_lines_arrive_while_the_job_runs(executor, repo):
 
 # --- saved plans -----------------------------------------------------------------
 
-async def test_apply_of_a_plan_job_applies_that_plan_and_refuses_once_state_moved(executor, repo):
+async def pg_storage(svc, postgres) -> pb.Storage:
+    return await svc.stub.CreateStorage(pb.CreateStorageRequest(storage=pb.Storage(
+        name="pg", kind=pb.STORAGE_KIND_PG, pg_connection_string=_libpq(postgres.create()) + "?sslmode=disable",
+        pg_schema="ik_states")), metadata=svc.admin)
+
+
+@pytest.mark.parametrize("storage_kind", ["default", "pg"])
+async def test_apply_of_a_plan_job_applies_that_plan_and_refuses_once_state_moved(executor, repo, postgres,
+                                                                                   storage_kind):
+    storage = {"storage_id": (await pg_storage(executor, postgres)).id} if storage_kind == "pg" else {}
     plan = await executor.stub.SubmitJob(submit_request(repo, "ok", "p/plan", action=pb.JOB_ACTION_PLAN,
-                                                        variables={"name": "planned"}), metadata=executor.md)
+                                                        variables={"name": "planned"}, **storage),
+                                         metadata=executor.md)
     plan = await wait_job(executor.stub, plan.id, executor.md)
     assert plan.status == SUCCEEDED, plan.error_message
     assert (plan.plan_summary.add, plan.plan_summary.change, plan.plan_summary.destroy) == (1, 0, 0)
@@ -227,19 +237,19 @@ async def test_apply_of_a_plan_job_applies_that_plan_and_refuses_once_state_move
         [("null_resource.this", ["create"])]
 
     apply = await executor.stub.SubmitJob(pb.SubmitJobRequest(action=pb.JOB_ACTION_APPLY, plan_job_id=plan.id,
-                                                              state_path="p/plan"), metadata=executor.md)
+                                                              state_path="p/plan", **storage), metadata=executor.md)
     assert apply.source.repository_url == repo.url and apply.variables["name"] == "planned"
     apply = await wait_job(executor.stub, apply.id, executor.md)
     assert apply.status == SUCCEEDED, apply.error_message
     assert "applying the saved plan" in log_text(await all_logs(executor.stub, apply.id, executor.md))
 
     stale = await rpc_error(executor.stub.SubmitJob(pb.SubmitJobRequest(
-        action=pb.JOB_ACTION_APPLY, plan_job_id=plan.id, state_path="p/plan"), metadata=executor.md))
+        action=pb.JOB_ACTION_APPLY, plan_job_id=plan.id, state_path="p/plan", **storage), metadata=executor.md))
     assert stale.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert precondition_violations(stale) == [("STATE_CHANGED_SINCE_PLAN", f"jobs/{apply.id}",
                                                "this job changed the state after the plan was made; plan again")]
     other = await rpc_error(executor.stub.SubmitJob(pb.SubmitJobRequest(
-        action=pb.JOB_ACTION_APPLY, plan_job_id=apply.id, state_path="p/plan"), metadata=executor.md))
+        action=pb.JOB_ACTION_APPLY, plan_job_id=apply.id, state_path="p/plan", **storage), metadata=executor.md))
     assert other.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert precondition_violations(other)[0][0] == "JOB_NOT_A_PLAN"
 

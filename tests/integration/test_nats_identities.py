@@ -5,7 +5,6 @@ no stream; and the five services, each logged in as itself, provision a
 resource through the approval flow and run a workflow on it."""
 from __future__ import annotations
 
-import asyncio
 
 import nats
 import pytest

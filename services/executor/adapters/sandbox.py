@@ -18,10 +18,10 @@ other jobs' directories and other resources' state.
 
 The network is the job's own (IK_EXECUTOR_NETWORK=isolated, the default;
 jobnet.py): the internet is reachable, nothing of the machine or of private
-ranges is, but what IK_EXECUTOR_EGRESS_ALLOW lists (CIDRs, host:port) and the
-database of a pg storage (its host:port, until pg state reaches terraform
-through the executor). `shared` keeps the machine's network (development only;
-a warning says so).
+ranges is, but what IK_EXECUTOR_EGRESS_ALLOW lists (CIDRs, host:port); a pg
+storage's state reaches terraform through the executor (pg_state), so no job
+needs a route to a database. `shared` keeps the machine's network
+(development only; a warning says so).
 
 The executor says at start which isolation it uses, and refuses to start
 without one unless IK_EXECUTOR_SANDBOX=off is set explicitly (development
@@ -119,14 +119,13 @@ class Sandbox:
                  f"; operator binds: {', '.join(binds)}" if binds else "")
         return sandbox
 
-    def prepare_network(self, directory: Path, allow: tuple[str, ...] = ()) -> Path | None:
+    def prepare_network(self, directory: Path) -> Path | None:
         """A job's network settings, written into `directory` (never one its
         sandbox can write: a command would change the next one's rules), or
-        None when jobs share the machine's network. `allow`: what this job
-        may reach besides the operator's list (its pg storage's database)."""
+        None when jobs share the machine's network."""
         if not self.on or self.network != ISOLATED:
             return None
-        return jobnet.prepare(directory, [*self.egress, *allow])
+        return jobnet.prepare(directory, list(self.egress))
 
     @property
     def on(self) -> bool:

@@ -33,13 +33,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from psycopg.conninfo import conninfo_to_dict
+import psycopg
 
 from services.common import tracing
 from services.common.config import Settings
 from services.common.git import GitError, checkout, redact_url
 from services.executor.adapters.checkouts import CheckoutCache
 from services.executor.adapters.jobnet import EgressError
+from services.executor.adapters.pg_state import PgState, StateLocked, state_file
 from services.executor.adapters.sandbox import ISOLATED, Sandbox
 from services.executor.domain.model import (APPLY, DESTROY, LOCAL, PG, PLAN, Output, PlanSummary, Redactor,
                                             Storage, plan_state_meta, plan_summary_from_json, protected_env_name,
@@ -154,8 +155,21 @@ class RunFailed(Exception):
         self.exit_code = exit_code
 
 
+# Under the work directory: the state files of pg storages while runs hold them.
+PG_STATES = "pg-states"
+
+
+def seconds_of(duration: str) -> float:
+    """A terraform duration ("30s", "2m", "500ms") in seconds."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|m|h)?\s*", duration or "")
+    if not m:
+        return 30.0
+    return float(m[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m[2]]
+
+
 def workspace_name(state_path: str) -> str:
-    """pg keeps one schema per storage and one workspace per state path."""
+    """pg keeps one schema per storage and one row (named as terraform's pg
+    backend names a workspace) per state path."""
     return state_path.replace("/", "__")
 
 
@@ -282,14 +296,22 @@ class TerraformRun:
                 # Beside the working directory, never inside it: a command must not change the next one's rules.
                 network = Path(tempfile.mkdtemp(prefix=workdir_prefix(self.spec.job_id, self.spec.attempt) + "net-",
                                                 dir=self.config.work_dir))
-                self._network = await asyncio.to_thread(self.config.sandbox.prepare_network, network,
-                                                        self._storage_egress())
-            await self._run(workdir, result)
+                self._network = await asyncio.to_thread(self.config.sandbox.prepare_network, network)
+            storage = self.spec.storage
+            if storage is not None and storage.kind == PG:
+                async with self._pg_state(storage):
+                    await self._run(workdir, result)
+            else:
+                await self._run(workdir, result)
         except RunFailed as exc:
             result.exit_code = exc.exit_code or 1
             result.error = self.redact(exc.message)
-        except EgressError as exc:
+        except (StateLocked, EgressError) as exc:
             result.exit_code, result.error = 1, str(exc)
+        except psycopg.Error as exc:
+            # Never the connection string, nor the server's words (they may name the host and user).
+            result.exit_code = 1
+            result.error = f"the state database of storage {self.spec.storage.name} failed: {type(exc).__name__}"
         finally:
             if self._killer is not None:
                 self._killer.cancel()
@@ -330,28 +352,22 @@ class TerraformRun:
             except Exception:  # noqa: BLE001 - logged by _removed; the job's end is recorded all the same
                 pass
 
-    def _storage_egress(self) -> tuple[str, ...]:
-        """The database of a pg storage: its terraform backend talks to it
-        from inside the job's network (until state reaches terraform
-        through the executor)."""
-        storage = self.spec.storage
-        if storage is None or storage.kind == LOCAL:
-            return ()
-        try:
-            info = conninfo_to_dict(storage.pg_connection_string)
-        except Exception:  # noqa: BLE001 - an unreadable string fails at init, with terraform's own error
-            return ()
-        host, port = str(info.get("host") or ""), str(info.get("port") or "5432")
-        hosts = [h for h in host.split(",") if h and not h.startswith("/")]  # a socket directory is not bound
-        ports = port.split(",")
-        return tuple(f"{h}:{ports[i] if i < len(ports) else ports[-1]}" for i, h in enumerate(hosts))
+    def _pg_state_file(self, storage: Storage) -> Path:
+        """Where a pg storage's state is while a run holds it: the same path
+        on every executor sharing the work directory (a saved plan names it)."""
+        return state_file(self.config.work_dir / PG_STATES, storage.id, workspace_name(self.spec.state_path))
+
+    def _pg_state(self, storage: Storage) -> PgState:
+        seconds = seconds_of(self.config.lock_timeout)
+        return PgState(storage.pg_connection_string, storage.pg_schema, workspace_name(self.spec.state_path),
+                       self._pg_state_file(storage), seconds)
 
     async def _run(self, workdir: Path, result: RunResult) -> None:
         spec = self.spec
         src = workdir / "src"
         self.say(f"sandbox: {self.config.sandbox.kind}")
         if self._network is not None:
-            allowed = [*self.config.sandbox.egress, *self._storage_egress()]
+            allowed = self.config.sandbox.egress
             self.say("network: the job's own (the internet; not this machine nor private ranges)"
                      + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
         elif self.config.sandbox.on:
@@ -380,8 +396,6 @@ class TerraformRun:
         if self.config.plugin_dir:
             init.append(f"-plugin-dir={self.config.plugin_dir}")
         await self._terraform(init, module, env)
-        if spec.storage is not None and spec.storage.kind == PG:
-            env["TF_WORKSPACE"] = await self._ensure_workspace(module, env)
 
         lock = f"-lock-timeout={self.config.lock_timeout}"
         if spec.action == PLAN:
@@ -437,21 +451,15 @@ class TerraformRun:
             override.write_text(json.dumps({"terraform": {"backend": {"local": {"path": str(state)}}}}))
             self.say(f"state: local {state}")
             return []
-        override.write_text(json.dumps({"terraform": {"backend": {"pg": {"schema_name": storage.pg_schema}}}}))
-        # The connection string goes in a private file, not on the command line.
-        conf = workdir / "backend.pg.hcl"
-        conf.write_text(f"conn_str = {json.dumps(storage.pg_connection_string)}\n")
-        conf.chmod(0o600)
-        self.say(f"state: pg schema {storage.pg_schema}, workspace {workspace_name(self.spec.state_path)}")
-        return [f"-backend-config={conf}"]
-
-    async def _ensure_workspace(self, module: Path, env: dict[str, str]) -> str:
-        name = workspace_name(self.spec.state_path)
-        listed = await self._terraform(["workspace", "list", "-no-color"], module, env, capture=True)
-        if name not in {line.strip(" *") for line in listed.splitlines()}:
-            await self._terraform(["workspace", "new", "-no-color", f"-lock-timeout={self.config.lock_timeout}",
-                                   name], module, env)
-        return name
+        # pg: the executor moved the state into a file of its own for this run (see
+        # pg_state); terraform never sees the database or its connection string.
+        state = self._pg_state_file(storage)
+        state.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._writable.append(state.parent)  # this resource's state, no other
+        override.write_text(json.dumps({"terraform": {"backend": {"local": {"path": str(state)}}}}))
+        self.say(f"state: pg schema {storage.pg_schema}, state {workspace_name(self.spec.state_path)} "
+                 "(through the executor)")
+        return []
 
     def _environment(self, workdir: Path) -> dict[str, str]:
         env = {

@@ -51,7 +51,9 @@ from sqlalchemy.exc import IntegrityError
 from services.common import metrics, tracing
 from services.common.config import Settings
 from services.common.uow import utcnow
-from services.executor.adapters.terraform import TerraformConfig, TerraformRun, job_workdirs, remove_workdir
+from services.executor.adapters.pg_state import write_back_leftovers
+from services.executor.adapters.terraform import (PG_STATES, TerraformConfig, TerraformRun, job_workdirs, seconds_of,
+                                                  remove_workdir)
 from services.executor.app.jobs import DISPATCH_SUBJECT, cap_reason, emit_job_event, lease_deadline
 from services.executor.app.runs import JobRuns, quietly
 from services.executor.domain.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, workdir_left_behind
@@ -114,6 +116,8 @@ class JobWorkers(JobRuns):
         """Background task of the service: the worker pool."""
         # Before any worker starts, so no run of this process has a directory yet.
         await self._remove_workdirs_left_at_start()
+        # Off the workers' way: a state a live run of another replica holds waits for its lock.
+        pg_states = asyncio.create_task(self._write_back_pg_states_left_at_start())
         bus = self.runtime.bus
         stream = bus.names.stream("IK_EXECUTOR_JOBS")
         await bus.js.add_consumer(stream, ConsumerConfig(
@@ -123,6 +127,7 @@ class JobWorkers(JobRuns):
         self._tasks = [asyncio.create_task(self._work(stream, n), name=f"executor-worker-{n}")
                        for n in range(self.config.workers)]
         self._tasks.append(asyncio.create_task(self._reap(), name="executor-lease-reaper"))
+        self._tasks.append(pg_states)
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def reserve(self, workflow_id: str = "") -> "Turn | None":
@@ -195,6 +200,23 @@ class JobWorkers(JobRuns):
                             len(unknown), self.terraform.work_dir, ", ".join(sorted(unknown)[:20]))
         except Exception as exc:  # noqa: BLE001 - the takeover of each job removes its own
             log.warning("cannot look for working directories left behind: %s", exc)
+
+    async def _write_back_pg_states_left_at_start(self) -> None:
+        """State files of pg storages that runs killed mid-way left on disk
+        (they hold every value in clear): written back when newer than the
+        database's copy, then removed (pg_state). Never fatal: the next run
+        of each state does the same."""
+        root = self.terraform.work_dir / PG_STATES
+        try:
+            if not root.is_dir() or not any(root.iterdir()):
+                return
+            async with self.runtime.read_uow() as uow:
+                ids = {d.name.partition(".")[0] for d in root.iterdir() if d.is_dir()}
+                storages = {i: await uow.storages.get(i) for i in ids}
+            await write_back_leftovers(root, {k: v for k, v in storages.items() if v is not None},
+                                       seconds_of(self.terraform.lock_timeout))
+        except Exception as exc:  # noqa: BLE001 - logged; each state's next run writes it back too
+            log.warning("cannot look for pg states left on disk: %s", type(exc).__name__)
 
     async def _reap(self) -> None:
         """Jobs whose runner stopped renewing its lease for a whole lease (its
