@@ -15,7 +15,7 @@ PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_part
 export IK_DATA_DIR ?= $(CURDIR)/.data
 export IK_TERRAFORM_PLUGIN_DIR ?= $(CURDIR)/$(VENV)/terraform-plugins
 
-.PHONY: help install proto plugins sandbox nats run token test lint docs client-ts bench bench-cpu bench-api bench-cluster clean
+.PHONY: help install proto plugins sandbox nats run token test lint docs client-ts bench bench-cpu bench-api bench-cluster bench-network clean
 
 help:
 	@echo "make run    install everything and start the platform's NATS (with identities) and the five services"
@@ -26,6 +26,7 @@ help:
 	@echo "make client-ts  build the generated TypeScript client (clients/typescript)"
 	@echo "make proto  regenerate Python code from protos/ into gen/"
 	@echo "make bench  orchestration benchmarks (docs/performance.md); the services' profiles go to .data/bench-profiles"
+	@echo "make bench-network  what a job's own network adds to each terraform command"
 	@echo "make bench-cpu  CPU per step of each service on a 21-step chain, and their profiles (a quick look)"
 	@echo "make bench-api  reads at 100k resources and the catalog at 500 templates (docs/performance-api.md)"
 	@echo "make bench-cluster  a NATS cluster and service replicas with kills mid-run (docs/reliability.md)"
@@ -118,6 +119,11 @@ test: install nats lint client-ts
 PROFILE_DIR ?= $(IK_DATA_DIR)/bench-profiles
 bench: install nats
 	$(PY) -m bench.workflow_bench --write --profile-dir $(PROFILE_DIR)
+	$(PY) -m bench.network_bench --write
+
+# What a job's own network adds to each terraform command (docs/performance-network.md).
+bench-network: install
+	$(PY) -m bench.network_bench
 
 # The CPU figures and the profiles alone (about 5 minutes), while tuning.
 bench-cpu: install nats
