@@ -58,6 +58,12 @@ class ConsumerSpec:
     # Events the handler ignores whatever the state: acked without opening a
     # unit of work (no inbox row, no transaction). None: every event counts.
     wants: Callable[[Envelope], bool] | None = None
+    # The event is a hint, its publisher's records are the truth: asked
+    # before the handler runs (outside its transaction), it returns the event
+    # as that service reports it now (e.g. a job's end with the executor's
+    # outputs), or None when the service does not report what the event says
+    # (then nothing is applied: warned and counted). Errors are retried.
+    confirm: Callable[[Envelope], Awaitable[Envelope | None]] | None = None
 
 
 class EventConsumer:
@@ -143,6 +149,15 @@ class EventConsumer:
                     logs.bound(event_id=envelope.event_id, workflow_id=c.workflow_id, step_id=c.step_id,
                                resource_id=c.resource_id, job_id=c.job_id,
                                approval_request_id=c.approval_request_id):
+                if self.spec.confirm is not None:
+                    confirmed = await self.spec.confirm(envelope)
+                    if confirmed is None:
+                        log.warning("consumer %s: event %s (%s) not applied: its publisher does not report it so",
+                                    self.spec.durable, envelope.event_id, envelope.type)
+                        metrics.EVENTS_REJECTED.labels(self.spec.durable, "unconfirmed").inc()
+                        await msg.ack()
+                        return
+                    envelope = confirmed
                 await self._apply(envelope)
         except asyncio.CancelledError:
             raise

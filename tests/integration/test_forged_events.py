@@ -1,11 +1,13 @@
-"""Forged events change nothing (issue 28: signed events). With the real five
-services and terraform, a NATS client that is not the subject's owner (an
-anonymous one, another service's identity, and one with the right name but
-its own key) publishes what module code once could: "job succeeded" for a
-running apply with outputs of its choice, "approval approved" for a request
-that waits for its owner, and "approval flow off". Each is rejected and
-counted by every consumer of its subject; the resources go on as the real
-events say."""
+"""Forged events change nothing (issue 28: signed events, and the defence
+behind them). With the real five services and terraform, a NATS client that
+is not the subject's owner (an anonymous one, another service's identity, one
+with the right name but its own key) and one holding the owner's leaked key
+publish what module code once could: "job succeeded" for a running apply with
+outputs of its choice, "approval approved" for a request that waits for its
+owner, and "approval flow off". The first three are rejected unread (bad
+signatures); the leaked key's are signed right but not confirmed by the
+executor or the approval service. Each is counted by every consumer of its
+subject; the resources go on as the real events say."""
 from __future__ import annotations
 
 import asyncio
@@ -43,6 +45,9 @@ async def forgers(p: Platform, owner: str, tmp_path) -> list[tuple[EventBus, str
             other, runtime.settings.env, runtime.settings.data_dir))), "wrong_signer"),
         (EventBus(runtime.bus.nats_url, runtime.bus.names.prefix, signer=EventSigner(ServiceIdentity.from_settings(
             owner, {}, tmp_path / f"impostor-{owner}"))), "bad_signature"),
+        # The owner's own key, leaked: signed right, but the owner does not report it so.
+        (EventBus(runtime.bus.nats_url, runtime.bus.names.prefix, signer=EventSigner(ServiceIdentity.from_settings(
+            owner, runtime.settings.env, runtime.settings.data_dir))), "unconfirmed"),
     ]
     for bus, _ in buses:
         await bus.connect(attempts=3)
@@ -73,17 +78,21 @@ async def test_forged_job_approval_and_flow_events_change_nothing(tmp_path, even
         forged_outputs = events_pb2.JobChanged(job_id=running.last_job_id, action=ep.JOB_ACTION_APPLY,
                                                status=ep.JOB_STATUS_SUCCEEDED)
         forged_outputs.outputs.add(name="gate", value=to_value("forged"))
-        forged_outputs.correlation.resource_id = slow.id
+        # A step id, so the workflow service's consumer looks at it too.
+        forged_outputs.correlation.resource_id, forged_outputs.correlation.step_id = slow.id, "step-of-nobody"
         await publish_all(job_forgers, new_event("executor", "job_succeeded", forged_outputs,
-                                                 correlation=Correlation(resource_id=slow.id,
+                                                 correlation=Correlation(resource_id=slow.id, step_id="step-of-nobody",
                                                                          job_id=running.last_job_id)))
 
         async def all_rejected(counts, forged, times=None):
-            return all(rejected(c, r) - counts[c][r] >= (times or {}).get(c, 1) for c in counts for _, r in forged)
+            """`times`: (consumer, reason) -> how many, 1 when not said."""
+            return all(rejected(c, r) - counts[c][r] >= (times or {}).get((c, r), 1) for c in counts
+                       for _, r in forged)
         await eventually(lambda: all_rejected(before, job_forgers), timeout=20)
         assert (await p.get(slow.id)).status == IN_PROGRESS, "a forged end must not end the running job"
         done = await p.wait(slow.id, PROVISIONED, DONE, timeout=90)
-        assert {o.name: o.value.string_value for o in done.outputs}["gate"] == str(gate), "the real job's outputs, never the forged ones"
+        assert {o.name: o.value.string_value for o in done.outputs}["gate"] == str(gate), \
+            "the real job's outputs, never the forged ones"
 
         # The approval flow on: a create waits for its owner; a forged
         # decision and a forged "flow off" change nothing.
@@ -109,8 +118,11 @@ async def test_forged_job_approval_and_flow_events_change_nothing(tmp_path, even
             status=ap.APPROVAL_STATUS_APPROVED, decided_by="admin"), correlation=Correlation(resource_id=waiting.id)))
         await publish_all(approval_forgers, new_event("approval", "approval_flow_changed",
                                                       events_pb2.ApprovalFlowChanged(enabled=False)))
-        # The resource service consumes both forgeries; the workflow service only decisions.
-        await eventually(lambda: all_rejected(before, approval_forgers, {"resource-approval-events": 2}), timeout=20)
+        # The resource service consumes both forgeries, the workflow service decisions on
+        # workflow plans only: it reads no signed decision on a resource, and asks nobody.
+        times = {("resource-approval-events", r): 2 for _, r in approval_forgers}
+        times[("workflow-approval-events", "unconfirmed")] = 0
+        await eventually(lambda: all_rejected(before, approval_forgers, times), timeout=20)
         await asyncio.sleep(1)
         assert await flow_is(True), "a forged 'flow off' must not turn the flow off"
         assert (await p.get(waiting.id)).status == APPROVAL_PENDING

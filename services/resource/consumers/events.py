@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.common import confirm
 from services.common.consumer import ConsumerSpec
 from services.common.events import Envelope, body_of
 from services.common.uow import utcnow
@@ -39,11 +40,15 @@ def consumers(runtime) -> list[ConsumerSpec]:
 
     return [
         # Short first retries: a job event can overtake the submitter recording the job id.
+        # A job's end as the executor reports it, a decision and the flow as the approval service does.
         ConsumerSpec(durable="resource-job-events", context="executor", filter_subject="ik.executor.job.>",
                      handler=on_job, retry_delays=[0.2, 0.5, 1, 2, 5, 10],
-                     wants=lambda env: env.type != "ik.executor.job.queued"),
+                     wants=lambda env: env.type != "ik.executor.job.queued",
+                     confirm=confirm.job_ends(lifecycle.remote.job_detail)),
         ConsumerSpec(durable="resource-approval-events", context="approval", filter_subject="ik.approval.>",
-                     handler=on_approval),
+                     handler=on_approval,
+                     confirm=confirm.approval_decisions(lifecycle.remote.approval_request,
+                                                        lifecycle.remote.approval_flow)),
     ]
 
 

@@ -127,6 +127,11 @@ class Remote:
         """The executor's Job message, or None when there is no such job."""
         return await found_or_none(self.clients.call("executor", self.executor.GetJob, ep.GetJobRequest(id=id_)))
 
+    async def approval_request(self, id_: str):
+        """The approval service's ApprovalRequest, or None when there is no such request."""
+        return await found_or_none(self.clients.call("approval", self.approval.GetApprovalRequest,
+                                                     ap.GetApprovalRequestRequest(id=id_)))
+
     async def cancel_job(self, user: str, job_id: str) -> None:
         """Interrupts a job (SIGINT first); a job that has ended already is left as it is."""
         await unless(self.clients.call("executor", self.executor.CancelJob, ep.CancelJobRequest(id=job_id),

@@ -9,6 +9,7 @@ import logging
 
 from infrakitchen.executor.v1 import executor_pb2
 from infrakitchen.resource.v1 import resource_pb2
+from services.common import confirm
 from services.common.consumer import ConsumerSpec
 from services.common.events import Envelope, body_of
 from services.common.values import from_value
@@ -115,10 +116,13 @@ def consumers(runtime) -> list[ConsumerSpec]:
     return [
         # Decisions on workflow plans (a resource's own approvals are the resource service's).
         ConsumerSpec(durable="workflow-approval-events", context="approval", filter_subject="ik.approval.request.>",
-                     handler=on_approval, wants=_decides_a_plan),
-        # Only a job's end moves a step; queued and started change nothing here.
+                     handler=on_approval, wants=_decides_a_plan,
+                     confirm=confirm.approval_decisions(workflows.remote.approval_request)),
+        # Only a job's end moves a step; queued and started change nothing here. It
+        # moves it as the executor reports the job (status, outputs), not as the event says.
         ConsumerSpec(durable="workflow-job-events", context="executor", filter_subject="ik.executor.job.>",
-                     handler=on_job, wants=lambda env: bool(env.correlation.step_id) and env.type in _JOB_ENDED),
+                     handler=on_job, wants=lambda env: bool(env.correlation.step_id) and env.type in _JOB_ENDED,
+                     confirm=confirm.job_ends(workflows.remote.job)),
         ConsumerSpec(durable="workflow-resource-events", context="resource",
                      filter_subject="ik.resource.resource.status_changed", handler=on_resource,
                      wants=_moves_a_step),
