@@ -13,13 +13,7 @@ if listening; then
   echo "NATS already listening on $host:$port"
   exit 0
 fi
-if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
-  echo "installing nats-server (Debian package)"
-  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq nats-server
-fi
-server=$(command -v nats-server || echo /usr/sbin/nats-server)
+server=$("$(dirname "$0")/install-nats-server.sh")
 mkdir -p "$data/nats"
 echo "starting $server with JetStream on $host:$port (store $data/nats, log $data/nats.log)"
 nohup "$server" -a "$host" -p "$port" -js -sd "$data/nats" >"$data/nats.log" 2>&1 &

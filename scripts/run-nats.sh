@@ -23,13 +23,7 @@ if ours; then
   echo "the platform's NATS (with identities) already runs: $(cat "$data/nats.url")"
   exit 0
 fi
-if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
-  echo "installing nats-server (Debian package)"
-  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq nats-server
-fi
-server=$(command -v nats-server || echo /usr/sbin/nats-server)
+server=$("$(dirname "$0")/install-nats-server.sh")
 if listening "$port"; then
   echo "NOTE: another NATS server (not the platform's, maybe without authentication) listens on $host:$port;"
   echo "      it is left alone. The platform starts its own, authenticated one beside it."

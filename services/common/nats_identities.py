@@ -33,6 +33,8 @@ from pathlib import Path
 
 import nkeys
 
+from services.common.config import load_or_create_secret
+
 SERVICES = ("blueprint", "workflow", "resource", "executor", "approval")
 ADMIN = "admin"
 # Whose event streams each service consumes (durable consumers, the catalog follower).
@@ -61,20 +63,9 @@ def ensure(directory: Path) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     publics = {}
     for name in (*SERVICES, ADMIN):
-        path = seed_file(directory, name)
-        if not path.exists():
-            seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(seed)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink(missing_ok=True)
-        publics[name] = nkeys.from_seed(path.read_bytes().strip()).public_key.decode()
+        seed = load_or_create_secret(directory, seed_file(directory, name).name,
+                                     lambda: nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode())
+        publics[name] = nkeys.from_seed(seed.encode()).public_key.decode()
     return publics
 
 

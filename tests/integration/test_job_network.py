@@ -19,9 +19,7 @@ import uuid
 
 import pytest
 
-from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
 from infrakitchen.resource.v1 import resource_pb2 as rp
-from tests.support.gitrepos import ModuleRepo
 from tests.support.jobs import all_logs, log_text
 from tests.support.platform import Platform, struct
 from tests.support.processes import free_port
@@ -115,16 +113,9 @@ def machine():
 
 
 async def probe(p, targets: dict[str, str]) -> dict[str, str]:
-    repo = ModuleRepo(p.tmp_path / "probe-repo")
-    repo.write("probe/main.tf", PROBE)
-    repo.commit("probe", tag="v1")
-    t = await p.blueprint.CreateTemplate(bp.CreateTemplateRequest(template=bp.Template(
-        key="netprobe", name="Network probe", enabled=True)), metadata=p.admin)
-    await p.blueprint.CreateSourceCodeVersion(bp.CreateSourceCodeVersionRequest(
-        template_id=t.id, source=bp.ModuleSource(repository_url=repo.url, ref="v1", path="probe"), is_default=True),
-        metadata=p.admin)
+    template_id = await p.template_of("netprobe", PROBE)
     r = await p.resource.CreateResource(rp.CreateResourceRequest(resource=rp.Resource(
-        name="probe", template_id=t.id, variables=struct(targets=[f"{k}={v}" for k, v in targets.items()]),
+        name="probe", template_id=template_id, variables=struct(targets=[f"{k}={v}" for k, v in targets.items()]),
         integration_ids=[p.catalog.integration], storage_id=p.catalog.storage), provision=True), metadata=p.md)
     done = await p.wait(r.id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE, timeout=120)
     text = log_text(await all_logs(p.executor, done.last_job_id, p.admin))

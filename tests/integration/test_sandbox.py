@@ -11,10 +11,8 @@ import os
 
 import pytest
 
-from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
 from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.resource.v1 import resource_pb2 as rp
-from tests.support.gitrepos import ModuleRepo
 from tests.support.jobs import all_logs, log_text
 from tests.support.platform import Platform, struct
 
@@ -47,15 +45,7 @@ EOT
 
 
 async def probe_template(p) -> str:
-    repo = ModuleRepo(p.tmp_path / "probe-repo")
-    repo.write("probe/main.tf", PROBE)
-    repo.commit("probe", tag="v1")
-    t = await p.blueprint.CreateTemplate(bp.CreateTemplateRequest(template=bp.Template(
-        key="probe", name="Probe", enabled=True)), metadata=p.admin)
-    await p.blueprint.CreateSourceCodeVersion(bp.CreateSourceCodeVersionRequest(
-        template_id=t.id, source=bp.ModuleSource(repository_url=repo.url, ref="v1", path="probe"), is_default=True),
-        metadata=p.admin)
-    return t.id
+    return await p.template_of("probe", PROBE)
 
 
 async def run_probe(p, template_id: str, name: str, paths: list[str], seconds: int = 0) -> tuple[rp.Resource, str]:

@@ -254,6 +254,18 @@ class Platform:
         await self.resource.ProvisionResource(rp.ProvisionResourceRequest(id=r.id), metadata=self.md)
         return await self.wait(r.id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
 
+    async def template_of(self, key: str, module: str) -> str:
+        """A template (its id) whose default version is `module`, the text of a main.tf."""
+        repo = ModuleRepo(self.tmp_path / f"{key}-repo")
+        repo.write(f"{key}/main.tf", module)
+        repo.commit(key, tag="v1")
+        t = await self.blueprint.CreateTemplate(bp.CreateTemplateRequest(template=bp.Template(
+            key=key, name=key.title(), enabled=True)), metadata=self.admin)
+        await self.blueprint.CreateSourceCodeVersion(bp.CreateSourceCodeVersionRequest(
+            template_id=t.id, source=bp.ModuleSource(repository_url=repo.url, ref="v1", path=key), is_default=True),
+            metadata=self.admin)
+        return t.id
+
     async def blueprint_of(self, name: str, templates: dict[str, dict], wiring: list[tuple[str, str, str, str]],
                            **kw) -> bp.Blueprint:
         """A blueprint of the catalog's templates: key -> default variables; (source, output, target, variable)."""
