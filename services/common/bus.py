@@ -93,15 +93,17 @@ class EventBus:
         """The largest message the connected server accepts (0 when not connected)."""
         return self.nc.max_payload if self.nc is not None and self.nc.is_connected else 0
 
-    async def ensure_stream(self, config: StreamConfig, attempts: int = 10) -> None:
+    async def ensure_stream(self, config: StreamConfig, attempts: int = 10, update: bool = True) -> None:
         """Creates the stream, or brings an existing one to this config (its
         replicas included: every replica of every service may call this at once).
-        A cluster still electing the new stream's leader answers late: asked again."""
+        `update=False`: only created when missing (a stream of another service,
+        whose NATS identity alone may change it). A cluster still electing the
+        new stream's leader answers late: asked again."""
         assert self.js is not None
         config.num_replicas = self.replicas
         for attempt in range(1, attempts + 1):
             try:
-                return await self._ensure_stream(config)
+                return await self._ensure_stream(config, update)
             except (nats.errors.TimeoutError, ServiceUnavailableError) as exc:
                 if attempt == attempts:
                     raise
@@ -109,7 +111,7 @@ class EventBus:
                             type(exc).__name__)
                 await asyncio.sleep(min(attempt, 3))
 
-    async def _ensure_stream(self, config: StreamConfig) -> None:
+    async def _ensure_stream(self, config: StreamConfig, update: bool) -> None:
         try:
             info = await self.js.stream_info(config.name)
         except NotFoundError:
@@ -121,11 +123,18 @@ class EventBus:
                 info = await self.js.stream_info(config.name)
         if not _differs(info.config, config):
             return  # as wanted: no update (ten replicas starting at once would each ask the cluster)
+        if not update:
+            log.info("stream %s differs from this service's idea of it; its owner brings it up to date",
+                     config.name)
+            return
         await self.js.update_stream(config)
 
-    async def ensure_event_streams(self, contexts: tuple[str, ...] = SERVICES) -> None:
+    async def ensure_event_streams(self, contexts: tuple[str, ...] = SERVICES, owner: str | None = None) -> None:
+        """Every context's stream and the dead letters'. `owner`: the service
+        calling, which brings only its own stream up to date and creates the
+        others when missing (services start in any order); None: all of them."""
         for context in contexts:
-            await self.ensure_stream(StreamConfig(
+            await self.ensure_stream(update=owner is None or owner == context, config=StreamConfig(
                 name=self.names.context_stream(context),
                 subjects=[self.names.context_subjects(context)],
                 retention=RetentionPolicy.LIMITS,
@@ -134,7 +143,7 @@ class EventBus:
                 duplicate_window=DUPLICATE_WINDOW_SECONDS,
                 discard=DiscardPolicy.OLD,
             ))
-        await self.ensure_stream(StreamConfig(
+        await self.ensure_stream(update=owner is None, config=StreamConfig(
             name=self.names.deadletter_stream,
             subjects=[self.names.subject("ik.deadletter.>")],
             retention=RetentionPolicy.LIMITS,

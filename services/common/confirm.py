@@ -36,7 +36,7 @@ def job_ends(get_job: Callable[[str], Awaitable]) -> Callable[[Envelope], Awaita
         del told.outputs[:]
         told.outputs.extend(job.outputs)
         told.plan_summary.CopyFrom(job.plan_summary)
-        told.error_message = job.error_message
+        told.error_message, told.status, told.exit_code = job.error_message, job.status, job.exit_code
         told.correlation.CopyFrom(job.correlation)
         return confirmed
     return confirm
@@ -51,7 +51,18 @@ def approval_decisions(get_request: Callable[[str], Awaitable],
         kind = env.WhichOneof("body")
         if kind in DECISIONS:
             request = await get_request(getattr(env, kind).approval_request_id)
-            return env if request is not None and request.status == DECISIONS[kind] else None
+            if request is None or request.status != DECISIONS[kind]:
+                return None
+            # What the decision is about, as the approval service keeps it (not as the event says).
+            confirmed = Envelope()
+            confirmed.CopyFrom(env)
+            told = getattr(confirmed, kind)
+            told.resource_id, told.operation, told.status = request.resource_id, request.operation, request.status
+            told.temporary_state_id, told.revision, told.plan_job_id = (request.temporary_state_id, request.revision,
+                                                                         request.plan_job_id)
+            told.workflow_id, told.workflow_plan_id, told.step_id = (request.workflow_id, request.workflow_plan_id,
+                                                                     request.step_id)
+            return confirmed
         if kind == "approval_flow_changed" and get_flow is not None:
             return env if await get_flow() == env.approval_flow_changed.enabled else None
         return env

@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from infrakitchen.events.v1 import events_pb2
 from services.common import logs, metrics, tracing
 from services.common.bus import EventBus
+from services.common.errors import Unavailable
 from services.common.events import Envelope
 from services.common.signing import SIGNER_HEADER, EventVerifier
 from services.common.uow import UnitOfWork
@@ -150,7 +151,7 @@ class EventConsumer:
                                resource_id=c.resource_id, job_id=c.job_id,
                                approval_request_id=c.approval_request_id):
                 if self.spec.confirm is not None:
-                    confirmed = await self.spec.confirm(envelope)
+                    confirmed = await self._confirmed(envelope)
                     if confirmed is None:
                         log.warning("consumer %s: event %s (%s) not applied: its publisher does not report it so",
                                     self.spec.durable, envelope.event_id, envelope.type)
@@ -178,6 +179,23 @@ class EventConsumer:
         finally:
             heartbeat.cancel()
         await msg.ack()
+
+    async def _confirmed(self, envelope: Envelope) -> Envelope | None:
+        """The publisher's word on the event. While the publisher is not
+        reachable the message is kept (heartbeats) and asked about again:
+        an outage of the executor or the approval service must not use up
+        a genuine event's deliveries and dead-letter it."""
+        delay = 0.5
+        while True:
+            try:
+                return await self.spec.confirm(envelope)
+            except Unavailable as exc:
+                if self._stopping.is_set():
+                    raise
+                log.info("consumer %s: event %s waits for its publisher to answer: %s", self.spec.durable,
+                         envelope.event_id, exc.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _apply(self, envelope: Envelope) -> None:
         try:

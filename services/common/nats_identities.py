@@ -12,11 +12,12 @@ What each identity may do (PERMISSIONS, for one event prefix):
 - publish its own context's events (`ik.<service>.>`), dead letters
   (`ik.deadletter.>`) and, for the executor, its job dispatch messages;
   never another service's subjects;
-- the JetStream API: look at, create and bring up to date the platform's
-  streams (every service ensures them at start, in whatever order they
-  start); create, read and consume from durable consumers of only the streams
-  it consumes, and ack their messages. No identity may delete or purge a
-  stream or delete messages: not the API a service needs, so not allowed;
+- the JetStream API: look at the platform's streams and create those that
+  are missing (services start in any order), change only its own (so none
+  can shrink, seal or purge another's); create, read, pull from and ack only
+  its own durable consumers (DURABLES; the resource service also follows the
+  blueprint stream with an ordered consumer). No identity may delete or
+  purge a stream, delete messages or delete a consumer;
 - subscribe only to its own reply inbox (`_INBOX_<service>.>`), where
   JetStream answers it and delivers the messages it pulls.
 An `admin` identity (everything) is for operators' tools and tests; no
@@ -37,14 +38,20 @@ from services.common.config import load_or_create_secret
 
 SERVICES = ("blueprint", "workflow", "resource", "executor", "approval")
 ADMIN = "admin"
-# Whose event streams each service consumes (durable consumers, the catalog follower).
-CONSUMES: dict[str, tuple[str, ...]] = {
+# The durable consumers of each service, on whose streams (a context, or the
+# executor's "dispatch" work queue): an identity may create, read, pull from
+# and ack only these, never another service's, and delete none.
+DURABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "blueprint": (),
-    "workflow": ("approval", "executor", "resource"),
-    "resource": ("executor", "approval", "blueprint"),
-    "executor": (),
-    "approval": ("resource",),
+    "workflow": (("approval", "workflow-approval-events"), ("executor", "workflow-job-events"),
+                 ("resource", "workflow-resource-events")),
+    "resource": (("executor", "resource-job-events"), ("approval", "resource-approval-events")),
+    "executor": (("dispatch", "executor-workers"),),
+    "approval": (("resource", "approval-resource-events"),),
 }
+# Streams a service follows from the start with an ordered (ephemeral,
+# server-named, unacknowledged) consumer: the resource service's catalog copy.
+FOLLOWS: dict[str, tuple[str, ...]] = {"resource": ("blueprint",)}
 DEFAULT_DIRECTORY = "nats-identities"
 
 
@@ -87,20 +94,24 @@ def streams(prefix: str) -> dict[str, str]:
 
 def permissions(service: str, prefix: str = "") -> dict[str, dict[str, list[str]]]:
     every = streams(prefix)
-    consumed = [every[c] for c in CONSUMES[service]] + ([every["dispatch"]] if service == "executor" else [])
+    own = [every[service]] + ([every["dispatch"]] if service == "executor" else [])
     publish = [_subject(prefix, f"ik.{service}.>"), _subject(prefix, "ik.deadletter.>"), "$JS.API.INFO"]
     if service == "executor":
         publish.append(_subject(prefix, "ik.dispatch.>"))
-    for stream in every.values():
-        publish += [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}",
-                    f"$JS.API.STREAM.UPDATE.{stream}"]
-    for stream in consumed:
-        publish += [f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
-                    f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>", f"$JS.API.CONSUMER.INFO.{stream}.>",
-                    f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>",
-                    f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>"]
+    for stream in every.values():  # any may create a missing stream (services start in any order) ...
+        publish += [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}"]
+    publish += [f"$JS.API.STREAM.UPDATE.{stream}" for stream in own]  # ... only its own it may change
+    for key, durable in DURABLES[service]:
+        stream = every[key]
+        publish += [f"$JS.API.CONSUMER.CREATE.{stream}.{durable}", f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.>",
+                    f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+                    f"$JS.API.CONSUMER.INFO.{stream}.{durable}", f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+                    f"$JS.ACK.{stream}.{durable}.>"]
+    for key in FOLLOWS.get(service, ()):
+        stream = every[key]
+        publish += [f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>"]
     return {"publish": {"allow": publish, "deny": ["$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
-                                                   "$JS.API.STREAM.MSG.DELETE.>"]},
+                                                   "$JS.API.STREAM.MSG.DELETE.>", "$JS.API.CONSUMER.DELETE.>"]},
             "subscribe": {"allow": [f"{inbox_prefix(service)}.>"]}}
 
 

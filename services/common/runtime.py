@@ -115,7 +115,7 @@ class Runtime:
     async def start(self) -> None:
         s = self.settings
         await self.bus.connect()
-        await self.bus.ensure_event_streams()
+        await self.bus.ensure_event_streams(owner=self.definition.name)
         for config in self.definition.streams(self):
             await self.bus.ensure_stream(config)
         self._spawn("outbox-relay", self.relay.run())

@@ -9,8 +9,9 @@ correlation). Two headers carry it: `Ik-Signer` (the service) and
 
 - both headers are there (`unsigned` otherwise),
 - the signer is a known service whose public key it has (`unknown_signer`),
-- the signer owns the subject: only the executor publishes `ik.executor.*`,
-  only the approval service `ik.approval.*`, and so on (`wrong_signer`),
+- the signer owns the subject: only the executor publishes `ik.executor.*`
+  (and its job dispatch, `ik.dispatch.*`), only the approval service
+  `ik.approval.*`, and so on (`wrong_signer`),
 - the signature matches subject, signer and payload (`bad_signature`).
 
 Anything else is dead-lettered with a warning and counted
@@ -37,6 +38,8 @@ _DOMAIN = b"infrakitchen-event-v1\0"  # a signature made for this, never mistake
 UNSIGNED, UNKNOWN_SIGNER, WRONG_SIGNER, BAD_SIGNATURE = "unsigned", "unknown_signer", "wrong_signer", "bad_signature"
 REASONS = (UNSIGNED, UNKNOWN_SIGNER, WRONG_SIGNER, BAD_SIGNATURE)
 SERVICES = frozenset(CALLERS)
+# Subjects that are not a context's events, and the service that owns them.
+OWNERS = {"dispatch": "executor"}
 
 
 def _signed_bytes(signer: str, subject: str, payload: bytes) -> bytes:
@@ -71,9 +74,10 @@ class EventVerifier:
         if signer not in SERVICES:
             return UNKNOWN_SIGNER
         try:
-            owner = context_of(self.names.unprefixed(subject))
+            context = context_of(self.names.unprefixed(subject))
         except ValueError:
             return WRONG_SIGNER
+        owner = OWNERS.get(context, context)
         if owner != signer:
             return WRONG_SIGNER
         try:

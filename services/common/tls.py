@@ -118,9 +118,13 @@ def nats_options(env: dict[str, str], service: str = "", data_dir: Path | None =
         return options
     seed = env.get("IK_NATS_NKEY_SEED_FILE", "").strip()
     if not seed and service and data_dir is not None:
-        default = nats_identities.seed_file(Path(env.get("IK_NATS_IDENTITIES_DIR") or
-                                                 data_dir / nats_identities.DEFAULT_DIRECTORY), service)
+        chosen = env.get("IK_NATS_IDENTITIES_DIR", "").strip()
+        default = nats_identities.seed_file(Path(chosen or data_dir / nats_identities.DEFAULT_DIRECTORY), service)
+        if chosen and not default.exists():  # told where its identity is: never on without one
+            raise TlsConfigError(f"IK_NATS_IDENTITIES_DIR holds no {default.name} for the {service} service")
         seed = str(default) if default.exists() else ""
+    if seed and not Path(seed).is_file():
+        raise TlsConfigError(f"the NATS identity {seed} of the {service or 'this'} service does not exist")
     if seed:
         options["nkeys_seed"] = seed
     return options

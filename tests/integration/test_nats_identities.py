@@ -9,6 +9,7 @@ from __future__ import annotations
 import nats
 import pytest
 from nats.errors import NoServersError
+from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import APIError
 
 from infrakitchen.approval.v1 import approval_pb2 as ap
@@ -64,6 +65,24 @@ async def test_anonymous_refused_and_each_identity_limited_to_its_own(server, ev
                 await attempt
         # Nor may it listen to the platform's subjects directly.
         await executor.subscribe(admin.names.subject("ik.>"))
+        # The workflow service: not the resource service's consumer, not another's stream.
+        workflow = await connect(server, "workflow")
+        try:
+            wjs = workflow.jetstream(timeout=3)
+            await admin.js.add_consumer(admin.names.context_stream("executor"), ConsumerConfig(
+                durable_name="resource-job-events", ack_policy=AckPolicy.EXPLICIT))
+            sealed = (await admin.js.stream_info(admin.names.context_stream("approval"))).config
+            sealed.sealed, sealed.max_msgs = True, 1
+            for attempt in (wjs.pull_subscribe_bind("resource-job-events", admin.names.context_stream("executor")),
+                            wjs.delete_consumer(admin.names.context_stream("executor"), "resource-job-events"),
+                            wjs.update_stream(sealed)):
+                with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError, APIError)):
+                    sub = await attempt
+                    await sub.fetch(1, timeout=2)  # binding alone asks nothing: the pull is what is refused
+            assert not (await admin.js.stream_info(admin.names.context_stream("approval"))).config.sealed
+            await admin.js.consumer_info(admin.names.context_stream("executor"), "resource-job-events")
+        finally:
+            await workflow.close()
         await eventually(lambda: any("permissions violation" in e.lower() for e in errors), timeout=5)
         names = {s.config.name for s in await admin.js.streams_info()}
         assert admin.names.context_stream("approval") in names

@@ -1,16 +1,22 @@
 """A pg storage's state reaches terraform through the executor (issue 28):
 moved from PostgreSQL into a file for the run and back, under a lock that
-keeps other runs (and terraform's own pg backend) out; what a killed run
-left on disk is written back when newer, never over a newer copy, and
-removed. Against a real PostgreSQL."""
+keeps other runs out; written back only over the row the run started from;
+what a killed run left on disk is written back when it fits, else kept
+aside, never over a newer row; a plan writes nothing back; and the files the
+job could plant in its state directory (a FIFO, a symlink, a huge file, a
+state that is not one) never hang, leak or crash the executor. Against a
+real PostgreSQL."""
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from services.executor.adapters import pg_state
 from services.executor.adapters.pg_state import PgState, StateLocked, state_file, write_back_leftovers
 
 
@@ -29,6 +35,12 @@ def stored(conninfo: str, name: str) -> str | None:
     return row[0] if row else None
 
 
+def put(conninfo: str, name: str, text: str) -> None:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("INSERT INTO ik_states.states (name, data) VALUES (%s, %s) ON CONFLICT (name) "
+                     "DO UPDATE SET data = EXCLUDED.data", (name, text))
+
+
 @pytest.fixture
 def db(postgres) -> str:
     return libpq(postgres.create())
@@ -37,16 +49,24 @@ def db(postgres) -> str:
 async def test_a_run_gets_the_state_in_a_private_file_and_its_changes_go_back(db, tmp_path):
     path = state_file(tmp_path, "storage-1", "team__vpc")
     async with PgState(db, "ik_states", "team__vpc", path, 5):
-        assert not path.exists(), "no state yet: no file"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        assert not path.exists() and path.parent.is_dir(), "no state yet: an empty directory of its own"
         path.write_text(state(1))  # what terraform writes
     assert json.loads(stored(db, "team__vpc"))["serial"] == 1
-    assert not path.exists() and not path.parent.exists(), "nothing of the state stays on disk"
+    assert not path.parent.exists() and not list(tmp_path.iterdir()), "nothing of the state stays on disk"
     async with PgState(db, "ik_states", "team__vpc", path, 5):
         assert json.loads(path.read_text())["serial"] == 1
-        assert path.stat().st_mode & 0o077 == 0, "mode 600"
+        assert path.stat().st_mode & 0o077 == 0 and path.parent.stat().st_mode & 0o077 == 0
         path.write_text(state(2))
     assert json.loads(stored(db, "team__vpc"))["serial"] == 2 and not path.exists()
+
+
+async def test_a_plan_writes_nothing_back(db, tmp_path):
+    path = state_file(tmp_path, "s", "p")
+    async with PgState(db, "ik_states", "p", path, 5):
+        path.write_text(state(1))
+    async with PgState(db, "ik_states", "p", path, 5, plan=True):
+        path.write_text(state(7, value="planned"))  # a module's code rewriting its state during a plan
+    assert json.loads(stored(db, "p"))["serial"] == 1
 
 
 async def test_one_run_at_a_time_holds_a_state(db, tmp_path):
@@ -55,38 +75,92 @@ async def test_one_run_at_a_time_holds_a_state(db, tmp_path):
         with pytest.raises(StateLocked):
             async with PgState(db, "ik_states", "app", state_file(tmp_path / "other", "storage-1", "app"), 1):
                 pass
-        # The first run of another state does not wait for this one.
+        # Another state, its first run too: no wait.
         async with PgState(db, "ik_states", "web", state_file(tmp_path, "storage-1", "web"), 0.1):
             pass
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(state(1))
-    # Once the row exists, its id is the lock, as terraform's pg backend takes it.
-    async with PgState(db, "ik_states", "app", path, 5):
-        with psycopg.connect(db, autocommit=True) as conn:
-            [row_id] = conn.execute("SELECT id FROM ik_states.states WHERE name = 'app'").fetchone()
-            assert conn.execute("SELECT pg_try_advisory_lock(%s)", (row_id,)).fetchone()[0] is False
-    with psycopg.connect(db, autocommit=True) as conn:
-        assert conn.execute("SELECT pg_try_advisory_lock(%s)", (row_id,)).fetchone()[0] is True
+    async with PgState(db, "ik_states", "app", state_file(tmp_path / "other", "storage-1", "app"), 1):
+        pass  # free again
 
 
-async def test_what_a_killed_run_left_is_written_back_only_when_newer(db, tmp_path):
+async def test_a_run_never_writes_over_a_row_that_moved_on(db, tmp_path):
+    path = state_file(tmp_path, "s", "moved")
+    async with PgState(db, "ik_states", "moved", path, 5):
+        path.write_text(state(1))
+    async with PgState(db, "ik_states", "moved", path, 5):
+        put(db, "moved", state(5, value="someone else's"))  # as if the lock had been lost
+        path.write_text(state(2, value="mine"))
+    assert json.loads(stored(db, "moved"))["value"] == "someone else's"
+    [aside] = list((tmp_path / ".conflicts").iterdir())
+    assert json.loads(aside.read_text())["value"] == "mine" and aside.stat().st_mode & 0o077 == 0
+
+
+async def test_the_run_s_progress_reaches_the_database_while_it_runs(db, tmp_path, monkeypatch):
+    monkeypatch.setattr(pg_state, "SYNC_SECONDS", 0.2)
+    path = state_file(tmp_path, "s", "long")
+    async with PgState(db, "ik_states", "long", path, 5):
+        path.write_text(state(1, value="half-way"))
+        for _ in range(50):
+            if stored(db, "long"):
+                break
+            await asyncio.sleep(0.1)
+        assert json.loads(stored(db, "long"))["value"] == "half-way"
+        path.write_text(state(2, value="done"))
+    assert json.loads(stored(db, "long"))["value"] == "done"
+
+
+async def test_what_a_killed_run_left_is_written_back_only_when_it_fits(db, tmp_path):
     path = state_file(tmp_path, "storage-1", "db")
     async with PgState(db, "ik_states", "db", path, 5):
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(state(3))
-    # A run killed after terraform wrote serial 4: the next run starts from it.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(state(4, value="left"))
+
+    def killed_run(left: str, base: int) -> None:
+        """What a run killed after terraform wrote `left` leaves: its directory and record."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(left)
+        path.parent.with_name(path.parent.name + ".json").write_text(
+            json.dumps({"base": [base, "lineage-1"], "plan": False}))
+
+    killed_run(state(4, value="left"), base=3)
     async with PgState(db, "ik_states", "db", path, 5):
         assert json.loads(path.read_text())["serial"] == 4
     assert json.loads(stored(db, "db"))["value"] == "left"
-    # An older leftover, or one of another lineage, never replaces the database's copy.
-    for leftover in (state(2, value="old"), state(9, lineage="other", value="alien")):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(leftover)
-        async with PgState(db, "ik_states", "db", path, 5):
-            assert json.loads(path.read_text())["serial"] == 4
-        assert json.loads(stored(db, "db"))["value"] == "left" and not path.exists()
+    # Left by a run that started from serial 3, but the row moved on to 4 since: kept aside.
+    killed_run(state(5, value="stale"), base=3)
+    async with PgState(db, "ik_states", "db", path, 5):
+        assert json.loads(path.read_text())["value"] == "left"
+    assert json.loads(stored(db, "db"))["value"] == "left"
+    assert any("stale" in p.read_text() for p in (tmp_path / ".conflicts").iterdir())
+
+
+async def test_files_a_job_plants_never_hang_leak_or_crash_the_executor(db, tmp_path, monkeypatch):
+    secret = tmp_path / "executor-secret.json"
+    secret.write_text(state(9, value="the executor's secret"))
+    monkeypatch.setattr(pg_state, "MAX_STATE_BYTES", 1024)
+    path = state_file(tmp_path / "root", "s", "hostile")
+    async with PgState(db, "ik_states", "hostile", path, 5):
+        path.write_text(state(1))
+    plants = {
+        "fifo": lambda: os.mkfifo(path),
+        "symlink": lambda: os.symlink(secret, path),
+        "huge": lambda: path.write_text(state(2, value="x" * 4096)),
+        "not a state": lambda: path.write_text('{"serial": null, "lineage": {}}'),
+        "overflow": lambda: path.write_text('{"serial": 1e999}'),
+    }
+    for name, plant in plants.items():
+        async with asyncio.timeout(10):  # a FIFO opened without O_NONBLOCK would hang here
+            async with PgState(db, "ik_states", "hostile", path, 5):
+                path.unlink()
+                plant()
+        assert json.loads(stored(db, "hostile"))["serial"] == 1, name
+        assert not path.parent.exists(), name
+    # A symlink planted for the executor's own temporary file is gone with the directory.
+    async with PgState(db, "ik_states", "hostile", path, 5):
+        os.symlink(secret, path.parent / f".{path.name}.{os.getpid()}")
+    async with PgState(db, "ik_states", "hostile", path, 5):
+        path.write_text(state(2))
+    assert json.loads(secret.read_text())["value"] == "the executor's secret"
+    assert json.loads(stored(db, "hostile"))["serial"] == 2
 
 
 async def test_the_executor_writes_back_leftovers_at_start(db, tmp_path):
@@ -99,5 +173,5 @@ async def test_the_executor_writes_back_leftovers_at_start(db, tmp_path):
     unknown.parent.mkdir(parents=True)
     unknown.write_text(state(1))
     await write_back_leftovers(tmp_path, {"storage-1": Storage()}, 5)
-    assert json.loads(stored(db, "team__net"))["value"] == "kept" and not path.exists()
+    assert json.loads(stored(db, "team__net"))["value"] == "kept" and not path.parent.exists()
     assert unknown.exists(), "a storage this database does not know: left alone"

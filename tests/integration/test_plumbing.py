@@ -15,6 +15,7 @@ from services.common.bus import EventBus
 from services.common.changes import ChangeFeed
 from services.common.consumer import ConsumerSpec, EventConsumer, NotYet
 from services.common.db import Database, create_sync_engine
+from services.common.errors import Unavailable
 from services.common.events import new_event
 from services.common.identities import ServiceIdentity
 from services.common.migrations import upgrade
@@ -738,3 +739,30 @@ async def test_only_events_signed_by_the_owner_of_their_subject_are_applied(plum
     counted = {reason: metrics.EVENTS_REJECTED.labels("signed-only", reason)._value.get() - rejected_before[reason]
                for reason in signing.REASONS}
     assert counted == {"unsigned": 1, "wrong_signer": 1, "bad_signature": 2, "unknown_signer": 1}
+
+
+async def test_an_event_waits_for_its_publisher_to_answer_without_using_up_deliveries(plumbing):
+    """The publisher confirms an event before it is applied; while it is not
+    reachable the event waits (no redelivery counted, no dead letter), and
+    an event it does not confirm is not applied."""
+    p = plumbing
+    envs = await p.emit_jobs(2)
+    await OutboxRelay(p.db, outbox_table, p.bus).relay_once()
+    asked: list[str] = []
+
+    async def confirm(env):
+        asked.append(env.job_succeeded.job_id)
+        if len(asked) <= 3:
+            raise Unavailable("the executor service is not reachable")
+        return env if env.job_succeeded.job_id == "job-0" else None
+
+    task = await run_consumer(p, ConsumerSpec("confirming", "executor", "ik.executor.job.*", record, max_deliver=2,
+                                              confirm=confirm))
+    try:
+        await eventually(lambda: p.consumer_settled("confirming", 2), timeout=30)
+    finally:
+        await stop(task)
+    assert asked == ["job-0"] * 4 + ["job-1"]
+    assert await p.applications() == {envs[0].event_id: 1}
+    info = await p.bus.js.consumer_info(p.bus.names.context_stream("executor"), "confirming")
+    assert info.num_redelivered == 0

@@ -37,9 +37,10 @@ from pathlib import Path
 # resolver, forwarding to the machine's own (which may sit in a refused range).
 DNS_ADDRESS = "169.254.0.53"
 REFUSED_V4 = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-              "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3")
-REFUSED_V6 = ("::/127", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "fc00::/7",
-              "fe80::/10", "fec0::/10", "ff00::/8")
+              "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+              "203.0.113.0/24", "224.0.0.0/3")
+REFUSED_V6 = ("::/96", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001::/32", "2001:10::/28",
+              "2001:20::/28", "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8")
 RULES, RESOLV, SETTINGS = "rules.nft", "resolv.conf", "network.json"
 # What a namespace needs: the executor refuses to start in isolated mode without them.
 TOOLS = ("unshare", "nft", "pasta", "setpriv", "ip", "bash")
@@ -90,12 +91,12 @@ def _machine_addresses() -> list[str]:
     return found
 
 
-def rules(networks: list[str], services: list[tuple[str, int]], machine: list[str]) -> str:
+def rules(networks: list[str], services: list[tuple[str, int]], machine: list[str], deny: list[str] = ()) -> str:
     def elements(items) -> str:
         return ("elements = { " + ", ".join(items) + " }") if items else ""
     v4 = lambda x: ipaddress.ip_network(x, strict=False).version == 4  # noqa: E731
-    refused4 = [*REFUSED_V4, *(m for m in machine if v4(m))]
-    refused6 = [*REFUSED_V6, *(m for m in machine if not v4(m))]
+    refused4 = [*REFUSED_V4, *(m for m in [*machine, *deny] if v4(m))]
+    refused6 = [*REFUSED_V6, *(m for m in [*machine, *deny] if not v4(m))]
     allowed4 = [n for n in networks if v4(n)]
     allowed6 = [n for n in networks if not v4(n)]
     services4 = [f"{a} . {p}" for a, p in services if v4(a)]
@@ -122,14 +123,24 @@ def rules(networks: list[str], services: list[tuple[str, int]], machine: list[st
 """
 
 
-def prepare(directory: Path, allow: list[str]) -> Path:
+def parse_deny(entries: list[str]) -> list[str]:
+    """CIDRs an operator refuses besides the built-in ranges (a cluster's
+    global IPv6 ranges, a VPC's public addresses)."""
+    try:
+        return [str(ipaddress.ip_network(e.strip(), strict=False)) for e in entries if e.strip()]
+    except ValueError as exc:
+        raise EgressError(f"egress deny entry is not a CIDR: {str(exc)[:100]}") from None
+
+
+def prepare(directory: Path, allow: list[str], deny: list[str] = ()) -> Path:
     """Writes a job's network settings (rules, resolver, forwarded loopback
-    ports) into `directory`, outside what its sandbox sees; returns it."""
+    ports) into `directory`, outside what its sandbox sees; returns it.
+    `allow` wins over the refused ranges and `deny`."""
     networks, services = parse_allow(allow)
     loopback = sorted({p for a, p in services if ipaddress.ip_address(a).is_loopback})
     services = [(a, p) for a, p in services if not ipaddress.ip_address(a).is_loopback]
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / RULES).write_text(rules(networks, services, _machine_addresses()))
+    (directory / RULES).write_text(rules(networks, services, _machine_addresses(), parse_deny(list(deny))))
     (directory / RESOLV).write_text(f"nameserver {DNS_ADDRESS}\noptions edns0\n")
     (directory / SETTINGS).write_text(json.dumps({"loopback_ports": loopback}))
     return directory
@@ -175,7 +186,8 @@ def run(directory: str, argv: list[str], preexec) -> int:
             command[5:5] = ["--runas", "0"]
         # Its own session: the cancel's SIGINT to the command's group must not take the network away.
         pasta = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
+                                 stderr=subprocess.DEVNULL, start_new_session=True,
+                                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})  # nothing of the job's
         if said.readline().strip() != b"ready":  # the rules did not load: nothing runs
             return child.wait()
         deadline = time.monotonic() + 10

@@ -65,6 +65,7 @@ class Sandbox:
     binds: tuple[str, ...] = field(default_factory=tuple)  # operator-listed read-write directories
     network: str = SHARED
     egress: tuple[str, ...] = field(default_factory=tuple)  # IK_EXECUTOR_EGRESS_ALLOW
+    egress_deny: tuple[str, ...] = field(default_factory=tuple)  # IK_EXECUTOR_EGRESS_DENY
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Sandbox":
@@ -84,15 +85,17 @@ class Sandbox:
         if network not in (ISOLATED, SHARED):
             raise SandboxUnavailable(f"IK_EXECUTOR_NETWORK must be {ISOLATED} or {SHARED}, not {network!r}")
         egress = tuple(e for e in re.split(r"[,\s]+", env.get("IK_EXECUTOR_EGRESS_ALLOW", "")) if e)
+        deny = tuple(e for e in re.split(r"[,\s]+", env.get("IK_EXECUTOR_EGRESS_DENY", "")) if e)
         try:
             jobnet.parse_allow(list(egress))
+            jobnet.parse_deny(list(deny))
         except jobnet.EgressError as exc:
-            raise SandboxUnavailable(f"IK_EXECUTOR_EGRESS_ALLOW: {exc}") from None
+            raise SandboxUnavailable(f"IK_EXECUTOR_EGRESS_ALLOW / _DENY: {exc}") from None
         if network == ISOLATED and (missing := [t for t in jobnet.TOOLS if not shutil.which(t)]):
             raise SandboxUnavailable(f"a job's own network needs {', '.join(missing)} (`make install` installs "
                                      "them); IK_EXECUTOR_NETWORK=shared keeps the machine's network "
                                      "(development only)")
-        sandbox = cls(BWRAP, bwrap, binds, network, egress)
+        sandbox = cls(BWRAP, bwrap, binds, network, egress, deny)
         with tempfile.TemporaryDirectory(prefix="ik-sandbox-probe-") as probe_dir:
             argv = sandbox.wrap(["/bin/true"], cwd=Path("/"), writable=[],
                                 network=sandbox.prepare_network(Path(probe_dir)))
@@ -125,7 +128,7 @@ class Sandbox:
         None when jobs share the machine's network."""
         if not self.on or self.network != ISOLATED:
             return None
-        return jobnet.prepare(directory, list(self.egress))
+        return jobnet.prepare(directory, list(self.egress), list(self.egress_deny))
 
     @property
     def on(self) -> bool:

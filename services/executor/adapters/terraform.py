@@ -312,6 +312,9 @@ class TerraformRun:
             # Never the connection string, nor the server's words (they may name the host and user).
             result.exit_code = 1
             result.error = f"the state database of storage {self.spec.storage.name} failed: {type(exc).__name__}"
+        except Exception as exc:  # noqa: BLE001 - setting the run up failed (a file, a tool): the job fails, the worker goes on
+            log.exception("job %s: the run could not be set up", self.spec.job_id)
+            result.exit_code, result.error = 1, f"the run could not be set up: {type(exc).__name__}"
         finally:
             if self._killer is not None:
                 self._killer.cancel()
@@ -360,7 +363,7 @@ class TerraformRun:
     def _pg_state(self, storage: Storage) -> PgState:
         seconds = seconds_of(self.config.lock_timeout)
         return PgState(storage.pg_connection_string, storage.pg_schema, workspace_name(self.spec.state_path),
-                       self._pg_state_file(storage), seconds)
+                       self._pg_state_file(storage), seconds, plan=self.spec.action == PLAN)
 
     async def _run(self, workdir: Path, result: RunResult) -> None:
         spec = self.spec

@@ -290,6 +290,12 @@ class JobWorkers(JobRuns):
                     if n in self._lent:  # the turn was lent while this fetch waited: back to the queue
                         await quietly(msg.nak(delay=0))
                         continue
+                    if reason := self.runtime.verifier.rejects(msg.subject, msg.headers, msg.data):
+                        # Not the executor's own dispatch: dropped (the job, if real, is found by the reaper).
+                        log.warning("worker %d: dispatch message rejected (%s)", n, reason)
+                        metrics.EVENTS_REJECTED.labels(DURABLE, reason).inc()
+                        await quietly(msg.term())
+                        continue
                     try:
                         # The work-queue message carries the trace of the submission.
                         with tracing.consuming("executor dispatch", msg.headers):

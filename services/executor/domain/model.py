@@ -226,7 +226,9 @@ PROTECTED_ENV = frozenset({
     "PATH", "HOME", "SHELL", "ENV", "BASH_ENV", "CDPATH", "IFS", "PS4", "TMPDIR", "PWD", "USER", "LOGNAME",
     "TF_CLI_CONFIG_FILE", "TF_DATA_DIR", "TF_WORKSPACE", "TF_INPUT", "TF_IN_AUTOMATION", "TF_IGNORE",
     "TF_REGISTRY_DISCOVERY_RETRY", "TF_REGISTRY_CLIENT_TIMEOUT", "CHECKPOINT_DISABLE", "SSL_CERT_FILE",
-    "SSL_CERT_DIR", "TERRAFORM_CONFIG"})
+    "SSL_CERT_DIR", "TERRAFORM_CONFIG",
+    # What changes how the shell, nft and unshare that set a job's network up run (they see the job's environment).
+    "SHELLOPTS", "BASHOPTS", "GLOBIGNORE", "LOCPATH", "NLSPATH", "HOSTALIASES", "RES_OPTIONS", "LOCALDOMAIN"})
 PROTECTED_ENV_PREFIXES = ("LD_", "DYLD_", "TF_CLI_", "TF_PLUGIN_", "TF_LOG", "TF_REATTACH", "TF_SKIP_",
                           "BASH_FUNC_", "PYTHON", "GIT_", "GCONV_", "MALLOC_")
 
