@@ -191,8 +191,6 @@ def test_the_runtime_requirements_cover_every_import_of_the_services():
                 top = name.split(".")[0]
                 if top in sys.stdlib_module_names or top in ("services", "infrakitchen", "__future__"):
                     continue
-                if (path.parent / f"{top}.py").exists():  # a script's sibling (the reaper's jobnet)
-                    continue
                 allowed = executor if "services/executor" in path.as_posix() else runtime
                 dists = {d.lower().replace("_", "-") for d in distributions.get(top, [])}
                 if not dists & allowed:

@@ -19,18 +19,17 @@ forwarded by pasta to that one port of the machine's loopback. Names
 resolve through pasta's DNS forwarder (DNS_ADDRESS, the namespace's only
 resolver), the machine's resolver staying unreachable otherwise.
 
-This module is stdlib only: the reaper (reaper.py, started with `python -S`)
-runs it; the executor only prepares the job's rules (`prepare`)."""
+The namespace is set up once per job (JobNamespace: one pasta start, one
+rules load) and each of its terraform commands enters it with nsenter."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
-import sys
-import threading
-import time
+import tempfile
 from pathlib import Path
 
 # A link-local address inside the namespace that pasta answers as the DNS
@@ -41,9 +40,9 @@ REFUSED_V4 = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.25
               "203.0.113.0/24", "224.0.0.0/3")
 REFUSED_V6 = ("::/96", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001::/32", "2001:10::/28",
               "2001:20::/28", "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8")
-RULES, RESOLV, SETTINGS = "rules.nft", "resolv.conf", "network.json"
+RULES, SETTINGS = "rules.nft", "network.json"
 # What a namespace needs: the executor refuses to start in isolated mode without them.
-TOOLS = ("unshare", "nft", "pasta", "setpriv", "ip", "bash")
+TOOLS = ("unshare", "nsenter", "nft", "pasta", "setpriv", "ip", "bash", "sleep")
 
 
 class EgressError(ValueError):
@@ -132,81 +131,142 @@ def parse_deny(entries: list[str]) -> list[str]:
         raise EgressError(f"egress deny entry is not a CIDR: {str(exc)[:100]}") from None
 
 
+def resolver_file() -> Path:
+    """The resolver every job's sandbox sees (the same for all: pasta's
+    forwarder), in the machine's temporary directory."""
+    path = Path(tempfile.gettempdir()) / "infrakitchen-job-resolv.conf"
+    text = f"nameserver {DNS_ADDRESS}\noptions edns0\n"
+    try:
+        if path.read_text() == text and not path.is_symlink():
+            return path
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+    return path
+
+
 def prepare(directory: Path, allow: list[str], deny: list[str] = ()) -> Path:
-    """Writes a job's network settings (rules, resolver, forwarded loopback
-    ports) into `directory`, outside what its sandbox sees; returns it.
-    `allow` wins over the refused ranges and `deny`."""
+    """Writes a job's network settings (rules, forwarded loopback ports) into
+    `directory`, outside what its sandbox sees; returns it. `allow` wins over
+    the refused ranges and `deny`. Only JobNamespace.start reads them."""
     networks, services = parse_allow(allow)
     loopback = sorted({p for a, p in services if ipaddress.ip_address(a).is_loopback})
     services = [(a, p) for a, p in services if not ipaddress.ip_address(a).is_loopback]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / RULES).write_text(rules(networks, services, _machine_addresses(), parse_deny(list(deny))))
-    (directory / RESOLV).write_text(f"nameserver {DNS_ADDRESS}\noptions edns0\n")
     (directory / SETTINGS).write_text(json.dumps({"loopback_ports": loopback}))
     return directory
 
 
-# Root only inside the job's new user namespace: loads the rules, says so,
-# waits until pasta connected the namespace, then becomes the sandbox.
-_STAGE = r'''set -e
+# Root only inside the job's new user namespace, with an empty environment:
+# loads the rules, says so, then holds the namespace for the job's commands.
+_HOLD = r'''set -e
 echo ns >&"$IK_NET_W"
-nft -f "$IK_NET_RULES"
-echo ready >&"$IK_NET_W"; exec {IK_NET_W}>&-
-read go <&"$IK_NET_R"; exec {IK_NET_R}<&-
-[ "$go" = go ] || exit 111
-exec "$@"
+nft -f "$1"
+echo ready >&"$IK_NET_W"
+exec {IK_NET_W}>&-
+exec sleep infinity
 '''
 
 
-def run(directory: str, argv: list[str], preexec) -> int:
-    """Runs `argv` (a bubblewrap command) in a new network namespace set up
-    from `directory`; returns its exit status (Popen's)."""
-    settings = json.loads(Path(directory, SETTINGS).read_text())
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    env = dict(os.environ, IK_NET_RULES=str(Path(directory, RULES)), IK_NET_W=str(ready_w), IK_NET_R=str(go_r))
-    child = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net", "--", "bash", "-c", _STAGE,
-                              "job-network", *argv], env=env, pass_fds=(ready_w, go_r), preexec_fn=preexec)
-    os.close(ready_w)
-    os.close(go_r)
-    pasta = None
-    pidfile = Path(directory, "pasta.pid")
-    pidfile.unlink(missing_ok=True)
-    said = os.fdopen(ready_r, "rb", buffering=0)
-    try:
-        if said.readline().strip() != b"ns":
-            return child.wait()
-        ports = ",".join(map(str, settings["loopback_ports"])) or "none"
-        command = [shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL", "--",
-                   shutil.which("pasta") or "pasta", "-f", "-q", "--config-net", "--no-map-gw",
-                   "-t", "none", "-u", "none", "-T", ports, "-U", ports, "--dns-forward", DNS_ADDRESS,
-                   "-P", str(pidfile), "--userns", f"/proc/{child.pid}/ns/user",
-                   "--netns", f"/proc/{child.pid}/ns/net"]
-        if os.getuid() == 0:  # otherwise pasta becomes nobody and cannot join the namespace
-            command[5:5] = ["--runas", "0"]
-        # Its own session: the cancel's SIGINT to the command's group must not take the network away.
-        pasta = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True,
-                                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})  # nothing of the job's
-        if said.readline().strip() != b"ready":  # the rules did not load: nothing runs
-            return child.wait()
-        deadline = time.monotonic() + 10
-        # pasta writes its pid file once the namespace's addresses and routes are set.
-        while not (pidfile.exists() and pidfile.stat().st_size):
-            if pasta.poll() is not None or time.monotonic() > deadline:
-                sys.stderr.write("Error: the job's network could not be set up (pasta did not start)\n")
-                child.kill()
-                child.wait()
-                return 112
-            time.sleep(0.002)
-        os.write(go_w, b"go\n")
-        return child.wait()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        said.close()
-        os.close(go_w)
-        if pasta is not None and pasta.poll() is None:
-            pasta.kill()  # pasta does not end with the namespace; its teardown is off the command's path
-            threading.Thread(target=pasta.wait).start()
+class JobNamespace:
+    """A job's network namespace, set up once for all its commands: a holder
+    process (root only inside its own user namespace) that loaded the rules,
+    and pasta attached to it. Each command enters it (`enter`) and runs its
+    sandbox there; `close` ends both. Both die with the executor (parent-death
+    signal) and sit in sessions of their own, so a cancel's SIGINT to a
+    command's group does not take the network away.
+
+    Start and close it on the event loop's thread: the parent-death signal
+    is tied to the thread that started the process."""
+
+    def __init__(self, holder: asyncio.subprocess.Process, pasta: asyncio.subprocess.Process | None):
+        self.holder = holder
+        self.pasta = pasta
+
+    @classmethod
+    async def start(cls, allow: list[str], deny: list[str] = (), timeout: float = 10.0) -> "JobNamespace":
+        """Once the rules are loaded and pasta connected the namespace, the
+        settings' directory is gone: nothing of it stays beside the job."""
+        with tempfile.TemporaryDirectory(prefix="ik-job-network-") as tmp:
+            directory = await asyncio.to_thread(prepare, Path(tmp), allow, deny)
+            return await cls._start(directory, timeout)
+
+    @classmethod
+    async def _start(cls, directory: Path, timeout: float) -> "JobNamespace":
+        settings = json.loads((directory / SETTINGS).read_text())
+        said_r, said_w = os.pipe()
+        path = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # nothing of the executor's or the job's
+        try:
+            holder = await asyncio.create_subprocess_exec(
+                "setpriv", "--pdeathsig", "KILL", "--", "unshare", "--user", "--map-root-user", "--net", "--",
+                "bash", "-c", _HOLD, "job-network", str(directory / RULES), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(said_w,),
+                env={**path, "IK_NET_W": str(said_w)}, start_new_session=True)
+        finally:
+            os.close(said_w)
+        reader = os.fdopen(said_r, "rb", buffering=0)
+        ns = cls(holder, None)
+        try:
+            async with asyncio.timeout(timeout):
+                if await asyncio.to_thread(reader.readline) != b"ns\n":
+                    raise NetworkUnavailable(await ns._holder_error())
+                ports = ",".join(map(str, settings["loopback_ports"])) or "none"
+                command = ["setpriv", "--pdeathsig", "KILL", "--", "pasta", "-f", "-q", "--config-net",
+                           "--no-map-gw", "-t", "none", "-u", "none", "-T", ports, "-U", ports,
+                           "--dns-forward", DNS_ADDRESS, "-P", str(directory / "pasta.pid"),
+                           "--userns", f"/proc/{holder.pid}/ns/user", "--netns", f"/proc/{holder.pid}/ns/net"]
+                if os.getuid() == 0:  # otherwise pasta becomes nobody and cannot join the namespace
+                    command[5:5] = ["--runas", "0"]
+                # Started while the rules load: pasta takes the longer of the two.
+                ns.pasta = await asyncio.create_subprocess_exec(
+                    *command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    env=path, start_new_session=True)
+                if await asyncio.to_thread(reader.readline) != b"ready\n":  # the rules did not load
+                    raise NetworkUnavailable(await ns._holder_error())
+                pidfile = directory / "pasta.pid"
+                # pasta writes its pid file once the namespace's addresses and routes are set.
+                while not (pidfile.exists() and pidfile.stat().st_size):
+                    if ns.pasta.returncode is not None:
+                        raise NetworkUnavailable("pasta did not start")
+                    await asyncio.sleep(0.002)
+        except TimeoutError:
+            await ns.close()
+            raise NetworkUnavailable(f"the job's network was not ready in {timeout:.0f}s") from None
+        except BaseException:
+            await ns.close()
+            raise
+        finally:
+            reader.close()
+        return ns
+
+    async def _holder_error(self) -> str:
+        try:
+            async with asyncio.timeout(2):
+                text = (await self.holder.stderr.read(2000)).decode(errors="replace").strip()
+        except TimeoutError:
+            text = ""
+        return f"the job's network could not be set up: {text[:300] or 'no reason given'}"
+
+    def enter(self) -> list[str]:
+        """What runs a command inside the namespace (before its sandbox's argv)."""
+        return ["nsenter", "--target", str(self.holder.pid), "--user", "--net", "--"]
+
+    async def close(self) -> None:
+        for proc in (self.pasta, self.holder):
+            if proc is not None and proc.returncode is None:
+                try:
+                    proc.kill()
+                except ProcessLookupError:
+                    pass
+        for proc in (self.pasta, self.holder):
+            if proc is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(proc.wait(), 5)
+
+
+class NetworkUnavailable(RuntimeError):
+    """A job's network namespace could not be set up."""

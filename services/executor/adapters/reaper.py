@@ -12,11 +12,8 @@ It also lowers the command's CPU priority (nice): module code is untrusted
 and CPU-hungry, and must not starve the platform's own processes on the same
 machine (the hops that dispatch the next step of a workflow).
 
-With `--network <directory>` before the command, the command (a bubblewrap
-sandbox) runs in a network namespace of its own (jobnet.py).
-
-Usage: python -S reaper.py <executor pid> <niceness> [--network <dir>] <command...>;
-exits with the command's exit code (128 + signal when it was killed)."""
+Usage: python -S reaper.py <executor pid> <niceness> <command...>; exits with
+the command's exit code (128 + signal when it was killed)."""
 import ctypes
 import os
 import signal
@@ -36,13 +33,8 @@ def main() -> int:
     niceness = int(sys.argv[2])
     if niceness:
         os.nice(niceness)  # inherited by terraform, its providers and local-exec commands
-    command = sys.argv[3:]
-    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    if command[:1] == ["--network"]:
-        import jobnet  # beside this file
-        code = jobnet.run(command[1], command[2:], restore_sigint)
-    else:
-        code = subprocess.Popen(command, preexec_fn=restore_sigint).wait()
+    child = subprocess.Popen(sys.argv[3:], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    code = child.wait()
     return 128 - code if code < 0 else code
 
 

@@ -30,12 +30,13 @@ the process group of the reaper that starts it (cancel's SIGINT), and
 --die-with-parent ends it with the reaper (the executor's death)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import shutil
 import subprocess
-import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,19 +97,10 @@ class Sandbox:
                                      "them); IK_EXECUTOR_NETWORK=shared keeps the machine's network "
                                      "(development only)")
         sandbox = cls(BWRAP, bwrap, binds, network, egress, deny)
-        with tempfile.TemporaryDirectory(prefix="ik-sandbox-probe-") as probe_dir:
-            argv = sandbox.wrap(["/bin/true"], cwd=Path("/"), writable=[],
-                                network=sandbox.prepare_network(Path(probe_dir)))
-            if argv[0] == "--network":
-                code = jobnet.run(argv[1], argv[2:], None)
-                if code != 0:
-                    raise SandboxUnavailable(
-                        f"a job's own network cannot be set up here (exit {code}; pasta needs /dev/net/tun, "
-                        "nft a kernel with nftables); IK_EXECUTOR_NETWORK=shared keeps the machine's network "
-                        "(development only)")
-                probe = subprocess.CompletedProcess(argv, 0, "", "")
-            else:
-                probe = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        if network == ISOLATED:
+            sandbox._probe_network()
+        probe = subprocess.run(sandbox.wrap(["/bin/true"], cwd=Path("/"), writable=[]), capture_output=True,
+                               text=True, timeout=30, stdin=subprocess.DEVNULL)
         if probe.returncode != 0:
             raise SandboxUnavailable(f"bubblewrap cannot create its namespaces here: "
                                      f"{probe.stderr.strip()[:300]}; IK_EXECUTOR_SANDBOX=off runs jobs "
@@ -122,25 +114,52 @@ class Sandbox:
                  f"; operator binds: {', '.join(binds)}" if binds else "")
         return sandbox
 
-    def prepare_network(self, directory: Path) -> Path | None:
-        """A job's network settings, written into `directory` (never one its
-        sandbox can write: a command would change the next one's rules), or
-        None when jobs share the machine's network."""
+    def _probe_network(self) -> None:
+        """Sets a job's network up once, runs /bin/true in it, or says why not."""
+        async def probe() -> tuple[int, str]:
+            namespace = await jobnet.JobNamespace.start(list(self.egress), list(self.egress_deny))
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *self.wrap(["/bin/true"], cwd=Path("/"), writable=[], network=namespace),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                _, err = await proc.communicate()
+                return proc.returncode, err.decode(errors="replace")
+            finally:
+                await namespace.close()
+        outcome: list = []
+
+        def in_a_thread() -> None:  # its own loop: the executor's may be running on this thread
+            try:
+                outcome.append(asyncio.run(probe()))
+            except Exception as exc:  # noqa: BLE001 - reported below
+                outcome.append(exc)
+        thread = threading.Thread(target=in_a_thread)
+        thread.start()
+        thread.join(60)
+        result = outcome[0] if outcome else TimeoutError("no answer in 60s")
+        if isinstance(result, Exception) or result[0] != 0:
+            why = str(result) if isinstance(result, Exception) else result[1].strip()
+            raise SandboxUnavailable(
+                f"a job's own network cannot be set up here ({why[:300]}; pasta needs /dev/net/tun, nft a kernel "
+                "with nftables); IK_EXECUTOR_NETWORK=shared keeps the machine's network (development only)")
+
+    async def job_network(self) -> "jobnet.JobNamespace | None":
+        """A job's own network, set up once for its commands, or None when jobs
+        share the machine's network."""
         if not self.on or self.network != ISOLATED:
             return None
-        return jobnet.prepare(directory, list(self.egress), list(self.egress_deny))
+        return await jobnet.JobNamespace.start(list(self.egress), list(self.egress_deny))
 
     @property
     def on(self) -> bool:
         return self.kind != OFF
 
     def wrap(self, argv: list[str], *, cwd: Path, writable: list[Path], readable: list[str] = (),
-             network: Path | None = None) -> list[str]:
+             network: "jobnet.JobNamespace | None" = None) -> list[str]:
         """`argv` as run inside the sandbox (unchanged when it is off):
         `writable` directories (the job's own) and `readable` files or
         directories (binary, plugins) are the only paths of the platform it
-        sees. With `network` (prepare_network's), the result starts with
-        `--network <directory>`, which the reaper runs in the job's own network."""
+        sees. With `network` (the job's namespace), it enters that first."""
         if not self.on:
             return argv
         args = [self.bwrap, "--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-ipc",
@@ -165,6 +184,6 @@ class Sandbox:
         for path in self.binds:
             args += ["--bind-try", path, path]
         if network is not None:  # names resolve through pasta's forwarder, the only resolver there
-            args += ["--ro-bind", str(network / jobnet.RESOLV), "/etc/resolv.conf"]
-            return ["--network", str(network), *args, "--chdir", str(cwd), "--", *argv]
+            args += ["--ro-bind", str(jobnet.resolver_file()), "/etc/resolv.conf"]
+            return [*network.enter(), *args, "--chdir", str(cwd), "--", *argv]
         return [*args, "--chdir", str(cwd), "--", *argv]

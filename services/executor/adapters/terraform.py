@@ -39,9 +39,9 @@ from services.common import tracing
 from services.common.config import Settings
 from services.common.git import GitError, checkout, redact_url
 from services.executor.adapters.checkouts import CheckoutCache
-from services.executor.adapters.jobnet import EgressError
+from services.executor.adapters.jobnet import EgressError, JobNamespace, NetworkUnavailable
 from services.executor.adapters.pg_state import PgState, StateLocked, state_file
-from services.executor.adapters.sandbox import ISOLATED, Sandbox
+from services.executor.adapters.sandbox import Sandbox
 from services.executor.domain.model import (APPLY, DESTROY, LOCAL, PG, PLAN, Output, PlanSummary, Redactor,
                                             Storage, plan_state_meta, plan_summary_from_json, protected_env_name,
                                             stale_plan_reason, state_meta)
@@ -257,7 +257,7 @@ class TerraformRun:
         self._killer: asyncio.Task | None = None
         self._stderr_tail: list[str] = []
         self._writable: list[Path] = []  # what the sandbox lets terraform write: its run and its state
-        self._network: Path | None = None  # the job's network settings (None: the machine's network)
+        self._network: JobNamespace | None = None  # the job's network (None: the machine's)
         self._removal: asyncio.Future | None = None  # the working directory's removal, started as the run ends
 
     def say(self, text: str) -> None:
@@ -290,13 +290,9 @@ class TerraformRun:
                                         dir=self.config.work_dir))
         self._writable = [workdir]
         result = RunResult()
-        network = None
         try:
-            if self.config.sandbox.network == ISOLATED and self.config.sandbox.on:
-                # Beside the working directory, never inside it: a command must not change the next one's rules.
-                network = Path(tempfile.mkdtemp(prefix=workdir_prefix(self.spec.job_id, self.spec.attempt) + "net-",
-                                                dir=self.config.work_dir))
-                self._network = await asyncio.to_thread(self.config.sandbox.prepare_network, network)
+            # Set up once for all the job's commands (each enters it).
+            self._network = await self.config.sandbox.job_network()
             storage = self.spec.storage
             if storage is not None and storage.kind == PG:
                 async with self._pg_state(storage):
@@ -306,7 +302,7 @@ class TerraformRun:
         except RunFailed as exc:
             result.exit_code = exc.exit_code or 1
             result.error = self.redact(exc.message)
-        except (StateLocked, EgressError) as exc:
+        except (StateLocked, EgressError, NetworkUnavailable) as exc:
             result.exit_code, result.error = 1, str(exc)
         except psycopg.Error as exc:
             # Never the connection string, nor the server's words (they may name the host and user).
@@ -318,8 +314,8 @@ class TerraformRun:
         finally:
             if self._killer is not None:
                 self._killer.cancel()
-            if network is not None:
-                remove_workdir(network)
+            if self._network is not None:
+                await self._network.close()
             self._remove(workdir)
         result.interrupted = self.interrupted
         return result
