@@ -109,6 +109,8 @@ run: install
 	@$(PY) -m services.common.tokens --banner --user admin --role admin
 	IK_NATS_URL=$${IK_NATS_URL:-$$(cat $(IK_DATA_DIR)/nats.url)} exec $(VENV)/bin/honcho -f Procfile start
 
+# Two test processes (pytest-xdist), a file's tests on one of them (they share its fixtures).
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: install nats lint client-ts
 	$(PY) -m pytest $(PYTEST_ARGS)
 
