@@ -18,7 +18,7 @@ import typer
 from cli.admin import integration_app, secret_app, storage_app
 from cli.approvals import approval_app
 from cli.catalog import blueprint_app
-from cli.connection import Client, config_dir, console, fail, options, save_config
+from cli.connection import Client, config_dir, console, err_console, fail, options, save_config
 from cli.resources import resource_app
 from cli.workflows import workflow_app
 from infrakitchen.executor.v1 import executor_pb2 as ep
@@ -61,6 +61,9 @@ def main(server: str = typer.Option("", "--server", "-s", envvar="IK_SERVER",
     if output not in ("text", "json"):
         fail("--output must be text or json", code=2)
     options.server, options.output, options.token = server, output, token
+    # The width a caller asks for (COLUMNS) holds for this command, whenever the consoles were made.
+    if (columns := os.environ.get("COLUMNS", "")).isdigit():
+        console.width = err_console.width = int(columns)
 
 
 @app.command()
