@@ -99,7 +99,8 @@ def report(figures, load: tuple[float, float, float]) -> str:
         f"{os.cpu_count()} cores, Python {platform.python_version()}, load average {load[0]:.1f} at the start "
         f"and {os.getloadavg()[0]:.1f} at the end (other work on the machine shows there). "
         f"Each command goes the executor's whole way (reaper, bubblewrap, niceness 10); the two modes "
-        f"alternate job by job (one job: the set-up, then its commands); {REPEATS} of each after {WARMUP} unrecorded; page cache warm.",
+        f"alternate job by job (one job: the set-up, then its commands); {REPEATS} of each after {WARMUP} "
+        "unrecorded; page cache warm.",
         "",
         "| what | shared p50 | shared p90 | isolated p50 | isolated p90 | added (p50) | target < 100 ms |",
         "|---|---|---|---|---|---|---|",
