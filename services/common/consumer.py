@@ -24,7 +24,7 @@ from services.common import logs, metrics, tracing
 from services.common.bus import EventBus
 from services.common.errors import Unavailable
 from services.common.events import Envelope
-from services.common.signing import SIGNER_HEADER, EventVerifier
+from services.common.signing import EventVerifier
 from services.common.uow import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,8 @@ class EventConsumer:
                 pass
 
     async def handle(self, msg) -> None:
-        if reason := self.verifier.rejects(msg.subject, msg.headers, msg.data):
+        if reason := self.verifier.refuses(msg, self.spec.durable):
             # Forged or tampered with: it changes nothing, and no retry can make it genuine.
-            signer = (msg.headers or {}).get(SIGNER_HEADER, "")
-            log.warning("consumer %s: event on %s rejected (%s, signer %r): dead-lettered", self.spec.durable,
-                        msg.subject[:200], reason, signer[:64])
-            metrics.EVENTS_REJECTED.labels(self.spec.durable, reason).inc()
             await self._dead_letter(msg, f"rejected: {reason}", keep=REJECTED_DATA_BYTES)
             return
         try:

@@ -24,8 +24,9 @@ JOB_QUEUED = Histogram("ik_job_queue_seconds", "Jobs from submission to start (q
 STEP_HOLDS = Counter("ik_executor_step_holds_total", "Workers kept for a workflow's next step after its step's job "
                      "succeeded, by outcome (taken: the next step came; expired: it did not in time; late: a "
                      "next step that had missed its hold was taken from the queue first)", ["outcome"])
-EVENTS_REJECTED = Counter("ik_events_rejected_total", "Events a consumer refused unread: not signed by the service "
-                          "owning their subject (dead-lettered)", ["consumer", "reason"])
+EVENTS_REJECTED = Counter("ik_events_rejected_total", "Events a consumer did not apply: not signed by the service "
+                          "owning their subject (dead-lettered unread), or not confirmed by it (reason "
+                          "unconfirmed)", ["consumer", "reason"])
 DEAD_LETTERS = Counter("ik_dead_letters_total", "Events a consumer gave up on (dead-lettered)", ["consumer"])
 OUTBOX_PUBLISHED = Counter("ik_outbox_published_total", "Events the outbox relay published", ["service"])
 WORKFLOWS = Histogram("ik_workflow_duration_seconds", "Executions from start to their end, by outcome",

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import nkeys
 
-from services.common.config import load_or_create_secret
+from services.common.bus import Names
+from services.common.config import SERVICES, load_or_create_secret
 
-SERVICES = ("blueprint", "workflow", "resource", "executor", "approval")
 ADMIN = "admin"
 # The durable consumers of each service, on whose streams (a context, or the
 # executor's "dispatch" work queue): an identity may create, read, pull from
@@ -76,28 +76,21 @@ def ensure(directory: Path) -> dict[str, str]:
     return publics
 
 
-def _stream(prefix: str, name: str) -> str:
-    return f"{prefix.upper()}_{name}" if prefix else name
-
-
-def _subject(prefix: str, subject: str) -> str:
-    return f"{prefix}.{subject}" if prefix else subject
-
-
 def streams(prefix: str) -> dict[str, str]:
     """Every stream of the platform, by what it holds."""
-    named = {context: _stream(prefix, f"IK_{context.upper()}") for context in SERVICES}
-    named["deadletter"] = _stream(prefix, "IK_DEADLETTER")
-    named["dispatch"] = _stream(prefix, "IK_EXECUTOR_JOBS")
+    names = Names(prefix)
+    named = {context: names.context_stream(context) for context in SERVICES}
+    named["deadletter"] = names.deadletter_stream
+    named["dispatch"] = names.stream("IK_EXECUTOR_JOBS")
     return named
 
 
 def permissions(service: str, prefix: str = "") -> dict[str, dict[str, list[str]]]:
-    every = streams(prefix)
+    every, names = streams(prefix), Names(prefix)
     own = [every[service]] + ([every["dispatch"]] if service == "executor" else [])
-    publish = [_subject(prefix, f"ik.{service}.>"), _subject(prefix, "ik.deadletter.>"), "$JS.API.INFO"]
+    publish = [names.context_subjects(service), names.subject("ik.deadletter.>"), "$JS.API.INFO"]
     if service == "executor":
-        publish.append(_subject(prefix, "ik.dispatch.>"))
+        publish.append(names.subject("ik.dispatch.>"))
     for stream in every.values():  # any may create a missing stream (services start in any order) ...
         publish += [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}"]
     publish += [f"$JS.API.STREAM.UPDATE.{stream}" for stream in own]  # ... only its own it may change

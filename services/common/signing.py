@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 
 from cryptography.exceptions import InvalidSignature
 
+from services.common import metrics
 from services.common.bus import Names
 from services.common.errors import Unauthenticated
 from services.common.events import context_of
 from services.common.identities import CALLERS, ServiceIdentity
+
+log = logging.getLogger(__name__)
 
 SIGNER_HEADER = "Ik-Signer"
 SIGNATURE_HEADER = "Ik-Signature"
@@ -64,6 +68,16 @@ class EventVerifier:
     def __init__(self, identity: ServiceIdentity, names: Names):
         self.identity = identity
         self.names = names
+
+    def refuses(self, msg, consumer: str) -> str | None:
+        """Why a NATS message is refused (warned and counted for `consumer`),
+        or None when it is genuine; what happens to a refused one is the caller's."""
+        if (reason := self.rejects(msg.subject, msg.headers, msg.data)) is not None:
+            signer = (msg.headers or {}).get(SIGNER_HEADER, "")
+            log.warning("%s: message on %s refused (%s, signer %r)", consumer, msg.subject[:200], reason,
+                        signer[:64])
+            metrics.EVENTS_REJECTED.labels(consumer, reason).inc()
+        return reason
 
     def rejects(self, subject: str, headers: dict[str, str] | None, payload: bytes) -> str | None:
         """Why the event is refused (one of REASONS), or None when it is genuine."""

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from services.executor.adapters import pg_state
-from services.executor.adapters.pg_state import PgState, StateLocked, state_file, write_back_leftovers
+from services.executor.adapters.pg_state import PgState, StateLocked, left_on_disk, state_file, write_back_leftovers
 
 
 def libpq(url: str) -> str:
@@ -172,6 +172,6 @@ async def test_the_executor_writes_back_leftovers_at_start(db, tmp_path):
     unknown = state_file(tmp_path, "storage-gone", "x")
     unknown.parent.mkdir(parents=True)
     unknown.write_text(state(1))
-    await write_back_leftovers(tmp_path, {"storage-1": Storage()}, 5)
+    await write_back_leftovers(left_on_disk(tmp_path), {"storage-1": Storage()}, 5)
     assert json.loads(stored(db, "team__net"))["value"] == "kept" and not path.parent.exists()
     assert unknown.exists(), "a storage this database does not know: left alone"

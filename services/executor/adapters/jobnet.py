@@ -40,7 +40,7 @@ REFUSED_V4 = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.25
               "203.0.113.0/24", "224.0.0.0/3")
 REFUSED_V6 = ("::/96", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "2001::/32", "2001:10::/28",
               "2001:20::/28", "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8")
-RULES, SETTINGS = "rules.nft", "network.json"
+RULES = "rules.nft"
 # What a namespace needs: the executor refuses to start in isolated mode without them.
 TOOLS = ("unshare", "nsenter", "nft", "pasta", "setpriv", "ip", "bash", "sleep")
 
@@ -148,17 +148,15 @@ def resolver_file() -> Path:
     return path
 
 
-def prepare(directory: Path, allow: list[str], deny: list[str] = ()) -> Path:
-    """Writes a job's network settings (rules, forwarded loopback ports) into
-    `directory`, outside what its sandbox sees; returns it. `allow` wins over
-    the refused ranges and `deny`. Only JobNamespace.start reads them."""
+def prepare(directory: Path, allow: list[str], deny: list[str] = ()) -> list[int]:
+    """Writes a job's rules into `directory` (RULES), outside what its sandbox
+    sees; returns the loopback ports pasta forwards. `allow` wins over the
+    refused ranges and `deny`."""
     networks, services = parse_allow(allow)
     loopback = sorted({p for a, p in services if ipaddress.ip_address(a).is_loopback})
     services = [(a, p) for a, p in services if not ipaddress.ip_address(a).is_loopback]
-    directory.mkdir(parents=True, exist_ok=True)
     (directory / RULES).write_text(rules(networks, services, _machine_addresses(), parse_deny(list(deny))))
-    (directory / SETTINGS).write_text(json.dumps({"loopback_ports": loopback}))
-    return directory
+    return loopback
 
 
 # Root only inside the job's new user namespace, with an empty environment:
@@ -183,21 +181,23 @@ class JobNamespace:
     Start and close it on the event loop's thread: the parent-death signal
     is tied to the thread that started the process."""
 
-    def __init__(self, holder: asyncio.subprocess.Process, pasta: asyncio.subprocess.Process | None):
+    def __init__(self, holder: asyncio.subprocess.Process, pasta: asyncio.subprocess.Process | None,
+                 resolver: Path):
         self.holder = holder
         self.pasta = pasta
+        self.resolver = resolver  # what its commands' sandboxes see as /etc/resolv.conf
 
     @classmethod
     async def start(cls, allow: list[str], deny: list[str] = (), timeout: float = 10.0) -> "JobNamespace":
         """Once the rules are loaded and pasta connected the namespace, the
         settings' directory is gone: nothing of it stays beside the job."""
         with tempfile.TemporaryDirectory(prefix="ik-job-network-") as tmp:
-            directory = await asyncio.to_thread(prepare, Path(tmp), allow, deny)
-            return await cls._start(directory, timeout)
+            loopback = await asyncio.to_thread(prepare, Path(tmp), allow, deny)
+            resolver = await asyncio.to_thread(resolver_file)
+            return await cls._start(Path(tmp), loopback, resolver, timeout)
 
     @classmethod
-    async def _start(cls, directory: Path, timeout: float) -> "JobNamespace":
-        settings = json.loads((directory / SETTINGS).read_text())
+    async def _start(cls, directory: Path, loopback: list[int], resolver: Path, timeout: float) -> "JobNamespace":
         said_r, said_w = os.pipe()
         path = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # nothing of the executor's or the job's
         try:
@@ -209,12 +209,12 @@ class JobNamespace:
         finally:
             os.close(said_w)
         reader = os.fdopen(said_r, "rb", buffering=0)
-        ns = cls(holder, None)
+        ns = cls(holder, None, resolver)
         try:
             async with asyncio.timeout(timeout):
                 if await asyncio.to_thread(reader.readline) != b"ns\n":
                     raise NetworkUnavailable(await ns._holder_error())
-                ports = ",".join(map(str, settings["loopback_ports"])) or "none"
+                ports = ",".join(map(str, loopback)) or "none"
                 command = ["setpriv", "--pdeathsig", "KILL", "--", "pasta", "-f", "-q", "--config-net",
                            "--no-map-gw", "-t", "none", "-u", "none", "-T", ports, "-U", ports,
                            "--dns-forward", DNS_ADDRESS, "-P", str(directory / "pasta.pid"),

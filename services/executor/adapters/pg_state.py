@@ -121,6 +121,21 @@ def state_file(root: Path, storage_id: str, name: str) -> Path:
     return root / f"{storage_id}.{name}" / STATE_FILE
 
 
+def left_on_disk(root: Path) -> list[tuple[str, str, Path]]:
+    """(storage id, state name, state file) of every run's directory under
+    `root` (state_file's), left there by runs that were killed."""
+    if not root.is_dir():
+        return []
+    found = []
+    for directory in root.iterdir():
+        if directory.name.startswith(".") or not directory.is_dir() or directory.is_symlink():
+            continue
+        storage_id, _, name = directory.name.partition(".")
+        if name:
+            found.append((storage_id, name, directory / STATE_FILE))
+    return found
+
+
 def _record_of(path: Path) -> Path:
     return path.parent.with_name(path.parent.name + ".json")
 
@@ -329,22 +344,16 @@ class PgState:
             self._conn = None
 
 
-async def write_back_leftovers(states_root: Path, storages: dict, lock_timeout: float) -> None:
-    """At the executor's start: every state file under `states_root` (see
-    state_file) that a killed run left is written back (when it fits) and
-    removed. `storages`: id -> Storage."""
-    if not states_root.is_dir():
-        return
-    for directory in states_root.iterdir():
-        if directory.name.startswith(".") or not directory.is_dir() or directory.is_symlink():
-            continue
-        storage_id, _, name = directory.name.partition(".")
+async def write_back_leftovers(left: list[tuple[str, str, Path]], storages: dict, lock_timeout: float) -> None:
+    """At the executor's start: the states killed runs `left` on disk
+    (left_on_disk's) are written back (when they fit) and removed.
+    `storages`: id -> Storage; a storage not there is left alone."""
+    for storage_id, name, path in left:
         storage = storages.get(storage_id)
-        if storage is None or not name:
+        if storage is None:
             continue
         try:
-            async with PgState(storage.pg_connection_string, storage.pg_schema, name, directory / STATE_FILE,
-                               lock_timeout, plan=True):
+            async with PgState(storage.pg_connection_string, storage.pg_schema, name, path, lock_timeout, plan=True):
                 pass  # entering writes a fitting leftover back; leaving removes the directory
         except (psycopg.Error, StateLocked, OSError) as exc:
             log.warning("state %s of storage %s left on disk: not written back yet: %s", name, storage_id,

@@ -97,14 +97,14 @@ class Sandbox:
                                      "them); IK_EXECUTOR_NETWORK=shared keeps the machine's network "
                                      "(development only)")
         sandbox = cls(BWRAP, bwrap, binds, network, egress, deny)
-        if network == ISOLATED:
-            sandbox._probe_network()
         probe = subprocess.run(sandbox.wrap(["/bin/true"], cwd=Path("/"), writable=[]), capture_output=True,
                                text=True, timeout=30, stdin=subprocess.DEVNULL)
         if probe.returncode != 0:
             raise SandboxUnavailable(f"bubblewrap cannot create its namespaces here: "
                                      f"{probe.stderr.strip()[:300]}; IK_EXECUTOR_SANDBOX=off runs jobs "
                                      "unsandboxed (development only)")
+        if network == ISOLATED:  # after bubblewrap's own probe: a failure here is the network's
+            sandbox._probe_network()
         if network == SHARED:
             log.warning("IK_EXECUTOR_NETWORK=shared: jobs share the machine's network and can reach its "
                         "services (NATS, PostgreSQL, the platform's ports); for development only")
@@ -184,6 +184,6 @@ class Sandbox:
         for path in self.binds:
             args += ["--bind-try", path, path]
         if network is not None:  # names resolve through pasta's forwarder, the only resolver there
-            args += ["--ro-bind", str(jobnet.resolver_file()), "/etc/resolv.conf"]
+            args += ["--ro-bind", str(network.resolver), "/etc/resolv.conf"]
             return [*network.enter(), *args, "--chdir", str(cwd), "--", *argv]
         return [*args, "--chdir", str(cwd), "--", *argv]

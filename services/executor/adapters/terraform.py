@@ -74,6 +74,11 @@ class TerraformConfig:
     # the platform first, so a busy machine still dispatches steps promptly.
     niceness: int = 10
 
+    @property
+    def lock_seconds(self) -> float:
+        """The lock timeout in seconds (the executor's own waits for a state lock)."""
+        return seconds_of(self.lock_timeout)
+
     @classmethod
     def from_settings(cls, settings: Settings) -> "TerraformConfig":
         env = settings.env
@@ -357,9 +362,8 @@ class TerraformRun:
         return state_file(self.config.work_dir / PG_STATES, storage.id, workspace_name(self.spec.state_path))
 
     def _pg_state(self, storage: Storage) -> PgState:
-        seconds = seconds_of(self.config.lock_timeout)
         return PgState(storage.pg_connection_string, storage.pg_schema, workspace_name(self.spec.state_path),
-                       self._pg_state_file(storage), seconds, plan=self.spec.action == PLAN)
+                       self._pg_state_file(storage), self.config.lock_seconds, plan=self.spec.action == PLAN)
 
     async def _run(self, workdir: Path, result: RunResult) -> None:
         spec = self.spec
@@ -452,8 +456,7 @@ class TerraformRun:
             return []
         # pg: the executor moved the state into a file of its own for this run (see
         # pg_state); terraform never sees the database or its connection string.
-        state = self._pg_state_file(storage)
-        state.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        state = self._pg_state_file(storage)  # its directory made afresh by PgState for this run
         self._writable.append(state.parent)  # this resource's state, no other
         override.write_text(json.dumps({"terraform": {"backend": {"local": {"path": str(state)}}}}))
         self.say(f"state: pg schema {storage.pg_schema}, state {workspace_name(self.spec.state_path)} "

@@ -51,9 +51,8 @@ from sqlalchemy.exc import IntegrityError
 from services.common import metrics, tracing
 from services.common.config import Settings
 from services.common.uow import utcnow
-from services.executor.adapters.pg_state import write_back_leftovers
-from services.executor.adapters.terraform import (PG_STATES, TerraformConfig, TerraformRun, job_workdirs, seconds_of,
-                                                  remove_workdir)
+from services.executor.adapters.pg_state import left_on_disk, write_back_leftovers
+from services.executor.adapters.terraform import PG_STATES, TerraformConfig, TerraformRun, job_workdirs, remove_workdir
 from services.executor.app.jobs import DISPATCH_SUBJECT, cap_reason, emit_job_event, lease_deadline
 from services.executor.app.runs import JobRuns, quietly
 from services.executor.domain.model import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, workdir_left_behind
@@ -206,15 +205,14 @@ class JobWorkers(JobRuns):
         (they hold every value in clear): written back when newer than the
         database's copy, then removed (pg_state). Never fatal: the next run
         of each state does the same."""
-        root = self.terraform.work_dir / PG_STATES
         try:
-            if not root.is_dir() or not any(root.iterdir()):
+            left = left_on_disk(self.terraform.work_dir / PG_STATES)
+            if not left:
                 return
             async with self.runtime.read_uow() as uow:
-                ids = {d.name.partition(".")[0] for d in root.iterdir() if d.is_dir()}
-                storages = {i: await uow.storages.get(i) for i in ids}
-            await write_back_leftovers(root, {k: v for k, v in storages.items() if v is not None},
-                                       seconds_of(self.terraform.lock_timeout))
+                storages = {i: await uow.storages.get(i) for i in {storage_id for storage_id, _, _ in left}}
+            await write_back_leftovers(left, {k: v for k, v in storages.items() if v is not None},
+                                       self.terraform.lock_seconds)
         except Exception as exc:  # noqa: BLE001 - logged; each state's next run writes it back too
             log.warning("cannot look for pg states left on disk: %s", type(exc).__name__)
 
@@ -290,10 +288,8 @@ class JobWorkers(JobRuns):
                     if n in self._lent:  # the turn was lent while this fetch waited: back to the queue
                         await quietly(msg.nak(delay=0))
                         continue
-                    if reason := self.runtime.verifier.rejects(msg.subject, msg.headers, msg.data):
+                    if self.runtime.verifier.refuses(msg, DURABLE):
                         # Not the executor's own dispatch: dropped (the job, if real, is found by the reaper).
-                        log.warning("worker %d: dispatch message rejected (%s)", n, reason)
-                        metrics.EVENTS_REJECTED.labels(DURABLE, reason).inc()
                         await quietly(msg.term())
                         continue
                     try:

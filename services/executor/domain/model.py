@@ -227,7 +227,8 @@ PROTECTED_ENV = frozenset({
     "TF_CLI_CONFIG_FILE", "TF_DATA_DIR", "TF_WORKSPACE", "TF_INPUT", "TF_IN_AUTOMATION", "TF_IGNORE",
     "TF_REGISTRY_DISCOVERY_RETRY", "TF_REGISTRY_CLIENT_TIMEOUT", "CHECKPOINT_DISABLE", "SSL_CERT_FILE",
     "SSL_CERT_DIR", "TERRAFORM_CONFIG",
-    # What changes how the shell, nft and unshare that set a job's network up run (they see the job's environment).
+    # What changes how the shell and the C library's tools run (nsenter, which enters a job's network, sees
+    # the job's environment; the namespace's own set-up runs with an empty one).
     "SHELLOPTS", "BASHOPTS", "GLOBIGNORE", "LOCPATH", "NLSPATH", "HOSTALIASES", "RES_OPTIONS", "LOCALDOMAIN"})
 PROTECTED_ENV_PREFIXES = ("LD_", "DYLD_", "TF_CLI_", "TF_PLUGIN_", "TF_LOG", "TF_REATTACH", "TF_SKIP_",
                           "BASH_FUNC_", "PYTHON", "GIT_", "GCONV_", "MALLOC_")
