@@ -1,0 +1,113 @@
+"""Builds the test cloud's provider into a provider mirror (`make install`
+runs it): `python -m tests.testcloud.build <mirror dir>`.
+
+The package is a zip, as registries ship providers: the executable
+`terraform-provider-testcloud_v<version>` (a shell script starting
+python3.11), the provider's module and its packages (`site/`, from PyPI,
+for this machine's Python). The directory it writes serves both ways an
+operator mirrors providers:
+
+- a filesystem mirror, packed layout: <host>/<ns>/<type>/terraform-provider-<type>_<version>_<target>.zip
+- a network mirror (the provider network mirror protocol): beside the zips,
+  <host>/<ns>/<type>/index.json and <version>.json with the archives' hashes
+  (`h1:` over the files, `zh:` over the zip), served as static files.
+
+Hashes are computed here the way Terraform does (h1 = Go's dirhash Hash1),
+so a lock file recorded from this mirror verifies.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+HOST, NAMESPACE, TYPE = "infrakitchen.test", "ik", "testcloud"
+VERSION = "0.1.0"
+TARGET = "linux_amd64"
+TF_PACKAGE = "tf==1.2.0"
+HERE = Path(__file__).resolve().parent
+LAUNCHER = """#!/bin/sh
+# The test cloud's provider (tests/testcloud): Python with its packages beside it.
+here=$(dirname "$0")
+for py in /usr/bin/python3.11 /usr/local/bin/python3.11 python3.11 python3; do
+  if command -v "$py" >/dev/null 2>&1; then exec "$py" -I -S -B "$here/testcloud_provider.py" "$@"; fi
+done
+echo "the testcloud provider needs python3.11" >&2
+exit 1
+"""
+
+
+def hash1(files: dict[str, bytes]) -> str:
+    """Go's dirhash.Hash1 (Terraform's `h1:`) over name -> content."""
+    summary = "".join(f"{hashlib.sha256(files[name]).hexdigest()}  {name}\n" for name in sorted(files))
+    return "h1:" + base64.b64encode(hashlib.sha256(summary.encode()).digest()).decode()
+
+
+def hash1_of_dir(directory: Path) -> str:
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            files[path.relative_to(directory).as_posix()] = path.read_bytes()
+    return hash1(files)
+
+
+def zip_hash(path: Path) -> str:
+    return "zh:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def package_files(work: Path) -> dict[str, tuple[bytes, int]]:
+    """name -> (content, mode) of the provider package."""
+    site = work / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                    "--no-compile", "--no-warn-conflicts", "--target", str(site), TF_PACKAGE], check=True)
+    for junk in site.glob("*.dist-info"):
+        shutil.rmtree(junk)
+    shutil.rmtree(site / "bin", ignore_errors=True)
+    files = {f"terraform-provider-{TYPE}_v{VERSION}": (LAUNCHER.encode(), 0o755),
+             "testcloud_provider.py": ((HERE / "provider" / "testcloud_provider.py").read_bytes(), 0o644)}
+    for path in sorted(site.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            mode = 0o755 if path.stat().st_mode & stat.S_IXUSR else 0o644
+            files[path.relative_to(work).as_posix()] = (path.read_bytes(), mode)
+    return files
+
+
+def write_zip(path: Path, files: dict[str, tuple[bytes, int]]) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(files):
+            content, mode = files[name]
+            info = zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0))
+            info.external_attr = (stat.S_IFREG | mode) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, content)
+
+
+def build(mirror: Path) -> Path:
+    """Writes the package and the mirror's index into `mirror`; returns the zip."""
+    folder = mirror / HOST / NAMESPACE / TYPE
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = folder / f"terraform-provider-{TYPE}_{VERSION}_{TARGET}.zip"
+    with tempfile.TemporaryDirectory() as tmp:
+        files = package_files(Path(tmp))
+        partial = folder / f".{archive.name}.partial"
+        write_zip(partial, files)
+        os.replace(partial, archive)
+    h1 = hash1({name: content for name, (content, _) in files.items()})
+    (folder / "index.json").write_text(json.dumps({"versions": {VERSION: {}}}, indent=2))
+    (folder / f"{VERSION}.json").write_text(json.dumps({"archives": {TARGET: {
+        "url": archive.name, "hashes": [h1, zip_hash(archive)]}}}, indent=2))
+    return archive
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m tests.testcloud.build <mirror dir>")
+    print(build(Path(sys.argv[1])))
