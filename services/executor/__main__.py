@@ -3,8 +3,10 @@ from pathlib import Path
 
 from services.common import metrics
 from services.common.clients import ServiceClients
-from services.common.runtime import ServiceDefinition, run_service
+from services.common.runtime import ServiceDefinition, StartupError, run_service
+from services.executor.adapters.providers import ProviderSettingsError
 from services.executor.adapters.resources import ResourceUsers
+from services.executor.adapters.sandbox import SandboxUnavailable
 from services.executor.adapters.tables import metadata
 from services.executor.adapters.terraform import TerraformConfig
 from services.executor.adapters.uow import ExecutorUnitOfWork
@@ -19,7 +21,11 @@ def setup(runtime) -> None:
     runtime.resource_users = ResourceUsers(runtime.clients)
     runtime.uow_options = {"vault": Vault.from_settings(settings)}
     runtime.executor_config = ExecutorConfig.from_settings(settings)
-    runtime.workers = JobWorkers(runtime, runtime.executor_config, TerraformConfig.from_settings(settings))
+    try:
+        terraform = TerraformConfig.from_settings(settings)
+    except (ProviderSettingsError, SandboxUnavailable) as exc:  # the operator's settings: say which, no trace
+        raise StartupError(str(exc)) from None
+    runtime.workers = JobWorkers(runtime, runtime.executor_config, terraform)
 
 
 async def _stop_workers(runtime) -> None:

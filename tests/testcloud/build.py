@@ -90,21 +90,36 @@ def write_zip(path: Path, files: dict[str, tuple[bytes, int]]) -> None:
             zf.writestr(info, content)
 
 
-def build(mirror: Path) -> Path:
-    """Writes the package and the mirror's index into `mirror`; returns the zip."""
-    folder = mirror / HOST / NAMESPACE / TYPE
+def add_package(mirror: Path, address: str, version: str, files: dict[str, tuple[bytes, int]]) -> Path:
+    """Writes one provider package into `mirror` (both layouts, see above)
+    and adds its version to the network mirror's index; returns the zip."""
+    folder = mirror / address
     folder.mkdir(parents=True, exist_ok=True)
-    archive = folder / f"terraform-provider-{TYPE}_{VERSION}_{TARGET}.zip"
-    with tempfile.TemporaryDirectory() as tmp:
-        files = package_files(Path(tmp))
-        partial = folder / f".{archive.name}.partial"
-        write_zip(partial, files)
-        os.replace(partial, archive)
+    kind = address.rsplit("/", 1)[1]
+    archive = folder / f"terraform-provider-{kind}_{version}_{TARGET}.zip"
+    partial = folder / f".{archive.name}.partial"
+    write_zip(partial, files)
+    os.replace(partial, archive)
     h1 = hash1({name: content for name, (content, _) in files.items()})
-    (folder / "index.json").write_text(json.dumps({"versions": {VERSION: {}}}, indent=2))
-    (folder / f"{VERSION}.json").write_text(json.dumps({"archives": {TARGET: {
+    index = folder / "index.json"
+    versions = json.loads(index.read_text())["versions"] if index.exists() else {}
+    index.write_text(json.dumps({"versions": {**versions, version: {}}}, indent=2))
+    (folder / f"{version}.json").write_text(json.dumps({"archives": {TARGET: {
         "url": archive.name, "hashes": [h1, zip_hash(archive)]}}}, indent=2))
     return archive
+
+
+def files_of_zip(archive: Path) -> dict[str, tuple[bytes, int]]:
+    """A package's files (to repackage it, e.g. as another version)."""
+    with zipfile.ZipFile(archive) as zf:
+        return {info.filename: (zf.read(info), (info.external_attr >> 16) & 0o777 or 0o644)
+                for info in zf.infolist() if not info.is_dir()}
+
+
+def build(mirror: Path) -> Path:
+    """Writes the test cloud's package and the mirror's index into `mirror`; returns the zip."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return add_package(mirror, f"{HOST}/{NAMESPACE}/{TYPE}", VERSION, package_files(Path(tmp)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.errors import Aborted
 from services.common.paging import after_key
-from services.executor.adapters.tables import integrations, job_logs, jobs, secrets, state_path_claims, storages
+from services.executor.adapters.tables import (integrations, job_logs, jobs, provider_locks, secrets, state_path_claims,
+                                              storages)
 from services.common.vault import Vault
 from services.executor.domain.model import (NOT_ENDED, Correlation, Integration, Job, JobLease, Output, PlanSummary,
                                             Secret, Source, StatePathClaim, Storage)
@@ -325,6 +326,25 @@ class JobLogRepository:
     async def after(self, job_id: str, after: int, limit: int = 500) -> list:
         return list(await self.s.execute(sa.select(job_logs).where(
             job_logs.c.job_id == job_id, job_logs.c.number > after).order_by(job_logs.c.number).limit(limit)))
+
+
+class ProviderLockRepository:
+    """The lock file recorded on a resource's first run of a module that ships none."""
+
+    def __init__(self, session: AsyncSession):
+        self.s = session
+
+    async def get(self, resource_id: str, source: str) -> str:
+        """The recorded lock file, if it was recorded for this very source ("" otherwise)."""
+        row = (await self.s.execute(sa.select(provider_locks.c.source, provider_locks.c.lock_file).where(
+            provider_locks.c.resource_id == resource_id))).first()
+        return row.lock_file if row is not None and row.source == source else ""
+
+    async def record(self, resource_id: str, source: str, lock_file: str, now: dt.datetime) -> None:
+        """Records (or replaces, for a new source) the resource's lock file."""
+        await self.s.execute(sa.delete(provider_locks).where(provider_locks.c.resource_id == resource_id))
+        await self.s.execute(sa.insert(provider_locks).values(resource_id=resource_id, source=source,
+                                                              lock_file=lock_file, update_time=now))
 
 
 class IntegrationRepository:

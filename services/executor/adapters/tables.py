@@ -111,6 +111,16 @@ state_path_claims = sa.Table(
     sa.Column("create_time", TS, nullable=False),
 )
 
+# The provider lock file recorded on a resource's first run of a module that
+# ships none: its later runs of the same source install the same providers.
+provider_locks = sa.Table(
+    "provider_locks", metadata,
+    sa.Column("resource_id", sa.String(64), primary_key=True),
+    sa.Column("source", sa.String(2400), nullable=False),  # repository url, path and ref it was recorded for
+    sa.Column("lock_file", sa.Text, nullable=False),
+    sa.Column("update_time", TS, nullable=False),
+)
+
 # The Lists of integrations, secrets and storages: keyset pages by (create_time, id).
 sa.Index("ix_integrations_created", integrations.c.create_time, integrations.c.id)
 sa.Index("ix_secrets_created", secrets.c.create_time, secrets.c.id)

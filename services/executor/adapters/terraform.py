@@ -4,7 +4,7 @@ Each run gets a fresh working directory: a git checkout of the source, a
 generated backend override for the storage, the variables as an
 *.auto.tfvars.json file, and an environment built only from the integrations
 and secrets of the job (never the executor's own environment, which holds its
-keys). `terraform init` runs offline against the provider plugin directory.
+keys). `terraform init` installs providers as the operator set (see providers).
 Output lines go to `log` as they are written, already redacted. The working
 directory is removed afterwards, whatever happens, on a thread (off the event
 loop, beside the transaction that records the job's end, which waits for it:
@@ -41,6 +41,7 @@ from services.common.git import GitError, checkout, redact_url
 from services.executor.adapters.checkouts import CheckoutCache
 from services.executor.adapters.jobnet import EgressError, JobNamespace, NetworkUnavailable
 from services.executor.adapters.pg_state import PgState, StateLocked, state_file
+from services.executor.adapters.providers import LOCK_FILE, ProviderSources, parse_lock, read_lock
 from services.executor.adapters.sandbox import Sandbox
 from services.executor.domain.model import (APPLY, DESTROY, LOCAL, PG, PLAN, Output, PlanSummary, Redactor,
                                             Storage, plan_state_meta, plan_summary_from_json, protected_env_name,
@@ -63,7 +64,7 @@ def _die_with_parent(argv: list[str], niceness: int) -> list[str]:
 @dataclass(frozen=True)
 class TerraformConfig:
     binary: str
-    plugin_dir: str
+    providers: ProviderSources
     lock_timeout: str
     work_dir: Path
     default_state_dir: Path
@@ -84,7 +85,7 @@ class TerraformConfig:
         env = settings.env
         return cls(
             binary=find_binary(env),
-            plugin_dir=env.get("IK_TERRAFORM_PLUGIN_DIR") or _venv_plugin_dir(),
+            providers=ProviderSources.from_env(env, settings.data_dir, default_mirror=_venv_plugin_dir()),
             lock_timeout=env.get("IK_TERRAFORM_LOCK_TIMEOUT", "30s"),
             work_dir=Path(env.get("IK_EXECUTOR_WORK_DIR") or settings.data_dir / "work"),
             default_state_dir=Path(env.get("IK_EXECUTOR_STATE_DIR") or settings.data_dir / "state"),
@@ -97,7 +98,8 @@ class TerraformConfig:
 
 
 def _venv_plugin_dir() -> str:
-    """Where `make plugins` lays out the provider mirror, if it did."""
+    """Where `make install` lays out the development mirror (the null
+    provider, the test cloud's), if it did: the mirror when none is set."""
     mirror = Path(sys.prefix) / "terraform-plugins"
     return str(mirror) if mirror.is_dir() else ""
 
@@ -140,6 +142,7 @@ class RunSpec:
     plan_file: bytes | None = None
     plan_state: tuple[int, str] = (0, "")  # (serial, lineage) the saved plan was made against
     attempt: int = 0  # the job's attempt this run is: it names the working directory
+    lock_file: str = ""  # the provider lock recorded on the resource's first run, for a module that ships none
 
 
 @dataclass
@@ -151,6 +154,7 @@ class RunResult:
     plan_summary: PlanSummary | None = None
     plan_file: bytes | None = None
     interrupted: str = ""  # why, when the run was interrupted
+    lock_file: str = ""  # the provider lock `init` recorded for a module that ships none (and had none recorded)
 
 
 class RunFailed(Exception):
@@ -395,10 +399,7 @@ class TerraformRun:
         tfvars.chmod(0o600)
         env = self._environment(workdir)
 
-        init = ["init", "-input=false", "-no-color", *backend_args]
-        if self.config.plugin_dir:
-            init.append(f"-plugin-dir={self.config.plugin_dir}")
-        await self._terraform(init, module, env)
+        await self._init(workdir, module, env, backend_args, result)
 
         lock = f"-lock-timeout={self.config.lock_timeout}"
         if spec.action == PLAN:
@@ -427,6 +428,45 @@ class TerraformRun:
             # variable wired in) is sensitive, whatever the module declares.
             result.outputs = [Output(name, o.get("value"), bool(o.get("sensitive")) or self._carries_secret(o))
                               for name, o in sorted(json.loads(shown or "{}").items())]
+
+    async def _init(self, workdir: Path, module: Path, env: dict[str, str], backend_args: list[str],
+                    result: RunResult) -> None:
+        """`terraform init` with the job's own provider installation (see
+        providers), then the packages it downloaded go into the machine's
+        cache, before any module code runs."""
+        sources = self.config.providers
+        try:
+            shipped = read_lock(module)
+        except ValueError as exc:
+            raise RunFailed(f"the module's {exc}") from None
+        if not shipped and self.spec.lock_file:
+            lock_path = module / LOCK_FILE
+            lock_path.write_text(self.spec.lock_file)
+            self.say(f"providers: the versions recorded on this resource's first run ({LOCK_FILE})")
+        locked = parse_lock(shipped or self.spec.lock_file)
+        cli_config = workdir / "terraform.rc"
+        cli_config.write_text(sources.cli_config(sources.cache.not_for(locked) if sources.cache else []))
+        env.update(sources.environment(cli_config))
+        self.say(f"providers from {sources.describe()}")
+        try:
+            await self._terraform(["init", "-input=false", "-no-color", *backend_args], module, env)
+        except RunFailed as exc:
+            if locked and ("lock file" in exc.message or "previously-selected" in exc.message):
+                pins = ", ".join(f"{address} {lock.version}" for address, lock in sorted(locked.items()))
+                whose = "the module's lock file" if shipped else "the lock file recorded on this resource's first run"
+                raise RunFailed(f"{exc.message}\n{whose} ({LOCK_FILE}) pins {pins[:600]}: make those versions "
+                                "available (mirror, registry), or change the lock file", exc.exit_code) from None
+            raise
+        try:
+            after = read_lock(module)
+        except ValueError:
+            after = ""
+        if not shipped and not self.spec.lock_file and after:
+            result.lock_file = after  # recorded with the job's end: this resource's later runs use it
+        if sources.cache is not None and after:
+            added = await asyncio.to_thread(sources.cache.harvest, module, parse_lock(after))
+            if added:
+                self.say(f"providers: added to this machine's cache: {', '.join(added)}")
 
     async def _check_plan_fits(self, module: Path, env: dict[str, str]) -> None:
         """A saved plan is applied only to the state it was made against.
@@ -490,7 +530,8 @@ class TerraformRun:
             self.say(f"$ {Path(self.config.binary).name} {' '.join(args)}")
         self._stderr_tail = []
         argv = self.config.sandbox.wrap([self.config.binary, *args], cwd=cwd, writable=self._writable,
-                                        readable=[self.config.binary, self.config.plugin_dir], network=self._network)
+                                        readable=[self.config.binary, *self.config.providers.readable()],
+                                        network=self._network)
         captured: list[str] = []
         # The command's name only: its arguments may name files or variables.
         with tracing.span(f"terraform {args[0]}") as span:

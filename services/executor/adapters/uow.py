@@ -1,6 +1,6 @@
 from services.common.uow import UnitOfWork
 from services.executor.adapters.repositories import (IntegrationRepository, JobLogRepository, JobRepository,
-                                                     SecretRepository, StorageRepository)
+                                                     ProviderLockRepository, SecretRepository, StorageRepository)
 from services.common.vault import Vault
 
 
@@ -15,3 +15,4 @@ class ExecutorUnitOfWork(UnitOfWork):
         self.integrations = IntegrationRepository(self.session, self.vault)
         self.secrets = SecretRepository(self.session, self.vault)
         self.storages = StorageRepository(self.session, self.vault)
+        self.provider_locks = ProviderLockRepository(self.session)

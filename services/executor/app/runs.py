@@ -135,6 +135,8 @@ class JobRuns:
             summary = plan_job.plan_summary if plan_job is not None else None
             # A first attempt's log is empty: only a run of the job writes it.
             next_number = await uow.logs.last_number(job.id) + 1 if job.attempt > 1 else 1
+            resource_id = job.correlation.resource_id
+            lock_file = await uow.provider_locks.get(resource_id, _lock_source(job)) if resource_id else ""
 
         logs = LogWriter(self.runtime.uow, job.id, next_number, started)
         if previous_worker:
@@ -151,7 +153,7 @@ class JobRuns:
                        ref=job.commit or job.source.ref, path=job.source.path, variables=job.variables, env=env,
                        storage=storage, state_path=job.state_path, plan_file=plan_file,
                        plan_state=(summary.state_serial, summary.state_lineage) if summary else (0, ""),
-                       attempt=job.attempt)
+                       attempt=job.attempt, lock_file=lock_file)
         run = TerraformRun(self.terraform, spec, redact, logs.add)
         self._runs[job.id] = run
         try:
@@ -225,6 +227,9 @@ class JobRuns:
                 await self._end(uow, current, status, error if status != SUCCEEDED else "")
                 if result.plan_file is not None and status == SUCCEEDED:
                     await uow.jobs.set_plan_file(job.id, result.plan_file)
+                if result.lock_file and job.correlation.resource_id:
+                    await uow.provider_locks.record(job.correlation.resource_id, _lock_source(job), result.lock_file,
+                                                    utcnow())
             # Removed on a thread while this transaction was made: gone before the end can be seen.
             await run.workdir_removed()
             await uow.commit()
@@ -327,3 +332,9 @@ async def quietly(awaitable) -> None:
         await awaitable
     except Exception:  # noqa: BLE001 - best effort (connection may be gone)
         pass
+
+
+def _lock_source(job: Job) -> str:
+    """What a recorded provider lock is for: the module's source as the job
+    names it (a new source code version records its own)."""
+    return "\n".join((job.source.repository_url, job.source.path, job.source.ref))[:2400]

@@ -1,0 +1,191 @@
+"""Provider installation as operators run it (services/executor/adapters/
+providers.py), with real terraform in the job's sandbox and network: a
+provider network mirror over HTTPS (a test CA given to the executor), the
+machine's shared cache, lock files honoured or recorded."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from infrakitchen.executor.v1 import executor_pb2 as pb
+from tests.support.gitrepos import ModuleRepo
+from tests.support.jobs import all_logs, log_text, start_executor, submit_request, wait_job
+from tests.support.provider_mirror import NULL, TESTCLOUD, ProviderMirror, null_files, cloud_provider_files
+from tests.testcloud.cloud import CloudServer
+
+# Two providers: the test cloud's (its network is a real object in the cloud) and null.
+TWO_PROVIDERS = '''
+terraform {
+  required_providers {
+    testcloud = { source = "infrakitchen.test/ik/testcloud" }
+    null      = { source = "hashicorp/null" }
+  }
+}
+variable "name" {
+  type = string
+}
+resource "testcloud_network" "this" {
+  name = var.name
+  cidr = "10.20.0.0/16"
+}
+resource "null_resource" "this" {
+  triggers = { network = testcloud_network.this.id }
+}
+output "gateway" {
+  value = testcloud_network.this.gateway
+}
+'''
+# Needs the test cloud's provider, starts nothing of it but its schema.
+ONLY_REQUIRES = '''
+terraform {
+  required_providers {
+    testcloud = { source = "infrakitchen.test/ik/testcloud" }
+    null      = { source = "hashicorp/null" }
+  }
+}
+resource "null_resource" "this" {}
+'''
+LOCKED_TO_A_MISSING_VERSION = '''# This file is maintained automatically by "terraform init".
+provider "infrakitchen.test/ik/testcloud" {
+  version = "0.9.0"
+  hashes = [
+    "h1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+  ]
+}
+'''
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    with ProviderMirror(tmp_path / "mirror", tmp_path / "certs") as m:
+        m.add(NULL, "2.1.2", null_files())
+        m.add(TESTCLOUD, "0.1.0", cloud_provider_files())
+        yield m
+
+
+@pytest.fixture
+def cloud():
+    with CloudServer() as server:
+        server.cloud.tokens.add("test-token")
+        yield server
+
+
+@pytest.fixture
+def modules(tmp_path):
+    repo = ModuleRepo(tmp_path / "modules")
+    repo.write("two/main.tf", TWO_PROVIDERS)
+    repo.write("requires/main.tf", ONLY_REQUIRES)
+    repo.write("locked/main.tf", ONLY_REQUIRES)
+    repo.write("locked/.terraform.lock.hcl", LOCKED_TO_A_MISSING_VERSION)
+    repo.commit("modules", tag="v1")
+    return repo
+
+
+async def _executor(tmp_path, event_prefix, nats_url, mirror, cloud=None, **env):
+    allow = [mirror.executor_env()["IK_EXECUTOR_EGRESS_ALLOW"]] + ([f"127.0.0.1:{cloud.port}"] if cloud else [])
+    return await start_executor(f"sqlite:///{tmp_path / 'executor.db'}", event_prefix, nats_url, tmp_path / "data",
+                                **{**mirror.executor_env(), "IK_EXECUTOR_EGRESS_ALLOW": ",".join(allow),
+                                   "IK_TERRAFORM_PROVIDER_CACHE": str(tmp_path / "provider-cache"), **env})
+
+
+async def _integration(svc, cloud) -> str:
+    return (await svc.stub.CreateIntegration(pb.CreateIntegrationRequest(
+        integration=pb.Integration(name="testcloud", provider=pb.INTEGRATION_PROVIDER_GENERIC),
+        credentials={"TESTCLOUD_ENDPOINT": cloud.url, "TESTCLOUD_TOKEN": "test-token"}), metadata=svc.admin)).id
+
+
+async def _run(svc, repo, module: str, state_path: str, resource_id: str, **kw) -> pb.Job:
+    job = await svc.stub.SubmitJob(submit_request(repo, module, state_path, variables=kw.pop("variables", {}),
+                                                  correlation=pb.JobCorrelation(resource_id=resource_id), **kw),
+                                   metadata=svc.md)
+    return await wait_job(svc.stub, job.id, svc.md, timeout=180)
+
+
+async def test_two_providers_from_a_network_mirror_are_fetched_once_per_machine(tmp_path, event_prefix, nats_url,
+                                                                              mirror, cloud, modules):
+    svc = await _executor(tmp_path, event_prefix, nats_url, mirror, cloud)
+    try:
+        integration = await _integration(svc, cloud)
+        first = await _run(svc, modules, "two", "a", "resource-a", variables={"name": "net-a"},
+                           integration_ids=[integration])
+        text = log_text(await all_logs(svc.stub, first.id, svc.md))
+        assert first.status == pb.JOB_STATUS_SUCCEEDED, first.error_message + text[-2000:]
+        assert "providers: added to this machine's cache" in text
+        assert {o.name: o.value.string_value for o in first.outputs} == {"gateway": "10.20.0.1"}  # the cloud's
+        assert len(cloud.objects("networks")) == 1
+        assert sorted(p.rsplit("/", 1)[1] for p in mirror.downloads()) == [
+            "terraform-provider-null_2.1.2_linux_amd64.zip", "terraform-provider-testcloud_0.1.0_linux_amd64.zip"]
+
+        # Another resource's job: both providers come from the machine's cache.
+        second = await _run(svc, modules, "two", "b", "resource-b", variables={"name": "net-b"},
+                            integration_ids=[integration])
+        assert second.status == pb.JOB_STATUS_SUCCEEDED, second.error_message
+        assert len(mirror.downloads()) == 2, mirror.downloads()
+        assert len(cloud.objects("networks")) == 2
+    finally:
+        await svc.__aexit__(None, None, None)
+
+
+async def test_ten_jobs_at_once_with_an_empty_cache_all_succeed(tmp_path, event_prefix, nats_url, mirror, modules):
+    svc = await _executor(tmp_path, event_prefix, nats_url, mirror, IK_EXECUTOR_WORKERS="10")
+    try:
+        jobs = await asyncio.gather(*(_run(svc, modules, "requires", f"s{i}", f"resource-{i}") for i in range(10)))
+        assert [j.status for j in jobs] == [pb.JOB_STATUS_SUCCEEDED] * 10, [j.error_message for j in jobs]
+        cached = tmp_path / "provider-cache" / "providers"
+        assert (cached / TESTCLOUD / "0.1.0" / "linux_amd64").is_dir()
+        assert not list(cached.rglob("*.partial")), "no half-copied package is left"
+        # Ten at once may each fetch what none had cached yet; the next fetches nothing.
+        fetched = len(mirror.downloads())
+        again = await _run(svc, modules, "requires", "s10", "resource-10")
+        assert again.status == pb.JOB_STATUS_SUCCEEDED
+        assert len(mirror.downloads()) == fetched
+    finally:
+        await svc.__aexit__(None, None, None)
+
+
+async def test_a_tampered_provider_archive_is_refused(tmp_path, event_prefix, nats_url, mirror, modules):
+    archive = mirror.root / TESTCLOUD / "terraform-provider-testcloud_0.1.0_linux_amd64.zip"
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the mirror still lists the genuine package's hashes
+    archive.write_bytes(bytes(data))
+    svc = await _executor(tmp_path, event_prefix, nats_url, mirror)
+    try:
+        job = await _run(svc, modules, "requires", "t", "resource-t")
+        assert job.status == pb.JOB_STATUS_FAILED
+        assert "checksum" in job.error_message.lower() or "doesn't match" in job.error_message.lower(), \
+            job.error_message
+        assert not (tmp_path / "provider-cache" / "providers" / TESTCLOUD).exists()
+    finally:
+        await svc.__aexit__(None, None, None)
+
+
+async def test_a_lock_file_naming_a_missing_version_fails_with_a_clear_message(tmp_path, event_prefix, nats_url,
+                                                                               mirror, modules):
+    svc = await _executor(tmp_path, event_prefix, nats_url, mirror)
+    try:
+        job = await _run(svc, modules, "locked", "l", "resource-l")
+        assert job.status == pb.JOB_STATUS_FAILED
+        assert "0.9.0" in job.error_message and "lock file" in job.error_message, job.error_message
+    finally:
+        await svc.__aexit__(None, None, None)
+
+
+async def test_a_module_without_a_lock_file_keeps_the_versions_of_its_first_run(tmp_path, event_prefix, nats_url,
+                                                                                mirror, modules):
+    svc = await _executor(tmp_path, event_prefix, nats_url, mirror)
+    try:
+        first = await _run(svc, modules, "requires", "p", "resource-p")
+        assert first.status == pb.JOB_STATUS_SUCCEEDED, first.error_message
+        # A newer version appears in the mirror: this resource keeps 0.1.0, a new one takes 0.2.0.
+        mirror.add(TESTCLOUD, "0.2.0", cloud_provider_files())
+        again = await _run(svc, modules, "requires", "p", "resource-p")
+        text = log_text(await all_logs(svc.stub, again.id, svc.md))
+        assert again.status == pb.JOB_STATUS_SUCCEEDED, again.error_message
+        assert "recorded on this resource's first run" in text
+        assert "testcloud v0.1.0" in text and "v0.2.0" not in text
+        other = await _run(svc, modules, "requires", "q", "resource-q")
+        assert other.status == pb.JOB_STATUS_SUCCEEDED, other.error_message
+        assert "testcloud v0.2.0" in log_text(await all_logs(svc.stub, other.id, svc.md))
+    finally:
+        await svc.__aexit__(None, None, None)
