@@ -4,6 +4,7 @@ from pathlib import Path
 from services.common import metrics
 from services.common.clients import ServiceClients
 from services.common.runtime import ServiceDefinition, StartupError, run_service
+from services.executor.adapters.oidc import OidcIssuer, OidcSettings, OidcUnavailable
 from services.executor.adapters.providers import ProviderSettingsError
 from services.executor.adapters.resources import ResourceUsers
 from services.executor.adapters.sandbox import SandboxUnavailable
@@ -19,17 +20,23 @@ def setup(runtime) -> None:
     settings = runtime.settings
     runtime.clients = ServiceClients(settings, "executor", runtime.identity)
     runtime.resource_users = ResourceUsers(runtime.clients)
-    runtime.uow_options = {"vault": Vault.from_settings(settings)}
+    vault = Vault.from_settings(settings)
+    runtime.uow_options = {"vault": vault}
     runtime.executor_config = ExecutorConfig.from_settings(settings)
     try:
         terraform = TerraformConfig.from_settings(settings)
-    except (ProviderSettingsError, SandboxUnavailable) as exc:  # the operator's settings: say which, no trace
+        runtime.oidc = OidcIssuer(OidcSettings.from_env(settings.env), vault)
+        runtime.oidc.serve(settings.host)
+    except (ProviderSettingsError, SandboxUnavailable, OidcUnavailable) as exc:  # the operator's: say which
         raise StartupError(str(exc)) from None
+    except OSError as exc:  # the discovery port is taken
+        raise StartupError(f"IK_EXECUTOR_OIDC_PORT: {exc.strerror}") from None
     runtime.workers = JobWorkers(runtime, runtime.executor_config, terraform)
 
 
 async def _stop_workers(runtime) -> None:
     await runtime.workers.stop()
+    runtime.oidc.close()
 
 
 async def _job_gauges(runtime) -> None:
@@ -48,7 +55,7 @@ DEFINITION = ServiceDefinition(
     uow_class=ExecutorUnitOfWork,
     setup=setup,
     streams=lambda runtime: [work_queue(runtime.bus.names)],
-    background=lambda runtime: [runtime.workers.run()],
+    background=lambda runtime: [runtime.workers.run(), runtime.oidc.keep_rotating(runtime.uow)],
     on_stopping=[_stop_workers],
     gauges=_job_gauges,
 )

@@ -89,6 +89,7 @@ class Cloud:
                 with self.lock:
                     return 200, {"items": [o for o in self.objects.values() if o["kind"] == kind]}
             raise CloudError(405, "method not allowed")
+        self._belongs(kind, object_id, claims)
         if method == "GET":
             return 200, self._get(kind, object_id)
         if method == "PATCH":
@@ -109,6 +110,15 @@ class Cloud:
             except Exception as exc:  # noqa: BLE001 - any verification failure is a 401
                 raise CloudError(401, f"token refused: {type(exc).__name__}: {str(exc)[:200]}") from None
         raise CloudError(401, "unknown token")
+
+    def _belongs(self, kind: str, object_id: str, claims: dict) -> None:
+        """A token issued for one resource's job acts on that resource's objects only."""
+        with self.lock:
+            obj = self.objects.get(object_id)
+            owner = (obj or {}).get("owner_resource")
+        if claims.get("resource_id") and owner and owner != claims["resource_id"]:
+            raise CloudError(403, f"this token is for resource {str(claims['resource_id'])[:64]}, not the owner "
+                                  f"of {kind[:-1]} {object_id[:64]}")
 
     def _inject_fault(self, kind: str, method: str) -> None:
         with self.lock:
@@ -152,8 +162,8 @@ class Cloud:
                 raise CloudError(400, "size: GiB, 1 to 1024")
             attrs.update(engine=engine, size=size, password=secrets.token_urlsafe(18),
                          endpoint=f"{object_id}.{engine}.testcloud.internal:{5432 if engine == 'postgres' else 3306}")
-        if claims.get("resource_id"):
-            attrs["tags"] = {**attrs["tags"], "ik:resource": str(claims["resource_id"])}
+        if claims.get("resource_id"):  # whose job made it (the token's resource): only that resource's tokens act on it
+            attrs["owner_resource"] = str(claims["resource_id"])
         delay = self.create_delay.get(kind, 0.0)
         if delay:
             time.sleep(delay)
@@ -222,6 +232,19 @@ class Cloud:
                     del self.objects[parts[1]]
                     return 204, None
         raise CloudError(404, "no such admin call")
+
+
+def jwks_verifier(jwks_url: str, issuer: str, audience: str):
+    """Checks a JWT against the issuer's published keys (fetched, and fetched
+    again for a key id it does not know yet), its issuer, audience and expiry."""
+    import jwt
+    client = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=60)
+
+    def verify(token: str) -> dict:
+        key = client.get_signing_key_from_jwt(token)
+        return jwt.decode(token, key.key, algorithms=["RS256"], audience=audience, issuer=issuer,
+                          options={"require": ["exp", "iat", "sub", "aud", "iss"]})
+    return verify
 
 
 def _tags(value: Any) -> dict[str, str]:

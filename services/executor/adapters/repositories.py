@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.errors import Aborted
 from services.common.paging import after_key
-from services.executor.adapters.tables import (integrations, job_logs, jobs, provider_locks, secrets, state_path_claims,
-                                              storages)
+from services.executor.adapters.tables import (integrations, job_logs, jobs, oidc_keys, provider_locks, secrets,
+                                              state_path_claims, storages)
 from services.common.vault import Vault
 from services.executor.domain.model import (NOT_ENDED, Correlation, Integration, Job, JobLease, Output, PlanSummary,
                                             Secret, Source, StatePathClaim, Storage)
@@ -111,7 +111,8 @@ class JobRepository:
             sensitive_variables=list(j.sensitive_variables), integration_ids=list(j.integration_ids),
             secret_ids=list(j.secret_ids), storage_id=j.storage_id, state_path=j.state_path,
             resource_id=c.resource_id, resource_revision=c.resource_revision, workflow_id=c.workflow_id,
-            step_id=c.step_id, temporary_state_id=c.temporary_state_id, plan_job_id=j.plan_job_id,
+            step_id=c.step_id, temporary_state_id=c.temporary_state_id, template_id=c.template_id,
+            plan_job_id=j.plan_job_id,
             timeout_seconds=j.timeout_seconds,
             outputs=[{"name": o.name, "value": None if o.sensitive else o.value, "sensitive": o.sensitive}
                      for o in j.outputs],
@@ -132,7 +133,7 @@ class JobRepository:
             integration_ids=list(r.integration_ids), secret_ids=list(r.secret_ids), storage_id=r.storage_id,
             state_path=r.state_path,
             correlation=Correlation(r.resource_id, r.resource_revision, r.workflow_id, r.step_id,
-                                    r.temporary_state_id),
+                                    r.temporary_state_id, r.template_id),
             plan_job_id=r.plan_job_id, timeout_seconds=r.timeout_seconds,
             outputs=[Output(o["name"], secret_outputs.get(o["name"]) if o["sensitive"] else o["value"],
                             o["sensitive"]) for o in r.outputs],
@@ -347,6 +348,25 @@ class ProviderLockRepository:
                                                               lock_file=lock_file, update_time=now))
 
 
+class OidcKeyRepository:
+    """The keys jobs' OIDC tokens are signed with, newest first; private keys sealed by the vault."""
+
+    def __init__(self, session: AsyncSession, vault: Vault):
+        self.s = session
+        self.vault = vault
+
+    async def all(self) -> list[tuple[str, bytes, dt.datetime]]:
+        rows = await self.s.execute(sa.select(oidc_keys).order_by(oidc_keys.c.create_time.desc(), oidc_keys.c.kid))
+        return [(r.kid, self.vault.open(r.private_key), _aware(r.create_time)) for r in rows]
+
+    async def add(self, kid: str, private_pem: bytes, now: dt.datetime) -> None:
+        await self.s.execute(sa.insert(oidc_keys).values(kid=kid, private_key=self.vault.seal(private_pem),
+                                                         create_time=now))
+
+    async def delete(self, kid: str) -> None:
+        await self.s.execute(sa.delete(oidc_keys).where(oidc_keys.c.kid == kid))
+
+
 class IntegrationRepository:
     def __init__(self, session: AsyncSession, vault: Vault):
         self.s = session
@@ -356,13 +376,13 @@ class IntegrationRepository:
         return dict(id=i.id, name=i.name, description=i.description, provider=i.provider,
                     credentials=self.vault.seal_json(i.credentials), creator=i.creator,
                     create_time=i.create_time, update_time=i.update_time, version=i.version,
-                    max_concurrent_jobs=i.max_concurrent_jobs)
+                    max_concurrent_jobs=i.max_concurrent_jobs, oidc=dict(i.oidc) or None)
 
     def _integration(self, r) -> Integration:
         return Integration(id=r.id, name=r.name, description=r.description, provider=r.provider,
                            credentials=self.vault.open_json(r.credentials, {}), creator=r.creator,
                            create_time=_aware(r.create_time), update_time=_aware(r.update_time), version=r.version,
-                           max_concurrent_jobs=r.max_concurrent_jobs)
+                           max_concurrent_jobs=r.max_concurrent_jobs, oidc=dict(r.oidc or {}))
 
     async def caps(self, ids: list[str], lock: bool = False) -> dict[str, tuple[str, int]]:
         """id -> (name, cap) of these integrations. `lock` (PostgreSQL)

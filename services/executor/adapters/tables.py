@@ -29,6 +29,7 @@ jobs = sa.Table(
     sa.Column("workflow_id", sa.String(64), nullable=False, index=True),
     sa.Column("step_id", sa.String(64), nullable=False),
     sa.Column("temporary_state_id", sa.String(64), nullable=False),
+    sa.Column("template_id", sa.String(64), nullable=False, server_default=""),
     sa.Column("plan_job_id", sa.String(36), nullable=False),
     sa.Column("timeout_seconds", sa.Float, nullable=False),
     sa.Column("outputs", sa.JSON, nullable=False),
@@ -75,6 +76,7 @@ integrations = sa.Table(
     sa.Column("update_time", TS, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("max_concurrent_jobs", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("oidc", sa.JSON, nullable=True),  # OIDC integrations: how jobs federate (not secret)
 )
 
 secrets = sa.Table(
@@ -119,6 +121,15 @@ provider_locks = sa.Table(
     sa.Column("source", sa.String(2400), nullable=False),  # repository url, path and ref it was recorded for
     sa.Column("lock_file", sa.Text, nullable=False),
     sa.Column("update_time", TS, nullable=False),
+)
+
+# The keys the executor signs jobs' OIDC tokens with (services/executor/adapters/oidc.py):
+# the newest signs, every key still within a token's lifetime is published.
+oidc_keys = sa.Table(
+    "oidc_keys", metadata,
+    sa.Column("kid", sa.String(64), primary_key=True),
+    sa.Column("private_key", sa.LargeBinary, nullable=False),  # sealed by the vault
+    sa.Column("create_time", TS, nullable=False),
 )
 
 # The Lists of integrations, secrets and storages: keyset pages by (create_time, id).

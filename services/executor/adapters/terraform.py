@@ -41,6 +41,7 @@ from services.common.git import GitError, checkout, redact_url
 from services.executor.adapters.checkouts import CheckoutCache
 from services.executor.adapters.jobnet import EgressError, JobNamespace, NetworkUnavailable
 from services.executor.adapters.pg_state import PgState, StateLocked, state_file
+from services.executor.adapters.oidc import TOKEN_FILE, federation_env
 from services.executor.adapters.providers import LOCK_FILE, ProviderSources, parse_lock, read_lock
 from services.executor.adapters.sandbox import Sandbox
 from services.executor.domain.model import (APPLY, DESTROY, LOCAL, PG, PLAN, Output, PlanSummary, Redactor,
@@ -128,6 +129,14 @@ def _wrapped_binary() -> str:
     return binary if binary and os.access(binary, os.X_OK) else ""
 
 
+@dataclass(frozen=True)
+class OidcGrant:
+    """A job attempt's OIDC token for one integration (see oidc), or why there is none."""
+    federation: dict[str, str]
+    token: str
+    error: str = ""
+
+
 @dataclass
 class RunSpec:
     job_id: str
@@ -143,6 +152,7 @@ class RunSpec:
     plan_state: tuple[int, str] = (0, "")  # (serial, lineage) the saved plan was made against
     attempt: int = 0  # the job's attempt this run is: it names the working directory
     lock_file: str = ""  # the provider lock recorded on the resource's first run, for a module that ships none
+    oidc: list[OidcGrant] = field(default_factory=list)  # tokens of the job's OIDC integrations
 
 
 @dataclass
@@ -518,6 +528,17 @@ class TerraformRun:
                 self.say(f"ignoring {name} from the job's credentials: it would change how terraform runs")
                 continue
             env[name] = value
+        for n, grant in enumerate(self.spec.oidc):
+            if grant.error:
+                raise RunFailed(grant.error)
+            # In the job's own directory: no other job's sandbox mounts it, and it goes with it.
+            token_file = workdir / (TOKEN_FILE if n == 0 else f"oidc-token-{n}.jwt")
+            fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(grant.token)
+            env.update(federation_env(grant.federation, token_file, workdir, self.spec.job_id))
+            self.say(f"cloud credentials: an OIDC token for {grant.federation.get('cloud', '')} "
+                     f"(expires with the job's timeout)")
         return env
 
     async def _terraform(self, args: list[str], cwd: Path, env: dict[str, str], capture: bool = False) -> str:

@@ -1,6 +1,6 @@
 from services.common.uow import UnitOfWork
 from services.executor.adapters.repositories import (IntegrationRepository, JobLogRepository, JobRepository,
-                                                     ProviderLockRepository, SecretRepository, StorageRepository)
+                                                     OidcKeyRepository, ProviderLockRepository, SecretRepository, StorageRepository)
 from services.common.vault import Vault
 
 
@@ -16,3 +16,4 @@ class ExecutorUnitOfWork(UnitOfWork):
         self.secrets = SecretRepository(self.session, self.vault)
         self.storages = StorageRepository(self.session, self.vault)
         self.provider_locks = ProviderLockRepository(self.session)
+        self.oidc_keys = OidcKeyRepository(self.session, self.vault)

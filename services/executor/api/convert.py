@@ -7,8 +7,8 @@ from google.protobuf import duration_pb2
 from infrakitchen.events.v1 import events_pb2
 from infrakitchen.executor.v1 import executor_pb2 as pb
 from services.common.values import from_struct, to_struct, to_timestamp, to_value
-from services.executor.domain.model import (AWS, AZURE, ENV, GCP, GENERIC, LOCAL, PG, TF_VAR, Correlation, Integration,
-                                            Job, Output, PlanSummary, Secret, Source, Storage)
+from services.executor.domain.model import (AWS, AZURE, ENV, GCP, GENERIC, LOCAL, OIDC, PG, TF_VAR, Correlation,
+                                            Integration, Job, Output, PlanSummary, Secret, Source, Storage)
 
 ACTION = {pb.JOB_ACTION_PLAN: "plan", pb.JOB_ACTION_APPLY: "apply", pb.JOB_ACTION_DESTROY: "destroy"}
 ACTION_PB = {v: k for k, v in ACTION.items()}
@@ -16,7 +16,10 @@ STATUS = {pb.JOB_STATUS_QUEUED: "queued", pb.JOB_STATUS_RUNNING: "running", pb.J
           pb.JOB_STATUS_FAILED: "failed", pb.JOB_STATUS_CANCELLED: "cancelled", pb.JOB_STATUS_TIMED_OUT: "timed_out"}
 STATUS_PB = {v: k for k, v in STATUS.items()}
 PROVIDER = {pb.INTEGRATION_PROVIDER_AWS: AWS, pb.INTEGRATION_PROVIDER_AZURE: AZURE,
-            pb.INTEGRATION_PROVIDER_GCP: GCP, pb.INTEGRATION_PROVIDER_GENERIC: GENERIC}
+            pb.INTEGRATION_PROVIDER_GCP: GCP, pb.INTEGRATION_PROVIDER_GENERIC: GENERIC,
+            pb.INTEGRATION_PROVIDER_OIDC: OIDC}
+OIDC_FIELDS = ("cloud", "audience", "role_arn", "service_account_email", "azure_client_id", "azure_tenant_id",
+               "azure_subscription_id", "token_file_env")
 PROVIDER_PB = {v: k for k, v in PROVIDER.items()}
 EXPOSURE = {pb.SECRET_EXPOSURE_TF_VAR: TF_VAR, pb.SECRET_EXPOSURE_ENV: ENV}
 EXPOSURE_PB = {v: k for k, v in EXPOSURE.items()}
@@ -32,14 +35,16 @@ def job_from_submit(r: pb.SubmitJobRequest) -> Job:
         variables=from_struct(r.variables), sensitive_variables=list(dict.fromkeys(r.sensitive_variables)),
         integration_ids=list(r.integration_ids), secret_ids=list(r.secret_ids), storage_id=r.storage_id,
         state_path=r.state_path,
-        correlation=Correlation(c.resource_id, c.resource_revision, c.workflow_id, c.step_id, c.temporary_state_id),
+        correlation=Correlation(c.resource_id, c.resource_revision, c.workflow_id, c.step_id, c.temporary_state_id,
+                                c.template_id),
         plan_job_id=r.plan_job_id, timeout_seconds=r.timeout.ToTimedelta().total_seconds(),
     )
 
 
 def _correlation_pb(c: Correlation) -> pb.JobCorrelation:
     return pb.JobCorrelation(resource_id=c.resource_id, resource_revision=c.resource_revision,
-                             workflow_id=c.workflow_id, step_id=c.step_id, temporary_state_id=c.temporary_state_id)
+                             workflow_id=c.workflow_id, step_id=c.step_id, temporary_state_id=c.temporary_state_id,
+                             template_id=c.template_id)
 
 
 def outputs_pb(outputs: list[Output], reveal: bool = False) -> list[pb.JobOutput]:
@@ -83,14 +88,17 @@ def job_changed(j: Job) -> events_pb2.JobChanged:
 def integration_from_pb(i: pb.Integration, credentials) -> Integration:
     return Integration(id=i.id, name=i.name.strip(), description=i.description,
                        provider=PROVIDER.get(i.provider, ""), credentials=dict(credentials),
-                       max_concurrent_jobs=i.max_concurrent_jobs)
+                       max_concurrent_jobs=i.max_concurrent_jobs,
+                       oidc={f: getattr(i.oidc, f) for f in OIDC_FIELDS if getattr(i.oidc, f)}
+                       if i.HasField("oidc") else {})
 
 
 def integration_to_pb(i: Integration) -> pb.Integration:
     return pb.Integration(id=i.id, name=i.name, description=i.description, provider=PROVIDER_PB[i.provider],
                           credential_keys=sorted(i.credentials), creator=i.creator,
                           create_time=to_timestamp(i.create_time), update_time=to_timestamp(i.update_time),
-                          etag=i.etag, max_concurrent_jobs=i.max_concurrent_jobs)
+                          etag=i.etag, max_concurrent_jobs=i.max_concurrent_jobs,
+                          oidc=pb.OidcFederation(**i.oidc) if i.oidc else None)
 
 
 def secret_from_pb(x: pb.Secret, values) -> Secret:

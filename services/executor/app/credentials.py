@@ -14,7 +14,8 @@ from services.common.errors import (Aborted, AlreadyExists, FailedPrecondition, 
 from services.common.paging import by_creation, paginate
 from services.common.uow import utcnow
 from services.executor.app.jobs import claim_state_path
-from services.executor.domain.model import (AWS, AZURE, ENV, GCP, GENERIC, LOCAL, PG, TF_VAR, Integration, Secret,
+from services.executor.adapters.oidc import check_federation
+from services.executor.domain.model import (AWS, AZURE, ENV, GCP, GENERIC, LOCAL, OIDC, PG, TF_VAR, Integration, Secret,
                                             StatePathClaim, Storage, integration_env, protected_env_name,
                                             valid_env_name, valid_state_path)
 
@@ -61,9 +62,13 @@ async def create_integration(uow, principal: Principal, i: Integration, request_
         return await get_integration(uow, existing)
     violations: list[FieldViolation] = []
     _check_name(i.name, "integration.name", violations)
-    if i.provider not in (AWS, AZURE, GCP, GENERIC):
-        violations.append(FieldViolation("integration.provider", "must be AWS, AZURE, GCP or GENERIC"))
-    if not i.credentials:
+    if i.provider not in (AWS, AZURE, GCP, GENERIC, OIDC):
+        violations.append(FieldViolation("integration.provider", "must be AWS, AZURE, GCP, GENERIC or OIDC"))
+    if i.provider == OIDC:
+        violations += [FieldViolation(f, why) for f, why in check_federation(i.oidc)]
+    elif i.oidc:
+        violations.append(FieldViolation("integration.oidc", "only for an OIDC integration"))
+    if not i.credentials and i.provider != OIDC:  # federation needs no stored key
         violations.append(FieldViolation("credentials", "must hold at least one key"))
     _check_cap(i.max_concurrent_jobs, violations)
     _check_keys(i.credentials, "credentials", violations, env_names=True,

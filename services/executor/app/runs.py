@@ -16,9 +16,11 @@ from sqlalchemy.exc import IntegrityError
 from services.common import logs as service_logs
 from services.common import metrics, tracing
 from services.common.uow import utcnow
-from services.executor.adapters.terraform import RunSpec, TerraformRun, break_stale_lock, job_workdirs, remove_workdir
+from services.executor.adapters.oidc import OidcUnavailable, audience_of
+from services.executor.adapters.terraform import (OidcGrant, RunSpec, TerraformRun, break_stale_lock, job_workdirs,
+                                                  remove_workdir)
 from services.executor.app.jobs import DISPATCH_SUBJECT, emit_job_event, lease_deadline
-from services.executor.domain.model import (CANCELLED, FAILED, SUCCEEDED, TIMED_OUT, Job, Redactor, integration_env,
+from services.executor.domain.model import (CANCELLED, FAILED, OIDC, SUCCEEDED, TIMED_OUT, Job, Redactor, integration_env,
                                             secret_env, sensitive_values)
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,7 @@ class JobRuns:
         started = utcnow()
         async with self.runtime.uow() as uow:
             storage = await uow.storages.get(job.storage_id) if job.storage_id else None
-            env, redact = await self._environment(uow, job)
+            env, redact, grants = await self._environment(uow, job)
             plan_file = await uow.jobs.plan_file(job.plan_job_id) if job.plan_job_id else None
             plan_job = await uow.jobs.get(job.plan_job_id) if job.plan_job_id else None
             summary = plan_job.plan_summary if plan_job is not None else None
@@ -153,7 +155,7 @@ class JobRuns:
                        ref=job.commit or job.source.ref, path=job.source.path, variables=job.variables, env=env,
                        storage=storage, state_path=job.state_path, plan_file=plan_file,
                        plan_state=(summary.state_serial, summary.state_lineage) if summary else (0, ""),
-                       attempt=job.attempt, lock_file=lock_file)
+                       attempt=job.attempt, lock_file=lock_file, oidc=grants)
         run = TerraformRun(self.terraform, spec, redact, logs.add)
         self._runs[job.id] = run
         try:
@@ -275,14 +277,24 @@ class JobRuns:
             log.info("job %s: removed %d working directories stopped runs left behind", job_id, removed)
         return removed
 
-    async def _environment(self, uow, job: Job) -> tuple[dict[str, str], Redactor]:
+    async def _environment(self, uow, job: Job) -> tuple[dict[str, str], Redactor, list[OidcGrant]]:
         env: dict[str, str] = {}
         redact = Redactor()
+        grants = []
         for id_ in job.integration_ids:
             integration = await uow.integrations.get(id_)
             if integration is not None:
                 env.update(integration_env(integration.provider, integration.credentials))
                 redact.add(integration.credentials.values())
+                if integration.provider == OIDC:  # a token for this attempt, no stored key
+                    try:
+                        token = await self.runtime.oidc.mint(self.runtime.uow, _claims(job, integration.oidc),
+                                                             job.timeout_seconds, utcnow())
+                    except OidcUnavailable as exc:  # the run fails, saying why
+                        grants.append(OidcGrant(dict(integration.oidc), "", f"integration {integration.name}: {exc}"))
+                        continue
+                    redact.add([token])
+                    grants.append(OidcGrant(dict(integration.oidc), token))
         for id_ in job.secret_ids:
             secret = await uow.secrets.get(id_)
             if secret is not None:
@@ -290,7 +302,7 @@ class JobRuns:
                 redact.add(secret.values.values())
         for name in job.sensitive_variables:
             redact.add(sensitive_values(job.variables.get(name)))
-        return env, redact
+        return env, redact, grants
 
     async def _supervise(self, msg, job: Job, run: TerraformRun):
         """Runs terraform while watching the deadline, cancel requests and the lease."""
@@ -338,3 +350,12 @@ def _lock_source(job: Job) -> str:
     """What a recorded provider lock is for: the module's source as the job
     names it (a new source code version records its own)."""
     return "\n".join((job.source.repository_url, job.source.path, job.source.ref))[:2400]
+
+
+def _claims(job: Job, oidc: dict[str, str]) -> dict:
+    """What a job's OIDC token says (services/executor/adapters/oidc.py)."""
+    c = job.correlation
+    return {"sub": f"resource:{c.resource_id}" if c.resource_id else f"job:{job.id}", "aud": audience_of(oidc),
+            "jti": f"{job.id}:{job.attempt}", "resource_id": c.resource_id, "template_id": c.template_id,
+            "workflow_id": c.workflow_id, "step_id": c.step_id, "job_id": job.id, "attempt": job.attempt,
+            "operation": job.action, "owner": job.creator}

@@ -25,8 +25,8 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, TIMED_OUT})
 NOT_ENDED = (QUEUED, RUNNING)
 
 # Integration providers and how their credentials become environment variables.
-AWS, AZURE, GCP, GENERIC = "aws", "azure", "gcp", "generic"
-_PROVIDER_PREFIX = {AWS: "AWS_", AZURE: "ARM_", GCP: "GOOGLE_", GENERIC: ""}
+AWS, AZURE, GCP, GENERIC, OIDC = "aws", "azure", "gcp", "generic", "oidc"
+_PROVIDER_PREFIX = {AWS: "AWS_", AZURE: "ARM_", GCP: "GOOGLE_", GENERIC: "", OIDC: ""}
 
 TF_VAR, ENV = "tf_var", "env"  # how a secret's keys reach terraform
 
@@ -50,6 +50,7 @@ class Correlation:
     workflow_id: str = ""
     step_id: str = ""
     temporary_state_id: str = ""
+    template_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,9 @@ class Integration:
     update_time: dt.datetime | None = None
     version: int = 1
     max_concurrent_jobs: int = 0  # 0: no cap
+    # OIDC integrations: how jobs federate (services/executor/adapters/oidc.py),
+    # the OidcFederation message's fields; not secret.
+    oidc: dict[str, str] = field(default_factory=dict)
 
     @property
     def etag(self) -> str:

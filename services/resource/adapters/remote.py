@@ -101,6 +101,7 @@ class JobSubmission:
     temporary_state_id: str = ""
     plan_job_id: str = ""
     request_id: str = ""
+    template_id: str = ""  # a job's OIDC token names it
     correlation: dict = field(default_factory=dict)
 
 
@@ -164,7 +165,8 @@ class Remote:
             storage_id=s.storage_id, state_path=s.state_path, plan_job_id=s.plan_job_id, request_id=s.request_id,
             correlation=executor_pb2.JobCorrelation(resource_id=s.resource_id, resource_revision=s.revision,
                                                     workflow_id=s.workflow_id, step_id=s.step_id,
-                                                    temporary_state_id=s.temporary_state_id))
+                                                    temporary_state_id=s.temporary_state_id,
+                                                    template_id=s.template_id))
         if not s.plan_job_id:
             request.source.CopyFrom(executor_pb2.JobSource(repository_url=s.version.repository_url,
                                                            ref=s.version.commit or s.version.ref,

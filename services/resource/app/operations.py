@@ -170,7 +170,8 @@ class Operations(LifecycleBase):
             sensitive_variables=[n for n in r.sensitive_variables if n in (variables or r.variables)],
             integration_ids=r.integration_ids, secret_ids=r.secret_ids, storage_id=r.storage_id,
             state_path=r.storage_path, resource_id=r.id, revision=r.revision, workflow_id=r.workflow_id,
-            step_id=r.step_id, temporary_state_id=temporary_state_id or r.temporary_state_id, request_id=request_id)
+            step_id=r.step_id, temporary_state_id=temporary_state_id or r.temporary_state_id, request_id=request_id,
+            template_id=r.template_id)
 
     async def submit(self, resource_id: str, request_id: str, actor: str, queued: Resource | None = None) -> None:
         """Submits the job of a queued resource (idempotent by request id) and
