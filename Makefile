@@ -15,7 +15,7 @@ PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_part
 export IK_DATA_DIR ?= $(CURDIR)/.data
 export IK_TERRAFORM_PROVIDER_MIRROR ?= $(CURDIR)/$(VENV)/terraform-plugins
 
-.PHONY: help install proto plugins sandbox nats run token test lint docs client-ts bench bench-cpu bench-api bench-cluster bench-network clean
+.PHONY: help install proto plugins sandbox nats run token test lint docs client-ts bench bench-cpu bench-api bench-cluster bench-network bench-providers clean
 
 help:
 	@echo "make run    install everything and start the platform's NATS (with identities) and the five services"
@@ -27,6 +27,7 @@ help:
 	@echo "make proto  regenerate Python code from protos/ into gen/"
 	@echo "make bench  orchestration benchmarks (docs/performance.md); the services' profiles go to .data/bench-profiles"
 	@echo "make bench-network  what a job's own network adds to each terraform command"
+	@echo "make bench-providers  a job's time with the provider cache warm and cold"
 	@echo "make bench-cpu  CPU per step of each service on a 21-step chain, and their profiles (a quick look)"
 	@echo "make bench-api  reads at 100k resources and the catalog at 500 templates (docs/performance-api.md)"
 	@echo "make bench-cluster  a NATS cluster and service replicas with kills mid-run (docs/reliability.md)"
@@ -111,10 +112,16 @@ token: install
 
 # The platform's own NATS server, with a NATS identity per service (anonymous
 # clients refused); see scripts/run-nats.sh.
+# Beside the five services: the test cloud (tests/testcloud) on 127.0.0.1:8790
+# (token `dev`), which jobs may reach, for the Team Environment example; and
+# the executor's OIDC discovery on 127.0.0.1:8791 (jobs' tokens).
 run: install
 	@scripts/run-nats.sh
 	@$(PY) -m services.common.tokens --banner --user admin --role admin
-	IK_NATS_URL=$${IK_NATS_URL:-$$(cat $(IK_DATA_DIR)/nats.url)} exec $(VENV)/bin/honcho -f Procfile start
+	IK_NATS_URL=$${IK_NATS_URL:-$$(cat $(IK_DATA_DIR)/nats.url)} \
+	IK_EXECUTOR_EGRESS_ALLOW=$${IK_EXECUTOR_EGRESS_ALLOW:-127.0.0.1:$${IK_TESTCLOUD_PORT:-8790}} \
+	IK_EXECUTOR_OIDC_PORT=$${IK_EXECUTOR_OIDC_PORT:-8791} \
+	exec $(VENV)/bin/honcho -f Procfile start
 
 # Two test processes (pytest-xdist), a file's tests on one of them (they share its fixtures).
 PYTEST_ARGS ?= -n 2 --dist loadfile
@@ -129,6 +136,11 @@ PROFILE_DIR ?= $(IK_DATA_DIR)/bench-profiles
 bench: install nats
 	$(PY) -m bench.workflow_bench --write --profile-dir $(PROFILE_DIR)
 	$(PY) -m bench.network_bench --write
+	$(PY) -m bench.provider_bench --write
+
+# A job's time with the provider cache warm and cold (docs/performance-providers.md).
+bench-providers: install nats
+	$(PY) -m bench.provider_bench
 
 # What a job's own network adds to each terraform command (docs/performance-network.md).
 bench-network: install
