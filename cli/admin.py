@@ -38,18 +38,34 @@ def _string_map(path: Path, what: str) -> dict[str, str]:
 @integration_app.command("create")
 def integration_create(name: str = typer.Option(...), provider: str = typer.Option(
         ..., help=f"One of {', '.join(PROVIDERS)}."),
-        credentials_file: Path = typer.Option(..., help="JSON object of credential names and values."),
+        credentials_file: Optional[Path] = typer.Option(
+            None, help="JSON object of credential names and values (optional for oidc)."),
         description: str = typer.Option(""), max_concurrent_jobs: int = typer.Option(0),
+        oidc_cloud: str = typer.Option("", help="oidc: aws, google, azure or generic."),
+        oidc_audience: str = typer.Option("", help="oidc: the token's audience (see the README)."),
+        oidc_role_arn: str = typer.Option("", help="oidc, aws: the role to assume."),
+        oidc_service_account: str = typer.Option("", help="oidc, google: the service account to impersonate."),
+        oidc_azure_client_id: str = typer.Option(""), oidc_azure_tenant_id: str = typer.Option(""),
+        oidc_azure_subscription_id: str = typer.Option(""),
+        oidc_token_file_env: str = typer.Option("", help="oidc, generic: the variable naming the token file."),
         token: Optional[str] = typer.Option(None)) -> None:
-    """Stores credentials for jobs (their values are never shown again)."""
+    """Stores credentials for jobs (their values are never shown again), or,
+    for oidc, how jobs federate (no stored key: a token per job)."""
     if provider not in PROVIDERS:
         fail(f"--provider must be one of {', '.join(PROVIDERS)}", code=2)
+    if credentials_file is None and provider != "oidc":
+        fail("--credentials-file is required (but for --provider oidc)", code=2)
+    oidc = ep.OidcFederation(cloud=oidc_cloud, audience=oidc_audience, role_arn=oidc_role_arn,
+                             service_account_email=oidc_service_account, azure_client_id=oidc_azure_client_id,
+                             azure_tenant_id=oidc_azure_tenant_id, azure_subscription_id=oidc_azure_subscription_id,
+                             token_file_env=oidc_token_file_env) if provider == "oidc" else None
     client = Client(token)
     i = client(client.executor.CreateIntegration, ep.CreateIntegrationRequest(
         integration=ep.Integration(name=name, provider=PROVIDERS[provider], description=description,
-                                   max_concurrent_jobs=max_concurrent_jobs),
-        credentials=_string_map(credentials_file, "credential names and values")))
-    console.print(f"Integration [bold]{i.id}[/bold] ({i.name}) with credentials {', '.join(i.credential_keys)}.")
+                                   max_concurrent_jobs=max_concurrent_jobs, oidc=oidc),
+        credentials=_string_map(credentials_file, "credential names and values") if credentials_file else {}))
+    keys = f"with credentials {', '.join(i.credential_keys)}" if i.credential_keys else "with no stored credentials"
+    console.print(f"Integration [bold]{i.id}[/bold] ({i.name}) {keys}.")
 
 
 @integration_app.command("list")
