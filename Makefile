@@ -75,7 +75,7 @@ plugins: $(VENV)/.installed $(MIRROR)/.testcloud
 	@cp -u $(VENV)/lib/terraform-provider-null_v2.1.2_x4 \
 	  $(MIRROR)/registry.terraform.io/hashicorp/null/2.1.2/linux_amd64/
 
-$(MIRROR)/.testcloud: $(VENV)/.installed tests/testcloud/build.py tests/testcloud/provider/testcloud_provider.py
+$(MIRROR)/.testcloud: $(VENV)/.installed tests/testcloud/build.py $(wildcard tests/testcloud/provider/*.py)
 	$(PY) -m tests.testcloud.build $(MIRROR)
 	touch $@
 

@@ -72,7 +72,8 @@ def package_files(work: Path) -> dict[str, tuple[bytes, int]]:
         shutil.rmtree(junk)
     shutil.rmtree(site / "bin", ignore_errors=True)
     files = {f"terraform-provider-{TYPE}_v{VERSION}": (LAUNCHER.encode(), 0o755),
-             "testcloud_provider.py": ((HERE / "provider" / "testcloud_provider.py").read_bytes(), 0o644)}
+             "testcloud_provider.py": ((HERE / "provider" / "testcloud_provider.py").read_bytes(), 0o644),
+             "testcloud_client.py": ((HERE / "provider" / "testcloud_client.py").read_bytes(), 0o644)}
     for path in sorted(site.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
             mode = 0o755 if path.stat().st_mode & stat.S_IXUSR else 0o644

@@ -15,58 +15,19 @@ has none), so the platform's retry policy is what retries it.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import urllib.error
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "site")]  # its packages travel with it (see build.py)
 
+from testcloud_client import Client, CloudCallFailed  # noqa: E402
 from tf import runner, schema, types  # noqa: E402
 from tf.iface import (Config, CreateContext, DeleteContext, Provider, ReadContext, Resource, State,  # noqa: E402
                       UpdateContext)
 from tf.utils import Diagnostics  # noqa: E402
 
 ADDRESS = "infrakitchen.test/ik/testcloud"
-TIMEOUT = 30
-
-
-class CloudCallFailed(Exception):
-    pass
-
-
-class Client:
-    def __init__(self, endpoint: str, token: str, token_file: str):
-        self.endpoint, self.token, self.token_file = endpoint.rstrip("/"), token, token_file
-
-    def _token(self) -> str:
-        if self.token_file:
-            with open(self.token_file, encoding="utf-8") as f:
-                return f.read().strip()
-        return self.token
-
-    def call(self, method: str, path: str, body: dict | None = None) -> dict | None:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"{self.endpoint}{path}", data=data, method=method, headers={
-            "Authorization": f"Bearer {self._token()}", "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-                raw = response.read()
-                return json.loads(raw) if raw else None
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404 and method == "GET":
-                return None
-            try:
-                message = json.loads(exc.read()).get("error", "")
-            except ValueError:
-                message = ""
-            retry = exc.headers.get("Retry-After")
-            raise CloudCallFailed(f"testcloud: {method} {path}: HTTP {exc.code} {exc.reason}: {message}"
-                                  + (f" (retry after {retry}s)" if retry else "")) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise CloudCallFailed(f"testcloud: {method} {path}: connection failed: {exc}") from None
 
 
 class _CloudResource(Resource):
