@@ -45,8 +45,9 @@ async def test_a_bad_override_is_fixed_with_update_workflow_and_the_re_execution
     # Parents from the template hierarchy show on the step (gated's parent is network).
     assert list(steps["gated"].parent_resource_ids) == [steps["network"].resource_id]
     gated_resource = steps["gated"].resource_id
-    before = await p.get(gated_resource)
-    assert before.revision == 1 and before.status == rp.RESOURCE_STATUS_ERROR
+    # The step fails on the job's end event; the resource service applies the same event on its own.
+    before = await p.wait(gated_resource, rp.RESOURCE_STATE_PROVISION, rp.RESOURCE_STATUS_ERROR)
+    assert before.revision == 1
 
     # An override of a done step is refused, naming the step; nothing changes.
     err = await rpc_error(p.workflow.UpdateWorkflow(wp.UpdateWorkflowRequest(workflow=wp.Workflow(
