@@ -108,11 +108,14 @@ async def _integration(svc, cloud) -> str:
         credentials={"TESTCLOUD_ENDPOINT": cloud.url}), metadata=svc.admin)).id
 
 
-async def _submit(svc, repo, module: str, name: str, resource_id: str, integration_ids=(), timeout=120) -> pb.Job:
+async def _submit(svc, repo, module: str, name: str, resource_id: str, integration_ids=(), timeout=120,
+                  metadata=None) -> pb.Job:
+    """A resource's job as the resource service submits it (unless `metadata` says who else)."""
     return await svc.stub.SubmitJob(submit_request(
         repo, module, f"state/{name}", timeout=timeout, variables={"name": name, "shared": str(svc.shared)},
         integration_ids=list(integration_ids), correlation=pb.JobCorrelation(
-            resource_id=resource_id, template_id="template-net", workflow_id="workflow-1")), metadata=svc.md)
+            resource_id=resource_id, template_id="template-net", workflow_id="workflow-1")),
+        metadata=metadata or svc.as_resource)
 
 
 async def test_a_job_reaches_the_cloud_with_a_token_of_its_own(executor, cloud, modules):
@@ -122,7 +125,7 @@ async def test_a_job_reaches_the_cloud_with_a_token_of_its_own(executor, cloud, 
     assert shown.provider == pb.INTEGRATION_PROVIDER_OIDC and shown.oidc.audience == AUDIENCE
 
     a = await _submit(svc, modules, "network", "a", "resource-a", [integration])
-    pry = await _submit(svc, modules, "prying", "pry", "resource-p")  # at the same time, on the other worker
+    pry = await _submit(svc, modules, "prying", "pry", "resource-p", metadata=svc.md)  # beside it, by a user
     a, pry = await asyncio.gather(wait_job(svc.stub, a.id, svc.md, timeout=180),
                                   wait_job(svc.stub, pry.id, svc.md, timeout=180))
     text = log_text(await all_logs(svc.stub, a.id, svc.md))
@@ -140,10 +143,11 @@ async def test_a_job_reaches_the_cloud_with_a_token_of_its_own(executor, cloud, 
     keys = jwt.PyJWKClient(discovery["jwks_uri"])
     claims = jwt.decode(token, keys.get_signing_key_from_jwt(token).key, algorithms=["RS256"], audience=AUDIENCE,
                         issuer=svc.issuer)
-    assert {k: claims[k] for k in ("sub", "resource_id", "template_id", "workflow_id", "job_id", "attempt",
-                                   "operation", "owner")} == {
-        "sub": "resource:resource-a", "resource_id": "resource-a", "template_id": "template-net",
-        "workflow_id": "workflow-1", "job_id": a.id, "attempt": 1, "operation": "apply", "owner": "alice"}
+    assert {k: claims[k] for k in ("sub", "integration_id", "resource_id", "template_id", "workflow_id", "job_id",
+                                   "attempt", "operation", "owner")} == {
+        "sub": f"integration:{integration}:resource:resource-a", "integration_id": integration,
+        "resource_id": "resource-a", "template_id": "template-net", "workflow_id": "workflow-1", "job_id": a.id,
+        "attempt": 1, "operation": "apply", "owner": "alice"}
     assert claims["exp"] - claims["iat"] == 120  # the job's timeout
 
     # Only its own job could read it: mode 600, in the job's own directory, gone with it.
@@ -160,6 +164,19 @@ async def test_a_job_reaches_the_cloud_with_a_token_of_its_own(executor, cloud, 
     status, body = _get(f"{cloud.url}/v1/networks/net-other", token)
     assert status == 403 and "resource-a" in body["error"]
     assert _get(f"{cloud.url}/v1/networks/{network['id']}", token)[0] == 200
+
+
+async def test_a_users_own_job_gets_a_token_for_the_job_not_for_the_resource_it_names(executor, cloud, modules):
+    """Only the resource service's word makes a job a resource's: a user who
+    calls SubmitJob naming someone else's resource gets a token for that job."""
+    svc = executor
+    integration = await _integration(svc, cloud)
+    mine = await _submit(svc, modules, "network", "m", "resource-of-someone-else", [integration], metadata=svc.md)
+    mine = await wait_job(svc.stub, mine.id, svc.md, timeout=180)
+    assert mine.status == pb.JOB_STATUS_SUCCEEDED, mine.error_message
+    claims = jwt.decode((svc.shared / "m.jwt").read_text(), options={"verify_signature": False})
+    assert claims["sub"] == f"integration:{integration}:job:{mine.id}"
+    assert (claims["resource_id"], claims["template_id"], claims["workflow_id"]) == ("", "", "")
 
 
 async def test_an_expired_token_is_refused(executor, cloud):

@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from infrakitchen.executor.v1 import executor_pb2 as pb
+from services.executor.adapters.providers import hash1_of_dir
 from tests.support.gitrepos import ModuleRepo
 from tests.support.jobs import all_logs, log_text, start_executor, submit_request, wait_job
 from tests.support.provider_mirror import NULL, TESTCLOUD, ProviderMirror, null_files, cloud_provider_files
@@ -56,6 +57,18 @@ provider "infrakitchen.test/ik/testcloud" {
 '''
 
 
+TROJAN = "#!/bin/sh\necho pwned > /tmp/pwned\n"
+
+
+def _trojan_lock(tmp_path) -> str:
+    """A lock file vouching for the trojan package a module ships in its own `.terraform`."""
+    package = tmp_path / "trojan-package"
+    package.mkdir()
+    (package / "terraform-provider-testcloud_v9.9.9").write_text(TROJAN)
+    return (f'provider "{TESTCLOUD}" {{\n  version = "9.9.9"\n  constraints = ">= 0.1.0"\n'
+            f'  hashes = [\n    "{hash1_of_dir(package)}",\n  ]\n}}\n')
+
+
 @pytest.fixture
 def mirror(tmp_path):
     with ProviderMirror(tmp_path / "mirror", tmp_path / "certs") as m:
@@ -78,6 +91,14 @@ def modules(tmp_path):
     repo.write("requires/main.tf", ONLY_REQUIRES)
     repo.write("locked/main.tf", ONLY_REQUIRES)
     repo.write("locked/.terraform.lock.hcl", LOCKED_TO_A_MISSING_VERSION)
+    # Modules that ship a provider of their own in `.terraform` (with and without a lock vouching for it).
+    trojan = f".terraform/providers/{TESTCLOUD}/9.9.9/linux_amd64/terraform-provider-testcloud_v9.9.9"
+    for name in ("trojan", "trojan-locked"):
+        repo.write(f"{name}/main.tf", ONLY_REQUIRES.replace('source = "infrakitchen.test/ik/testcloud"',
+                                                            'source = "infrakitchen.test/ik/testcloud", '
+                                                            'version = ">= 0.1.0"'))
+        repo.write(f"{name}/{trojan}", TROJAN)
+    repo.write("trojan-locked/.terraform.lock.hcl", _trojan_lock(tmp_path))
     repo.commit("modules", tag="v1")
     return repo
 
@@ -96,9 +117,10 @@ async def _integration(svc, cloud) -> str:
 
 
 async def _run(svc, repo, module: str, state_path: str, resource_id: str, **kw) -> pb.Job:
+    """A resource's job, submitted as the resource service submits it."""
     job = await svc.stub.SubmitJob(submit_request(repo, module, state_path, variables=kw.pop("variables", {}),
                                                   correlation=pb.JobCorrelation(resource_id=resource_id), **kw),
-                                   metadata=svc.md)
+                                   metadata=svc.as_resource)
     return await wait_job(svc.stub, job.id, svc.md, timeout=180)
 
 
@@ -187,5 +209,50 @@ async def test_a_module_without_a_lock_file_keeps_the_versions_of_its_first_run(
         other = await _run(svc, modules, "requires", "q", "resource-q")
         assert other.status == pb.JOB_STATUS_SUCCEEDED, other.error_message
         assert "testcloud v0.2.0" in log_text(await all_logs(svc.stub, other.id, svc.md))
+    finally:
+        await svc.__aexit__(None, None, None)
+
+
+async def test_a_provider_a_module_ships_in_its_own_terraform_folder_is_never_run_nor_cached(
+        tmp_path, event_prefix, nats_url, mirror, modules):
+    svc = await _executor(tmp_path, event_prefix, nats_url, mirror)
+    try:
+        # Without a lock: terraform installs from the sources the operator allows, not the shipped folder.
+        plain = await _run(svc, modules, "trojan", "t1", "resource-t1")
+        text = log_text(await all_logs(svc.stub, plain.id, svc.md))
+        assert plain.status == pb.JOB_STATUS_SUCCEEDED, plain.error_message
+        assert "testcloud v0.1.0" in text and "9.9.9" not in text
+        # With a lock vouching for the shipped package: no source has it, so nothing runs.
+        locked = await _run(svc, modules, "trojan-locked", "t2", "resource-t2")
+        assert locked.status == pb.JOB_STATUS_FAILED and "9.9.9" in locked.error_message
+        cached = tmp_path / "provider-cache" / "providers" / TESTCLOUD
+        assert sorted(p.name for p in cached.iterdir() if not p.name.startswith(".")) == ["0.1.0"]
+    finally:
+        await svc.__aexit__(None, None, None)
+
+
+async def test_recorded_versions_no_source_has_any_more_are_chosen_anew(tmp_path, event_prefix, nats_url, mirror,
+                                                                        modules):
+    svc = await _executor(tmp_path, event_prefix, nats_url, mirror, IK_TERRAFORM_PROVIDER_CACHE="off")
+    try:
+        first = await _run(svc, modules, "requires", "r", "resource-r")
+        assert first.status == pb.JOB_STATUS_SUCCEEDED, first.error_message
+        # The mirror drops 0.1.0 for 0.2.0.
+        mirror.add(TESTCLOUD, "0.2.0", cloud_provider_files())
+        index = mirror.root / TESTCLOUD / "index.json"
+        index.write_text('{"versions": {"0.2.0": {}}}')
+        again = await _run(svc, modules, "requires", "r", "resource-r")
+        text = log_text(await all_logs(svc.stub, again.id, svc.md))
+        assert again.status == pb.JOB_STATUS_SUCCEEDED, again.error_message + text[-1500:]
+        assert "cannot be installed; choosing anew" in text and "testcloud v0.2.0" in text
+        # The new choice is recorded: the next run installs 0.2.0 from the lock.
+        third = await _run(svc, modules, "requires", "r", "resource-r")
+        text = log_text(await all_logs(svc.stub, third.id, svc.md))
+        assert "recorded on this resource's first run" in text and "choosing anew" not in text
+        # A user's own SubmitJob naming the resource neither uses nor records its lock.
+        mine = await svc.stub.SubmitJob(submit_request(modules, "requires", "r2", correlation=pb.JobCorrelation(
+            resource_id="resource-r")), metadata=svc.md)
+        mine = await wait_job(svc.stub, mine.id, svc.md, timeout=180)
+        assert "recorded on this resource's first run" not in log_text(await all_logs(svc.stub, mine.id, svc.md))
     finally:
         await svc.__aexit__(None, None, None)

@@ -1,5 +1,6 @@
 """The Team Environment example on the test cloud (tests/testcloud): real
-objects with values the cloud computes, a transient cloud error retried by the
+objects with values the cloud computes, reached with short-lived OIDC tokens
+only (the cloud knows no static token), a transient cloud error retried by the
 workflow's retry policy (the built-in patterns), plans that tell an in-place
 update from a replacement, and a teardown that leaves nothing in the cloud."""
 from __future__ import annotations
@@ -19,22 +20,25 @@ from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
 from services.common.values import from_value
 from tests.support.platform import Platform, struct
-from tests.testcloud.cloud import CloudServer
+from tests.support.processes import free_port
+from tests.testcloud.cloud import CloudServer, jwks_verifier
 
 DONE = wp.WORKFLOW_STATUS_DONE
 
 
 @pytest.fixture
 def cloud():
-    with CloudServer() as server:
-        server.cloud.tokens.add("team-token")
+    with CloudServer() as server:  # no static token: jobs' OIDC tokens only
         yield server
 
 
 @pytest.fixture
 async def p(tmp_path, event_prefix, nats_url, cloud):
+    issuer = f"http://127.0.0.1:{free_port()}"
     async with Platform(tmp_path, event_prefix, nats_url,
-                        extra_env={"IK_EXECUTOR_EGRESS_ALLOW": f"127.0.0.1:{cloud.port}"}) as platform:
+                        extra_env={"IK_EXECUTOR_EGRESS_ALLOW": f"127.0.0.1:{cloud.port}",
+                                   "IK_EXECUTOR_OIDC_PORT": issuer.rsplit(":", 1)[1]}) as platform:
+        cloud.cloud.verifier = jwks_verifier(f"{issuer}/jwks", issuer, "testcloud")
         yield platform
 
 
@@ -69,8 +73,9 @@ async def test_the_team_environment_in_the_test_cloud(p, cloud, tmp_path):
     with grpc.insecure_channel(p.inner.services["blueprint"].target) as channel:
         example = await asyncio.to_thread(register, channel, p.admin, url)
     integration = await p.executor.CreateIntegration(ep.CreateIntegrationRequest(
-        integration=ep.Integration(name="testcloud", provider=ep.INTEGRATION_PROVIDER_GENERIC),
-        credentials={"TESTCLOUD_ENDPOINT": cloud.url, "TESTCLOUD_TOKEN": "team-token"}), metadata=p.admin)
+        integration=ep.Integration(name="testcloud", provider=ep.INTEGRATION_PROVIDER_OIDC, oidc=ep.OidcFederation(
+            cloud="generic", audience="testcloud", token_file_env="TESTCLOUD_TOKEN_FILE")),
+        credentials={"TESTCLOUD_ENDPOINT": cloud.url}), metadata=p.admin)
 
     # The cloud is busy for the database's first create: a 503 with Retry-After.
     cloud.fail_next(1, 503, kind="databases", method="POST")
@@ -93,6 +98,9 @@ async def test_the_team_environment_in_the_test_cloud(p, cloud, tmp_path):
     database, = cloud.objects("databases")
     bucket, = cloud.objects("buckets")
     assert database["network_id"] == bucket["network_id"] == network["id"]
+    # Each made with a token naming its own resource (the resource service submitted the jobs).
+    assert [o["owner_resource"] for o in (network, database, bucket)] == [
+        steps[t].resource_id for t in ("Team Network", "Team Database", "Team Bucket")]
     db = await p.get(steps["Team Database"].resource_id)
     outputs = {o.name: from_value(o.value) for o in db.outputs}
     assert outputs["endpoint"] == database["endpoint"] and outputs["password"] == "***"

@@ -10,6 +10,7 @@ from google.protobuf import duration_pb2, struct_pb2
 from infrakitchen.executor.v1 import executor_pb2 as pb
 from infrakitchen.executor.v1 import executor_pb2_grpc
 from services.common.auth import Role
+from services.common.identities import ServiceIdentity
 from services.executor.__main__ import DEFINITION
 from tests.support.gitrepos import ModuleRepo
 from tests.support.inprocess import InProcessService
@@ -153,12 +154,23 @@ def log_text(lines) -> str:
     return "\n".join(line.text for line in lines)
 
 
+def service_metadata(svc: InProcessService, service: str = "resource", user: str = "alice",
+                     role: Role = Role.WRITE) -> list[tuple[str, str]]:
+    """Metadata of a call `service` makes to `svc` for `user` (signed with that
+    service's own key, made beside svc's keys): e.g. the resource service
+    submitting a resource's job."""
+    identity = ServiceIdentity.from_settings(service, svc.settings.env, svc.settings.data_dir)
+    return [("authorization", f"Bearer {identity.token(svc.definition.name, user, role)}")]
+
+
 async def start_executor(database_url, event_prefix, nats_url, data_dir, **env) -> InProcessService:
-    """An executor in the test's event loop, with `stub`, `md` (a writer) and `admin` metadata."""
+    """An executor in the test's event loop, with `stub`, `md` (a writer), `admin`
+    and `as_resource` (the resource service, for alice) metadata."""
     svc = InProcessService(DEFINITION, database_url, event_prefix, nats_url, data_dir,
                            extra_env={"IK_EXECUTOR_CANCEL_GRACE": "5", "IK_TERRAFORM_LOCK_TIMEOUT": "2s", **env})
     await svc.__aenter__()
     svc.stub = executor_pb2_grpc.ExecutorServiceStub(svc.channel)
     svc.md = svc.metadata(Role.WRITE, "alice")
     svc.admin = svc.metadata(Role.ADMIN, "root")
+    svc.as_resource = service_metadata(svc)
     return svc

@@ -7,7 +7,7 @@ import datetime as dt
 
 import jwt
 
-from services.executor.adapters.oidc import MAX_TOKEN_SECONDS, OidcIssuer, OidcSettings
+from services.executor.adapters.oidc import MAX_TOKEN_SECONDS, PUBLISH_AHEAD, OidcIssuer, OidcSettings
 
 
 class FakeKeys:
@@ -55,12 +55,16 @@ async def test_keys_rotate_and_old_ones_stay_published_while_their_tokens_may_li
     published = [k["kid"] for k in issuer.published()["keys"]]
     assert len(published) == 2 and published[1] == first[0]  # the newest first; the old one still verifies
 
+    # The new key signs once every replica and cloud had time to see it published.
+    early = await issuer.mint(lambda: FakeUow(keys), {"sub": "resource:r", "aud": "a"}, 300,
+                              T0 + dt.timedelta(days=7, seconds=PUBLISH_AHEAD - 1))
+    assert jwt.get_unverified_header(early)["kid"] == first[0]
     token = await issuer.mint(lambda: FakeUow(keys), {"sub": "resource:r", "aud": "a"}, 300,
-                              T0 + dt.timedelta(days=7, hours=1))
+                              T0 + dt.timedelta(days=7, seconds=PUBLISH_AHEAD))
     assert jwt.get_unverified_header(token)["kid"] == published[0]
 
     # Once no token the old key signed can be valid, it is gone.
-    await issuer.rotate(uow, T0 + dt.timedelta(days=7, seconds=MAX_TOKEN_SECONDS + 601))
+    await issuer.rotate(uow, T0 + dt.timedelta(days=7, seconds=PUBLISH_AHEAD + MAX_TOKEN_SECONDS + 601))
     assert [k["kid"] for k in issuer.published()["keys"]] == published[:1]
     assert len(keys.rows) == 1
 

@@ -42,11 +42,16 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from services.executor.domain.model import protected_env_name, valid_env_name
+
 
 log = logging.getLogger(__name__)
 
 ALGORITHM = "RS256"
 MAX_TOKEN_SECONDS = 24 * 3600
+# A new key is published this long before it signs: longer than replicas take to
+# read it (keep_rotating, every minute) and clouds keep the JWKS (max-age 60 s).
+PUBLISH_AHEAD = 600.0
 DEFAULT_ROTATE_HOURS = 168.0
 FIELD_MAX = 512
 CLOUDS = ("aws", "google", "azure", "generic")
@@ -81,6 +86,9 @@ class OidcSettings:
             issuer = f"http://127.0.0.1:{port}"
         if issuer and (urlparse(issuer).scheme not in ("http", "https") or not urlparse(issuer).hostname):
             raise OidcUnavailable("IK_EXECUTOR_OIDC_ISSUER must be an http(s) URL (clouds want https)")
+        if issuer.startswith("http://") and urlparse(issuer).hostname not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("IK_EXECUTOR_OIDC_ISSUER %s is not https: clouds (AWS, Google, Azure) refuse such an "
+                        "issuer; put an https URL in front of IK_EXECUTOR_OIDC_PORT", issuer[:200])
         return cls(issuer, port, rotate)
 
 
@@ -104,9 +112,14 @@ def check_federation(oidc: dict[str, str]) -> list[tuple[str, str]]:
                 problems.append((f"integration.oidc.{name}", "is required for azure"))
     if cloud == "generic" and not oidc.get("audience"):
         problems.append(("integration.oidc.audience", "is required for generic"))
+    for name, value in oidc.items():
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            problems.append((f"integration.oidc.{name}", "must not hold control characters"))
     env_name = oidc.get("token_file_env", "")
-    if env_name and not (env_name.replace("_", "a").isalnum() and not env_name[0].isdigit()):
-        problems.append(("integration.oidc.token_file_env", "an environment variable name"))
+    if env_name and not valid_env_name(env_name):
+        problems.append(("integration.oidc.token_file_env", "an environment variable name (letters, digits, _)"))
+    elif env_name and (why := protected_env_name(env_name)):
+        problems.append(("integration.oidc.token_file_env", why))
     return problems
 
 
@@ -159,20 +172,19 @@ class OidcIssuer:
     def __init__(self, settings: OidcSettings, vault):
         self.settings = settings
         self.vault = vault
+        self._keys: list[tuple[str, rsa.RSAPrivateKey, dt.datetime]] = []  # newest first, as last read
         self._published: dict = {"keys": []}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
     # --- keys -------------------------------------------------------------------------------
 
-    async def _keys(self, uow) -> list[tuple[str, rsa.RSAPrivateKey, dt.datetime]]:
-        return [(kid, serialization.load_pem_private_key(pem, password=None), created)
-                for kid, pem, created in await uow.oidc_keys.all()]
-
     async def rotate(self, uow, now: dt.datetime) -> None:
-        """Makes a new key when the newest is due; forgets keys no token can
-        need any more; refreshes what the endpoint publishes."""
-        keys = await self._keys(uow)
+        """Reads the keys; makes a new one when the newest is due; forgets
+        keys no token can need any more; refreshes what this replica signs
+        with and publishes."""
+        keys = [(kid, serialization.load_pem_private_key(pem, password=None), created)
+                for kid, pem, created in await uow.oidc_keys.all()]
         if not keys or (now - keys[0][2]).total_seconds() >= self.settings.rotate_seconds:
             key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -180,35 +192,44 @@ class OidcIssuer:
             kid = f"{now:%Y%m%d}-{uuid.uuid4().hex[:12]}"
             await uow.oidc_keys.add(kid, pem, now)
             keys.insert(0, (kid, key, now))
-        # A key signed until the next one came; its tokens live at most
-        # MAX_TOKEN_SECONDS after that (and a margin for clocks).
+        # A key signs until the next one starts to (PUBLISH_AHEAD after it was
+        # made); its tokens live at most MAX_TOKEN_SECONDS after that.
         live, newer_created = [], None
         for kid, key, created in keys:
-            if newer_created is None or (now - newer_created).total_seconds() < MAX_TOKEN_SECONDS + 600:
+            if newer_created is None or \
+                    (now - newer_created).total_seconds() < PUBLISH_AHEAD + MAX_TOKEN_SECONDS + 600:
                 live.append((kid, key, created))
             else:
                 await uow.oidc_keys.delete(kid)
             newer_created = created
         with self._lock:
+            self._keys = live
             self._published = {"keys": [public_jwk(kid, key) for kid, key, _ in live]}
+
+    def _signing_key(self, now: dt.datetime) -> tuple[str, rsa.RSAPrivateKey]:
+        """The newest key published for PUBLISH_AHEAD already (every replica
+        and every cloud's cached JWKS knows it by then); the oldest one while
+        none is (the first start)."""
+        with self._lock:
+            keys = list(self._keys)
+        for kid, key, created in keys:
+            if (now - created).total_seconds() >= PUBLISH_AHEAD:
+                return kid, key
+        kid, key, _ = keys[-1]
+        return kid, key
 
     async def mint(self, uow_factory, claims: dict, lifetime: float, now: dt.datetime) -> str:
         """A token with `claims` (sub, aud and the job's), valid for `lifetime`
-        seconds from now, signed with the newest key (made, and committed,
-        first when none is current: a token's key is always published)."""
+        seconds from now. No I/O once the keys were read (keep_rotating
+        does, at start and every minute); before that, reads them first."""
         if not self.settings.issuer:
             raise OidcUnavailable("this executor issues no OIDC tokens: set IK_EXECUTOR_OIDC_ISSUER (and serve "
                                   "its discovery document, IK_EXECUTOR_OIDC_PORT)")
-        async with uow_factory() as uow:
-            keys = await self._keys(uow)
-            if not keys or (now - keys[0][2]).total_seconds() >= self.settings.rotate_seconds:
+        if not self._keys:
+            async with uow_factory() as uow:
                 await self.rotate(uow, now)
                 await uow.commit()
-                keys = None
-        if keys is None:
-            async with uow_factory() as uow:
-                keys = await self._keys(uow)
-        kid, key, _ = keys[0]
+        kid, key = self._signing_key(now)
         issued = int(now.timestamp())
         body = {**claims, "iss": self.settings.issuer, "iat": issued, "nbf": issued - 5,
                 "exp": issued + int(min(max(lifetime, 1), MAX_TOKEN_SECONDS))}
@@ -234,6 +255,8 @@ class OidcIssuer:
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 10  # a client that sends nothing holds a thread no longer
+
             def log_message(self, *args) -> None:
                 pass
 
@@ -250,7 +273,7 @@ class OidcIssuer:
                 data = json.dumps(body).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Cache-Control", "max-age=300")
+                self.send_header("Cache-Control", "max-age=60")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

@@ -17,16 +17,22 @@ Each job's `terraform init` runs with a CLI configuration of its own
 Terraform takes the newest version any of them offers that the module's
 constraints (and lock file) allow, from the first one that has it.
 
-The cache is written only by the executor, never from inside a sandbox: right
-after a job's `init`, before any module code runs, the packages terraform
-downloaded into the job (real directories, not links into the cache) are
-copied into the cache, each under a name of its own and then renamed into
-place (so concurrent jobs never see half a package, and two jobs harvesting
-the same package leave one), and only when the package's `h1:` hash is one
-the lock file terraform just wrote records (terraform verified it against the
-registry's or mirror's checksums). Terraform's own plugin_cache_dir is not
-used: it is not safe with concurrent inits, and it would be written from
-inside the sandbox.
+The cache is written only by the executor, never from inside a sandbox. Each
+job's terraform keeps its providers in a data directory the executor makes
+empty for the job (TF_DATA_DIR), never the module's own `.terraform` (a
+repository could ship one holding any binary, with a lock file vouching for
+it): so what `init` leaves there, terraform installed in this run, from the
+cache, the operator's mirror or a registry, checked against the registry's
+signatures or the mirror's checksums and the lock file. Right after `init`,
+before any module code runs, the packages it downloaded (real directories,
+not links into the cache) are copied into the cache (regular files only),
+hashed as copied, and renamed into place when that `h1:` is one the lock file
+records: concurrent jobs never see half a package, and of two jobs harvesting
+the same package the first stays. A provider's address names its origin
+(`host/namespace/type`), so a module that asks for a provider from a host of
+its own choosing fills the cache only under that address. Terraform's own
+plugin_cache_dir is not used: it is not safe with concurrent inits, and it
+would be written from inside the sandbox.
 
 A lock file (`.terraform.lock.hcl`) that records other hashes for a cached
 version (e.g. one made on another platform, with no `h1:` for this one)
@@ -43,6 +49,7 @@ import platform
 import re
 import shutil
 import stat
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +83,9 @@ class Locked:
 
 
 def parse_lock(text: str) -> dict[str, Locked]:
-    """The providers a lock file records: address -> version and hashes."""
+    """The providers a lock file records: address -> version and hashes
+    (the subset of HCL terraform writes there; comment lines are dropped)."""
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(("#", "//")))
     out = {}
     for address, body in _LOCK_BLOCK.findall(text):
         version = _LOCK_VERSION.search(body)
@@ -110,7 +119,7 @@ def hash1_of_dir(directory: Path) -> str:
     lines = []
     for path in sorted(directory.rglob("*"), key=lambda p: p.relative_to(directory).as_posix()):
         if path.is_symlink():
-            raise ValueError(f"a package holds a link ({path.name})")
+            raise ValueError(f"a package holds a link ({path.name[:100]})")
         if path.is_file():
             digest = hashlib.sha256()
             with open(path, "rb") as f:
@@ -147,6 +156,7 @@ class ProviderCache:
     def ensure(self) -> None:
         self.mirror.mkdir(parents=True, exist_ok=True)
         (self.root / "hashes").mkdir(parents=True, exist_ok=True)
+        self.sweep()
 
     def cached_hash(self, address: str, version: str) -> str:
         try:
@@ -160,48 +170,96 @@ class ProviderCache:
         return sorted(address for address, lock in locked.items()
                       if (h1 := self.cached_hash(address, lock.version)) and h1 not in lock.hashes)
 
-    def harvest(self, module: Path, locked: dict[str, Locked]) -> list[str]:
-        """Copies the packages `init` downloaded into the job (under `module`)
-        into the cache; returns "address version" of each one added. Runs in
-        the executor, before any module code ran in the job."""
+    def harvest(self, providers: Path, locked: dict[str, Locked]) -> list[str]:
+        """Copies the packages `init` downloaded (into `providers`, the
+        providers folder of the job's TF_DATA_DIR, which the executor made
+        empty before init) into the cache; returns "address version" of each
+        one added. Runs in the executor before any module code ran in the
+        job. A package is copied first, then hashed as copied (regular files
+        only, nothing followed), and renamed into place only when its hash
+        is one the lock file records."""
         added = []
-        providers = module / ".terraform" / "providers"
-        for package in sorted(providers.glob(f"*/*/*/*/{PLATFORM}")):
-            address = package.parent.parent.relative_to(providers).as_posix()
-            version = package.parent.name
+        for address, version, package in _packages(providers):
             lock = locked.get(address)
-            if package.is_symlink() or not package.is_dir() or not _ADDRESS.match(address) \
-                    or not _VERSION.match(version) or lock is None or lock.version != version:
-                continue
             target = self.mirror / address / version / PLATFORM
-            if target.exists():
+            if lock is None or lock.version != version or target.exists():
                 continue
-            try:
-                h1 = hash1_of_dir(package)
-            except (OSError, ValueError) as exc:
-                log.warning("provider %s %s not cached: %s", address, version, exc)
-                continue
-            if h1 not in lock.hashes:
-                log.warning("provider %s %s not cached: its package is not the one the lock file records",
-                            address, version)
-                continue
-            partial = target.parent / f".{PLATFORM}.{uuid.uuid4().hex}.partial"
             target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.parent / f".{PLATFORM}.{uuid.uuid4().hex}.partial"
             try:
-                shutil.copytree(package, partial, symlinks=True)
-                for path in [partial, *partial.rglob("*")]:
-                    path.chmod((path.stat().st_mode & 0o755) | (0o755 if path.is_dir() else 0o644))
+                _copy_regular(package, partial)
+                h1 = hash1_of_dir(partial)
+                if h1 not in lock.hashes:
+                    log.warning("provider %s %s not cached: its package is not the one the lock file records",
+                                address, version)
+                    continue
+                try:
+                    os.rename(partial, target)  # atomic; fails when another job put it there first
+                except OSError:
+                    continue
                 hash_file = self._hash_file(address, version)
                 hash_file.parent.mkdir(parents=True, exist_ok=True)
-                hash_file.write_text(h1 + "\n")
-                os.rename(partial, target)  # atomic; fails when another job put it there first
+                written = hash_file.with_name(f".{hash_file.name}.{uuid.uuid4().hex}")
+                written.write_text(h1 + "\n")
+                os.replace(written, hash_file)
                 added.append(f"{address} {version}")
-            except OSError:
-                if not target.exists():
-                    log.warning("provider %s %s could not be cached", address, version, exc_info=True)
+            except (OSError, ValueError) as exc:
+                log.warning("provider %s %s not cached: %s", address, version, exc)
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
         return added
+
+    def sweep(self, older_than: float = 3600.0) -> None:
+        """Removes copies a killed executor left half done (any executor
+        sharing the cache may be copying one now: only old ones go)."""
+        now = time.time()
+        for partial in self.mirror.rglob(".*.partial"):
+            try:
+                if now - partial.lstat().st_mtime > older_than:
+                    shutil.rmtree(partial, ignore_errors=True)
+            except OSError:
+                pass
+
+
+def _subdirs(folder: Path):
+    """Real subdirectories (links are not followed)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return []
+
+
+def _packages(providers: Path):
+    """(address, version, package dir) of the real packages under a providers folder."""
+    for host in _subdirs(providers):
+        for namespace in _subdirs(host):
+            for kind in _subdirs(namespace):
+                for version in _subdirs(kind):
+                    address = f"{host.name}/{namespace.name}/{kind.name}"
+                    package = version / PLATFORM
+                    if _ADDRESS.match(address) and _VERSION.match(version.name) and not package.is_symlink() \
+                            and package.is_dir():
+                        yield address, version.name, package
+
+
+def _copy_regular(source: Path, target: Path) -> None:
+    """Copies a package tree: directories and regular files only (a link or
+    any other kind of file refuses the package)."""
+    target.mkdir(mode=0o755)
+    with os.scandir(source) as entries:
+        for entry in entries:
+            destination = target / entry.name
+            if entry.is_dir(follow_symlinks=False):
+                _copy_regular(Path(entry.path), destination)
+            elif entry.is_file(follow_symlinks=False):
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+                with os.fdopen(fd, "rb") as src, open(destination, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                mode = os.stat(entry.path, follow_symlinks=False).st_mode
+                destination.chmod(0o755 if mode & stat.S_IXUSR else 0o644)
+            else:
+                raise ValueError(f"the package holds a link or special file ({entry.name[:100]})")
 
 
 @dataclass(frozen=True)
@@ -216,6 +274,9 @@ class ProviderSources:
 
     @classmethod
     def from_env(cls, env: dict[str, str], data_dir: Path, default_mirror: str = "") -> "ProviderSources":
+        if env.get("IK_TERRAFORM_PLUGIN_DIR"):
+            raise ProviderSettingsError("IK_TERRAFORM_PLUGIN_DIR is gone: set IK_TERRAFORM_PROVIDER_MIRROR to that "
+                                        "directory (and IK_TERRAFORM_PROVIDER_DIRECT=off to never use a registry)")
         mirror = env.get("IK_TERRAFORM_PROVIDER_MIRROR", default_mirror).strip()
         url = directory = ""
         if mirror.startswith(("https://", "http://")):

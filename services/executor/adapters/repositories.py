@@ -120,7 +120,7 @@ class JobRepository:
             plan_summary=_summary_to_json(j.plan_summary), exit_code=j.exit_code, error_message=j.error_message,
             attempt=j.attempt, worker=j.worker, lease_until=j.lease_until, cancel_requested=j.cancel_requested,
             creator=j.creator, create_time=j.create_time, start_time=j.start_time, end_time=j.end_time,
-            queue_reason=j.queue_reason,
+            queue_reason=j.queue_reason, via=j.via,
         )
 
     def _job(self, r) -> Job:
@@ -141,6 +141,7 @@ class JobRepository:
             attempt=r.attempt, worker=r.worker, lease_until=_aware(r.lease_until),
             cancel_requested=r.cancel_requested, creator=r.creator, create_time=_aware(r.create_time),
             start_time=_aware(r.start_time), end_time=_aware(r.end_time), queue_reason=r.queue_reason,
+            via=r.via,
         )
 
     async def add(self, j: Job) -> None:
@@ -342,10 +343,17 @@ class ProviderLockRepository:
         return row.lock_file if row is not None and row.source == source else ""
 
     async def record(self, resource_id: str, source: str, lock_file: str, now: dt.datetime) -> None:
-        """Records (or replaces, for a new source) the resource's lock file."""
-        await self.s.execute(sa.delete(provider_locks).where(provider_locks.c.resource_id == resource_id))
-        await self.s.execute(sa.insert(provider_locks).values(resource_id=resource_id, source=source,
-                                                              lock_file=lock_file, update_time=now))
+        """Records (or replaces) the resource's lock file; two jobs' ends at
+        once leave the later one (one statement: no key conflict)."""
+        if self.s.bind.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        statement = insert(provider_locks).values(resource_id=resource_id, source=source, lock_file=lock_file,
+                                                  update_time=now)
+        await self.s.execute(statement.on_conflict_do_update(
+            index_elements=[provider_locks.c.resource_id],
+            set_={"source": source, "lock_file": lock_file, "update_time": now}))
 
 
 class OidcKeyRepository:

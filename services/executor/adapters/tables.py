@@ -47,6 +47,7 @@ jobs = sa.Table(
     sa.Column("start_time", TS, nullable=True),
     sa.Column("end_time", TS, nullable=True),
     sa.Column("queue_reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("via", sa.String(32), nullable=False, server_default=""),
     sa.Index("ix_jobs_state", "storage_id", "state_path"),
     # ListJobs: keyset pages by (create_time, id), alone or per resource, workflow or status.
     sa.Index("ix_jobs_created", "create_time", "id"),

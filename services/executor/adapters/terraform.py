@@ -449,34 +449,49 @@ class TerraformRun:
             shipped = read_lock(module)
         except ValueError as exc:
             raise RunFailed(f"the module's {exc}") from None
-        if not shipped and self.spec.lock_file:
-            lock_path = module / LOCK_FILE
-            lock_path.write_text(self.spec.lock_file)
-            self.say(f"providers: the versions recorded on this resource's first run ({LOCK_FILE})")
-        locked = parse_lock(shipped or self.spec.lock_file)
+        recorded = "" if shipped else self.spec.lock_file
+        # Terraform's own folder for this job, made empty here: never the module's
+        # `.terraform`, which a repository could ship with a provider of its own inside.
+        data_dir = workdir / "terraform-data"
+        data_dir.mkdir(mode=0o700)
         cli_config = workdir / "terraform.rc"
-        cli_config.write_text(sources.cli_config(sources.cache.not_for(locked) if sources.cache else []))
-        env.update(sources.environment(cli_config))
+        env.update({"TF_DATA_DIR": str(data_dir), **sources.environment(cli_config)})
         self.say(f"providers from {sources.describe()}")
+        if recorded:
+            (module / LOCK_FILE).write_text(recorded)
+            self.say(f"providers: the versions recorded on this resource's first run ({LOCK_FILE})")
         try:
-            await self._terraform(["init", "-input=false", "-no-color", *backend_args], module, env)
+            await self._install(module, env, backend_args, cli_config, shipped or recorded)
         except RunFailed as exc:
-            if locked and ("lock file" in exc.message or "previously-selected" in exc.message):
-                pins = ", ".join(f"{address} {lock.version}" for address, lock in sorted(locked.items()))
-                whose = "the module's lock file" if shipped else "the lock file recorded on this resource's first run"
-                raise RunFailed(f"{exc.message}\n{whose} ({LOCK_FILE}) pins {pins[:600]}: make those versions "
-                                "available (mirror, registry), or change the lock file", exc.exit_code) from None
-            raise
+            if not _lock_refused(exc.message):
+                raise
+            pins = ", ".join(f"{a} {lock.version}" for a, lock in sorted(parse_lock(shipped or recorded).items()))
+            if shipped:
+                raise RunFailed(f"{exc.message}\nthe module's lock file ({LOCK_FILE}) pins {pins[:600]}: make those "
+                                "versions available (mirror, registry), or change the module's lock file",
+                                exc.exit_code) from None
+            # The versions recorded on an earlier run cannot be installed any more (a
+            # mirror dropped them, new constraints): choose anew, and record that.
+            self.say(f"providers: the recorded versions ({pins[:600]}) cannot be installed; choosing anew")
+            (module / LOCK_FILE).unlink(missing_ok=True)
+            recorded = ""
+            await self._install(module, env, backend_args, cli_config, "")
         try:
             after = read_lock(module)
         except ValueError:
             after = ""
-        if not shipped and not self.spec.lock_file and after:
+        if not shipped and not recorded and after:
             result.lock_file = after  # recorded with the job's end: this resource's later runs use it
         if sources.cache is not None and after:
-            added = await asyncio.to_thread(sources.cache.harvest, module, parse_lock(after))
+            added = await asyncio.to_thread(sources.cache.harvest, data_dir / "providers", parse_lock(after))
             if added:
                 self.say(f"providers: added to this machine's cache: {', '.join(added)}")
+
+    async def _install(self, module: Path, env: dict[str, str], backend_args: list[str], cli_config: Path,
+                       lock: str) -> None:
+        sources = self.config.providers
+        cli_config.write_text(sources.cli_config(sources.cache.not_for(parse_lock(lock)) if sources.cache else []))
+        await self._terraform(["init", "-input=false", "-no-color", *backend_args], module, env)
 
     async def _check_plan_fits(self, module: Path, env: dict[str, str]) -> None:
         """A saved plan is applied only to the state it was made against.
@@ -587,6 +602,11 @@ class TerraformRun:
 
 
 _ERROR_RE = re.compile(r"^(│ )?Error: ")
+
+
+def _lock_refused(message: str) -> bool:
+    """Whether `init` failed on what a lock file pins."""
+    return "lock file" in message or "previously-selected" in message
 
 
 def _error_of(stderr: list[str]) -> str:

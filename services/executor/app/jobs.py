@@ -25,6 +25,8 @@ DISPATCH_SUBJECT = "ik.dispatch.job"  # the work-queue stream's subject (not an 
 STATUS_EVENT = {"queued": "job_queued", "running": "job_started", "succeeded": "job_succeeded",
                 "failed": "job_failed", "cancelled": "job_cancelled", "timed_out": "job_timed_out"}
 
+MAX_CORRELATION_ID = 64  # the ids a job's correlation names (their columns' width)
+
 
 async def emit_job_event(uow, job: Job, actor: str = "") -> None:
     """The job's current status as an event; payload conversion lives in the api layer."""
@@ -66,6 +68,9 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
             violations.append(FieldViolation(f"sensitive_variables[{i}]", f"{name!r} is not one of the variables"))
     if job.timeout_seconds < 0:
         violations.append(FieldViolation("timeout", "must not be negative"))
+    for name in ("resource_id", "workflow_id", "step_id", "temporary_state_id", "template_id"):
+        if len(getattr(job.correlation, name)) > MAX_CORRELATION_ID:
+            violations.append(FieldViolation(f"correlation.{name}", f"at most {MAX_CORRELATION_ID} characters"))
     # Held (PostgreSQL: FOR KEY SHARE) until this submission commits, so a
     # delete at the same moment waits for it and then sees its job (see
     # credentials._refuse_if_used).
@@ -82,8 +87,8 @@ async def submit_job(uow, principal: Principal, job: Job, default_timeout: float
         raise InvalidArgument("invalid job", violations)
 
     now = utcnow()
-    job = replace(job, id=str(uuid.uuid4()), status=QUEUED, creator=principal.user, create_time=now,
-                  timeout_seconds=job.timeout_seconds or default_timeout, attempt=0, worker="")
+    job = replace(job, id=str(uuid.uuid4()), status=QUEUED, creator=principal.user, via=principal.via,
+                  create_time=now, timeout_seconds=job.timeout_seconds or default_timeout, attempt=0, worker="")
     if job.plan_job_id:
         job = await _from_saved_plan(uow, job, current_state)
     elif job.action == PLAN and not job.correlation.resource_id:

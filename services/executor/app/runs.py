@@ -20,8 +20,8 @@ from services.executor.adapters.oidc import OidcUnavailable, audience_of
 from services.executor.adapters.terraform import (OidcGrant, RunSpec, TerraformRun, break_stale_lock, job_workdirs,
                                                   remove_workdir)
 from services.executor.app.jobs import DISPATCH_SUBJECT, emit_job_event, lease_deadline
-from services.executor.domain.model import (CANCELLED, FAILED, OIDC, SUCCEEDED, TIMED_OUT, Job, Redactor, integration_env,
-                                            secret_env, sensitive_values)
+from services.executor.domain.model import (CANCELLED, FAILED, OIDC, SUCCEEDED, TIMED_OUT, Integration, Job, Redactor,
+                                            integration_env, secret_env, sensitive_values)
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +131,15 @@ class JobRuns:
         started = utcnow()
         async with self.runtime.uow() as uow:
             storage = await uow.storages.get(job.storage_id) if job.storage_id else None
-            env, redact, grants = await self._environment(uow, job)
+            env, redact, federated = await self._environment(uow, job)
             plan_file = await uow.jobs.plan_file(job.plan_job_id) if job.plan_job_id else None
             plan_job = await uow.jobs.get(job.plan_job_id) if job.plan_job_id else None
             summary = plan_job.plan_summary if plan_job is not None else None
             # A first attempt's log is empty: only a run of the job writes it.
             next_number = await uow.logs.last_number(job.id) + 1 if job.attempt > 1 else 1
-            resource_id = job.correlation.resource_id
+            resource_id = _vouched_resource(job)
             lock_file = await uow.provider_locks.get(resource_id, _lock_source(job)) if resource_id else ""
+        grants = await self._tokens(job, federated, redact)  # outside the transaction: minting may write a key
 
         logs = LogWriter(self.runtime.uow, job.id, next_number, started)
         if previous_worker:
@@ -229,9 +230,8 @@ class JobRuns:
                 await self._end(uow, current, status, error if status != SUCCEEDED else "")
                 if result.plan_file is not None and status == SUCCEEDED:
                     await uow.jobs.set_plan_file(job.id, result.plan_file)
-                if result.lock_file and job.correlation.resource_id:
-                    await uow.provider_locks.record(job.correlation.resource_id, _lock_source(job), result.lock_file,
-                                                    utcnow())
+                if result.lock_file and (resource_id := _vouched_resource(job)):
+                    await uow.provider_locks.record(resource_id, _lock_source(job), result.lock_file, utcnow())
             # Removed on a thread while this transaction was made: gone before the end can be seen.
             await run.workdir_removed()
             await uow.commit()
@@ -277,24 +277,19 @@ class JobRuns:
             log.info("job %s: removed %d working directories stopped runs left behind", job_id, removed)
         return removed
 
-    async def _environment(self, uow, job: Job) -> tuple[dict[str, str], Redactor, list[OidcGrant]]:
+    async def _environment(self, uow, job: Job) -> tuple[dict[str, str], Redactor, list[Integration]]:
+        """The job's variables from its integrations and secrets, what to
+        redact, and its OIDC integrations (their tokens: _tokens)."""
         env: dict[str, str] = {}
         redact = Redactor()
-        grants = []
+        federated = []
         for id_ in job.integration_ids:
             integration = await uow.integrations.get(id_)
             if integration is not None:
                 env.update(integration_env(integration.provider, integration.credentials))
                 redact.add(integration.credentials.values())
-                if integration.provider == OIDC:  # a token for this attempt, no stored key
-                    try:
-                        token = await self.runtime.oidc.mint(self.runtime.uow, _claims(job, integration.oidc),
-                                                             job.timeout_seconds, utcnow())
-                    except OidcUnavailable as exc:  # the run fails, saying why
-                        grants.append(OidcGrant(dict(integration.oidc), "", f"integration {integration.name}: {exc}"))
-                        continue
-                    redact.add([token])
-                    grants.append(OidcGrant(dict(integration.oidc), token))
+                if integration.provider == OIDC:
+                    federated.append(integration)
         for id_ in job.secret_ids:
             secret = await uow.secrets.get(id_)
             if secret is not None:
@@ -302,7 +297,27 @@ class JobRuns:
                 redact.add(secret.values.values())
         for name in job.sensitive_variables:
             redact.add(sensitive_values(job.variables.get(name)))
-        return env, redact, grants
+        return env, redact, federated
+
+    async def _tokens(self, job: Job, federated: list[Integration], redact: Redactor) -> list[OidcGrant]:
+        """A token for this attempt per OIDC integration (no stored key), or why there is none."""
+        grants = []
+        clouds = [i.oidc.get("cloud", "") for i in federated]
+        for integration in federated:
+            cloud = integration.oidc.get("cloud", "")
+            if clouds.count(cloud) > 1:  # their variables (AWS_ROLE_ARN, ...) would overwrite each other
+                grants.append(OidcGrant(dict(integration.oidc), "", f"the job names {clouds.count(cloud)} OIDC "
+                                                                    f"integrations for {cloud}: at most one per cloud"))
+                continue
+            try:
+                token = await self.runtime.oidc.mint(self.runtime.uow, _claims(job, integration),
+                                                     job.timeout_seconds, utcnow())
+            except OidcUnavailable as exc:  # the run fails, saying why
+                grants.append(OidcGrant(dict(integration.oidc), "", f"integration {integration.name}: {exc}"))
+                continue
+            redact.add([token])
+            grants.append(OidcGrant(dict(integration.oidc), token))
+        return grants
 
     async def _supervise(self, msg, job: Job, run: TerraformRun):
         """Runs terraform while watching the deadline, cancel requests and the lease."""
@@ -352,10 +367,22 @@ def _lock_source(job: Job) -> str:
     return "\n".join((job.source.repository_url, job.source.path, job.source.ref))[:2400]
 
 
-def _claims(job: Job, oidc: dict[str, str]) -> dict:
-    """What a job's OIDC token says (services/executor/adapters/oidc.py)."""
+def _vouched_resource(job: Job) -> str:
+    """The resource a job works for, when the resource service submitted it
+    (a user calling SubmitJob may name any resource: it is not taken as a fact)."""
+    return job.correlation.resource_id if job.via == "resource" else ""
+
+
+def _claims(job: Job, integration: Integration) -> dict:
+    """What a job's OIDC token says (services/executor/adapters/oidc.py): the
+    integration, and the resource (template, workflow, step) only when the
+    resource service submitted the job; otherwise the job alone."""
     c = job.correlation
-    return {"sub": f"resource:{c.resource_id}" if c.resource_id else f"job:{job.id}", "aud": audience_of(oidc),
-            "jti": f"{job.id}:{job.attempt}", "resource_id": c.resource_id, "template_id": c.template_id,
-            "workflow_id": c.workflow_id, "step_id": c.step_id, "job_id": job.id, "attempt": job.attempt,
+    resource = _vouched_resource(job)
+    known = resource != ""
+    subject = f"resource:{resource}" if known else f"job:{job.id}"
+    return {"sub": f"integration:{integration.id}:{subject}", "aud": audience_of(integration.oidc),
+            "jti": f"{job.id}:{job.attempt}", "integration_id": integration.id, "resource_id": resource,
+            "template_id": c.template_id if known else "", "workflow_id": c.workflow_id if known else "",
+            "step_id": c.step_id if known else "", "job_id": job.id, "attempt": job.attempt,
             "operation": job.action, "owner": job.creator}

@@ -104,6 +104,10 @@ class Job:
     start_time: dt.datetime | None = None
     end_time: dt.datetime | None = None
     queue_reason: str = ""  # why a queued job waits (an integration at its cap)
+    # The service that submitted the job for its user ("" when the user called
+    # SubmitJob): only the resource service's word makes the correlation a fact
+    # (a job's OIDC token names its resource only then).
+    via: str = ""
 
     @property
     def ended(self) -> bool:

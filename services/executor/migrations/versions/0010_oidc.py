@@ -1,5 +1,6 @@
 """Workload identity federation: OIDC integrations, the keys the executor
-signs jobs' tokens with, and the template a job works for (a token names it).
+signs jobs' tokens with, the template a job works for (a token names it), and
+the service that submitted a job for its user.
 
 Revision ID: executor_0010
 """
@@ -12,6 +13,7 @@ down_revision = "executor_0009"
 
 def upgrade() -> None:
     op.add_column("jobs", sa.Column("template_id", sa.String(64), nullable=False, server_default=""))
+    op.add_column("jobs", sa.Column("via", sa.String(32), nullable=False, server_default=""))
     op.add_column("integrations", sa.Column("oidc", sa.JSON, nullable=True))
     op.create_table(
         "oidc_keys",
@@ -24,4 +26,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("oidc_keys")
     op.drop_column("integrations", "oidc")
+    op.drop_column("jobs", "via")
     op.drop_column("jobs", "template_id")
