@@ -5,10 +5,11 @@ For each attempt of a job that names an OIDC integration, the executor signs
 a token (RS256; clouds' token exchanges take it) whose claims say what runs:
 
     iss  IK_EXECUTOR_OIDC_ISSUER        aud  the integration's audience
-    sub  resource:<resource id> (job:<job id> for a job with none)
+    sub  integration:<id>:resource:<id> for a job the resource service
+         submitted, else integration:<id>:job:<id> (see runs._claims)
     iat, nbf, exp (exp = start + the job's timeout, at most 24 h), jti <job id>:<attempt>
-    resource_id, template_id, workflow_id, step_id, job_id, attempt,
-    operation (plan, apply, destroy), owner (who submitted the job)
+    integration_id, resource_id, template_id, workflow_id, step_id, job_id,
+    attempt, operation (plan, apply, destroy), owner (who the job is for)
 
 The job gets it as a file in its own working directory (mode 600: no other
 job's sandbox mounts that directory, and it is removed with it) and the
@@ -17,9 +18,8 @@ cloud's standard variables pointing at it (see `federation_env`).
 Keys: RSA 2048, kept in the executor's database sealed by the vault, so every
 executor replica signs with the newest and publishes the same JWKS. A new
 key is made when the newest is older than IK_EXECUTOR_OIDC_ROTATE_HOURS
-(default 168); a key is published while a token it signed can still be
-valid (the rotation period plus the longest token lifetime) and deleted
-after. The discovery document and the JWKS are served over HTTP on
+(default 168) and signs once published for PUBLISH_AHEAD; a key is
+published while a token it signed can still be valid and deleted after. The discovery document and the JWKS are served over HTTP on
 IK_EXECUTOR_OIDC_PORT (off when unset), at the issuer's
 /.well-known/openid-configuration and /jwks; a cloud must reach the issuer
 URL, so in production it is an https URL in front of that port.
