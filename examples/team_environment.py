@@ -22,68 +22,30 @@ import os
 from pathlib import Path
 
 import grpc
-from google.protobuf import struct_pb2
 
-from examples.production_environment import TAG, Example, publish_modules
-from infrakitchen.blueprint.v1 import blueprint_pb2 as pb
-from infrakitchen.blueprint.v1 import blueprint_pb2_grpc
+from examples.catalog import TAG, Example, Registrar, admin_token, publish_modules
 from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.executor.v1 import executor_pb2_grpc
 
 BLUEPRINT_NAME = "Team Environment"
-KEYS = ("team-network", "team-database", "team-bucket")
 
 
 def register(channel: grpc.Channel, metadata, repository_url: str, prefix: str = "") -> Example:
     """Creates the templates, versions and blueprint through BlueprintService.
     `prefix` namespaces keys and names (tests register several copies)."""
-    stub = blueprint_pb2_grpc.BlueprintServiceStub(channel)
-    rid = "team-example-" + hashlib.sha256(f"{prefix}|{repository_url}".encode()).hexdigest()[:16]
-
-    def template(key: str, name: str, description: str, parents: list[str]) -> str:
-        return stub.CreateTemplate(pb.CreateTemplateRequest(
-            request_id=f"{rid}-template-{key}",
-            template=pb.Template(key=f"{prefix}{key}", name=f"{prefix}{name}", description=description,
-                                 labels=["example", "testcloud"], enabled=True, parent_template_ids=parents)),
-            metadata=metadata, timeout=30).id
-
-    ids = {"team-network": template("team-network", "Team Network", "A network in the test cloud", [])}
-    ids["team-database"] = template("team-database", "Team Database", "A database in the team's network",
-                                    [ids["team-network"]])
-    ids["team-bucket"] = template("team-bucket", "Team Bucket", "A bucket in the team's network",
-                                  [ids["team-network"]])
-    versions = {
-        key: stub.CreateSourceCodeVersion(pb.CreateSourceCodeVersionRequest(
-            request_id=f"{rid}-version-{key}", template_id=ids[key],
-            source=pb.ModuleSource(repository_url=repository_url, ref=TAG, path=key),
-            description=f"example {key} module {TAG}", is_default=True), metadata=metadata, timeout=60).id
-        for key in KEYS}
-
-    def defaults(**values) -> struct_pb2.Struct:
-        s = struct_pb2.Struct()
-        s.update(values)
-        return s
-
-    wiring = [("team-network", "network_id", "team-database", "network_id"),
-              ("team-network", "network_id", "team-bucket", "network_id")]
-    blueprint = stub.CreateBlueprint(pb.CreateBlueprintRequest(
-        request_id=f"{rid}-blueprint",
-        blueprint=pb.Blueprint(
-            name=f"{prefix}{BLUEPRINT_NAME}", description="A network, a database and a bucket in the test cloud",
-            labels=["example", "testcloud"],
-            templates=[
-                pb.BlueprintTemplate(template_id=ids["team-network"], source_code_version_id=versions["team-network"],
-                                     default_variables=defaults(name=f"{prefix}team-net")),
-                pb.BlueprintTemplate(template_id=ids["team-database"],
-                                     source_code_version_id=versions["team-database"],
-                                     default_variables=defaults(name=f"{prefix}team-db", size=10)),
-                pb.BlueprintTemplate(template_id=ids["team-bucket"], source_code_version_id=versions["team-bucket"],
-                                     default_variables=defaults(name=f"{prefix}team-files")),
-            ],
-            wiring_rules=[pb.WiringRule(source_template_id=ids[s], source_output=o,
-                                        target_template_id=ids[t], target_variable=v) for s, o, t, v in wiring])),
-        metadata=metadata, timeout=30)
-    return Example(repository_url, ids, versions, blueprint)
+    r = Registrar(channel, metadata, repository_url, "team-example", prefix)
+    labels = ["example", "testcloud"]
+    r.template("team-network", "Team Network", "A network in the test cloud", [], labels)
+    r.template("team-database", "Team Database", "A database in the team's network", ["team-network"], labels)
+    r.template("team-bucket", "Team Bucket", "A bucket in the team's network", ["team-network"], labels)
+    for key in ("team-network", "team-database", "team-bucket"):
+        r.version(key)
+    return r.blueprint(BLUEPRINT_NAME, "A network, a database and a bucket in the test cloud", labels,
+                       {"team-network": {"name": f"{prefix}team-net"},
+                        "team-database": {"name": f"{prefix}team-db", "size": 10},
+                        "team-bucket": {"name": f"{prefix}team-files"}},
+                       [("team-network", "network_id", "team-database", "network_id"),
+                        ("team-network", "network_id", "team-bucket", "network_id")])
 
 
 def cloud_integration(channel: grpc.Channel, metadata, cloud_url: str, cloud_token: str, name: str = "testcloud") -> str:
@@ -107,12 +69,7 @@ def main() -> None:
     parser.add_argument("--cloud-token", default="dev")
     parser.add_argument("--token", default=os.environ.get("IK_TOKEN", ""))
     args = parser.parse_args()
-    token = args.token
-    if not token:
-        from services.common.auth import Role, mint_token
-        from services.common.config import load_or_create_secret
-        token = mint_token(os.environ.get("IK_AUTH_SECRET") or load_or_create_secret(data_dir.resolve()),
-                           "admin", Role.ADMIN)
+    token = admin_token(args.token, data_dir)
     metadata = [("authorization", f"Bearer {token}")]
     url = publish_modules(args.repo)
     with grpc.insecure_channel(args.target) as channel:

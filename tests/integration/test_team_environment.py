@@ -12,7 +12,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from examples.production_environment import publish_modules
+from examples.catalog import publish_modules
 from examples.team_environment import register
 from infrakitchen.common.v1 import retry_pb2
 from infrakitchen.executor.v1 import executor_pb2 as ep
