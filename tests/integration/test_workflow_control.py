@@ -192,6 +192,30 @@ async def test_a_transient_failure_is_retried_on_the_same_resource_and_a_permane
     assert [jobs[j].status for j in step.attempt_job_ids] == [ep.JOB_STATUS_FAILED, ep.JOB_STATUS_SUCCEEDED]
     assert {jobs[j].correlation.resource_id for j in step.attempt_job_ids} == {step.resource_id}
 
+    # The owner provisions the step's resource during the backoff: their job is not the step's.
+    # The step moves only at its next attempt, which finds the resource provisioned.
+    owners = p.shared / "owners-gate"
+    own = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint.id, variable_overrides=overrides(p, gated={"gate": str(owners)}),
+        retry_policy=retries(3, ["gate closed"], backoff=12), **shared(p)), metadata=p.md)
+    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=own.id), metadata=p.md)
+
+    async def backing_off():
+        step = (await get(p, own.id)).steps[0]
+        return step if step.HasField("retry_time") else None
+    waiting = await eventually(backing_off, timeout=60)
+    owners.write_text("open")
+    await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=waiting.resource_id), metadata=p.md)
+    provisioned = await p.wait(waiting.resource_id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
+    await asyncio.sleep(1)  # its end event reached the workflow service too
+    still = (await get(p, own.id)).steps[0]
+    assert (still.status, still.attempts) == (wp.STEP_STATUS_IN_PROGRESS, 1) and still.HasField("retry_time")
+    done = await wait_workflow(p, own.id, ENDED, timeout=90)
+    assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
+    step = done.steps[0]
+    assert step.attempts == 2 and step.job_id == provisioned.last_job_id
+    assert step.completion_time.ToDatetime() >= waiting.retry_time.ToDatetime()
+
     # Not transient by the policy's patterns: it stops after the first attempt.
     permanent = await run(p, await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
         blueprint_id=blueprint.id, variable_overrides=overrides(p, gated={"gate": "/never"}),

@@ -65,6 +65,13 @@ def consumers(runtime) -> list[ConsumerSpec]:
             return
         if body.action != executor_pb2.JOB_ACTION_APPLY:
             return
+        st = await uow.steps.get(step_id)
+        if st is not None and st.retry_time is not None and body.job_id not in st.attempt_job_ids:
+            # The step waits for its next attempt: no job of its runs now. This is
+            # someone else's (an owner's ProvisionResource on the step's resource);
+            # the next attempt reads the resource as that job left it.
+            log.info("step %s waits for its next attempt: job %s is not one of its, ignored", step_id, body.job_id)
+            return
         if kind == "job_succeeded":
             await workflows.step_succeeded(
                 step_id, body.correlation.resource_id, body.job_id,
