@@ -77,3 +77,28 @@ async def test_a_token_lives_as_long_as_the_job_may_run_at_most_a_day():
     claims = [jwt.decode(t, options={"verify_signature": False}) for t in (short, long)]
     assert [c["exp"] - c["iat"] for c in claims] == [900, MAX_TOKEN_SECONDS]
     assert all(c["iss"] == "https://ik.example" for c in claims)
+
+
+def test_each_cloud_gets_its_standard_variables(tmp_path):
+    import json
+
+    from services.executor.adapters.oidc import check_federation, federation_env
+    token = tmp_path / "oidc-token.jwt"
+    aws = federation_env({"cloud": "aws", "role_arn": "arn:aws:iam::1:role/r"}, token, tmp_path, "job-1")
+    assert aws == {"AWS_WEB_IDENTITY_TOKEN_FILE": str(token), "AWS_ROLE_ARN": "arn:aws:iam::1:role/r",
+                   "AWS_ROLE_SESSION_NAME": "infrakitchen-job-1"}
+    azure = federation_env({"cloud": "azure", "azure_client_id": "c", "azure_tenant_id": "t"}, token, tmp_path, "j")
+    assert azure == {"ARM_USE_OIDC": "true", "ARM_OIDC_TOKEN_FILE_PATH": str(token), "ARM_CLIENT_ID": "c",
+                     "ARM_TENANT_ID": "t"}
+    provider = "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/ik"
+    google = federation_env({"cloud": "google", "audience": provider, "service_account_email": "sa@p.iam"},
+                            token, tmp_path, "j")
+    config = json.loads(open(google["GOOGLE_APPLICATION_CREDENTIALS"]).read())
+    assert config["audience"] == provider and config["credential_source"] == {"file": str(token)}
+    assert config["service_account_impersonation_url"].endswith("sa@p.iam:generateAccessToken")
+    assert (tmp_path / "google-external-account.json").stat().st_mode & 0o777 == 0o600
+    assert federation_env({"cloud": "generic", "audience": "a"}, token, tmp_path, "j") == {
+        "IK_OIDC_TOKEN_FILE": str(token)}
+    problems = dict(check_federation({"cloud": "generic", "audience": "a\nb", "token_file_env": "LD_PRELOAD"}))
+    assert set(problems) == {"integration.oidc.audience", "integration.oidc.token_file_env"}
+    assert "integration.oidc.role_arn" in dict(check_federation({"cloud": "aws"}))

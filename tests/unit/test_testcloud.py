@@ -66,3 +66,14 @@ def test_values_are_the_clouds_and_changes_outside_are_seen(cloud):
     assert _call(cloud, "GET", "/v1/networks", token="wrong")[0] == 401
     assert _call(cloud, "POST", "/v1/databases", {"name": "x", "network_id": "net-none", "engine": "postgres",
                                                   "size": 1})[0] == 404
+
+
+def test_creates_take_as_long_as_the_cloud_is_told(cloud):
+    import time
+    assert _call(cloud, "POST", "/_admin/config", {"create_delay": {"networks": 0.5}})[0] == 200
+    started = time.monotonic()
+    assert _call(cloud, "POST", "/v1/networks", {"name": "slow", "cidr": "10.9.0.0/16"})[0] == 201
+    assert time.monotonic() - started >= 0.5
+    started = time.monotonic()
+    assert _call(cloud, "POST", "/v1/buckets", {"name": "quick"})[0] == 201
+    assert time.monotonic() - started < 0.5
