@@ -237,6 +237,11 @@ async def test_recorded_versions_no_source_has_any_more_are_chosen_anew(tmp_path
     try:
         first = await _run(svc, modules, "requires", "r", "resource-r")
         assert first.status == pb.JOB_STATUS_SUCCEEDED, first.error_message
+        # The mirror serves another package as 0.1.0 (its own hashes listed): refused, never re-chosen.
+        mirror.add(TESTCLOUD, "0.1.0", {**cloud_provider_files(), "EXTRA": (b"not the same package", 0o644)})
+        swapped = await _run(svc, modules, "requires", "r", "resource-r")
+        assert swapped.status == pb.JOB_STATUS_FAILED and "checksums" in swapped.error_message, \
+            swapped.error_message
         # The mirror drops 0.1.0 for 0.2.0.
         mirror.add(TESTCLOUD, "0.2.0", cloud_provider_files())
         index = mirror.root / TESTCLOUD / "index.json"

@@ -102,3 +102,23 @@ def test_each_cloud_gets_its_standard_variables(tmp_path):
     problems = dict(check_federation({"cloud": "generic", "audience": "a\nb", "token_file_env": "LD_PRELOAD"}))
     assert set(problems) == {"integration.oidc.audience", "integration.oidc.token_file_env"}
     assert "integration.oidc.role_arn" in dict(check_federation({"cloud": "aws"}))
+
+
+def test_a_token_names_what_a_service_that_knows_says_the_job_is_for():
+    from services.executor.app.runs import _claims
+    from services.executor.domain.model import Correlation, Integration, Job, Source
+    integration = Integration("int-1", "aws", "", "oidc", {}, oidc={"cloud": "aws", "role_arn": "arn:x"})
+
+    def job(via: str, **correlation) -> Job:
+        return Job(id="job-1", action="plan", source=Source("u", "v1", ""), variables={}, sensitive_variables=[],
+                   integration_ids=["int-1"], secret_ids=[], storage_id="", state_path="s",
+                   correlation=Correlation(**correlation), creator="alice", attempt=1, via=via)
+    named = {"resource_id": "r-1", "template_id": "t-1", "workflow_id": "w-1", "step_id": "s-1"}
+    resources = _claims(job("resource", **named), integration)
+    assert resources["sub"] == "integration:int-1:resource:r-1" and resources["template_id"] == "t-1"
+    assert resources["aud"] == "sts.amazonaws.com"
+    plan = _claims(job("workflow", **{**named, "resource_id": ""}), integration)
+    assert plan["sub"] == "integration:int-1:workflow:w-1:step:s-1" and plan["step_id"] == "s-1"
+    users = _claims(job("", **named), integration)
+    assert users["sub"] == "integration:int-1:job:job-1"
+    assert (users["resource_id"], users["template_id"], users["workflow_id"], users["step_id"]) == ("", "", "", "")

@@ -245,8 +245,9 @@ class OidcIssuer:
         issuer = self.settings.issuer
         return {"issuer": issuer, "jwks_uri": f"{issuer}/jwks", "response_types_supported": ["id_token"],
                 "subject_types_supported": ["public"], "id_token_signing_alg_values_supported": [ALGORITHM],
-                "claims_supported": ["sub", "aud", "exp", "iat", "iss", "nbf", "jti", "resource_id", "template_id",
-                                     "workflow_id", "step_id", "job_id", "attempt", "operation", "owner"]}
+                "claims_supported": ["sub", "aud", "exp", "iat", "iss", "nbf", "jti", "integration_id", "resource_id",
+                                     "template_id", "workflow_id", "step_id", "job_id", "attempt", "operation",
+                                     "owner"]}
 
     def serve(self, host: str) -> None:
         """Serves the discovery document and the JWKS on the settings' port (a thread)."""

@@ -159,9 +159,25 @@ class ProviderCache:
         self.sweep()
 
     def cached_hash(self, address: str, version: str) -> str:
+        """The h1 of a cached package ("" when none is cached). A package
+        whose hash was never written (the executor died right after renaming
+        it into place) is hashed now, and its hash written."""
+        hash_file = self._hash_file(address, version)
         try:
-            return self._hash_file(address, version).read_text().strip()
+            return hash_file.read_text().strip()
         except OSError:
+            pass
+        package = self.mirror / address / version / PLATFORM
+        if not package.is_dir() or package.is_symlink():
+            return ""
+        try:
+            h1 = hash1_of_dir(package)
+            hash_file.parent.mkdir(parents=True, exist_ok=True)
+            written = hash_file.with_name(f".{hash_file.name}.{uuid.uuid4().hex}")
+            written.write_text(h1 + "\n")
+            os.replace(written, hash_file)
+            return h1
+        except (OSError, ValueError):
             return ""
 
     def not_for(self, locked: dict[str, Locked]) -> list[str]:

@@ -463,13 +463,13 @@ class TerraformRun:
         try:
             await self._install(module, env, backend_args, cli_config, shipped or recorded)
         except RunFailed as exc:
-            if not _lock_refused(exc.message):
-                raise
             pins = ", ".join(f"{a} {lock.version}" for a, lock in sorted(parse_lock(shipped or recorded).items()))
-            if shipped:
+            if shipped and _lock_refused(exc.message):
                 raise RunFailed(f"{exc.message}\nthe module's lock file ({LOCK_FILE}) pins {pins[:600]}: make those "
                                 "versions available (mirror, registry), or change the module's lock file",
                                 exc.exit_code) from None
+            if not recorded or not _lock_outdated(exc.message):
+                raise  # a package that does not match its recorded checksums is refused, never re-chosen
             # The versions recorded on an earlier run cannot be installed any more (a
             # mirror dropped them, new constraints): choose anew, and record that.
             self.say(f"providers: the recorded versions ({pins[:600]}) cannot be installed; choosing anew")
@@ -490,7 +490,9 @@ class TerraformRun:
     async def _install(self, module: Path, env: dict[str, str], backend_args: list[str], cli_config: Path,
                        lock: str) -> None:
         sources = self.config.providers
-        cli_config.write_text(sources.cli_config(sources.cache.not_for(parse_lock(lock)) if sources.cache else []))
+        # A thread: a cached package not hashed yet is hashed now (see ProviderCache.cached_hash).
+        not_from_cache = await asyncio.to_thread(sources.cache.not_for, parse_lock(lock)) if sources.cache else []
+        cli_config.write_text(sources.cli_config(not_from_cache))
         await self._terraform(["init", "-input=false", "-no-color", *backend_args], module, env)
 
     async def _check_plan_fits(self, module: Path, env: dict[str, str]) -> None:
@@ -605,8 +607,15 @@ _ERROR_RE = re.compile(r"^(│ )?Error: ")
 
 
 def _lock_refused(message: str) -> bool:
-    """Whether `init` failed on what a lock file pins."""
-    return "lock file" in message or "previously-selected" in message
+    """Whether `init` failed on what a lock file pins (versions or checksums)."""
+    return "lock file" in message or "previously-selected" in message or "locked provider" in message
+
+
+def _lock_outdated(message: str) -> bool:
+    """Whether `init` failed because a pinned version is gone or no longer
+    allowed, not because a package differs from its pinned checksums."""
+    return "previously-selected" in message or (
+        "locked provider" in message and "does not match configured version constraint" in message)
 
 
 def _error_of(stderr: list[str]) -> str:

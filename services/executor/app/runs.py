@@ -302,12 +302,15 @@ class JobRuns:
     async def _tokens(self, job: Job, federated: list[Integration], redact: Redactor) -> list[OidcGrant]:
         """A token for this attempt per OIDC integration (no stored key), or why there is none."""
         grants = []
-        clouds = [i.oidc.get("cloud", "") for i in federated]
-        for integration in federated:
-            cloud = integration.oidc.get("cloud", "")
-            if clouds.count(cloud) > 1:  # their variables (AWS_ROLE_ARN, ...) would overwrite each other
-                grants.append(OidcGrant(dict(integration.oidc), "", f"the job names {clouds.count(cloud)} OIDC "
-                                                                    f"integrations for {cloud}: at most one per cloud"))
+        # What each one's variables are named by: two of one cloud (two generic ones
+        # naming the same variable) would overwrite each other's.
+        slots = [(i.oidc.get("cloud", ""), i.oidc.get("token_file_env", "") if i.oidc.get("cloud") == "generic"
+                  else "") for i in federated]
+        for integration, slot in zip(federated, slots):
+            if slots.count(slot) > 1:
+                grants.append(OidcGrant(dict(integration.oidc), "", f"the job names {slots.count(slot)} OIDC "
+                                                                    f"integrations for {slot[0]} that set the same "
+                                                                    "variables: at most one"))
                 continue
             try:
                 token = await self.runtime.oidc.mint(self.runtime.uow, _claims(job, integration),
@@ -367,22 +370,32 @@ def _lock_source(job: Job) -> str:
     return "\n".join((job.source.repository_url, job.source.path, job.source.ref))[:2400]
 
 
+# The services whose word on a job's correlation is a fact: the resource
+# service submits a resource's jobs from its own record, the workflow service a
+# step's plan job from its own (a user calling SubmitJob may name anything).
+VOUCHING = ("resource", "workflow")
+
+
 def _vouched_resource(job: Job) -> str:
-    """The resource a job works for, when the resource service submitted it
-    (a user calling SubmitJob may name any resource: it is not taken as a fact)."""
-    return job.correlation.resource_id if job.via == "resource" else ""
+    """The resource a job works for, when a service that knows submitted it."""
+    return job.correlation.resource_id if job.via in VOUCHING else ""
 
 
 def _claims(job: Job, integration: Integration) -> dict:
     """What a job's OIDC token says (services/executor/adapters/oidc.py): the
-    integration, and the resource (template, workflow, step) only when the
-    resource service submitted the job; otherwise the job alone."""
+    integration, and what the job is for (resource, or a workflow's step not
+    yet having one; template, workflow, step) only when a service that knows
+    submitted it; otherwise the job alone."""
     c = job.correlation
-    resource = _vouched_resource(job)
-    known = resource != ""
-    subject = f"resource:{resource}" if known else f"job:{job.id}"
+    known = job.via in VOUCHING
+    if known and c.resource_id:
+        subject = f"resource:{c.resource_id}"
+    elif known and c.workflow_id and c.step_id:
+        subject = f"workflow:{c.workflow_id}:step:{c.step_id}"
+    else:
+        subject = f"job:{job.id}"
     return {"sub": f"integration:{integration.id}:{subject}", "aud": audience_of(integration.oidc),
-            "jti": f"{job.id}:{job.attempt}", "integration_id": integration.id, "resource_id": resource,
-            "template_id": c.template_id if known else "", "workflow_id": c.workflow_id if known else "",
-            "step_id": c.step_id if known else "", "job_id": job.id, "attempt": job.attempt,
-            "operation": job.action, "owner": job.creator}
+            "jti": f"{job.id}:{job.attempt}", "integration_id": integration.id,
+            **{name: getattr(c, name) if known else "" for name in ("resource_id", "template_id", "workflow_id",
+                                                                  "step_id")},
+            "job_id": job.id, "attempt": job.attempt, "operation": job.action, "owner": job.creator}

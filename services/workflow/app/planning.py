@@ -97,7 +97,8 @@ class Planning(PlanExecution):
                 variables=to_struct(variables), sensitive_variables=[n for n in sensitive if n in variables],
                 integration_ids=w.integration_ids, secret_ids=w.secret_ids, storage_id=w.storage_id,
                 state_path=state_path,
-                correlation=ep.JobCorrelation(workflow_id=w.id, step_id=st.id, resource_id=st.resource_id),
+                correlation=ep.JobCorrelation(workflow_id=w.id, step_id=st.id, resource_id=st.resource_id,
+                                              template_id=st.template_id),
                 request_id=st.plan.get("request_id") or f"plan-{st.id}-{w.plan_id}"))
         except Unavailable as exc:
             log.warning("planning step %s: %s", step_id, exc.message)
