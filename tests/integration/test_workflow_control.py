@@ -168,18 +168,23 @@ def retries(attempts: int, patterns: list[str], backoff: float = 1) -> retry_pb2
                                  initial_backoff=duration_pb2.Duration(seconds=int(backoff)))
 
 
+async def backing_off(p, blueprint_id: str, gate, backoff: int) -> tuple[wp.Workflow, wp.Step]:
+    """A one-step workflow whose step failed transiently (its gate closed) and waits for its next attempt."""
+    w = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
+        blueprint_id=blueprint_id, variable_overrides=overrides(p, gated={"gate": str(gate)}),
+        retry_policy=retries(3, ["gate closed"], backoff=backoff), **shared(p)), metadata=p.md)
+    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=w.id), metadata=p.md)
+
+    async def retrying():
+        step = (await get(p, w.id)).steps[0]
+        return step if step.HasField("retry_time") else None
+    return w, await eventually(retrying, timeout=60)
+
+
 async def test_a_transient_failure_is_retried_on_the_same_resource_and_a_permanent_one_is_not(p):
     gate = p.shared / "later"
     blueprint = await p.blueprint_of("retry", {"gated": {}}, [])
-    transient = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
-        blueprint_id=blueprint.id, variable_overrides=overrides(p, gated={"gate": str(gate)}),
-        retry_policy=retries(3, ["gate closed"], backoff=3), **shared(p)), metadata=p.md)
-    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=transient.id), metadata=p.md)
-
-    async def retrying():
-        step = (await get(p, transient.id)).steps[0]
-        return step if step.HasField("retry_time") else None
-    waiting = await eventually(retrying, timeout=60)
+    transient, waiting = await backing_off(p, blueprint.id, gate, backoff=3)
     assert waiting.status == wp.STEP_STATUS_IN_PROGRESS and waiting.attempts == 1
     assert "transient" in waiting.waiting_reason and "gate closed" in waiting.waiting_reason
     gate.write_text("open")  # the cloud recovers before the next attempt
@@ -195,15 +200,7 @@ async def test_a_transient_failure_is_retried_on_the_same_resource_and_a_permane
     # The owner provisions the step's resource during the backoff: their job is not the step's.
     # The step moves only at its next attempt, which finds the resource provisioned.
     owners = p.shared / "owners-gate"
-    own = await p.workflow.CreateWorkflow(wp.CreateWorkflowRequest(
-        blueprint_id=blueprint.id, variable_overrides=overrides(p, gated={"gate": str(owners)}),
-        retry_policy=retries(3, ["gate closed"], backoff=12), **shared(p)), metadata=p.md)
-    await p.workflow.ExecuteWorkflow(wp.ExecuteWorkflowRequest(id=own.id), metadata=p.md)
-
-    async def backing_off():
-        step = (await get(p, own.id)).steps[0]
-        return step if step.HasField("retry_time") else None
-    waiting = await eventually(backing_off, timeout=60)
+    own, waiting = await backing_off(p, blueprint.id, owners, backoff=12)
     owners.write_text("open")
     await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=waiting.resource_id), metadata=p.md)
     provisioned = await p.wait(waiting.resource_id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
