@@ -5,11 +5,12 @@ from typing import Optional
 
 import typer
 
-from cli.connection import Client, console
-from cli.output import emit, enum_name, table
+from cli.connection import Client, console, fail
+from cli.output import emit, enum_name, table, wants_json
 from infrakitchen.approval.v1 import approval_pb2 as ap
 
-approval_app = typer.Typer(help="List approval requests, approve or reject them.", no_args_is_help=True)
+approval_app = typer.Typer(help="List approval requests, approve or reject them; the approval flow.",
+                           no_args_is_help=True)
 
 
 @approval_app.command("list")
@@ -52,3 +53,22 @@ def approval_reject(request_id: str, comment: str = typer.Option("", help="Why."
 
 def _decided(r: ap.ApprovalRequest) -> None:
     console.print(f"Request [bold]{r.id}[/bold]: {enum_name(ap.ApprovalStatus, r.status, 'APPROVAL_STATUS_')}.")
+
+
+@approval_app.command("flow")
+def approval_flow(setting: Optional[str] = typer.Argument(None, help="on or off (admins); none: show it."),
+                  token: Optional[str] = typer.Option(None)) -> None:
+    """Shows the approval flow, or turns it on or off: while it is on, changes to
+    owned resources wait for an owner's approval."""
+    client = Client(token)
+    if setting is None:
+        flow = client(client.approval.GetApprovalFlow, ap.GetApprovalFlowRequest())
+    elif setting in ("on", "off"):
+        flow = client(client.approval.UpdateApprovalFlow, ap.UpdateApprovalFlowRequest(enabled=setting == "on"))
+    else:
+        fail("the approval flow is `on` or `off`", code=2)
+    if wants_json():
+        emit(flow, lambda: None)
+        return
+    who = f" (set by {flow.updated_by})" if flow.updated_by else ""
+    console.print(f"The approval flow is [bold]{'on' if flow.enabled else 'off'}[/bold]{who}.")

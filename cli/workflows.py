@@ -59,24 +59,9 @@ def all_blueprints(client: Client) -> list[bp.Blueprint]:
     return client.collect(client.blueprint.ListBlueprints, bp.ListBlueprintsRequest(), "blueprints")
 
 
-@workflow_app.command("run")
-def workflow_run(blueprint: str = typer.Argument(..., help="Blueprint name or id."),
-                 var: list[str] = typer.Option([], "--var", help="<template key>.<variable>=<value> (JSON or text)."),
-                 integration: list[str] = typer.Option([], help="Integration ids (default: the one named example)."),
-                 secret: list[str] = typer.Option([], help="Secret ids shared by all steps."),
-                 storage: str = typer.Option("", help="Storage id (default: the one named example-local)."),
-                 max_parallel: int = typer.Option(0, help="At most this many steps at once (0: no limit)."),
-                 on_failure: str = typer.Option("stop", "--on-failure",
-                                                help="stop, or continue-independent: steps that do not depend on "
-                                                     "a failed one keep starting."),
-                 retries: int = typer.Option(0, "--retries", help="Retries of a step's transient failure (rate "
-                                                                   "limits, timeouts, lock contention...)."),
-                 ttl: str = typer.Option("", "--ttl", help="Tear the workflow down by itself after this long, "
-                                                           "e.g. 90m, 8h, 7d."),
-                 watch: bool = typer.Option(True, help="Follow the steps live until the workflow ends."),
-                 token: Optional[str] = typer.Option(None)) -> None:
-    """Creates a workflow from a blueprint and executes it."""
-    client = Client(token)
+def _created(client: Client, blueprint: str, var: list[str], integration: list[str], secret: list[str],
+             storage: str, max_parallel: int, on_failure: str, retries: int, ttl: str) -> tuple[wp.Workflow, str]:
+    """A new workflow of the blueprint (not executed), and the blueprint's name."""
     b = find_blueprint(client, blueprint)
     keys = {}
     for t in b.templates:
@@ -98,12 +83,66 @@ def workflow_run(blueprint: str = typer.Argument(..., help="Blueprint name or id
         request.retry_policy.max_attempts = retries + 1
     if ttl:
         request.ttl.FromSeconds(_duration_seconds(ttl))
-    w = client(client.workflow.CreateWorkflow, request)
+    return client(client.workflow.CreateWorkflow, request), b.name
+
+
+# The options `run` and `create` share.
+_BLUEPRINT = typer.Argument(..., help="Blueprint name or id.")
+_VAR = typer.Option([], "--var", help="<template key>.<variable>=<value> (JSON or text).")
+_INTEGRATION = typer.Option([], help="Integration ids (default: the one named example).")
+_SECRET = typer.Option([], help="Secret ids shared by all steps.")
+_STORAGE = typer.Option("", help="Storage id (default: the one named example-local).")
+_MAX_PARALLEL = typer.Option(0, help="At most this many steps at once (0: no limit).")
+_ON_FAILURE = typer.Option("stop", "--on-failure", help="stop, or continue-independent: steps that do not depend "
+                                                          "on a failed one keep starting.")
+_RETRIES = typer.Option(0, "--retries", help="Retries of a step's transient failure (rate limits, timeouts, lock "
+                                             "contention...).")
+_TTL = typer.Option("", "--ttl", help="Tear the workflow down by itself after this long, e.g. 90m, 8h, 7d.")
+
+
+@workflow_app.command("run")
+def workflow_run(blueprint: str = _BLUEPRINT, var: list[str] = _VAR, integration: list[str] = _INTEGRATION,
+                 secret: list[str] = _SECRET, storage: str = _STORAGE, max_parallel: int = _MAX_PARALLEL,
+                 on_failure: str = _ON_FAILURE, retries: int = _RETRIES, ttl: str = _TTL,
+                 watch: bool = typer.Option(True, help="Follow the steps live until the workflow ends."),
+                 token: Optional[str] = typer.Option(None)) -> None:
+    """Creates a workflow from a blueprint and executes it."""
+    client = Client(token)
+    w, name = _created(client, blueprint, var, integration, secret, storage, max_parallel, on_failure, retries, ttl)
     w = client(client.workflow.ExecuteWorkflow, wp.ExecuteWorkflowRequest(id=w.id))
-    console.print(f"Workflow [bold]{w.id}[/bold] of {b.name} started.")
+    console.print(f"Workflow [bold]{w.id}[/bold] of {name} started.")
     if watch:
         w = _watch(client, w.id, w)
         raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
+
+
+@workflow_app.command("create")
+def workflow_create(blueprint: str = _BLUEPRINT, var: list[str] = _VAR, integration: list[str] = _INTEGRATION,
+                    secret: list[str] = _SECRET, storage: str = _STORAGE, max_parallel: int = _MAX_PARALLEL,
+                    on_failure: str = _ON_FAILURE, retries: int = _RETRIES, ttl: str = _TTL,
+                    token: Optional[str] = typer.Option(None)) -> None:
+    """Creates a workflow from a blueprint without executing it: plan it first
+    (`ik workflow plan`), then `ik workflow execute` (with --plan)."""
+    client = Client(token)
+    w, name = _created(client, blueprint, var, integration, secret, storage, max_parallel, on_failure, retries, ttl)
+    if wants_json():
+        emit(w, lambda: None)
+        return
+    console.print(f"Workflow [bold]{w.id}[/bold] of {name} created (pending): `ik workflow plan {w.id}`, then "
+                  f"`ik workflow execute {w.id}`.")
+
+
+@workflow_app.command("watch")
+def workflow_watch(workflow_id: str, token: Optional[str] = typer.Option(None)) -> None:
+    """Follows a workflow's steps live until it ends (again, after Ctrl-C);
+    exits 0 when it is done, 1 otherwise."""
+    client = Client(token)
+    w = client(client.workflow.GetWorkflow, wp.GetWorkflowRequest(id=workflow_id))
+    if _settled(w):  # nothing moves: show it as it is
+        console.print(_tree(w))
+    else:
+        w = _watch(client, w.id, w)
+    raise typer.Exit(0 if w.status == wp.WORKFLOW_STATUS_DONE else 1)
 
 
 def _duration_seconds(text: str) -> int:

@@ -92,6 +92,39 @@ def test_workflow_commands(platform, example):
     assert '"subnet_ids": ["' in tree  # a list shown as JSON, not protobuf text
 
 
+def test_a_workflow_is_created_planned_then_executed_and_watched_again(platform, example):
+    created = ik(platform, "-o", "json", "workflow", "create", "Production Environment", "--var",
+                 "vpc.cidr_block=10.8.0.0/16")
+    assert created.exit_code == 0, created.output
+    w = json.loads(created.output)
+    assert w["status"] == "WORKFLOW_STATUS_PENDING"  # created, not executed
+    said = ik(platform, "workflow", "create", "Production Environment", "--var", "nothing.here=1")
+    assert said.exit_code == 2 and "template one of eks, rds, vpc" in said.output
+    planned = ik(platform, "workflow", "plan", w["id"])
+    assert planned.exit_code == 0, planned.output
+    plan_id = json.loads(ik(platform, "-o", "json", "workflow", "show", w["id"]).output)["plan_id"]
+    executed = ik(platform, "workflow", "execute", w["id"], "--plan", plan_id, "--no-watch")
+    assert executed.exit_code == 0, executed.output
+    watched = ik(platform, "workflow", "watch", w["id"])  # re-attach until it ends
+    assert watched.exit_code == 0, watched.output
+    assert "done" in watched.output and "VPC" in watched.output
+    again = ik(platform, "workflow", "watch", example["id"])  # an ended one: shown, at once
+    assert again.exit_code == 0 and "done" in again.output
+
+
+def test_the_approval_flow_is_shown_and_turned_on_and_off(platform, example):
+    shown = ik(platform, "approval", "flow")
+    assert shown.exit_code == 0 and "The approval flow is off" in shown.output
+    on = ik(platform, "-o", "json", "approval", "flow", "on")
+    assert on.exit_code == 0 and json.loads(on.output)["enabled"] is True
+    denied = ik(platform, "--token", mint_token(platform.secret, "reader", Role.READ), "approval", "flow", "off")
+    assert denied.exit_code == 1 and "PERMISSION_DENIED" in denied.output
+    off = ik(platform, "approval", "flow", "off")
+    assert off.exit_code == 0 and "The approval flow is off" in off.output and "set by" in off.output
+    bad = ik(platform, "approval", "flow", "maybe")
+    assert bad.exit_code == 2 and "`on` or `off`" in bad.output
+
+
 def test_resource_commands(platform, example):
     # The resource service applies the executor's events on its own: it may be a moment behind the workflow.
     deadline = time.monotonic() + 30
