@@ -187,6 +187,7 @@ async def test_with_the_approval_flow_steps_wait_for_owners(p):
                 resource_id=resource_id, status=ap.APPROVAL_STATUS_PENDING), metadata=p.md)
             return found.approval_requests[0] if found.approval_requests else None
         request = await eventually(opened, timeout=30)
+        assert f"(request {request.id})" in step.waiting_reason  # what to approve
         await p.approval.ApproveRequest(ap.ApproveRequestRequest(id=request.id), metadata=p.md)
     done = await wait_workflow(p, w.id, (wp.WORKFLOW_STATUS_DONE, wp.WORKFLOW_STATUS_ERROR))
     assert done.status == wp.WORKFLOW_STATUS_DONE, done.error_message
@@ -342,7 +343,7 @@ async def test_with_the_approval_flow_a_teardown_waits_for_owners_and_a_rejectio
 
     await p.workflow.TeardownWorkflow(wp.TeardownWorkflowRequest(id=w.id), metadata=p.admin)
     got, request = await eventually(waiting_request, timeout=60)
-    assert "approval" in got.steps[0].waiting_reason
+    assert "approval" in got.steps[0].waiting_reason and f"(request {request.id})" in got.steps[0].waiting_reason
     assert got.steps[0].teardown_status == wp.TEARDOWN_STATUS_IN_PROGRESS
     assert request.operation == ap.APPROVAL_OPERATION_DESTROY
     await p.approval.RejectRequest(ap.RejectRequestRequest(id=request.id, comment="not yet"), metadata=p.admin)

@@ -11,8 +11,8 @@ from services.common.errors import Aborted, DomainError, FailedPrecondition, Pre
 from services.common.uow import utcnow
 from services.common.values import to_struct
 from services.workflow.domain.controls import CONTINUE_INDEPENDENT
-from services.workflow.domain.model import (DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow, masked, ready_steps,
-                                            resolve_variables)
+from services.workflow.domain.model import (DONE, ERROR, IN_PROGRESS, PENDING, Step, Workflow, awaiting_approval,
+                                            masked, ready_steps, resolve_variables)
 from services.workflow.app.base import WorkflowsBase, _slug, log
 
 
@@ -224,14 +224,15 @@ class Execution(WorkflowsBase):
                 await self.step_succeeded(st.id, resource.id, resource.last_job_id, resource.outputs,
                                           list(resource.sensitive_outputs), actor)
             elif resource.status == "approval_pending":
-                await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
+                await self.step_waiting(st.id, awaiting_approval(resource.id, resource.approval_request_id), actor)
             elif resource.status in ("ready", "error", "unknown", "pending") and resource.state == "provision":
                 provisioned = await self.remote.provision(actor, resource.id, reviewed)
                 if cancelled_by := await self._record(st.id, w.id, job_id=provisioned.last_job_id):
                     await self._stop_cancelled_start(st, provisioned, cancelled_by, actor)
                     return
                 if provisioned.status == "approval_pending":
-                    await self.step_waiting(st.id, f"resource {resource.id} waits for an owner's approval", actor)
+                    await self.step_waiting(st.id, awaiting_approval(resource.id, provisioned.approval_request_id),
+                                            actor)
             elif resource.status == "rejected":
                 await self.step_failed(st.id, f"the approval of resource {resource.id} was rejected", actor)
         except Unavailable as exc:

@@ -11,7 +11,7 @@ from services.common.errors import Aborted, FailedPrecondition, PreconditionViol
 from services.common.uow import utcnow
 from services.workflow.adapters.remote import ResourceInfo
 from services.workflow.domain.model import (DONE, ERROR, IN_PROGRESS, PENDING, Step, TeardownItem, Workflow,
-                                            teardown_order, teardown_ready)
+                                            awaiting_approval, teardown_order, teardown_ready)
 from services.workflow.app.base import WorkflowsBase, log
 
 
@@ -136,8 +136,8 @@ class Teardown(WorkflowsBase):
             await self.teardown_step_failed(step_id, f"could not start the destroy: {type(exc).__name__}", actor)
             return
         if resource.status == "approval_pending":
-            await self.step_waiting(step_id, f"the destroy of resource {resource.id} waits for an owner's approval",
-                                    actor)
+            await self.step_waiting(step_id, awaiting_approval(resource.id, resource.approval_request_id,
+                                                               destroy=True), actor)
         elif resource.state == "destroyed" and resource.status == "done":
             await self.teardown_step_done(step_id, resource.last_job_id, actor)
 

@@ -13,6 +13,7 @@ from services.common import confirm
 from services.common.consumer import ConsumerSpec
 from services.common.events import Envelope, body_of
 from services.common.values import from_value
+from services.workflow.domain.model import awaiting_approval
 
 _JOB_ENDED_BADLY = ("job_failed", "job_cancelled", "job_timed_out")
 _DECISIONS = {"approval_approved": "approved", "approval_rejected": "rejected", "approval_cancelled": "cancelled"}
@@ -92,9 +93,10 @@ def consumers(runtime) -> list[ConsumerSpec]:
         if body.status in (resource_pb2.RESOURCE_STATUS_QUEUED, resource_pb2.RESOURCE_STATUS_IN_PROGRESS):
             await workflows.step_waiting(step_id, "", env.actor, uow=uow)  # its job runs: no longer waiting
         elif st.teardown_status == "in_progress":
-            await on_teardown_resource(uow, step_id, body, env.actor)
+            await on_teardown_resource(uow, step_id, body, env.actor, env.correlation.approval_request_id)
         elif body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING:
-            await workflows.step_waiting(step_id, f"resource {body.resource_id} waits for an owner's approval",
+            await workflows.step_waiting(step_id, awaiting_approval(body.resource_id,
+                                                                    env.correlation.approval_request_id),
                                          env.actor, uow=uow, resource_id=body.resource_id)
         elif body.status == resource_pb2.RESOURCE_STATUS_REJECTED:
             await workflows.step_failed(step_id, f"the approval of resource {body.resource_id} was rejected",
@@ -103,10 +105,10 @@ def consumers(runtime) -> list[ConsumerSpec]:
             await workflows.step_failed(step_id, body.error_message or "the resource failed", env.actor, uow=uow,
                                         resource_id=body.resource_id)
 
-    async def on_teardown_resource(uow, step_id: str, body, actor: str) -> None:
+    async def on_teardown_resource(uow, step_id: str, body, actor: str, approval_request_id: str = "") -> None:
         if body.status == resource_pb2.RESOURCE_STATUS_APPROVAL_PENDING:
-            await workflows.step_waiting(step_id, f"the destroy of resource {body.resource_id} waits for an "
-                                                  "owner's approval", actor, uow=uow)
+            await workflows.step_waiting(step_id, awaiting_approval(body.resource_id, approval_request_id,
+                                                                    destroy=True), actor, uow=uow)
         elif body.previous_state == resource_pb2.RESOURCE_STATE_DESTROY and body.state in (
                 resource_pb2.RESOURCE_STATE_PROVISIONED, resource_pb2.RESOURCE_STATE_PROVISION):
             await workflows.teardown_step_failed(step_id, f"the destroy of resource {body.resource_id} was rejected "

@@ -215,6 +215,13 @@ def deferred_inputs(step: Step, wiring: list[WiringRule], steps_by_template: dic
     return unknown
 
 
+def awaiting_approval(resource_id: str, request_id: str, destroy: bool = False) -> str:
+    """A step's waiting reason while its resource's operation waits for an
+    owner: it names the request to approve (`ik approval approve <id>`)."""
+    what = f"the destroy of resource {resource_id}" if destroy else f"resource {resource_id}"
+    return f"{what} waits for an owner's approval" + (f" (request {request_id})" if request_id else "")
+
+
 def step_state_path(workflow_id: str, step_id: str) -> str:
     """Where a step's resource keeps its state when the step was planned
     before its resource existed: its plan is made there, and applied there."""
