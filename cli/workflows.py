@@ -286,9 +286,8 @@ def workflow_list(limit: int = typer.Option(50, help="Show the newest this many 
         names = {b.id: b.name for b in all_blueprints(client)}
         t = table("id", "blueprint", "status", "steps", "created")
         for w in workflows:
-            t.add_row(w.id, names.get(w.blueprint_id, w.blueprint_id),
-                      wp.WorkflowStatus.Name(w.status).removeprefix("WORKFLOW_STATUS_").lower(),
-                      str(len(w.steps)), w.create_time.ToDatetime().isoformat(timespec="seconds"))
+            t.add_row(w.id, names.get(w.blueprint_id, w.blueprint_id), _status_text(w), str(len(w.steps)),
+                      w.create_time.ToDatetime().isoformat(timespec="seconds"))
         return t
     emit(workflows, render)
 
@@ -363,6 +362,18 @@ def _tree(w: wp.Workflow, details: bool = False) -> Tree:
                 node.add(Text(json.dumps(json_format.MessageToDict(s.resolved_variables), separators=(", ", ": ")),
                               style="dim"))
     return root
+
+
+TEARDOWN_TEXT = {wp.TEARDOWN_STATUS_IN_PROGRESS: "tearing down", wp.TEARDOWN_STATUS_DONE: "torn down",
+                 wp.TEARDOWN_STATUS_ERROR: "teardown failed"}
+
+
+def _status_text(w: wp.Workflow) -> str:
+    """The workflow's status, and its teardown's when there is one: a destroyed
+    workflow does not look like a live one."""
+    status = wp.WorkflowStatus.Name(w.status).removeprefix("WORKFLOW_STATUS_").lower()
+    teardown = TEARDOWN_TEXT.get(w.teardown_status)
+    return f"{status}, {teardown}" if teardown else status
 
 
 def _settled(w: wp.Workflow | None) -> bool:

@@ -110,6 +110,11 @@ def test_a_workflow_is_created_planned_then_executed_and_watched_again(platform,
     assert "done" in watched.output and "VPC" in watched.output
     again = ik(platform, "workflow", "watch", example["id"])  # an ended one: shown, at once
     assert again.exit_code == 0 and "done" in again.output
+    torn = ik(platform, "workflow", "teardown", w["id"], "--yes")
+    assert torn.exit_code == 0, torn.output
+    lines = ik(platform, "workflow", "list").output.splitlines()
+    listed = {i: next(line for line in lines if i in line) for i in (w["id"], example["id"])}
+    assert "done, torn down" in listed[w["id"]] and "torn down" not in listed[example["id"]]
 
 
 def test_the_approval_flow_is_shown_and_turned_on_and_off(platform, example):
@@ -141,8 +146,9 @@ def test_resource_commands(platform, example):
     assert {c["name"] for c in tree["root"]["children"]} == {r["name"] for r in resources if r["id"] != vpc["id"]}
     logs = ik(platform, "resource", "logs", vpc["id"], "--follow")
     assert logs.exit_code == 0 and "Apply complete!" in logs.output
-    filtered = json.loads(ik(platform, "-o", "json", "resource", "list", "--state", "destroyed").output)
-    assert filtered == []
+    filtered = json.loads(ik(platform, "-o", "json", "resource", "list", "--state", "destroyed", "--workflow",
+                             example["id"]).output)
+    assert filtered == []  # this workflow's are all live
     bad = ik(platform, "resource", "list", "--state", "gone")
     assert bad.exit_code == 2 and "--state must be one of" in bad.output
     # A resource of its own, from a template key (never provisioned).
