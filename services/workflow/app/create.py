@@ -39,6 +39,9 @@ def _per_template(current: dict, given: dict) -> dict:
     return merged
 
 
+KNOWN_NAMES_SHOWN = 30  # a refused override lists the variables there are, at most this many
+
+
 class CreateCases(WorkflowsBase):
     # --- create -------------------------------------------------------------------------
 
@@ -128,9 +131,13 @@ class CreateCases(WorkflowsBase):
                 sensitive = list(declared.sensitive)
                 for name in overrides:
                     if name not in declared.names:
+                        known = sorted(declared.names)
+                        listed = ", ".join(known[:KNOWN_NAMES_SHOWN]) + (", ..." if len(known) > KNOWN_NAMES_SHOWN
+                                                                        else "")
                         violations.append(FieldViolation(
                             f"variable_overrides[{tid}].{name}",
-                            f"{planned.template_name} has no variable {name!r} at its source code version"))
+                            f"{planned.template_name} has no variable {name!r} at its source code version; "
+                            f"its variables: {listed or 'none'}"))
             steps.append(Step(
                 sensitive_variables=sensitive, id=step_ids[tid], workflow_id=w.id, template_id=tid,
                 template_name=planned.template_name, position=planned.position,
