@@ -25,14 +25,36 @@ def approval_list(mine: bool = typer.Option(True, "--mine/--all",
                            "approval_requests")
 
     def render():
-        t = table("id", "operation", "resource", "requester", "status", "plan")
+        t = table("id", "operation", "about", "requester", "status", "plan")
         for r in found:
-            t.add_row(r.id, enum_name(ap.ApprovalOperation, r.operation, "APPROVAL_OPERATION_"),
-                      f"{r.resource_name} ({r.resource_id})" if r.resource_id else "", r.requester,
-                      enum_name(ap.ApprovalStatus, r.status, "APPROVAL_STATUS_"),
-                      f"+{r.plan_add} ~{r.plan_change} -{r.plan_destroy}" if r.plan_job_id else "")
+            t.add_row(r.id, enum_name(ap.ApprovalOperation, r.operation, "APPROVAL_OPERATION_"), _about(r),
+                      r.requester, enum_name(ap.ApprovalStatus, r.status, "APPROVAL_STATUS_"), _plan(r))
         return t
     emit(found, render)
+
+
+def _about(r: ap.ApprovalRequest) -> str:
+    """What the request is about: a resource, or a workflow's plan (or one step of it)."""
+    if r.resource_id:
+        return f"{r.resource_name} ({r.resource_id})"
+    if r.workflow_id:
+        step = next((s.template_name for s in r.planned_steps if s.step_id == r.step_id), "") if r.step_id else ""
+        return f"workflow {r.workflow_id}" + (f", step {step}" if step else f", plan {r.workflow_plan_id}")
+    return ""
+
+
+def _plan(r: ap.ApprovalRequest) -> str:
+    """The plan's changes: the resource's, or every planned step's added up."""
+    if r.plan_job_id:
+        return f"+{r.plan_add} ~{r.plan_change} -{r.plan_destroy}"
+    if r.planned_steps:
+        add = sum(s.add for s in r.planned_steps)
+        change = sum(s.change for s in r.planned_steps)
+        destroy = sum(s.destroy for s in r.planned_steps)
+        deferred = sum(1 for s in r.planned_steps if s.status == "deferred")
+        return f"+{add} ~{change} -{destroy} in {len(r.planned_steps)} steps" + (
+            f" ({deferred} deferred)" if deferred else "")
+    return ""
 
 
 @approval_app.command("approve")

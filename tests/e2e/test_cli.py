@@ -130,6 +130,31 @@ def test_the_approval_flow_is_shown_and_turned_on_and_off(platform, example):
     assert bad.exit_code == 2 and "`on` or `off`" in bad.output
 
 
+def test_a_workflow_plan_waiting_for_approval_is_listed_with_its_plan_and_approved(platform, example):
+    assert ik(platform, "approval", "flow", "on").exit_code == 0
+    try:
+        w = json.loads(ik(platform, "-o", "json", "workflow", "create", "Production Environment", "--var",
+                          "vpc.cidr_block=10.9.0.0/16").output)
+        assert ik(platform, "workflow", "plan", w["id"]).exit_code == 0
+        plan_id = json.loads(ik(platform, "-o", "json", "workflow", "show", w["id"]).output)["plan_id"]
+        executed = ik(platform, "workflow", "execute", w["id"], "--plan", plan_id, "--no-watch")
+        assert executed.exit_code == 0 and "waits for approval" in executed.output, executed.output
+        deadline = time.monotonic() + 30
+        while True:
+            listed = ik(platform, "approval", "list").output
+            if f"workflow {w['id']}" in listed or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        line = next(line for line in listed.splitlines() if w["id"] in line)
+        assert plan_id in listed and "in 3 steps" in line and "deferred" in line  # the whole plan, summed up
+        [request] = [r for r in json.loads(ik(platform, "-o", "json", "approval", "list").output)
+                     if r.get("workflow_id") == w["id"]]
+        assert ik(platform, "approval", "approve", request["id"]).exit_code == 0
+        assert ik(platform, "workflow", "watch", w["id"]).exit_code == 0
+    finally:
+        assert ik(platform, "approval", "flow", "off").exit_code == 0
+
+
 def test_resource_commands(platform, example):
     # The resource service applies the executor's events on its own: it may be a moment behind the workflow.
     deadline = time.monotonic() + 30
