@@ -202,6 +202,8 @@ async def test_a_transient_failure_is_retried_on_the_same_resource_and_a_permane
     owners = p.shared / "owners-gate"
     own, waiting = await backing_off(p, blueprint.id, owners, backoff=12)
     owners.write_text("open")
+    # The resource service applies the failed job's end on its own (maybe after the workflow did).
+    await p.wait(waiting.resource_id, rp.RESOURCE_STATE_PROVISION, rp.RESOURCE_STATUS_ERROR)
     await p.resource.ProvisionResource(rp.ProvisionResourceRequest(id=waiting.resource_id), metadata=p.md)
     provisioned = await p.wait(waiting.resource_id, rp.RESOURCE_STATE_PROVISIONED, rp.RESOURCE_STATUS_DONE)
     await asyncio.sleep(1)  # its end event reached the workflow service too
