@@ -633,6 +633,8 @@ async def test_a_worker_keeps_holding_for_its_workflow_before_a_later_workflows_
         for first in (step_job(repo, "k/a0", "w-a", "a0"), step_job(repo, "k/c0", "w-c", "c0")):
             done = await svc.stub.SubmitJob(first, metadata=svc.md)
             assert (await wait_job(svc.stub, done.id, svc.md, timeout=60)).status == SUCCEEDED
+        # The job's end is visible a moment before its worker waits in a fetch again.
+        await eventually(lambda: svc.runtime.workers._idle, timeout=30)
         running = await svc.stub.SubmitJob(step_job(repo, "k/a1", "w-a", "a1", seconds=2), metadata=svc.md)
         assert running.status == pb.JOB_STATUS_RUNNING  # the only worker is busy from here on
         # w-c's next step waits.
