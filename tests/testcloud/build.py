@@ -17,7 +17,6 @@ so a lock file recorded from this mirror verifies.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -28,6 +27,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from services.executor.adapters import providers
 
 HOST, NAMESPACE, TYPE = "infrakitchen.test", "ik", "testcloud"
 VERSION = "0.1.0"
@@ -46,17 +47,8 @@ exit 1
 
 
 def hash1(files: dict[str, bytes]) -> str:
-    """Go's dirhash.Hash1 (Terraform's `h1:`) over name -> content."""
-    summary = "".join(f"{hashlib.sha256(files[name]).hexdigest()}  {name}\n" for name in sorted(files))
-    return "h1:" + base64.b64encode(hashlib.sha256(summary.encode()).digest()).decode()
-
-
-def hash1_of_dir(directory: Path) -> str:
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            files[path.relative_to(directory).as_posix()] = path.read_bytes()
-    return hash1(files)
+    """Terraform's `h1:` over name -> content (the executor's own computation)."""
+    return providers.hash1({name: hashlib.sha256(content).hexdigest() for name, content in files.items()})
 
 
 def zip_hash(path: Path) -> str:

@@ -114,10 +114,16 @@ def read_lock(module: Path) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def hash1(digests: dict[str, str]) -> str:
+    """Terraform's `h1:` hash (Go's dirhash.Hash1) of a package's files: name -> sha256 hex."""
+    summary = "".join(f"{digests[name]}  {name}\n" for name in sorted(digests))
+    return "h1:" + base64.b64encode(hashlib.sha256(summary.encode()).digest()).decode()
+
+
 def hash1_of_dir(directory: Path) -> str:
-    """Terraform's `h1:` hash of an unpacked package (Go's dirhash.Hash1)."""
-    lines = []
-    for path in sorted(directory.rglob("*"), key=lambda p: p.relative_to(directory).as_posix()):
+    """The `h1:` hash of an unpacked package (regular files; a link refuses it)."""
+    digests = {}
+    for path in directory.rglob("*"):
         if path.is_symlink():
             raise ValueError(f"a package holds a link ({path.name[:100]})")
         if path.is_file():
@@ -125,9 +131,8 @@ def hash1_of_dir(directory: Path) -> str:
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     digest.update(chunk)
-            lines.append(f"{digest.hexdigest()}  {path.relative_to(directory).as_posix()}\n")
-    lines.sort(key=lambda line: line.split("  ", 1)[1])
-    return "h1:" + base64.b64encode(hashlib.sha256("".join(lines).encode()).digest()).decode()
+            digests[path.relative_to(directory).as_posix()] = digest.hexdigest()
+    return hash1(digests)
 
 
 def providers_in(mirror: Path) -> list[str]:
@@ -172,13 +177,18 @@ class ProviderCache:
             return ""
         try:
             h1 = hash1_of_dir(package)
-            hash_file.parent.mkdir(parents=True, exist_ok=True)
-            written = hash_file.with_name(f".{hash_file.name}.{uuid.uuid4().hex}")
-            written.write_text(h1 + "\n")
-            os.replace(written, hash_file)
+            self._record_hash(address, version, h1)
             return h1
         except (OSError, ValueError):
             return ""
+
+    def _record_hash(self, address: str, version: str, h1: str) -> None:
+        """Writes a cached package's h1 whole (a new file renamed into place)."""
+        hash_file = self._hash_file(address, version)
+        hash_file.parent.mkdir(parents=True, exist_ok=True)
+        written = hash_file.with_name(f".{hash_file.name}.{uuid.uuid4().hex}")
+        written.write_text(h1 + "\n")
+        os.replace(written, hash_file)
 
     def not_for(self, locked: dict[str, Locked]) -> list[str]:
         """Providers whose locked version is cached as a package the lock
@@ -213,11 +223,7 @@ class ProviderCache:
                     os.rename(partial, target)  # atomic; fails when another job put it there first
                 except OSError:
                     continue
-                hash_file = self._hash_file(address, version)
-                hash_file.parent.mkdir(parents=True, exist_ok=True)
-                written = hash_file.with_name(f".{hash_file.name}.{uuid.uuid4().hex}")
-                written.write_text(h1 + "\n")
-                os.replace(written, hash_file)
+                self._record_hash(address, version, h1)
                 added.append(f"{address} {version}")
             except (OSError, ValueError) as exc:
                 log.warning("provider %s %s not cached: %s", address, version, exc)
