@@ -3,8 +3,9 @@
 Each event is handled inside one unit of work: the inbox records the event id
 and the handler's state changes (and the events it emits, via the outbox) are
 committed together; the message is acked only after that commit. An event
-not signed by the service owning its subject is dead-lettered unread
-(services.common.signing). A redelivered
+the consumer acts on that is not signed by the service owning its subject
+is dead-lettered unapplied (services.common.signing); one it ignores is acked
+unchecked. A redelivered
 or re-published event finds its id in the inbox and changes nothing. A handler
 that keeps failing is dead-lettered after max_deliver attempts."""
 from __future__ import annotations
@@ -125,17 +126,22 @@ class EventConsumer:
                 pass
 
     async def handle(self, msg) -> None:
+        try:
+            envelope = Envelope.FromString(msg.data)
+        except DecodeError as exc:
+            envelope, undecodable = None, exc
+        if envelope is not None and self.spec.wants is not None and not self.spec.wants(envelope):
+            # Ignored whoever sent it, so it changes nothing either way: acked
+            # without checking its signature (the costliest part of a message
+            # nobody acts on; most events a consumer sees are such).
+            await msg.ack()
+            return
         if reason := self.verifier.refuses(msg, self.spec.durable):
             # Forged or tampered with: it changes nothing, and no retry can make it genuine.
             await self._dead_letter(msg, f"rejected: {reason}", keep=REJECTED_DATA_BYTES)
             return
-        try:
-            envelope = Envelope.FromString(msg.data)
-        except DecodeError as exc:
-            await self._dead_letter(msg, f"not an Envelope: {exc}")
-            return
-        if self.spec.wants is not None and not self.spec.wants(envelope):
-            await msg.ack()
+        if envelope is None:
+            await self._dead_letter(msg, f"not an Envelope: {undecodable}")
             return
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         c = envelope.correlation
