@@ -8,16 +8,21 @@ client on the same machine.
    first page, and the last page (reached by following the tokens) against
    the first;
 2. The catalog at 500 templates: CreateBlueprint, PreviewBlueprint and
-   CreateWorkflow of a 500-template blueprint (a chain of wiring rules).
+   CreateWorkflow of a 500-template blueprint (a chain of wiring rules);
+3. A burst of 10,000 CreateResource calls, 8 in flight (SQLite): the peak
+   size of each service's WAL file at any moment (sampled every 5 ms), the
+   bound being the default IK_SQLITE_WAL_LIMIT.
 Each figure: min / median / max over the repeats stated beside it."""
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -32,7 +37,7 @@ from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.resource.v1 import resource_pb2_grpc
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
 from infrakitchen.workflow.v1 import workflow_pb2_grpc
-from services.common.db import create_sync_engine
+from services.common.db import DEFAULT_WAL_LIMIT, create_sync_engine
 from services.resource.adapters.tables import resource_labels, resources
 from tests.support.databases import PostgresDatabases
 from tests.support.gitrepos import ModuleRepo
@@ -161,11 +166,52 @@ def catalog_figures(procs: ServiceProcesses, repo_url: str, count: int) -> list[
             row(f"CreateWorkflow of {count} steps (3 workflows)", workflows, 0.5)]
 
 
+def burst_figures(procs: ServiceProcesses, data_dir: Path, count: int = 10_000, inflight: int = 8) -> list[str]:
+    """`count` creates of records (an abstract template: no job), `inflight`
+    at a time, while a thread samples every service's WAL file size."""
+    md = procs.metadata()
+    blueprint = blueprint_pb2_grpc.BlueprintServiceStub(grpc.insecure_channel(procs.target("blueprint")))
+    stub = resource_pb2_grpc.ResourceServiceStub(grpc.insecure_channel(procs.target("resource")))
+    template = blueprint.CreateTemplate(bp.CreateTemplateRequest(template=bp.Template(
+        key=f"burst-{uuid.uuid4().hex[:6]}", name="Burst", enabled=True, abstract=True)), metadata=md)
+    services = ("blueprint", "workflow", "resource", "executor", "approval")
+    peaks = dict.fromkeys(services, 0)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for name in services:
+                try:
+                    peaks[name] = max(peaks[name], (data_dir / f"{name}.db-wal").stat().st_size)
+                except FileNotFoundError:
+                    pass
+            stop.wait(0.005)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    print(f"burst: {count} CreateResource, {inflight} in flight ...", flush=True)
+    started = time.perf_counter()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(inflight) as pool:
+            list(pool.map(lambda n: stub.CreateResource(rp.CreateResourceRequest(resource=rp.Resource(
+                name=f"burst-{n:05d}", template_id=template.id)), metadata=md, timeout=60), range(count)))
+        took = time.perf_counter() - started
+        time.sleep(5)  # the consumers of the creates' events catch up
+    finally:
+        stop.set()
+        sampler.join()
+    worst = max(peaks.values())
+    sizes = ", ".join(f"{name} {peaks[name] / 2**20:.1f}" for name in services)
+    return [f"| SQLite: peak WAL size during {count} CreateResource ({inflight} in flight, {took:.0f} s, then 5 s) "
+            f"by service, MiB | {sizes} | <= {DEFAULT_WAL_LIMIT // 2**20} MiB | "
+            f"{'met' if worst <= DEFAULT_WAL_LIMIT else 'missed'} |"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nats", default="nats://127.0.0.1:4222")
     parser.add_argument("--resources", type=int, default=100_000)
     parser.add_argument("--templates", type=int, default=500)
+    parser.add_argument("--burst", type=int, default=10_000, help="CreateResource calls of the write burst")
     parser.add_argument("--write", action="store_true", help="also write docs/performance-api.md")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ik-bench-api-"))
@@ -190,6 +236,7 @@ def main() -> None:
             lines += resource_figures(procs, url, args.resources, label)
             if label == "SQLite":
                 lines += catalog_figures(procs, repo.url, args.templates)
+                lines += burst_figures(procs, work / f"data-{label}", args.burst)
         finally:
             procs.stop()
             drop_streams(args.nats, prefix)

@@ -110,43 +110,62 @@ class Database:
         self._checkpointer = None  # the sqlite3 connection of checkpoint(), opened at the first
         self._checkpointing = threading.Lock()
 
-    async def checkpoints(self, interval: float = 1.0, truncate_every: int = 60) -> None:
+    async def checkpoints(self, interval: float = 1.0, truncate_every: int = 60, watch: float = 0.1) -> None:
         """Background task on SQLite: the WAL is copied back into the database
         file on a thread of its own, since the serving connections run on the
         event loop and a checkpoint (copy and fsync) there would hold it up
-        for milliseconds; PASSIVE never waits for readers or writers. A round
-        (every `interval`) checkpoints only when the WAL file changed since
-        the last checkpoint (its size or modification time: a commit writes
-        it), so an idle service does nothing but look at the file. Every
-        `truncate_every` rounds a TRUNCATE checkpoint (it waits up to 5 s for
-        a quiet moment) empties a WAL file that is not empty, so its size
-        stays bounded even when PASSIVE rounds never find it idle
-        (journal_size_limit cuts it back as well once a checkpoint got
-        through). One connection does every checkpoint."""
+        for milliseconds. One connection does every checkpoint.
+
+        - Every `interval`, a PASSIVE checkpoint (it never waits for readers
+          or writers), only when the WAL file changed since the last one (its
+          size or modification time: a commit writes it), so an idle service
+          does nothing but look at the file.
+        - The WAL's size is bounded by `wal_limit` at every moment, not only
+          after a quiet minute: under constant reads a PASSIVE checkpoint never
+          lets the WAL start over, and a burst of writes grew it to 765 MiB
+          in 20 s. The file's size is looked at every `watch` seconds (a
+          stat), and once it reaches a quarter of the limit a TRUNCATE
+          checkpoint empties it: it holds new writers back (they wait
+          asynchronously, see sqlite_driver) until the readers of older
+          frames are done, so the file cannot grow while it waits.
+        - Every `truncate_every` rounds a TRUNCATE empties a WAL file that is
+          not empty at all (the file keeps its size otherwise)."""
         if self._sqlite_file is None or self._sqlite_file == ":memory:":
             return
         import asyncio
         import sqlite3
         wal = Path(f"{self._sqlite_file}-wal")
-        rounds, checkpointed = 0, None
+        watch = min(watch, interval)
+        trigger = max(self.wal_limit // 4, 1)
+        rounds, checkpointed, elapsed = 0, None, 0.0
         try:
             while True:
-                await asyncio.sleep(interval)
-                rounds += 1
+                await asyncio.sleep(watch)
+                elapsed += watch
                 try:
                     st = wal.stat()
                     seen = (st.st_size, st.st_mtime_ns)
                 except FileNotFoundError:
                     seen = None
-                truncate = rounds % truncate_every == 0 and seen is not None and seen[0] > 0
-                if seen is None or (seen == checkpointed and not truncate):
-                    continue  # nothing written since the last checkpoint
+                if seen is None:
+                    continue
+                if seen[0] >= trigger:
+                    mode = "TRUNCATE"
+                elif elapsed + 1e-9 < interval:
+                    continue  # between rounds only the size is watched
+                else:
+                    elapsed = 0.0
+                    rounds += 1
+                    truncate = rounds % truncate_every == 0 and seen[0] > 0
+                    if seen == checkpointed and not truncate:
+                        continue  # nothing written since the last checkpoint
+                    mode = "TRUNCATE" if truncate else "PASSIVE"
                 try:
-                    await asyncio.to_thread(self.checkpoint, "TRUNCATE" if truncate else "PASSIVE")
+                    await asyncio.to_thread(self.checkpoint, mode)
                     # What was seen before the checkpoint: a commit during it changes the file again.
                     checkpointed = seen
                 except sqlite3.Error:
-                    pass  # e.g. busy: the next round
+                    pass  # e.g. busy: the next look
         finally:
             self._close_checkpointer_if_idle()
 
