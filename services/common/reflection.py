@@ -118,9 +118,23 @@ def _from_default_pool(name: str) -> list[bytes] | None:
         seen.add(d.name)
         proto = descriptor_pb2.FileDescriptorProto()
         d.CopyToProto(proto)
+        _with_json_names(proto, d)
         out.append(proto.SerializeToString())
         todo += list(d.dependencies)
     return out
+
+
+def _with_json_names(proto: descriptor_pb2.FileDescriptorProto, file) -> None:
+    """CopyToProto leaves json_name out, and tools then print a field by its
+    proto name; protoc's descriptor set has it. Filled in, every message a
+    client sees (the error details included) has lowerCamelCase JSON names."""
+    def fill(message_proto, message) -> None:
+        for field_proto in message_proto.field:
+            field_proto.json_name = message.fields_by_name[field_proto.name].json_name
+        for nested_proto in message_proto.nested_type:
+            fill(nested_proto, message.nested_types_by_name[nested_proto.name])
+    for message_proto in proto.message_type:
+        fill(message_proto, file.message_types_by_name[message_proto.name])
 
 
 def _file_of_symbol_in_default_pool(symbol: str) -> str | None:
@@ -183,10 +197,15 @@ class ReflectionServicer:
             name = self.descriptors.extensions.get((ext.containing_type, ext.extension_number))
             files = self._files(name) if name else None
         elif kind == "all_extension_numbers_of_type":
-            numbers = sorted(n for (t, n) in self.descriptors.extensions if t == request.all_extension_numbers_of_type)
-            if numbers or request.all_extension_numbers_of_type in self.descriptors.symbols:
+            # Answered for every message this server knows, the error details
+            # (google.rpc.BadRequest...) of the default pool included: grpcurl
+            # asks it before it decodes a detail, and shows the detail as raw
+            # base64 when the answer is NOT_FOUND.
+            type_name = request.all_extension_numbers_of_type
+            numbers = sorted(n for (t, n) in self.descriptors.extensions if t == type_name)
+            if numbers or type_name in self.descriptors.symbols or _file_of_symbol_in_default_pool(type_name):
                 response = self.response(original_request=request)
-                response.all_extension_numbers_response.base_type_name = request.all_extension_numbers_of_type
+                response.all_extension_numbers_response.base_type_name = type_name
                 response.all_extension_numbers_response.extension_number.extend(numbers)
                 return response
         elif kind == "list_services":

@@ -195,3 +195,44 @@ def test_services_on_postgres_and_graceful_sigterm(tmp_path_factory, nats_url, p
     assert codes == {name: 0 for name in SERVICES}
     for name in SERVICES:
         assert f"{name} service stopped" in procs.log(name)
+
+
+def _grpcurl(platform, service: str, method: str, body: str) -> subprocess.CompletedProcess:
+    token = dict(platform.metadata())["authorization"]
+    return subprocess.run([GRPCURL, "-plaintext", "-H", f"authorization: {token}", "-d", body,
+                           platform.target(service), f"{SERVICE_NAMES[service]}/{method}"],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_grpcurl_shows_each_error_detail_by_its_fields_and_json_names_are_lower_camel_case(platform):
+    """grpcurl resolves the error details through reflection (it printed them
+    as raw base64, so a user saw no refused field), and every message, the
+    details included, comes out with lowerCamelCase JSON names; requests
+    take either spelling."""
+    refused = _grpcurl(platform, "blueprint", "CreateTemplate", '{"template": {"key": "Bad Key!"}}')
+    assert refused.returncode != 0 and "Code: InvalidArgument" in refused.stderr
+    assert "not recognized" not in refused.stderr and "@value" not in refused.stderr, refused.stderr
+    assert '"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"template.key"' \
+        in refused.stderr
+    assert '"reason":"INVALID_ARGUMENT"' in refused.stderr  # google.rpc.ErrorInfo
+
+    missing = _grpcurl(platform, "blueprint", "GetTemplate", '{"id": "no-such-template"}')
+    assert "Code: NotFound" in missing.stderr
+    assert '"resourceName":"no-such-template","resourceType":"template"' in missing.stderr  # ResourceInfo
+
+    made = _grpcurl(platform, "blueprint", "CreateTemplate",
+                    '{"template": {"key": "grpcurl-abstract", "name": "Abstract", "enabled": true, "abstract": true}}')
+    assert made.returncode == 0, made.stderr
+    import json
+    template = json.loads(made.stdout)
+    assert "createTime" in template and "create_time" not in template
+    snake = _grpcurl(platform, "blueprint", "CreateSourceCodeVersion", json.dumps(
+        {"template_id": template["id"], "source": {"repository_url": "https://example.invalid/m.git", "ref": "v1",
+                                                   "path": "m"}}))
+    camel = _grpcurl(platform, "blueprint", "CreateSourceCodeVersion", json.dumps(
+        {"templateId": template["id"], "source": {"repositoryUrl": "https://example.invalid/m.git", "ref": "v1",
+                                                  "path": "m"}}))
+    for refused in (snake, camel):  # both spellings read: the template is found, and is abstract
+        assert "Code: FailedPrecondition" in refused.stderr, refused.stderr
+        assert '"@type":"type.googleapis.com/google.rpc.PreconditionFailure","violations":[{"type":"TEMPLATE_ABSTRACT"' \
+            in refused.stderr, refused.stderr
