@@ -31,8 +31,20 @@ def _choice(value_: str, choices: dict[str, int], option: str) -> int:
     return choices[value_]
 
 
+def all_templates(client: Client) -> list:
+    from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
+    return client.collect(client.blueprint.ListTemplates, bp.ListTemplatesRequest(), "templates")
+
+
+def find_template(client: Client, key_or_id: str):
+    found = next((t for t in all_templates(client) if key_or_id in (t.id, t.key)), None)
+    if found is None:
+        fail(f"No template with key or id {key_or_id!r}.")
+    return found
+
+
 @resource_app.command("list")
-def resource_list(template: str = typer.Option("", help="Template id."),
+def resource_list(template: str = typer.Option("", help="Template key or id."),
                   state: str = typer.Option("", help=f"One of {', '.join(STATES)}."),
                   status: str = typer.Option("", help=f"One of {', '.join(STATUSES)}."),
                   label: str = typer.Option("", help="Carrying this label."),
@@ -43,17 +55,20 @@ def resource_list(template: str = typer.Option("", help="Template id."),
                   token: Optional[str] = typer.Option(None)) -> None:
     """Resources, oldest first (or --newest first), filtered."""
     client = Client(token)
-    request = rp.ListResourcesRequest(template_id=template, state=_choice(state, STATES, "--state"),
+    request = rp.ListResourcesRequest(template_id=find_template(client, template).id if template else "",
+                                      state=_choice(state, STATES, "--state"),
                                       status=_choice(status, STATUSES, "--status"), label=label,
                                       workflow_id=workflow, parent_id=parent,
                                       order_by="create_time desc" if newest else "")
     found = client.collect(client.resource.ListResources, request, "resources", limit)
 
     def render():
+        names = {t.id: t.name for t in all_templates(client)}  # a deleted template: its id
         t = table("id", "name", "state", "status", "template", "labels")
         for r in found:
             t.add_row(r.id, r.name, enum_name(rp.ResourceState, r.state, "RESOURCE_STATE_"),
-                      enum_name(rp.ResourceStatus, r.status, "RESOURCE_STATUS_"), r.template_id, ", ".join(r.labels))
+                      enum_name(rp.ResourceStatus, r.status, "RESOURCE_STATUS_"),
+                      names.get(r.template_id, r.template_id), ", ".join(r.labels))
         return t
     emit(found, render)
 
@@ -156,12 +171,8 @@ def resource_create(template: str = typer.Option(..., help="Template key or id."
                     provision: bool = typer.Option(False, help="Provision it right away."),
                     token: Optional[str] = typer.Option(None)) -> None:
     """Creates a resource from a template (and provisions it with --provision)."""
-    from infrakitchen.blueprint.v1 import blueprint_pb2 as bp
     client = Client(token)
-    templates = client.collect(client.blueprint.ListTemplates, bp.ListTemplatesRequest(), "templates")
-    found = next((t for t in templates if template in (t.id, t.key)), None)
-    if found is None:
-        fail(f"No template with key or id {template!r}.")
+    found = find_template(client, template)
     resource = rp.Resource(name=name, template_id=found.id, source_code_version_id=version, parent_ids=parent,
                            integration_ids=integration, secret_ids=secret, storage_id=storage, labels=label)
     resource.variables.update(parse_values(var))

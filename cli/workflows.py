@@ -302,9 +302,16 @@ def workflow_teardown(workflow_id: str,
     token). Shows what it will destroy and asks first, unless --yes."""
     client = Client(token)
     plan = client(client.workflow.PreviewWorkflowTeardown, wp.PreviewWorkflowTeardownRequest(id=workflow_id))
+    if not preview and plan.steps and not plan.caller_can_teardown:
+        # Said before the table and the question, not after a confirmation.
+        fail(f"Tearing down needs the admin role, which your token does not have. "
+             f"`ik workflow teardown {workflow_id} --preview` shows what it would destroy.")
+    # Every resource a step waits for is one of this teardown's: named by its step.
+    step_of = {s.resource_id: s.template_name for s in plan.steps}
     t = table("order", "step", "resource", "after", "outside dependents")
     for s in plan.steps:
-        t.add_row(str(s.level), s.template_name, s.resource_id, ", ".join(s.blocked_by_resource_ids),
+        t.add_row(str(s.level), s.template_name, s.resource_id,
+                  ", ".join(step_of.get(r, r) for r in s.blocked_by_resource_ids),
                   Text(", ".join(s.external_dependent_resource_ids), style="red"))
     console.print(t if plan.steps else "Nothing left to destroy.")
     if preview:

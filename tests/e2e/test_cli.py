@@ -110,6 +110,16 @@ def test_a_workflow_is_created_planned_then_executed_and_watched_again(platform,
     assert "done" in watched.output and "VPC" in watched.output
     again = ik(platform, "workflow", "watch", example["id"])  # an ended one: shown, at once
     assert again.exit_code == 0 and "done" in again.output
+    # A read-only user learns before the table and the question that it may not tear down;
+    # the preview is theirs, its order naming steps, not resource ids.
+    reader = mint_token(platform.secret, "reader", Role.READ)
+    refused = ik(platform, "--token", reader, "workflow", "teardown", w["id"], "--yes")
+    assert refused.exit_code == 1 and "needs the admin role" in refused.output
+    assert "outside dependents" not in refused.output and "Destroy these" not in refused.output
+    preview = ik(platform, "--token", reader, "workflow", "teardown", w["id"], "--preview")
+    assert preview.exit_code == 0, preview.output
+    vpc_row = next(line for line in preview.output.splitlines() if "│ VPC" in line)
+    assert "EKS Cluster" in vpc_row and "RDS Database" in vpc_row  # destroyed after those two
     torn = ik(platform, "workflow", "teardown", w["id"], "--yes")
     assert torn.exit_code == 0, torn.output
     lines = ik(platform, "workflow", "list").output.splitlines()
@@ -174,6 +184,12 @@ def test_resource_commands(platform, example):
     filtered = json.loads(ik(platform, "-o", "json", "resource", "list", "--state", "destroyed", "--workflow",
                              example["id"]).output)
     assert filtered == []  # this workflow's are all live
+    # Templates by name in the table, and by key in the filter.
+    listed = ik(platform, "resource", "list", "--workflow", example["id"])
+    assert listed.exit_code == 0 and "EKS Cluster" in listed.output and vpc["template_id"] not in listed.output
+    by_key = json.loads(ik(platform, "-o", "json", "resource", "list", "--template", "vpc", "--workflow",
+                           example["id"]).output)
+    assert [r["id"] for r in by_key] == [vpc["id"]]
     bad = ik(platform, "resource", "list", "--state", "gone")
     assert bad.exit_code == 2 and "--state must be one of" in bad.output
     # A resource of its own, from a template key (never provisioned).

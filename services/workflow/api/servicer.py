@@ -7,8 +7,11 @@ from google.protobuf import empty_pb2
 from infrakitchen.workflow.v1 import workflow_pb2 as pb
 from infrakitchen.workflow.v1 import workflow_pb2_grpc
 from services.common.auth import current_principal
+from services.common.interceptors import required_role
 from services.common.filters import enum_word, merged, parse_filter, text, words_of
 from services.workflow.api import convert
+
+TEARDOWN_METHOD = "/infrakitchen.workflow.v1.WorkflowService/TeardownWorkflow"
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name
 # Commits of this process wake a watch at once (services.common.changes);
@@ -95,7 +98,9 @@ class WorkflowServicer(workflow_pb2_grpc.WorkflowServiceServicer):
     async def PreviewWorkflowTeardown(self, request, context):
         async with self.uow() as uow:
             items, external = await self.workflows.preview_teardown(uow, request.id)
-        return convert.teardown_to_pb(items, external)
+        response = convert.teardown_to_pb(items, external)
+        response.caller_can_teardown = current_principal().has(required_role(TEARDOWN_METHOD))
+        return response
 
     async def TeardownWorkflow(self, request, context):
         async with self.uow() as uow:
