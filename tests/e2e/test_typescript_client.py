@@ -37,6 +37,8 @@ def test_the_typescript_client_runs_the_example_end_to_end(tmp_path, nats_url):
                              timeout=240)
         assert run.returncode == 0, run.stdout + run.stderr
         summary = json.loads(run.stdout[run.stdout.index("{\n"):])
+        # The live lines name statuses (enums are numbers in TypeScript).
+        assert "VPC=DONE" in run.stdout and "VPC=3" not in run.stdout, run.stdout
         assert summary["status"] == "DONE" and set(summary["steps"]) == {"VPC", "EKS Cluster", "RDS Database"}
         assert isinstance(summary["subnetIds"], list) and summary["subnetIds"]  # a Struct as JSON
         assert summary["vpcJob"]["applyComplete"] and summary["vpcJob"]["lines"] > 0

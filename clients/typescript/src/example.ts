@@ -6,7 +6,7 @@
 //   npm run build && IK_TOKEN=$(make -s token | tail -1) npm run example
 import { Code, ConnectError, connect, describeError } from "./index.js";
 import { JobStatus } from "./gen/infrakitchen/executor/v1/executor_pb.js";
-import { WorkflowStatus, type Workflow } from "./gen/infrakitchen/workflow/v1/workflow_pb.js";
+import { StepStatus, WorkflowStatus, type Workflow } from "./gen/infrakitchen/workflow/v1/workflow_pb.js";
 
 async function main(): Promise<number> {
   const token = process.env.IK_TOKEN;
@@ -42,7 +42,8 @@ async function main(): Promise<number> {
   console.log(`workflow ${w.id} started`);
   for await (const change of ik.workflow.watchWorkflow({ id: w.id })) {
     w = change.workflow!;
-    console.log(`  ${WorkflowStatus[w.status]}: ${w.steps.map((s) => `${s.templateName}=${s.status}`).join(" ")}`);
+    // Enums are numbers in TypeScript: their names come from the enum object.
+    console.log(`  ${WorkflowStatus[w.status]}: ${w.steps.map((s) => `${s.templateName}=${StepStatus[s.status]}`).join(" ")}`);
     if (w.status === WorkflowStatus.DONE || w.status === WorkflowStatus.ERROR) break;
   }
 
