@@ -120,15 +120,62 @@ def explain(service: str, err: grpc.RpcError) -> str:
     return "\n".join(lines)
 
 
+def command_trace() -> str:
+    """The W3C context of this command's span ("" when the CLI does not trace).
+
+    With IK_TRACES_EXPORTER set for the CLI as for the services (`otlp` or
+    `file`, the same variables), the command is a span of its own (`ik
+    workflow run`), the parent of every call it makes (create, execute,
+    watch), exported when the command ends: one trace, with its root. Without
+    it no context is sent and each call starts a trace of its own (a context
+    whose span is never exported left the services' spans pointing at a
+    parent nobody had)."""
+    env = dict(os.environ)
+    if (env.get("IK_TRACES_EXPORTER") or "none").strip().lower() == "none":
+        return ""
+    try:  # typer (pinned) carries its own copy of click
+        from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from services.common import tracing
+    ctx = get_current_context(silent=True)
+    if ctx is not None and "traceparent" in ctx.meta:
+        return ctx.meta["traceparent"]  # one span per command, however many clients it makes
+    try:
+        tracing.configure("cli", env, Path(env.get("IK_DATA_DIR", ".data")))
+    except ValueError as exc:
+        fail(str(exc), code=2)
+    words, at = [], ctx
+    while at is not None and at.parent is not None:  # the subcommands' names, not how ik was started
+        words.insert(0, at.info_name or "")
+        at = at.parent
+    span = trace.get_tracer(tracing.TRACER_NAME).start_span(" ".join(["ik", *words]), kind=SpanKind.CLIENT)
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier, context=trace.set_span_in_context(span))
+
+    def end() -> None:
+        span.end()
+        tracing.shutdown()  # exports it (and flushes) before the process exits
+    if ctx is not None:
+        ctx.meta["traceparent"] = carrier["traceparent"]
+        ctx.call_on_close(end)
+    else:
+        import atexit
+        atexit.register(end)
+    return carrier["traceparent"]
+
+
 class Client:
     """The five services' stubs, with the caller's token and one trace context per command."""
 
     def __init__(self, explicit_token: str | None = None):
-        # One W3C trace context per command: with tracing on in the services, every call of
-        # one `ik` command (e.g. `workflow run`: create, execute, watch) lands in one trace.
-        self.trace_id = os.urandom(16).hex()
-        self.md = [("authorization", f"Bearer {token(explicit_token)}"),
-                   ("traceparent", f"00-{self.trace_id}-{os.urandom(8).hex()}-01")]
+        self.md = [("authorization", f"Bearer {token(explicit_token)}")]
+        if parent := command_trace():
+            self.md.append(("traceparent", parent))
         self._channels: dict[str, grpc.Channel] = {}
         self._stubs: dict[str, object] = {}
 

@@ -55,7 +55,8 @@ def spans(platform) -> list[dict]:
 
 def ik(platform, tmp_path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "IK_DATA_DIR": str(platform.data_dir), "IK_CONFIG_DIR": str(tmp_path / "config"),
-           "COLUMNS": "160", **{f"IK_{s.upper()}_TARGET": platform.target(s) for s in SERVICES}}
+           "COLUMNS": "160", "IK_TRACES_EXPORTER": "file",  # the command's own span, as the services'
+           **{f"IK_{s.upper()}_TARGET": platform.target(s) for s in SERVICES}}
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)
 
@@ -135,10 +136,10 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
             assert time.monotonic() < deadline, "the workflow service's consumers never caught up"
             time.sleep(0.5)
 
-    # One trace: `ik workflow run` (one trace context for its calls) -> CreateWorkflow, which reads the
-    # blueprint service, and ExecuteWorkflow -> each step's CreateResource and SubmitJob -> each job and its
-    # terraform commands -> the completion events, consumed by the workflow, resource and approval services,
-    # which start the next steps. Every span's parent is in the trace, but for the CLI's own span.
+    # One trace: `ik workflow run` (the command's span, the parent of its calls) -> CreateWorkflow, which
+    # reads the blueprint service, and ExecuteWorkflow -> each step's CreateResource and SubmitJob -> each job
+    # and its terraform commands -> the completion events, consumed by the workflow, resource and approval
+    # services, which start the next steps. Every span's parent is in the trace; its one root is the CLI's.
     def the_run_trace():
         found = spans(platform)
         [execute] = [x for x in found if x["name"].endswith("WorkflowService/ExecuteWorkflow")
@@ -153,10 +154,12 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
             break
         time.sleep(0.5)
     services = {x["resource"]["attributes"]["service.name"] for x in run_trace}
-    assert services == {f"infrakitchen-{name}" for name in SERVICES}
+    assert services == {f"infrakitchen-{name}" for name in (*SERVICES, "cli")}
     assert len(jobs) == 3 and {x["attributes"]["ik.step_id"] for x in jobs} == {s.id for s in w.steps}
     ids = {x["context"]["span_id"] for x in run_trace}
-    assert len({x["parent_id"] for x in run_trace if x["parent_id"] not in ids}) == 1  # the CLI's span
+    [root] = [x for x in run_trace if x["parent_id"] is None]
+    assert root["name"] == "ik workflow run" and root["resource"]["attributes"]["service.name"] == "infrakitchen-cli"
+    assert all(x["parent_id"] in ids for x in run_trace if x is not root), "a span whose parent was never exported"
     by_id = {x["context"]["span_id"]: x for x in run_trace}
     commands = [x for x in run_trace if x["name"] == "terraform apply"]
     assert len(commands) == 3 and all(by_id[x["parent_id"]]["name"] == "job apply" for x in commands)
