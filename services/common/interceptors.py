@@ -15,7 +15,7 @@ from google.protobuf import descriptor_pool
 from sqlalchemy.exc import IntegrityError
 
 from infrakitchen.common.v1 import options_pb2
-from services.common import auth, errors, limits, metrics
+from services.common import auth, errors, limits, logs, metrics
 from services.common.grpc_errors import to_grpc_status
 from services.common.identities import ALGORITHM as SERVICE_ALGORITHM
 from services.common.identities import ServiceIdentity
@@ -110,27 +110,30 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
 
+        # The call's records (its own line included) carry the ids its request names.
         async def around_unary(behavior, request, context):
             started = time.perf_counter()
-            try:
-                _decoded(request)
-                response = await _call_unary(behavior, request, context)
-            except BaseException as exc:
-                await self._fail(method, exc, context, started)
-                raise
-            self._log(method, "OK", started)
-            return response
+            with logs.bound(**logs.request_ids(method, request)):
+                try:
+                    _decoded(request)
+                    response = await _call_unary(behavior, request, context)
+                except BaseException as exc:
+                    await self._fail(method, exc, context, started)
+                    raise
+                self._log(method, "OK", started)
+                return response
 
         async def around_stream(behavior, request, context):
             started = time.perf_counter()
-            try:
-                _decoded(request)
-                async for item in _iterate(behavior, request, context):
-                    yield item
-            except BaseException as exc:
-                await self._fail(method, exc, context, started)
-                raise
-            self._log(method, "OK", started)
+            with logs.bound(**logs.request_ids(method, request)):
+                try:
+                    _decoded(request)
+                    async for item in _iterate(behavior, request, context):
+                        yield item
+                except BaseException as exc:
+                    await self._fail(method, exc, context, started)
+                    raise
+                self._log(method, "OK", started)
 
         return _rewrap(handler, around_unary, around_stream, lenient=True)
 

@@ -3,7 +3,8 @@ object per record with the service, the logger, the message, for served
 calls the method, status code, user and duration (the ErrorInterceptor
 passes them as `extra`), the trace and span ids when tracing is on, and the
 ids of what is being worked on (workflow, step, resource, job: bound by the
-event consumers and the executor's workers with `bound`)."""
+event consumers and the executor's workers with `bound`, and for a served
+call, those its request names)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,8 @@ import json
 import logging
 
 from services.common import tracing
+
+log = logging.getLogger(__name__)
 
 # Fields a record may carry beyond the standard ones (bounded, never request bodies).
 CALL_FIELDS = ("method", "code", "user", "duration_ms", "reason")
@@ -29,6 +32,40 @@ def bound(**ids: str):
         yield
     finally:
         _bound.reset(token)
+
+
+# A request's `id` names what its method's noun is (GetWorkflow: a workflow).
+_ID_OF_NOUN = (("ApprovalRequest", "approval_request_id"), ("Workflow", "workflow_id"), ("Resource", "resource_id"),
+               ("Job", "job_id"))
+
+
+def request_ids(method: str, request) -> dict[str, str]:
+    """The ids a served request names (its workflow_id, step_id, resource_id,
+    job_id... fields, those of its `correlation`, and its `id` by the
+    method's noun), bounded, for the call's log records."""
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    if descriptor is None:  # bytes that were not the method's message
+        return {}
+    ids: dict[str, str] = {}
+
+    def take(message) -> None:
+        for name in CORRELATION_FIELDS:
+            value = getattr(message, name, None) if name in message.DESCRIPTOR.fields_by_name else None
+            if isinstance(value, str) and value:  # a repeated field is a container, left out
+                ids[name] = value[:64]
+    try:
+        take(request)
+        if "correlation" in descriptor.fields_by_name and request.HasField("correlation"):
+            take(request.correlation)
+        request_id = getattr(request, "id", None) if "id" in descriptor.fields_by_name else None
+        if isinstance(request_id, str) and request_id:
+            name = method.rsplit("/", 1)[-1]
+            key = next((k for noun, k in _ID_OF_NOUN if name.endswith((noun, noun + "s"))), "")
+            if key:
+                ids.setdefault(key, request_id[:64])
+    except Exception:  # noqa: BLE001 - a log field is never worth failing the call for
+        log.debug("no ids from a %s request", method, exc_info=True)
+    return ids
 
 
 class JsonFormatter(logging.Formatter):

@@ -31,7 +31,7 @@ def platform(tmp_path, event_prefix, nats_url):
     ports = {name: free_port() for name in SERVICES}  # each service's Prometheus endpoint
     procs = ServiceProcesses(tmp_path / "data", event_prefix, nats_url, extra_env={
         "IK_METRICS_INTERVAL": "0.5", **{f"IK_{n.upper()}_METRICS_PORT": str(p) for n, p in ports.items()},
-        "IK_TRACES_EXPORTER": "file"})
+        "IK_TRACES_EXPORTER": "file", "IK_LOG_FORMAT": "json"})
     procs.metrics_ports = ports
     procs.start()
     yield procs
@@ -173,6 +173,17 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
     assert vpc_job["context"]["span_id"] in ancestors
     # Spans carry ids and names, never variables or outputs.
     assert vpc_id not in json.dumps(run_trace) and "10.42.0.0/16" not in json.dumps(run_trace)
+
+    # JSON log lines at INFO name what they are about: a served call the ids its request names.
+    def lines(service: str) -> list[dict]:
+        return [json.loads(line) for line in platform.log(service).splitlines() if line.startswith("{")]
+    created = [x for x in lines("resource") if x.get("method", "").endswith("/CreateResource")]
+    assert {x.get("workflow_id") for x in created} == {w.id} and {x.get("step_id") for x in created} == \
+        {s.id for s in w.steps}
+    submitted = [x for x in lines("executor") if x.get("method", "").endswith("/SubmitJob")]
+    assert len(submitted) >= 3 and all(x.get("workflow_id") == w.id and x.get("resource_id") for x in submitted)
+    got = [x for x in lines("workflow") if x.get("method", "").endswith(("/ExecuteWorkflow", "/WatchWorkflow"))]
+    assert got and all(x.get("workflow_id") == w.id for x in got)
 
     shown = ik(platform, tmp_path, "workflow", "show", w.id)
     assert shown.returncode == 0 and "EKS Cluster" in shown.stdout and vpc_id in shown.stdout

@@ -50,3 +50,20 @@ def test_an_unknown_traces_exporter_is_refused(tmp_path):
     with pytest.raises(ValueError):
         tracing.configure("resource", {"IK_TRACES_EXPORTER": "zipkin"}, tmp_path)
     assert not tracing.configure("resource", {}, tmp_path) and not tracing.enabled()
+
+
+def test_a_served_requests_ids_are_its_log_fields():
+    from infrakitchen.executor.v1 import executor_pb2 as ep
+    from infrakitchen.resource.v1 import resource_pb2 as rp
+    from infrakitchen.workflow.v1 import workflow_pb2 as wp
+    from services.common.logs import request_ids
+    assert request_ids("/x.ResourceService/CreateResource", rp.CreateResourceRequest(
+        workflow_id="w1", step_id="s1", resource=rp.Resource(name="n"))) == {"workflow_id": "w1", "step_id": "s1"}
+    assert request_ids("/x.ExecutorService/SubmitJob", ep.SubmitJobRequest(correlation=ep.JobCorrelation(
+        workflow_id="w1", resource_id="r1"))) == {"workflow_id": "w1", "resource_id": "r1"}
+    assert request_ids("/x.WorkflowService/GetWorkflow", wp.GetWorkflowRequest(id="w" * 500)) == \
+        {"workflow_id": "w" * 64}  # bounded
+    assert request_ids("/x.ExecutorService/GetJob", ep.GetJobRequest(id="j1")) == {"job_id": "j1"}
+    assert request_ids("/x.ResourceService/ListResources", rp.ListResourcesRequest(workflow_id="w1")) == \
+        {"workflow_id": "w1"}
+    assert request_ids("/x.Y/Z", object()) == {}  # bytes that were not the message
