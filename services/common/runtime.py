@@ -30,7 +30,7 @@ from services.common.interceptors import AuthInterceptor, ErrorInterceptor
 from services.common.identities import ServiceIdentity
 from services.common.signing import EventSigner, EventVerifier
 from services.common.oidc import OidcVerifier
-from services.common.tls import GrpcTls, nats_options
+from services.common.tls import SERVER_OPTIONS, GrpcTls, nats_options
 from services.common.migrations import upgrade
 from services.common.outbox import OutboxRelay
 from services.common.tables import plumbing_tables
@@ -142,7 +142,7 @@ class Runtime:
             interceptors=[*tracing.server_interceptors(), ErrorInterceptor(self.definition.name),
                           AuthInterceptor(s.auth_secret, OidcVerifier.from_env(s.env), self.identity)],
             # No SO_REUSEPORT: a second process on the same port must fail, not share it.
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS],
         )
         names = list(self.definition.register(self.server, self))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

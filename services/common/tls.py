@@ -82,16 +82,26 @@ class GrpcTls:
 
     def aio_channel(self, target: str, interceptors: list | None = None) -> grpc.aio.Channel:
         if not self.calling:
-            return grpc.aio.insecure_channel(target, interceptors=interceptors)
+            return grpc.aio.insecure_channel(target, options=BALANCED, interceptors=interceptors)
         credentials, options = self._channel_args()
-        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, credentials, options=[*options, *BALANCED], interceptors=interceptors)
 
     def channel(self, target: str) -> grpc.Channel:
         """A blocking channel (the CLI, tests)."""
         if not self.calling:
-            return grpc.insecure_channel(target)
+            return grpc.insecure_channel(target, options=BALANCED)
         credentials, options = self._channel_args()
-        return grpc.secure_channel(target, credentials, options=options)
+        return grpc.secure_channel(target, credentials, options=[*options, *BALANCED])
+
+
+# Calls spread over every address a target's name resolves to (a Kubernetes
+# headless Service: one per replica) instead of sticking to the first one,
+# as HTTP/2 clients do with a single connection; one address: as before.
+BALANCED = [("grpc.lb_policy_name", "round_robin")]
+# A server asks a client to leave each connection after 5 minutes (GOAWAY:
+# calls under way, long watches included, run on to their end; no grace
+# bound), so clients resolve the name again and reach replicas added since.
+SERVER_OPTIONS = [("grpc.max_connection_age_ms", 300_000)]
 
 
 def nats_options(env: dict[str, str], service: str = "", data_dir: Path | None = None) -> dict:
