@@ -1,4 +1,5 @@
-"""The reaper that starts every terraform command: lowered CPU priority."""
+"""The reaper that starts every terraform command: lowered CPU priority, and
+SIGINT left to terraform when it runs sandboxed."""
 import os
 import subprocess
 import sys
@@ -10,13 +11,26 @@ PRINT_NICENESS = [sys.executable, "-c", "import os; print(os.nice(0))"]
 
 def test_terraform_runs_nicer_than_the_executor():
     base = os.nice(0)
-    out = subprocess.run(_die_with_parent(PRINT_NICENESS, 10), capture_output=True, text=True, timeout=30,
+    out = subprocess.run(_die_with_parent(PRINT_NICENESS, 10, False), capture_output=True, text=True, timeout=30,
                          start_new_session=True)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == min(19, base + 10)
 
 
 def test_niceness_zero_leaves_the_priority_alone():
-    out = subprocess.run([sys.executable, "-S", _REAPER, str(os.getpid()), "0", *PRINT_NICENESS],
+    out = subprocess.run([sys.executable, "-S", _REAPER, str(os.getpid()), "0", "default", *PRINT_NICENESS],
                          capture_output=True, text=True, timeout=30, start_new_session=True)
     assert int(out.stdout) == os.nice(0)
+
+
+PRINT_SIGINT = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"]
+
+
+def test_a_sandboxed_command_starts_with_sigint_ignored_so_the_sandbox_outlives_an_interrupt():
+    """bubblewrap is in the process group the interrupt goes to: ignoring it
+    (inherited across exec) keeps it alive while terraform, which catches
+    SIGINT whatever it started with, stops gracefully in it."""
+    for sandboxed, ignored in ((True, "True"), (False, "False")):
+        out = subprocess.run(_die_with_parent(PRINT_SIGINT, 0, sandboxed), capture_output=True, text=True,
+                             timeout=30, start_new_session=True)
+        assert out.stdout.strip() == ignored, (sandboxed, out.stdout, out.stderr)

@@ -58,8 +58,9 @@ LogSink = Callable[[str, str], None]  # (stream, text)
 _REAPER = str(Path(__file__).with_name("reaper.py"))
 
 
-def _die_with_parent(argv: list[str], niceness: int) -> list[str]:
-    return [sys.executable, "-S", _REAPER, str(os.getpid()), str(niceness), *argv]
+def _die_with_parent(argv: list[str], niceness: int, sandboxed: bool) -> list[str]:
+    return [sys.executable, "-S", _REAPER, str(os.getpid()), str(niceness), "ignored" if sandboxed else "default",
+            *argv]
 
 
 @dataclass(frozen=True)
@@ -574,7 +575,8 @@ class TerraformRun:
         # The command's name only: its arguments may name files or variables.
         with tracing.span(f"terraform {args[0]}") as span:
             self._proc = await asyncio.create_subprocess_exec(
-                *_die_with_parent(argv, self.config.niceness), cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+                *_die_with_parent(argv, self.config.niceness, self.config.sandbox.on), cwd=cwd, env=env,
+                stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True, limit=4 * 1024 * 1024)
             await asyncio.gather(self._pump(self._proc.stdout, "stdout", captured if capture else None),
