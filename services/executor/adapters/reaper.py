@@ -12,15 +12,8 @@ It also lowers the command's CPU priority (nice): module code is untrusted
 and CPU-hungry, and must not starve the platform's own processes on the same
 machine (the hops that dispatch the next step of a workflow).
 
-A sandboxed command (`ignored`) starts with SIGINT ignored: bubblewrap's own
-process is in the group too and would die of the interrupt, and with it, at
-once, everything in its sandbox (--die-with-parent), terraform before it wrote
-its state. An ignored signal stays ignored across exec, so bubblewrap outlives
-the interrupt; terraform, a Go program, catches SIGINT whatever it started
-with (signal.Notify installs its handler) and stops gracefully.
-
-Usage: python -S reaper.py <executor pid> <niceness> <default|ignored> <command...>;
-exits with the command's exit code (128 + signal when it was killed)."""
+Usage: python -S reaper.py <executor pid> <niceness> <command...>; exits with
+the command's exit code (128 + signal when it was killed)."""
 import ctypes
 import os
 import signal
@@ -40,8 +33,7 @@ def main() -> int:
     niceness = int(sys.argv[2])
     if niceness:
         os.nice(niceness)  # inherited by terraform, its providers and local-exec commands
-    sigint = signal.SIG_IGN if sys.argv[3] == "ignored" else signal.SIG_DFL
-    child = subprocess.Popen(sys.argv[4:], preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+    child = subprocess.Popen(sys.argv[3:], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     code = child.wait()
     return 128 - code if code < 0 else code
 
