@@ -145,6 +145,8 @@ def command_trace() -> str:
     ctx = get_current_context(silent=True)
     if ctx is not None and "traceparent" in ctx.meta:
         return ctx.meta["traceparent"]  # one span per command, however many clients it makes
+    # A collector that does not answer delays the command's exit by this much at most (OTel's default: 10 s).
+    os.environ.setdefault("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
     try:
         tracing.configure("cli", env, Path(env.get("IK_DATA_DIR", ".data")))
     except ValueError as exc:

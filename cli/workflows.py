@@ -302,7 +302,8 @@ def workflow_teardown(workflow_id: str,
     token). Shows what it will destroy and asks first, unless --yes."""
     client = Client(token)
     plan = client(client.workflow.PreviewWorkflowTeardown, wp.PreviewWorkflowTeardownRequest(id=workflow_id))
-    if not preview and plan.steps and not plan.caller_can_teardown:
+    # A server too old to say (no field) leaves it to TeardownWorkflow's own check.
+    if not preview and plan.steps and plan.HasField("caller_can_teardown") and not plan.caller_can_teardown:
         # Said before the table and the question, not after a confirmation.
         fail(f"Tearing down needs the admin role, which your token does not have. "
              f"`ik workflow teardown {workflow_id} --preview` shows what it would destroy.")

@@ -74,8 +74,7 @@ class Settings:
         return cls(
             service=service,
             data_dir=data_dir,
-            database_url=env.get(f"IK_{upper}_DATABASE_URL")
-            or f"sqlite:///{data_dir / (service + '.db')}",
+            database_url=database_url(service, env),
             nats_url=env.get("IK_NATS_URL", "nats://127.0.0.1:4222"),
             event_prefix=prefix,
             host=host,
@@ -90,6 +89,12 @@ class Settings:
             sqlite_synchronous=_sqlite_synchronous(env.get("IK_SQLITE_SYNCHRONOUS", "NORMAL")),
             env=env,
         )
+
+
+def database_url(service: str, env: dict[str, str]) -> str:
+    """The service's database: IK_<SVC>_DATABASE_URL, else SQLite in the data directory."""
+    data_dir = Path(env.get("IK_DATA_DIR", ".data")).resolve()
+    return env.get(f"IK_{service.upper()}_DATABASE_URL") or f"sqlite:///{data_dir / (service + '.db')}"
 
 
 def _sqlite_synchronous(value: str) -> str:

@@ -89,6 +89,8 @@ class Database:
     def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL", wal_limit: int = DEFAULT_WAL_LIMIT):
         if sqlite_synchronous.upper() not in SQLITE_SYNCHRONOUS:
             raise ValueError(f"sqlite synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}")
+        if wal_limit < 64 * 1024:  # 0 or SQLite's -1 ("no limit") would make every look a TRUNCATE
+            raise ValueError("IK_SQLITE_WAL_LIMIT must be at least 64 KiB (65536 bytes)")
         self.url = url
         u = async_url(url)
         _ensure_sqlite_dir(u)
@@ -129,7 +131,12 @@ class Database:
           asynchronously, see sqlite_driver) until the readers of older
           frames are done, so the file cannot grow while it waits.
         - Every `truncate_every` rounds a TRUNCATE empties a WAL file that is
-          not empty at all (the file keeps its size otherwise)."""
+          not empty at all (the file keeps its size otherwise).
+        - A size-bound TRUNCATE waits at most 1 s for readers of older frames
+          (writers wait meanwhile); one that could not finish (a reader holds
+          an old snapshot: a backup, a shell) is tried again after 1, 2, 4...
+          up to 30 s, PASSIVE rounds going on between, so a long reader never
+          keeps writers waiting most of the time."""
         if self._sqlite_file is None or self._sqlite_file == ":memory:":
             return
         import asyncio
@@ -138,6 +145,8 @@ class Database:
         watch = min(watch, interval)
         trigger = max(self.wal_limit // 4, 1)
         rounds, checkpointed, elapsed = 0, None, 0.0
+        backoff, held_until = 1.0, 0.0  # size-bound TRUNCATEs after one that could not finish
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await asyncio.sleep(watch)
@@ -149,7 +158,8 @@ class Database:
                     seen = None
                 if seen is None:
                     continue
-                if seen[0] >= trigger:
+                bound = seen[0] >= trigger and loop.time() >= held_until
+                if bound:
                     mode = "TRUNCATE"
                 elif elapsed + 1e-9 < interval:
                     continue  # between rounds only the size is watched
@@ -161,17 +171,24 @@ class Database:
                         continue  # nothing written since the last checkpoint
                     mode = "TRUNCATE" if truncate else "PASSIVE"
                 try:
-                    await asyncio.to_thread(self.checkpoint, mode)
+                    finished = await asyncio.to_thread(self.checkpoint, mode, 1.0 if bound else 5.0)
                     # What was seen before the checkpoint: a commit during it changes the file again.
                     checkpointed = seen
                 except sqlite3.Error:
-                    pass  # e.g. busy: the next look
+                    finished = False  # e.g. locked: the next look
+                if bound:
+                    if finished:
+                        backoff, held_until = 1.0, 0.0
+                    else:
+                        held_until, backoff = loop.time() + backoff, min(backoff * 2, 30.0)
         finally:
             self._close_checkpointer_if_idle()
 
-    def checkpoint(self, mode: str = "PASSIVE") -> None:
+    def checkpoint(self, mode: str = "PASSIVE", wait: float = 5.0) -> bool:
         """One checkpoint of the SQLite WAL, on a connection of its own, kept
-        for the next (blocking: call it on a thread, one call at a time)."""
+        for the next (blocking: call it on a thread, one call at a time).
+        FULL, RESTART and TRUNCATE wait up to `wait` seconds for writers and
+        readers; False when one could not finish (SQLite's busy answer)."""
         import sqlite3
         with self._checkpointing:
             if self._checkpointer is None:
@@ -183,10 +200,12 @@ class Database:
                     raise
                 self._checkpointer = conn
             try:
-                self._checkpointer.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+                self._checkpointer.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+                [(busy, _, _)] = self._checkpointer.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
             except sqlite3.Error:
                 self._close_checkpointer()  # a connection in trouble is not kept
                 raise
+            return not busy
 
     def _close_checkpointer(self) -> None:
         conn, self._checkpointer = self._checkpointer, None

@@ -125,15 +125,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         async def around_stream(behavior, request, context):
             started = time.perf_counter()
-            with logs.bound(**logs.request_ids(method, request)):
-                try:
-                    _decoded(request)
-                    async for item in _iterate(behavior, request, context):
-                        yield item
-                except BaseException as exc:
-                    await self._fail(method, exc, context, started)
-                    raise
-                self._log(method, "OK", started)
+            logs.bind(**logs.request_ids(method, request))  # not reset: see logs.bind
+            try:
+                _decoded(request)
+                async for item in _iterate(behavior, request, context):
+                    yield item
+            except BaseException as exc:
+                await self._fail(method, exc, context, started)
+                raise
+            self._log(method, "OK", started)
 
         return _rewrap(handler, around_unary, around_stream, lenient=True)
 

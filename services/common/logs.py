@@ -68,6 +68,13 @@ def request_ids(method: str, request) -> dict[str, str]:
     return ids
 
 
+def bind(**ids: str) -> None:
+    """Like `bound`, for the rest of the current task's context: a served
+    stream's generator may be closed from another task, where resetting a
+    context variable fails; each call runs in a task (and context) of its own."""
+    _bound.set({**_bound.get(), **{k: v for k, v in ids.items() if v}})
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str):
         super().__init__()

@@ -427,6 +427,58 @@ async def test_sqlite_wal_stays_under_its_limit_through_a_burst_under_constant_r
     assert 0 < peak[0] <= limit, f"the WAL reached {peak[0] / 2**20:.1f} MiB (limit {limit / 2**20:.0f} MiB)"
 
 
+async def test_a_reader_holding_an_old_snapshot_does_not_keep_writers_waiting(tmp_path, monkeypatch):
+    """A size-bound TRUNCATE that cannot finish (a backup or a shell holds an
+    old snapshot) waits at most 1 s, then is tried again only after 1, 2,
+    4... s, so writes go on most of the time instead of waiting 5 s out of
+    every 5.1."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "held.db"
+    engine = create_sync_engine(f"sqlite:///{path}")
+    applied.create(engine)
+    engine.dispose()
+    db = Database(f"sqlite:///{path}", wal_limit=1024 * 1024)  # TRUNCATE from 256 KiB of WAL
+    truncates: list[tuple[float, bool]] = []
+    checkpoint = db.checkpoint
+
+    def recording(mode: str = "PASSIVE", wait: float = 5.0) -> bool:
+        finished = checkpoint(mode, wait)
+        if mode == "TRUNCATE":
+            truncates.append((wait, finished))
+        return finished
+    monkeypatch.setattr(db, "checkpoint", recording)
+    async with db.session() as s, s.begin():  # past the trigger
+        await s.execute(sa.insert(applied), [{"event_id": f"a{n}-" + "x" * 4000} for n in range(100)])
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM applied").fetchone()  # holds this snapshot
+    async with db.session() as s, s.begin():  # a frame the reader's snapshot does not have
+        await s.execute(sa.insert(applied).values(event_id="after"))
+    task = asyncio.create_task(db.checkpoints())
+    try:
+        started = time.monotonic()
+        await asyncio.sleep(4.5)
+        slowest = 0.0
+        for n in range(20):  # writes go on while the reader holds on
+            t = time.monotonic()
+            async with db.session() as s, s.begin():
+                await s.execute(sa.insert(applied).values(event_id=f"w{n}"))
+            slowest = max(slowest, time.monotonic() - t)
+            await asyncio.sleep(0.05)
+        assert truncates and all(wait == 1.0 and not finished for wait, finished in truncates)
+        assert len(truncates) <= 4, f"{len(truncates)} blocking attempts in {time.monotonic() - started:.1f}s"
+        assert slowest < 1.5
+        reader.execute("COMMIT")  # the reader lets go: the next attempt empties the WAL
+        await eventually(lambda: truncates[-1][1], timeout=40)
+    finally:
+        reader.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await db.dispose()
+
+
 async def test_an_event_nats_refuses_for_good_is_dead_lettered_and_the_rest_flow_on(plumbing):
     """One event over the server's max payload (it was a 1.2 MB user name)
     used to be retried forever, holding every later event back, across
@@ -707,10 +759,11 @@ async def test_an_idle_sqlite_database_is_not_checkpointed_again(tmp_path, monke
     connections: set[int] = set()
     checkpoint = db.checkpoint
 
-    def counting(mode: str = "PASSIVE") -> None:
-        checkpoint(mode)
+    def counting(mode: str = "PASSIVE", wait: float = 5.0) -> bool:
+        finished = checkpoint(mode, wait)
         done.append(mode)
         connections.add(id(db._checkpointer))
+        return finished
     monkeypatch.setattr(db, "checkpoint", counting)
     opened = []
     real_connect = sqlite3.connect

@@ -152,6 +152,7 @@ def test_every_pod_meets_the_restricted_pod_security_level_but_the_executors_doc
             continue
         # bubblewrap's namespaces and /proc, pasta's TUN device: each said in docs/architecture.md.
         assert found == {"seccomp Unconfined", "procMount Unmasked", "volume tun: hostPath"}, found
+        assert d["spec"]["template"]["spec"]["hostUsers"] is False  # what the API requires of Unmasked
         for said in ("`seccompProfile: Unconfined`", "`procMount: Unmasked`", "`hostPath` of `/dev/net/tun`"):
             assert said in architecture
 
@@ -353,3 +354,19 @@ def test_the_runtime_requirements_cover_every_import_of_the_services():
                 if not dists & allowed:
                     missing.add(f"{path.relative_to(ROOT)}: {top}")
     assert not missing, sorted(missing)
+
+
+def test_the_init_migration_needs_only_the_database_url(tmp_path):
+    """The init container has the database's URL and nothing else (no auth
+    key, a read-only root): migrating must neither need nor write more."""
+    import subprocess
+    import sys
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "IK_DATA_DIR": str(data),
+           "IK_WORKFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'workflow.db'}"}
+    done = subprocess.run([sys.executable, "-m", "services.common.migrate", "workflow"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "workflow: schema up to date" in done.stdout
+    assert list(data.iterdir()) == [], "it wrote beside the schema (a key?)"

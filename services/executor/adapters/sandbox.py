@@ -26,8 +26,9 @@ needs a route to a database. `shared` keeps the machine's network
 The executor says at start which isolation it uses, and refuses to start
 without one unless IK_EXECUTOR_SANDBOX=off is set explicitly (development
 only; a warning says so). Signals still reach terraform: the sandbox keeps
-the process group of the reaper that starts it (cancel's SIGINT), and
---die-with-parent ends it with the reaper (the executor's death)."""
+the process group the executor started it in (cancel's SIGINT, which
+bubblewrap itself starts ignoring: see terraform._die_with_parent), and
+--die-with-parent ends it with the executor."""
 from __future__ import annotations
 
 import asyncio
