@@ -112,7 +112,8 @@ class Database:
         self._checkpointer = None  # the sqlite3 connection of checkpoint(), opened at the first
         self._checkpointing = threading.Lock()
 
-    async def checkpoints(self, interval: float = 1.0, truncate_every: int = 60, watch: float = 0.1) -> None:
+    async def checkpoints(self, interval: float = 1.0, truncate_every: int = 60, watch: float = 0.1,
+                          quiet_watch: float = 0.25) -> None:
         """Background task on SQLite: the WAL is copied back into the database
         file on a thread of its own, since the serving connections run on the
         event loop and a checkpoint (copy and fsync) there would hold it up
@@ -125,8 +126,10 @@ class Database:
         - The WAL's size is bounded by `wal_limit` at every moment, not only
           after a quiet minute: under constant reads a PASSIVE checkpoint never
           lets the WAL start over, and a burst of writes grew it to 765 MiB
-          in 20 s. The file's size is looked at every `watch` seconds (a
-          stat), and once it reaches a quarter of the limit a TRUNCATE
+          in 20 s. The file's size is looked at (a stat) every `watch`
+          seconds while it is being written, every `quiet_watch` seconds
+          while it is not (an idle service wakes 4 times a second, not 10),
+          and once it reaches a quarter of the limit a TRUNCATE
           checkpoint empties it: it holds new writers back (they wait
           asynchronously, see sqlite_driver) until the readers of older
           frames are done, so the file cannot grow while it waits.
@@ -142,20 +145,22 @@ class Database:
         import asyncio
         import sqlite3
         wal = Path(f"{self._sqlite_file}-wal")
-        watch = min(watch, interval)
+        watch, quiet_watch = min(watch, interval), min(quiet_watch, interval)
         trigger = max(self.wal_limit // 4, 1)
-        rounds, checkpointed, elapsed = 0, None, 0.0
+        rounds, checkpointed, elapsed, looked, changed = 0, None, 0.0, None, False
         backoff, held_until = 1.0, 0.0  # size-bound TRUNCATEs after one that could not finish
         loop = asyncio.get_running_loop()
         try:
             while True:
-                await asyncio.sleep(watch)
-                elapsed += watch
+                pause = watch if changed else quiet_watch  # written since the last look: look again soon
+                await asyncio.sleep(pause)
+                elapsed += pause
                 try:
                     st = wal.stat()
                     seen = (st.st_size, st.st_mtime_ns)
                 except FileNotFoundError:
                     seen = None
+                changed, looked = seen != looked, seen
                 if seen is None:
                     continue
                 bound = seen[0] >= trigger and loop.time() >= held_until

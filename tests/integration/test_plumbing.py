@@ -382,7 +382,7 @@ async def test_sqlite_wal_stays_under_its_limit_through_a_burst_under_constant_r
     engine = create_sync_engine(f"sqlite:///{path}")
     applied.create(engine)
     engine.dispose()
-    limit = 16 * 1024 * 1024
+    limit = 32 * 1024 * 1024
     db = Database(f"sqlite:///{path}", wal_limit=limit)
     stop = threading.Event()
     peak = [0]
