@@ -309,14 +309,20 @@ def workflow_teardown(workflow_id: str,
              f"`ik workflow teardown {workflow_id} --preview` shows what it would destroy.")
     # Every resource a step waits for is one of this teardown's: named by its step.
     step_of = {s.resource_id: s.template_name for s in plan.steps}
-    t = table("order", "step", "resource", "after", "outside dependents")
-    for s in plan.steps:
-        t.add_row(str(s.level), s.template_name, s.resource_id,
-                  ", ".join(step_of.get(r, r) for r in s.blocked_by_resource_ids),
-                  Text(", ".join(s.external_dependent_resource_ids), style="red"))
-    console.print(t if plan.steps else "Nothing left to destroy.")
+
+    def render():
+        t = table("order", "step", "resource", "after", "outside dependents")
+        for s in plan.steps:
+            t.add_row(str(s.level), s.template_name, s.resource_id,
+                      ", ".join(step_of.get(r, r) for r in s.blocked_by_resource_ids),
+                      Text(", ".join(s.external_dependent_resource_ids), style="red"))
+        return t if plan.steps else "Nothing left to destroy."
     if preview:
+        emit(plan, render)
+        if not wants_json() and plan.HasField("caller_can_teardown") and not plan.caller_can_teardown:
+            console.print("Tearing it down needs the admin role, which your token does not have.")
         return
+    console.print(render())
     if plan.steps and not yes and not typer.confirm(f"Destroy these {len(plan.steps)} resources?", default=False):
         fail("Nothing destroyed.")
     w = client(client.workflow.TeardownWorkflow, wp.TeardownWorkflowRequest(id=workflow_id))

@@ -120,6 +120,10 @@ def test_a_workflow_is_created_planned_then_executed_and_watched_again(platform,
     assert preview.exit_code == 0, preview.output
     vpc_row = next(line for line in preview.output.splitlines() if "│ VPC" in line)
     assert "EKS Cluster" in vpc_row and "RDS Database" in vpc_row  # destroyed after those two
+    assert "needs the admin role" in preview.output
+    scripted = json.loads(ik(platform, "-o", "json", "--token", reader, "workflow", "teardown", w["id"],
+                             "--preview").output)
+    assert len(scripted["steps"]) == 3 and scripted["caller_can_teardown"] is False
     torn = ik(platform, "workflow", "teardown", w["id"], "--yes")
     assert torn.exit_code == 0, torn.output
     lines = ik(platform, "workflow", "list").output.splitlines()
