@@ -52,6 +52,10 @@ def free_port() -> int:
     raise RuntimeError(f"no free port between {low} and {high}")
 
 
+class PortTaken(RuntimeError):
+    """A service could not listen on the port it was given."""
+
+
 class ServiceProcesses:
     def __init__(self, data_dir: Path, event_prefix: str, nats_url: str,
                  database_urls: dict[str, str] | None = None, extra_env: dict[str, str] | None = None):
@@ -91,14 +95,32 @@ class ServiceProcesses:
         return (self.data_dir / f"{name}.log").read_text(errors="replace")
 
     def start(self, *names: str, timeout: float = 60.0) -> None:
+        if names:
+            self._start(names, timeout)
+            return
+        for attempt in range(3):
+            try:
+                self._start(SERVICES, timeout)
+                return
+            except PortTaken:
+                # Another process took a port between free_port() and the bind (tests run in
+                # parallel): every service is told every port, so all start again on new ones.
+                self.stop(sig=signal.SIGKILL)
+                if attempt == 2:
+                    raise
+                for name in SERVICES:
+                    self.ports[name] = free_port()
+                    self.env[f"IK_{name.upper()}_PORT"] = str(self.ports[name])
+
+    def _start(self, names, timeout: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        for name in names or SERVICES:
+        for name in names:
             logfile = open(self.data_dir / f"{name}.log", "ab")
             service, env = self.instances[name]
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", f"services.{service}"], cwd=ROOT, env={**self.env, **env},
                 stdout=logfile, stderr=subprocess.STDOUT)
-        for name in names or SERVICES:
+        for name in names:
             self.wait_serving(name, timeout)
 
     def channel(self, name: str) -> grpc.Channel:
@@ -112,7 +134,10 @@ class ServiceProcesses:
             while time.monotonic() < deadline:
                 proc = self.procs[name]
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)}")
+                    log = self.log(name)
+                    if "cannot listen on" in log[-2000:]:
+                        raise PortTaken(f"{name}: its port was taken")
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log}")
                 try:
                     if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
                             health_pb2.HealthCheckResponse.SERVING:
