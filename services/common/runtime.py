@@ -78,8 +78,12 @@ class Runtime:
     def __init__(self, definition: ServiceDefinition, settings: Settings):
         self.definition = definition
         self.settings = settings
-        self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous,
-                           wal_limit=int(settings.env.get("IK_SQLITE_WAL_LIMIT", str(64 * 1024 * 1024))))
+        try:
+            wal_limit = int(settings.env.get("IK_SQLITE_WAL_LIMIT", str(64 * 1024 * 1024)))
+            self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous,
+                               wal_limit=wal_limit)
+        except ValueError as exc:  # a setting the operator gave: said, without a stack trace
+            raise StartupError(f"IK_SQLITE_WAL_LIMIT: {exc}") from None
         md = definition.metadata
         if "outbox" not in md.tables:
             plumbing_tables(md)

@@ -174,6 +174,16 @@ def test_admin_token_passes_the_gate(platform, service):
                           grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 
 
+def test_a_wrong_wal_limit_is_said_without_a_stack_trace(platform, tmp_path):
+    from tests.support.processes import free_port
+    for value in ("12", "lots"):
+        proc = subprocess.run([sys.executable, "-m", "services.approval"], cwd=ROOT, timeout=60,
+                              env={**platform.env, "IK_SQLITE_WAL_LIMIT": value, "IK_DATA_DIR": str(tmp_path),
+                                   "IK_APPROVAL_PORT": str(free_port())}, capture_output=True, text=True)
+        assert proc.returncode == 1 and "cannot start: IK_SQLITE_WAL_LIMIT" in proc.stderr, proc.stderr[-1000:]
+        assert "Traceback" not in proc.stderr
+
+
 def test_second_process_on_a_taken_port_fails(platform):
     proc = subprocess.run([sys.executable, "-m", "services.approval"], cwd=ROOT, env=platform.env,
                           capture_output=True, text=True, timeout=60)
