@@ -37,6 +37,7 @@ from infrakitchen.resource.v1 import resource_pb2 as rp
 from infrakitchen.resource.v1 import resource_pb2_grpc
 from infrakitchen.workflow.v1 import workflow_pb2 as wp
 from infrakitchen.workflow.v1 import workflow_pb2_grpc
+from services.common.config import SERVICES
 from services.common.db import DEFAULT_WAL_LIMIT, create_sync_engine
 from services.resource.adapters.tables import resource_labels, resources
 from tests.support.databases import PostgresDatabases
@@ -174,13 +175,12 @@ def burst_figures(procs: ServiceProcesses, data_dir: Path, count: int = 10_000, 
     stub = resource_pb2_grpc.ResourceServiceStub(grpc.insecure_channel(procs.target("resource")))
     template = blueprint.CreateTemplate(bp.CreateTemplateRequest(template=bp.Template(
         key=f"burst-{uuid.uuid4().hex[:6]}", name="Burst", enabled=True, abstract=True)), metadata=md)
-    services = ("blueprint", "workflow", "resource", "executor", "approval")
-    peaks = dict.fromkeys(services, 0)
+    peaks = dict.fromkeys(SERVICES, 0)
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            for name in services:
+            for name in SERVICES:
                 try:
                     peaks[name] = max(peaks[name], (data_dir / f"{name}.db-wal").stat().st_size)
                 except FileNotFoundError:
@@ -200,7 +200,7 @@ def burst_figures(procs: ServiceProcesses, data_dir: Path, count: int = 10_000, 
         stop.set()
         sampler.join()
     worst = max(peaks.values())
-    sizes = ", ".join(f"{name} {peaks[name] / 2**20:.1f}" for name in services)
+    sizes = ", ".join(f"{name} {peaks[name] / 2**20:.1f}" for name in SERVICES)
     return [f"| SQLite: peak WAL size during {count} CreateResource ({inflight} in flight, {took:.0f} s, then 5 s) "
             f"by service, MiB | {sizes} | <= {DEFAULT_WAL_LIMIT // 2**20} MiB | "
             f"{'met' if worst <= DEFAULT_WAL_LIMIT else 'missed'} |"]

@@ -12,7 +12,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from cli.connection import Client, console, fail
-from cli.output import emit, enum_name, table, value
+from cli.output import emit, enum_name, table, value, wants_json
 from infrakitchen.executor.v1 import executor_pb2 as ep
 from infrakitchen.resource.v1 import resource_pb2 as rp
 
@@ -36,8 +36,9 @@ def all_templates(client: Client) -> list:
     return client.collect(client.blueprint.ListTemplates, bp.ListTemplatesRequest(), "templates")
 
 
-def find_template(client: Client, key_or_id: str):
-    found = next((t for t in all_templates(client) if key_or_id in (t.id, t.key)), None)
+def find_template(client: Client, key_or_id: str, templates: list | None = None):
+    """`templates`: the catalog's, when the caller has it already."""
+    found = next((t for t in (templates or all_templates(client)) if key_or_id in (t.id, t.key)), None)
     if found is None:
         fail(f"No template with key or id {key_or_id!r}.")
     return found
@@ -55,7 +56,8 @@ def resource_list(template: str = typer.Option("", help="Template key or id."),
                   token: Optional[str] = typer.Option(None)) -> None:
     """Resources, oldest first (or --newest first), filtered."""
     client = Client(token)
-    request = rp.ListResourcesRequest(template_id=find_template(client, template).id if template else "",
+    templates = all_templates(client) if template or not wants_json() else []  # once: filter and names
+    request = rp.ListResourcesRequest(template_id=find_template(client, template, templates).id if template else "",
                                       state=_choice(state, STATES, "--state"),
                                       status=_choice(status, STATUSES, "--status"), label=label,
                                       workflow_id=workflow, parent_id=parent,
@@ -63,7 +65,7 @@ def resource_list(template: str = typer.Option("", help="Template key or id."),
     found = client.collect(client.resource.ListResources, request, "resources", limit)
 
     def render():
-        names = {t.id: t.name for t in all_templates(client)}  # a deleted template: its id
+        names = {t.id: t.name for t in templates}  # a deleted template: its id
         t = table("id", "name", "state", "status", "template", "labels")
         for r in found:
             t.add_row(r.id, r.name, enum_name(rp.ResourceState, r.state, "RESOURCE_STATE_"),

@@ -303,7 +303,8 @@ def workflow_teardown(workflow_id: str,
     client = Client(token)
     plan = client(client.workflow.PreviewWorkflowTeardown, wp.PreviewWorkflowTeardownRequest(id=workflow_id))
     # A server too old to say (no field) leaves it to TeardownWorkflow's own check.
-    if not preview and plan.steps and plan.HasField("caller_can_teardown") and not plan.caller_can_teardown:
+    refused = plan.HasField("caller_can_teardown") and not plan.caller_can_teardown
+    if not preview and plan.steps and refused:
         # Said before the table and the question, not after a confirmation.
         fail(f"Tearing down needs the admin role, which your token does not have. "
              f"`ik workflow teardown {workflow_id} --preview` shows what it would destroy.")
@@ -319,7 +320,7 @@ def workflow_teardown(workflow_id: str,
         return t if plan.steps else "Nothing left to destroy."
     if preview:
         emit(plan, render)
-        if not wants_json() and plan.HasField("caller_can_teardown") and not plan.caller_can_teardown:
+        if not wants_json() and refused:
             console.print("Tearing it down needs the admin role, which your token does not have.")
         return
     console.print(render())

@@ -146,7 +146,7 @@ class Database:
         import sqlite3
         wal = Path(f"{self._sqlite_file}-wal")
         watch, quiet_watch = min(watch, interval), min(quiet_watch, interval)
-        trigger = max(self.wal_limit // 4, 1)
+        trigger = self.wal_limit // 4
         rounds, checkpointed, elapsed, looked, changed = 0, None, 0.0, None, False
         backoff, held_until = 1.0, 0.0  # size-bound TRUNCATEs after one that could not finish
         loop = asyncio.get_running_loop()

@@ -110,22 +110,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
 
-        # The call's records (its own line included) carry the ids its request names.
+        # The call's records (its own line included) carry the ids its request names;
+        # set in the call's own context, as the principal is (see AuthInterceptor).
         async def around_unary(behavior, request, context):
             started = time.perf_counter()
-            with logs.bound(**logs.request_ids(method, request)):
-                try:
-                    _decoded(request)
-                    response = await _call_unary(behavior, request, context)
-                except BaseException as exc:
-                    await self._fail(method, exc, context, started)
-                    raise
-                self._log(method, "OK", started)
-                return response
+            logs.bind(**logs.request_ids(method, request))
+            try:
+                _decoded(request)
+                response = await _call_unary(behavior, request, context)
+            except BaseException as exc:
+                await self._fail(method, exc, context, started)
+                raise
+            self._log(method, "OK", started)
+            return response
 
         async def around_stream(behavior, request, context):
             started = time.perf_counter()
-            logs.bind(**logs.request_ids(method, request))  # not reset: see logs.bind
+            logs.bind(**logs.request_ids(method, request))
             try:
                 _decoded(request)
                 async for item in _iterate(behavior, request, context):

@@ -27,7 +27,7 @@ _bound: contextvars.ContextVar[dict] = contextvars.ContextVar("ik_log_ids", defa
 @contextlib.contextmanager
 def bound(**ids: str):
     """Records logged inside carry these ids (empty ones left out)."""
-    token = _bound.set({**_bound.get(), **{k: v for k, v in ids.items() if v}})
+    token = _bound.set(_with(ids))
     try:
         yield
     finally:
@@ -69,10 +69,15 @@ def request_ids(method: str, request) -> dict[str, str]:
 
 
 def bind(**ids: str) -> None:
-    """Like `bound`, for the rest of the current task's context: a served
-    stream's generator may be closed from another task, where resetting a
-    context variable fails; each call runs in a task (and context) of its own."""
-    _bound.set({**_bound.get(), **{k: v for k, v in ids.items() if v}})
+    """Like `bound`, for the rest of the current context: a served call runs
+    in a task (and context) of its own, and a stream's generator may be
+    closed from another task, where resetting a context variable fails."""
+    _bound.set(_with(ids))
+
+
+def _with(ids: dict[str, str]) -> dict[str, str]:
+    """The ids bound now, with these (empty ones left out)."""
+    return {**_bound.get(), **{k: v for k, v in ids.items() if v}}
 
 
 class JsonFormatter(logging.Formatter):

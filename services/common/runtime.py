@@ -25,7 +25,7 @@ from services.common.bus import EventBus
 from services.common.changes import ChangeFeed
 from services.common.config import Settings
 from services.common.consumer import ConsumerSpec, EventConsumer
-from services.common.db import Database
+from services.common.db import DEFAULT_WAL_LIMIT, Database
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor
 from services.common.identities import ServiceIdentity
 from services.common.signing import EventSigner, EventVerifier
@@ -79,7 +79,7 @@ class Runtime:
         self.definition = definition
         self.settings = settings
         try:
-            wal_limit = int(settings.env.get("IK_SQLITE_WAL_LIMIT", str(64 * 1024 * 1024)))
+            wal_limit = int(settings.env.get("IK_SQLITE_WAL_LIMIT", DEFAULT_WAL_LIMIT))
             self.db = Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous,
                                wal_limit=wal_limit)
         except ValueError as exc:  # a setting the operator gave: said, without a stack trace

@@ -182,6 +182,9 @@ def test_the_production_environment_runs_end_to_end(platform, tmp_path):
         {s.id for s in w.steps}
     submitted = [x for x in lines("executor") if x.get("method", "").endswith("/SubmitJob")]
     assert len(submitted) >= 3 and all(x.get("workflow_id") == w.id and x.get("resource_id") for x in submitted)
+    # Each call's own: a GetJob (the services' confirmations, after those SubmitJobs) names its job only.
+    confirmed = [x for x in lines("executor") if x.get("method", "").endswith("/GetJob")]
+    assert confirmed and all(x.get("job_id") and "workflow_id" not in x for x in confirmed)
     got = [x for x in lines("workflow") if x.get("method", "").endswith(("/ExecuteWorkflow", "/WatchWorkflow"))]
     assert got and all(x.get("workflow_id") == w.id for x in got)
 

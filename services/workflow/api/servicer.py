@@ -11,9 +11,8 @@ from services.common.interceptors import required_role
 from services.common.filters import enum_word, merged, parse_filter, text, words_of
 from services.workflow.api import convert
 
-TEARDOWN_METHOD = "/infrakitchen.workflow.v1.WorkflowService/TeardownWorkflow"
-
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkflowService"].full_name
+TEARDOWN_METHOD = f"/{SERVICE_NAME}/TeardownWorkflow"
 # Commits of this process wake a watch at once (services.common.changes);
 # the poll finds what another replica of the service committed.
 WATCH_POLL_SECONDS = 1.0
