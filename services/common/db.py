@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import threading
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from services.common.sqlite_driver import async_creator
+from services.common.sqlite_driver import WriterLock, async_creator
+
+log = logging.getLogger(__name__)
 
 UTC_NOW = sa.func.now()
 
@@ -95,7 +98,8 @@ class Database:
         u = async_url(url)
         _ensure_sqlite_dir(u)
         self.is_postgres = u.get_backend_name() == "postgresql"
-        kwargs = {"pool_pre_ping": True} if self.is_postgres else {"async_creator": async_creator(u)}
+        self._writer = WriterLock()  # SQLite: the process's write turn, see sqlite_driver
+        kwargs = {"pool_pre_ping": True} if self.is_postgres else {"async_creator": async_creator(u, self._writer)}
         self.engine: AsyncEngine = create_async_engine(u, **kwargs)
         if not self.is_postgres:
             sa.event.listen(self.engine.sync_engine, "connect", functools.partial(
@@ -130,23 +134,30 @@ class Database:
           seconds while it is being written, every `quiet_watch` seconds
           while it is not (an idle service wakes 4 times a second, not 10),
           and once it reaches a quarter of the limit a TRUNCATE
-          checkpoint empties it: it holds new writers back (they wait
-          asynchronously, see sqlite_driver) until the readers of older
-          frames are done, so the file cannot grow while it waits.
+          checkpoint empties it. It takes the process's write turn first
+          (the serving writers wait asynchronously, see sqlite_driver), so
+          the file cannot grow while it waits for the readers of older
+          frames, and a writer committing back to back cannot starve it
+          (SQLite's busy handler polls the write lock: under a CI run's load
+          it lost the race for seconds and the WAL reached 83 MiB).
         - Every `truncate_every` rounds a TRUNCATE empties a WAL file that is
           not empty at all (the file keeps its size otherwise).
         - A size-bound TRUNCATE waits at most 1 s for readers of older frames
           (writers wait meanwhile); one that could not finish (a reader holds
           an old snapshot: a backup, a shell) is tried again after 1, 2, 4...
           up to 30 s, PASSIVE rounds going on between, so a long reader never
-          keeps writers waiting most of the time."""
+          keeps writers waiting most of the time. Once the WAL reaches half
+          the limit, though, the writers wait until a TRUNCATE finishes: the
+          limit holds, and a reader that never ends makes writes fail (after
+          sqlite_driver.BUSY_TIMEOUT), with a warning, rather than fill the
+          disk."""
         if self._sqlite_file is None or self._sqlite_file == ":memory:":
             return
         import asyncio
         import sqlite3
         wal = Path(f"{self._sqlite_file}-wal")
         watch, quiet_watch = min(watch, interval), min(quiet_watch, interval)
-        trigger = self.wal_limit // 4
+        trigger, urgent = self.wal_limit // 4, self.wal_limit // 2
         rounds, checkpointed, elapsed, looked, changed = 0, None, 0.0, None, False
         backoff, held_until = 1.0, 0.0  # size-bound TRUNCATEs after one that could not finish
         loop = asyncio.get_running_loop()
@@ -163,7 +174,7 @@ class Database:
                 changed, looked = seen != looked, seen
                 if seen is None:
                     continue
-                bound = seen[0] >= trigger and loop.time() >= held_until
+                bound = seen[0] >= trigger and (seen[0] >= urgent or loop.time() >= held_until)
                 if bound:
                     mode = "TRUNCATE"
                 elif elapsed + 1e-9 < interval:
@@ -176,7 +187,10 @@ class Database:
                         continue  # nothing written since the last checkpoint
                     mode = "TRUNCATE" if truncate else "PASSIVE"
                 try:
-                    finished = await asyncio.to_thread(self.checkpoint, mode, 1.0 if bound else 5.0)
+                    if bound:
+                        finished = await self._truncate_holding_writers(until_done=seen[0] >= urgent)
+                    else:
+                        finished = await asyncio.to_thread(self.checkpoint, mode, 5.0)
                     # What was seen before the checkpoint: a commit during it changes the file again.
                     checkpointed = seen
                 except sqlite3.Error:
@@ -188,6 +202,28 @@ class Database:
                         held_until, backoff = loop.time() + backoff, min(backoff * 2, 30.0)
         finally:
             self._close_checkpointer_if_idle()
+
+    async def _truncate_holding_writers(self, until_done: bool) -> bool:
+        """A TRUNCATE checkpoint while this process's writers wait for their
+        turn: one try of at most 1 s for the readers of older frames, or, when
+        `until_done`, tries until one finishes, the writers waiting all along
+        (after BUSY_TIMEOUT a write fails rather than the WAL passing its
+        limit). A warning every 5 s says a reader holds an old snapshot."""
+        import asyncio
+        loop = asyncio.get_running_loop()
+        await self._writer.acquire()
+        try:
+            started = warned = loop.time()
+            while True:
+                finished = await asyncio.to_thread(self.checkpoint, "TRUNCATE", 1.0)
+                if finished or not until_done:
+                    return finished
+                if loop.time() - warned >= 5.0:
+                    warned = loop.time()
+                    log.warning("sqlite WAL at half its limit: writes have waited %.0f s for a reader of an "
+                                "older snapshot to finish", warned - started)
+        finally:
+            self._writer.release()
 
     def checkpoint(self, mode: str = "PASSIVE", wait: float = 5.0) -> bool:
         """One checkpoint of the SQLite WAL, on a connection of its own, kept

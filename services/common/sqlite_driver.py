@@ -193,13 +193,13 @@ class InlineConnection(aiosqlite.Connection):
         self.stop()
 
 
-def async_creator(url: sa.URL):
+def async_creator(url: sa.URL, writer: WriterLock):
     """For create_async_engine(async_creator=...): the same connect
     arguments SQLAlchemy's aiosqlite dialect would use, and one writer lock
-    shared by the engine's connections."""
+    shared by the engine's connections (and the WAL's checkpoints, see
+    Database.checkpoints)."""
     args, kwargs = SQLiteDialect_aiosqlite().create_connect_args(url)
     kwargs = {**kwargs, "check_same_thread": False, "timeout": 0}
-    writer = WriterLock()
 
     async def connect() -> InlineConnection:
         connection = InlineConnection(lambda: sqlite3.connect(*args, **kwargs), writer)

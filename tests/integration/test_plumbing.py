@@ -388,12 +388,15 @@ async def test_sqlite_wal_stays_under_its_limit_through_a_burst_under_constant_r
     peak = [0]
 
     def read_constantly() -> None:
-        """Overlapping read transactions: some snapshot is always held."""
+        """Overlapping read transactions: some snapshot is always held. Each
+        is a lookup, as a served read is: a count(*) here scanned the whole
+        growing table, held its snapshot for over a second under a CI run's
+        load, and no checkpoint can empty a WAL a reader still reads."""
         conn = sqlite3.connect(path, timeout=5, isolation_level=None)
         try:
             while not stop.is_set():
                 conn.execute("BEGIN")
-                conn.execute("SELECT count(*) FROM applied").fetchone()
+                conn.execute("SELECT max(rowid) FROM applied").fetchone()
                 stop.wait(0.02)
                 conn.execute("COMMIT")
         finally:
@@ -473,6 +476,55 @@ async def test_a_reader_holding_an_old_snapshot_does_not_keep_writers_waiting(tm
         reader.execute("COMMIT")  # the reader lets go: the next attempt empties the WAL
         await eventually(lambda: truncates[-1][1], timeout=40)
     finally:
+        reader.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await db.dispose()
+
+
+async def test_at_half_its_limit_the_wal_makes_writers_wait_for_an_old_reader(tmp_path, caplog):
+    """The limit holds even against a reader that never lets go: once the WAL
+    reaches half of it, the writers wait until a TRUNCATE finishes, with a
+    warning, and go on the moment the reader is done."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "urgent.db"
+    wal = Path(f"{path}-wal")
+    engine = create_sync_engine(f"sqlite:///{path}")
+    applied.create(engine)
+    engine.dispose()
+    limit = 1024 * 1024
+    db = Database(f"sqlite:///{path}", wal_limit=limit)
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT max(rowid) FROM applied").fetchone()  # holds this snapshot from the start
+    task = asyncio.create_task(db.checkpoints())
+    written = 0
+
+    async def write_on() -> None:
+        nonlocal written
+        while True:
+            async with db.session() as s, s.begin():
+                await s.execute(sa.insert(applied), [{"event_id": f"r{written}-" + "x" * 4000}])
+            written += 1
+            await asyncio.sleep(0.005)  # a pace the 0.1 s look at the file keeps up with, at this small limit
+    writer = asyncio.create_task(write_on())
+    try:
+        last, still_since = -1, time.monotonic()
+        while time.monotonic() - still_since < 6.0:  # until the writes have waited 6 s
+            assert wal.stat().st_size <= limit
+            if written != last:
+                last, still_since = written, time.monotonic()
+            assert written < 2000, "the writes never waited"
+            await asyncio.sleep(0.01)
+        assert written > 20 and any("writes have waited" in r.getMessage() for r in caplog.records)
+        reader.execute("COMMIT")  # the reader lets go: the WAL empties and the writes go on
+        await eventually(lambda: written > last + 20, timeout=10)
+        assert wal.stat().st_size <= limit
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
         reader.close()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
