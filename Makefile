@@ -15,7 +15,7 @@ PROTOS      := $(shell find protos -name '*.proto' -not -path 'protos/third_part
 export IK_DATA_DIR ?= $(CURDIR)/.data
 export IK_TERRAFORM_PROVIDER_MIRROR ?= $(CURDIR)/$(VENV)/terraform-plugins
 
-.PHONY: help install proto plugins sandbox nats run token test lint docs client-ts bench bench-cpu bench-api bench-cluster bench-network bench-providers clean
+.PHONY: help install proto plugins sandbox nats run token test lint docs client-ts images bench bench-cpu bench-api bench-cluster bench-network bench-providers clean
 
 help:
 	@echo "make run    install everything and start the platform's NATS (with identities) and the five services"
@@ -25,6 +25,7 @@ help:
 	@echo "make docs   the API reference (docs/api.md) from the protos' comments"
 	@echo "make client-ts  build the generated TypeScript client (clients/typescript)"
 	@echo "make proto  regenerate Python code from protos/ into gen/"
+	@echo "make images  the service and executor images, with podman, on a Debian base made from Debian's packages"
 	@echo "make bench  orchestration benchmarks (docs/performance.md); the services' profiles go to .data/bench-profiles"
 	@echo "make bench-network  what a job's own network adds to each terraform command"
 	@echo "make bench-providers  a job's time with the provider cache warm and cold"
@@ -122,6 +123,26 @@ run: install
 	IK_EXECUTOR_EGRESS_ALLOW=$${IK_EXECUTOR_EGRESS_ALLOW:-127.0.0.1:$${IK_TESTCLOUD_PORT:-8790}} \
 	IK_EXECUTOR_OIDC_PORT=$${IK_EXECUTOR_OIDC_PORT:-8791} \
 	exec $(VENV)/bin/honcho -f Procfile start
+
+# The images (deploy/Dockerfile), built with podman on a base made locally from
+# Debian's packages (no image registry needed; BASE_IMAGE=python:3.11-slim-bookworm
+# uses Docker Hub's instead). deploy/podman/containers.conf holds the podman
+# settings a CI sandbox needs. A TLS-intercepting egress proxy's CA bundle
+# (BUILD_CA) is passed as a build secret, so pip trusts it and no layer keeps it.
+comma      := ,
+IMAGE_TAG  ?= 0.1.0
+BASE_IMAGE ?= localhost/ik-debian:bookworm
+BUILD_CA   ?= $(firstword $(wildcard $(SSL_CERT_FILE) /etc/ssl/certs/ca-certificates.crt))
+PODMAN     := CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf podman
+PODMAN_BUILD = $(PODMAN) build --quiet --format docker -f deploy/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+  $(if $(BUILD_CA),--secret id=build_ca$(comma)src=$(BUILD_CA))
+images:
+	@scripts/ensure-podman.sh
+	@if [ "$(BASE_IMAGE)" = localhost/ik-debian:bookworm ]; then \
+	  CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf scripts/debian-base.sh $(BASE_IMAGE); fi
+	$(PODMAN_BUILD) --target service -t localhost/infrakitchen:$(IMAGE_TAG) . >/dev/null
+	$(PODMAN_BUILD) --target executor -t localhost/infrakitchen-executor:$(IMAGE_TAG) . >/dev/null
+	@$(PODMAN) image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '/infrakitchen(-executor)?:$(IMAGE_TAG) '
 
 # Two test processes (pytest-xdist), a file's tests on one of them (they share its fixtures).
 PYTEST_ARGS ?= -n 2 --dist loadfile
