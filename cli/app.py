@@ -82,6 +82,10 @@ def login(token: str = typer.Option(..., help="A bearer token (`make token` prin
 
 @example_app.command("register")
 def example_register(repo: Path = typer.Option(None, help="Where to publish the example modules as git."),
+                     state_dir: str = typer.Option(
+                         None, help="Where the executor keeps the example's state: a directory it can write, "
+                                    "as the executor sees it (in a container, under its /data volume). "
+                                    "Default: example-state in IK_DATA_DIR."),
                      token: Optional[str] = typer.Option(None)) -> None:
     """Publishes examples/modules to git and registers the Production Environment
     blueprint, plus an example integration and local state storage. Running it
@@ -97,6 +101,6 @@ def example_register(repo: Path = typer.Option(None, help="Where to publish the 
             provider=ep.INTEGRATION_PROVIDER_GENERIC), credentials={"EXAMPLE_TOKEN": "example-not-a-secret"}))
     client(client.executor.CreateStorage, ep.CreateStorageRequest(
         request_id="example-storage", storage=ep.Storage(name="example-local", kind=ep.STORAGE_KIND_LOCAL,
-                                                         local_directory=str(data_dir / "example-state"))))
+                                                         local_directory=state_dir or str(data_dir / "example-state"))))
     console.print(f"Blueprint [bold]{example.blueprint.name}[/bold] {example.blueprint.id} "
                   f"(templates: {', '.join(example.template_ids)}).")

@@ -253,7 +253,10 @@ class JobNamespace:
 
     def enter(self) -> list[str]:
         """What runs a command inside the namespace (before its sandbox's argv)."""
-        return ["nsenter", "--target", str(self.holder.pid), "--user", "--net", "--"]
+        # --preserve-credentials: nsenter would otherwise call setgroups(), which a
+        # user namespace made by a non-root executor (in a container, uid 10001)
+        # denies; the credentials kept map to root inside it either way.
+        return ["nsenter", "--target", str(self.holder.pid), "--user", "--net", "--preserve-credentials", "--"]
 
     async def close(self) -> None:
         for proc in (self.pasta, self.holder):
