@@ -160,6 +160,15 @@ def test_the_production_environment_runs_in_containers(containers, tmp_path):
     for service in SERVICES:
         platform.start(service, modules if service in ("blueprint", "executor") else [])
     wait_healthy(platform)
+    for name in platform.names.values():
+        # ik (uid 10001) inside, a uid of no user of this machine outside; nothing of the image can change.
+        # (The service's own process; the executor's job networks are namespaces of their own.)
+        pid = podman("inspect", "--format", "{{.State.Pid}}", name).stdout.strip()
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert f"Uid:\t{HOST_UID}\t" in status, status
+        assert podman("top", name, "pid", "user").stdout.split("\n")[1].split() == ["1", "ik"]
+        touched = podman("exec", name, "touch", "/app/services/x", check=False)
+        assert touched.returncode != 0 and "Read-only file system" in touched.stderr
 
     token = mint_token(platform.secret, "alice", Role.ADMIN)
     assert ik(platform, "login", "--token", token).returncode == 0

@@ -242,6 +242,22 @@ def test_the_compose_file_runs_every_service_from_files_that_exist():
             assert (DEPLOY / build["context"] / build["dockerfile"]).exists()
 
 
+def test_the_compose_file_runs_every_service_as_the_pod_spec_does():
+    """The same rights as the pod spec and the images' e2e test: read-only, no
+    capabilities, no privilege escalation; only the executor gets its sandbox's
+    three rights. Each service's key sits in a volume it alone writes."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    for name in SERVICES:
+        svc = compose["services"][name]
+        assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"] and "/tmp" in svc["tmpfs"], name
+        assert "no-new-privileges:true" in svc["security_opt"], name
+        sandbox = {"seccomp=unconfined", "systempaths=unconfined"} & set(svc["security_opt"])
+        assert sandbox == ({"seccomp=unconfined", "systempaths=unconfined"} if name == "executor" else set()), name
+        assert ("devices" in svc) == (name == "executor"), name
+        assert svc["environment"]["IK_SERVICE_KEY_FILE"] == "/data/service.key"
+        assert f"{name}-data:/data" in svc["volumes"], name
+
+
 def test_the_dashboard_uses_only_metrics_the_services_export():
     import json
     import re
