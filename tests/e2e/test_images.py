@@ -135,12 +135,15 @@ def ik(platform, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_images_are_slim_keep_their_healthcheck_and_run_as_a_user(images):
+X
+    bounds = {SERVICE_IMAGE: 290_000_000, EXECUTOR_IMAGE: 400_000_000}
     for image in (SERVICE_IMAGE, EXECUTOR_IMAGE):
         inspected = podman("image", "inspect", "--format", "{{.Config.User}}|{{json .Config.Healthcheck}}|{{.Size}}",
                            image).stdout.strip()
         user, healthcheck, size = inspected.split("|")
         assert user == f"{UID}:{UID}"
         assert "services.common.healthcheck" in healthcheck, f"{image}: the HEALTHCHECK was dropped"
+        assert int(size) <= bounds[image], f"{image}: {int(size) / 1e6:.0f} MB"
         # Runtime only: no pip, no compilers, no protoc, no git history.
         found = podman("run", "--rm", "--entrypoint", "sh", image, "-c",
                        "command -v pip gcc cc protoc; ls /opt/ik/bin | grep -x pip; ls -d /app/.git; true").stdout
