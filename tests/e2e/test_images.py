@@ -135,8 +135,8 @@ def ik(platform, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_images_are_slim_keep_their_healthcheck_and_run_as_a_user(images):
-X
-    bounds = {SERVICE_IMAGE: 290_000_000, EXECUTOR_IMAGE: 400_000_000}
+    # Bytes at most (262 and 369 MB when written; targets 250 and 400 MB).
+    bounds = {SERVICE_IMAGE: 275_000_000, EXECUTOR_IMAGE: 400_000_000}
     for image in (SERVICE_IMAGE, EXECUTOR_IMAGE):
         inspected = podman("image", "inspect", "--format", "{{.Config.User}}|{{json .Config.Healthcheck}}|{{.Size}}",
                            image).stdout.strip()
