@@ -141,7 +141,8 @@ class Database:
           (SQLite's busy handler polls the write lock: under a CI run's load
           it lost the race for seconds and the WAL reached 83 MiB).
         - Every `truncate_every` rounds a TRUNCATE empties a WAL file that is
-          not empty at all (the file keeps its size otherwise).
+          not empty at all (the file keeps its size otherwise), with the write
+          turn too.
         - A size-bound TRUNCATE waits at most 1 s for readers of older frames
           (writers wait meanwhile); one that could not finish (a reader holds
           an old snapshot: a backup, a shell) is tried again after 1, 2, 4...
@@ -187,10 +188,10 @@ class Database:
                         continue  # nothing written since the last checkpoint
                     mode = "TRUNCATE" if truncate else "PASSIVE"
                 try:
-                    if bound:
-                        finished = await self._truncate_holding_writers(until_done=seen[0] >= urgent)
+                    if mode == "TRUNCATE":
+                        finished = await self._truncate_holding_writers(until_done=bound and seen[0] >= urgent)
                     else:
-                        finished = await asyncio.to_thread(self.checkpoint, mode, 5.0)
+                        finished = await self._checkpoint_on_thread(mode, 5.0)
                     # What was seen before the checkpoint: a commit during it changes the file again.
                     checkpointed = seen
                 except sqlite3.Error:
@@ -215,7 +216,7 @@ class Database:
         try:
             started = warned = loop.time()
             while True:
-                finished = await asyncio.to_thread(self.checkpoint, "TRUNCATE", 1.0)
+                finished = await self._checkpoint_on_thread("TRUNCATE", 1.0)
                 if finished or not until_done:
                     return finished
                 if loop.time() - warned >= 5.0:
@@ -224,6 +225,18 @@ class Database:
                                 "older snapshot to finish", warned - started)
         finally:
             self._writer.release()
+
+    async def _checkpoint_on_thread(self, mode: str, wait: float) -> bool:
+        """checkpoint() on a thread. Cancelled meanwhile (the service stops),
+        it still waits for the thread: the write turn is handed on, and the
+        database closed, only once SQLite's checkpoint is over."""
+        import asyncio
+        running = asyncio.ensure_future(asyncio.to_thread(self.checkpoint, mode, wait))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            await asyncio.wait({running})
+            raise
 
     def checkpoint(self, mode: str = "PASSIVE", wait: float = 5.0) -> bool:
         """One checkpoint of the SQLite WAL, on a connection of its own, kept

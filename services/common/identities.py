@@ -169,3 +169,27 @@ class ServiceIdentity:
                     float(claims["exp"]))
         except ValueError:
             raise Unauthenticated("invalid service token", reason="TOKEN_INVALID") from None
+
+
+def make_keys(keys_dir: Path, private_dir: Path, services) -> None:
+    """Each service's key pair, once: `<private_dir>/<service>/service.key`
+    (0600, for that service alone to mount) and `<keys_dir>/<service>.pub`
+    (for all to mount read-only), so no service can write another's public
+    key (a shared writable directory would let one pass for another)."""
+    for service in services:
+        ServiceIdentity.from_settings(service, {"IK_SERVICE_KEYS_DIR": str(keys_dir),
+                                                "IK_SERVICE_KEY_FILE": str(private_dir / service / "service.key")},
+                                      private_dir)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from services.common.config import SERVICES
+    parser = argparse.ArgumentParser(prog="python -m services.common.identities",
+                                     description="Makes each service's key pair (once).")
+    parser.add_argument("--keys-dir", type=Path, required=True, help="where the public keys go (<service>.pub)")
+    parser.add_argument("--private-dir", type=Path, required=True,
+                        help="where the private keys go (<service>/service.key)")
+    args = parser.parse_args()
+    make_keys(args.keys_dir, args.private_dir, SERVICES)

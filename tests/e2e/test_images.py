@@ -33,7 +33,8 @@ from services.common.auth import Role, mint_token
 from services.common.config import SERVICES
 from tests.support.processes import ROOT, free_port
 
-pytestmark = pytest.mark.e2e
+# A cold build (the Debian base, apt, pip for both targets) takes minutes.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 TAG = "0.1.0"
 SERVICE_IMAGE, EXECUTOR_IMAGE = f"localhost/infrakitchen:{TAG}", f"localhost/infrakitchen-executor:{TAG}"
@@ -75,14 +76,24 @@ def images():
 
 @pytest.fixture
 def containers(images, tmp_path, event_prefix, nats_url):
+    # Containers an earlier, killed run left behind (they hold ports on the host's network).
+    stale = podman("ps", "--all", "--quiet", "--filter", "label=ik-e2e=images", "--filter", "status=exited",
+                   check=False).stdout.split()
+    if stale:
+        podman("rm", "--force", "--ignore", *stale, check=False, timeout=60)
     run_id = uuid.uuid4().hex[:8]
     ports = {name: free_port() for name in SERVICES}
     secret = "test-secret-" + uuid.uuid4().hex
-    keys = owned_dir(tmp_path / "keys")  # the public keys every service reads (IK_SERVICE_KEYS_DIR)
+    # Each service's key pair, made beforehand as compose's nats-identities and the Kubernetes Secrets
+    # do: the public keys mounted read-only in all, each private key only in its own service.
+    keys, private = tmp_path / "keys", tmp_path / "private"
+    subprocess.run([sys.executable, "-m", "services.common.identities", "--keys-dir", str(keys),
+                    "--private-dir", str(private)], cwd=ROOT, check=True, timeout=60)
+    subprocess.run(["chown", "-R", f"{HOST_UID}:{HOST_UID}", str(private)], check=True)
     env = {
         "IK_EVENT_PREFIX": event_prefix, "IK_NATS_URL": nats_url, "IK_AUTH_SECRET": secret,
         "IK_HOST": "127.0.0.1", "IK_SHUTDOWN_GRACE": "2",
-        "IK_SERVICE_KEYS_DIR": "/keys", "IK_SERVICE_KEY_FILE": "/data/service.key",  # its own, in its own volume
+        "IK_SERVICE_KEYS_DIR": "/keys", "IK_SERVICE_KEY_FILE": "/run/ik/service.key",
         **{f"IK_{n.upper()}_PORT": str(p) for n, p in ports.items()},
         **{f"IK_{n.upper()}_TARGET": f"127.0.0.1:{p}" for n, p in ports.items()},
     }
@@ -92,11 +103,13 @@ def containers(images, tmp_path, event_prefix, nats_url):
     def start(service: str, mounts: list[str]) -> None:
         image, extra = (EXECUTOR_IMAGE, EXECUTOR_SANDBOX) if service == "executor" else (SERVICE_IMAGE, [])
         data = owned_dir(tmp_path / "data" / service)
-        args = ["run", "--detach", "--name", names[service], "--network", "host", *RESTRICTED, *extra,
-                "--volume", f"{data}:/data", "--volume", f"{keys}:/keys", *mounts,
+        args = ["run", "--detach", "--name", names[service], "--label", "ik-e2e=images", "--network", "host",
+                *RESTRICTED, *extra,
+                "--volume", f"{data}:/data", "--volume", f"{keys}:/keys:ro",
+                "--volume", f"{private / service}:/run/ik:ro", *mounts,
                 *[a for k, v in {**env, "SERVICE": service}.items() for a in ("--env", f"{k}={v}")], image]
+        started.append(names[service])  # before the run: a container made but not started is removed too
         podman(*args)
-        started.append(names[service])
 
     platform = type("Containers", (), {})()
     platform.ports, platform.secret, platform.names, platform.tmp_path = ports, secret, names, tmp_path
@@ -104,7 +117,7 @@ def containers(images, tmp_path, event_prefix, nats_url):
     platform.modules = tmp_path / "modules"  # the example modules' git repository
     yield platform
     if started:
-        podman("rm", "--force", "--time", "5", *started, check=False, timeout=60)
+        podman("rm", "--force", "--ignore", "--time", "5", *started, check=False, timeout=60)
 
 
 def wait_healthy(platform, timeout: float = 120) -> None:

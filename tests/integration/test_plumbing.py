@@ -452,8 +452,10 @@ async def test_a_reader_holding_an_old_snapshot_does_not_keep_writers_waiting(tm
             truncates.append((wait, finished))
         return finished
     monkeypatch.setattr(db, "checkpoint", recording)
-    async with db.session() as s, s.begin():  # past the trigger
-        await s.execute(sa.insert(applied), [{"event_id": f"a{n}-" + "x" * 4000} for n in range(100)])
+    async with db.session() as s, s.begin():  # past the trigger, well under half the limit
+        await s.execute(sa.insert(applied), [{"event_id": f"a{n}-" + "x" * 4000} for n in range(70)])
+    wal_size = Path(f"{path}-wal").stat().st_size
+    assert 256 * 1024 <= wal_size < 448 * 1024, wal_size
     reader = sqlite3.connect(path, isolation_level=None)
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM applied").fetchone()  # holds this snapshot
@@ -518,7 +520,8 @@ async def test_at_half_its_limit_the_wal_makes_writers_wait_for_an_old_reader(tm
                 last, still_since = written, time.monotonic()
             assert written < 2000, "the writes never waited"
             await asyncio.sleep(0.01)
-        assert written > 20 and any("writes have waited" in r.getMessage() for r in caplog.records)
+        assert written > 20
+        await eventually(lambda: any("writes have waited" in r.getMessage() for r in caplog.records), timeout=15)
         reader.execute("COMMIT")  # the reader lets go: the WAL empties and the writes go on
         await eventually(lambda: written > last + 20, timeout=10)
         assert wal.stat().st_size <= limit

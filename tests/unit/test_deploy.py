@@ -245,7 +245,8 @@ def test_the_compose_file_runs_every_service_from_files_that_exist():
 def test_the_compose_file_runs_every_service_as_the_pod_spec_does():
     """The same rights as the pod spec and the images' e2e test: read-only, no
     capabilities, no privilege escalation; only the executor gets its sandbox's
-    three rights. Each service's key sits in a volume it alone writes."""
+    three rights. Each service mounts its own private key and the public keys
+    read-only: none can put a key in another's name."""
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     for name in SERVICES:
         svc = compose["services"][name]
@@ -254,8 +255,28 @@ def test_the_compose_file_runs_every_service_as_the_pod_spec_does():
         sandbox = {"seccomp=unconfined", "systempaths=unconfined"} & set(svc["security_opt"])
         assert sandbox == ({"seccomp=unconfined", "systempaths=unconfined"} if name == "executor" else set()), name
         assert ("devices" in svc) == (name == "executor"), name
-        assert svc["environment"]["IK_SERVICE_KEY_FILE"] == "/data/service.key"
-        assert f"{name}-data:/data" in svc["volumes"], name
+        assert svc["environment"]["IK_SERVICE_KEY_FILE"] == "/run/ik/service.key"
+        assert {f"{name}-data:/data", f"{name}-key:/run/ik:ro", "service-keys:/keys:ro"} <= set(svc["volumes"]), name
+        assert not [v for v in svc["volumes"] if v.startswith("service-keys:") and not v.endswith(":ro")], name
+    maker = compose["services"]["nats-identities"]
+    assert "python -m services.common.identities --keys-dir /keys --private-dir /private" in maker["command"][2]
+    assert {f"{name}-key:/private/{name}" for name in SERVICES} <= set(maker["volumes"])
+
+
+def test_the_key_maker_writes_each_private_key_apart_and_the_public_keys_together(tmp_path):
+    import os
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-m", "services.common.identities", "--keys-dir", str(tmp_path / "keys"),
+                    "--private-dir", str(tmp_path / "private")], check=True, timeout=60)
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == sorted(f"{s}.pub" for s in SERVICES)
+    for service in SERVICES:
+        key = tmp_path / "private" / service / "service.key"
+        assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY") and os.stat(key).st_mode & 0o777 == 0o600
+    before = {p.name: p.read_bytes() for p in (tmp_path / "keys").iterdir()}
+    subprocess.run([sys.executable, "-m", "services.common.identities", "--keys-dir", str(tmp_path / "keys"),
+                    "--private-dir", str(tmp_path / "private")], check=True, timeout=60)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "keys").iterdir()} == before  # once
 
 
 def test_the_dashboard_uses_only_metrics_the_services_export():

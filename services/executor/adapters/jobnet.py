@@ -253,10 +253,12 @@ class JobNamespace:
 
     def enter(self) -> list[str]:
         """What runs a command inside the namespace (before its sandbox's argv)."""
-        # --preserve-credentials: nsenter would otherwise call setgroups(), which a
-        # user namespace made by a non-root executor (in a container, uid 10001)
-        # denies; the credentials kept map to root inside it either way.
-        return ["nsenter", "--target", str(self.holder.pid), "--user", "--net", "--preserve-credentials", "--"]
+        # A non-root executor (in a container, uid 10001) keeps its credentials:
+        # nsenter would call setgroups(), which the user namespace it made denies,
+        # and they map to root inside it anyway. As root, nsenter clears the
+        # supplementary groups, so the job gets none of the executor's.
+        keep = ["--preserve-credentials"] if os.getuid() != 0 else []
+        return ["nsenter", "--target", str(self.holder.pid), "--user", "--net", *keep, "--"]
 
     async def close(self) -> None:
         for proc in (self.pasta, self.holder):
