@@ -138,13 +138,21 @@ class Remote:
                                        user=user, role=Role.WRITE),
                      grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 
-    async def cancel_approval(self, user: str, request_id: str, comment: str) -> None:
+    async def cancel_approval(self, user: str, request_id: str, comment: str) -> bool:
         """Withdraws an open approval request of a cancelled workflow (as the
-        workflow service, which may: whoever cancels a workflow ends what it waits for)."""
-        await unless(self.clients.call("approval", self.approval.CancelApprovalRequest,
-                                       ap.CancelApprovalRequestRequest(id=request_id, comment=comment),
-                                       user=user, role=Role.ADMIN),
-                     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+        workflow service, which may: whoever cancels a workflow ends what it
+        waits for). True when it is withdrawn or decided already, False when
+        the approval service has no such request (yet)."""
+        try:
+            await self.clients.call("approval", self.approval.CancelApprovalRequest,
+                                    ap.CancelApprovalRequestRequest(id=request_id, comment=comment),
+                                    user=user, role=Role.ADMIN)
+        except RemoteError as err:
+            if err.code == grpc.StatusCode.NOT_FOUND:
+                return False
+            if err.code != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+        return True
 
     async def approval_flow(self) -> bool:
         flow = await self.clients.call("approval", self.approval.GetApprovalFlow, ap.GetApprovalFlowRequest(),

@@ -94,18 +94,34 @@ class Control(WorkflowsBase):
                 except RemoteError as exc:
                     log.warning("reading resource %s of a cancelled workflow: %s", request[1], exc.describe())
                     continue
-                request = resource.approval_request_id if resource else ""
-            await self.withdraw_approval(request, actor)
+                request = resource.approval_request_id if resource and resource.status == "approval_pending" else ""
+                # The resource named its request before the approval service opened it (from the
+                # resource's event): a cancel right then finds none, and the request opened a moment
+                # later would hold the resource for good. So it is asked for again, a few seconds.
+                await self.withdraw_approval(request, actor, attempts=8)
+            else:
+                await self.withdraw_approval(request, actor)
 
-    async def withdraw_approval(self, request_id: str, actor: str) -> None:
+    async def withdraw_approval(self, request_id: str, actor: str, attempts: int = 1) -> None:
         """Withdraws an open approval request of a cancelled workflow; a
-        failure is logged (the request may have been decided meanwhile)."""
+        failure is logged (the request may have been decided meanwhile). A
+        request not found is asked for again `attempts` times in all, after
+        0.1, 0.2, 0.4... s."""
         if not request_id:
             return
-        try:
-            await self.remote.cancel_approval(actor, request_id, f"workflow cancelled by {actor}")
-        except RemoteError as exc:
-            log.warning("cancelling approval request %s: %s", request_id, exc.describe())
+        delay = 0.1
+        for attempt in range(attempts):
+            try:
+                if await self.remote.cancel_approval(actor, request_id, f"workflow cancelled by {actor}"):
+                    return
+            except RemoteError as exc:
+                log.warning("cancelling approval request %s: %s", request_id, exc.describe())
+                return
+            if attempt + 1 < attempts:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if attempts > 1:
+            log.warning("cancelling approval request %s: the approval service never opened it", request_id)
 
     async def reconcile_cancelled(self, w: Workflow, steps: list[Step], cutoff) -> None:
         """A cancelled workflow's steps that still run after a while: their

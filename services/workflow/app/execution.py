@@ -265,7 +265,7 @@ class Execution(WorkflowsBase):
                                       list(resource.sensitive_outputs), actor)
             return
         if resource.status == "approval_pending":
-            await self.withdraw_approval(resource.approval_request_id, cancelled_by)
+            await self.withdraw_approval(resource.approval_request_id, cancelled_by, attempts=8)
         await self.step_failed(st.id, f"cancelled by {cancelled_by}", actor)
 
     async def _cancelled_by(self, workflow_id: str) -> str:
