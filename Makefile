@@ -131,15 +131,16 @@ run: install
 # (BUILD_CA) is passed as a build secret, so pip trusts it and no layer keeps it.
 comma      := ,
 IMAGE_TAG  ?= 0.1.0
-BASE_IMAGE ?= localhost/ik-debian:bookworm
+LOCAL_BASE := localhost/ik-debian:bookworm
+BASE_IMAGE ?= $(LOCAL_BASE)
 BUILD_CA   ?= $(firstword $(wildcard $(SSL_CERT_FILE) /etc/ssl/certs/ca-certificates.crt))
-PODMAN     := CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf podman
+PODMAN_CONF := CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf
+PODMAN     := $(PODMAN_CONF) podman
 PODMAN_BUILD = $(PODMAN) build --quiet --format docker -f deploy/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
   $(if $(BUILD_CA),--secret id=build_ca$(comma)src=$(BUILD_CA))
 images:
 	@scripts/ensure-podman.sh
-	@if [ "$(BASE_IMAGE)" = localhost/ik-debian:bookworm ]; then \
-	  CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf scripts/debian-base.sh $(BASE_IMAGE); fi
+	@if [ "$(BASE_IMAGE)" = $(LOCAL_BASE) ]; then $(PODMAN_CONF) scripts/debian-base.sh $(BASE_IMAGE); fi
 	$(PODMAN_BUILD) --target service -t localhost/infrakitchen:$(IMAGE_TAG) . >/dev/null
 	$(PODMAN_BUILD) --target executor -t localhost/infrakitchen-executor:$(IMAGE_TAG) . >/dev/null
 	@$(PODMAN) image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '/infrakitchen(-executor)?:$(IMAGE_TAG) '

@@ -12,7 +12,4 @@ command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
-echo "installing ${missing[*]} (Debian packages)"
-sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo -n"
-$sudo_cmd apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" uidmap
+"$(dirname "$0")/apt-install.sh" "${missing[@]}" uidmap

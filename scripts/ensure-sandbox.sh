@@ -22,7 +22,4 @@ fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
-echo "installing ${missing[*]} (Debian packages)"
-sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo -n"
-$sudo_cmd apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"
+"$(dirname "$0")/apt-install.sh" "${missing[@]}"

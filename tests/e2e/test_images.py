@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -74,6 +75,37 @@ def images():
     return built.stdout
 
 
+@dataclass
+class Containers:
+    """The five services' containers of one test, on the host's network."""
+    names: dict[str, str]  # service -> container name
+    ports: dict[str, int]
+    secret: str  # IK_AUTH_SECRET
+    env: dict[str, str]  # every container's environment
+    keys: Path  # the public keys, mounted read-only in all
+    private: Path  # <service>/service.key, each mounted in its own service only
+    tmp_path: Path
+    started: list[str] = field(default_factory=list)
+
+    @property
+    def modules(self) -> Path:
+        """The example modules' git repository, read by the blueprint and executor containers."""
+        return self.tmp_path / "modules"
+
+    def start(self, service: str) -> None:
+        image, extra = (EXECUTOR_IMAGE, EXECUTOR_SANDBOX) if service == "executor" else (SERVICE_IMAGE, [])
+        if service in ("blueprint", "executor"):
+            extra = [*extra, "--volume", f"{self.modules}:{self.modules}:ro"]
+        data = owned_dir(self.tmp_path / "data" / service)
+        args = ["run", "--detach", "--name", self.names[service], "--label", "ik-e2e=images", "--network", "host",
+                *RESTRICTED, *extra,
+                "--volume", f"{data}:/data", "--volume", f"{self.keys}:/keys:ro",
+                "--volume", f"{self.private / service}:/run/ik:ro",
+                *[a for k, v in {**self.env, "SERVICE": service}.items() for a in ("--env", f"{k}={v}")], image]
+        self.started.append(self.names[service])  # before the run: a container made but not started is removed too
+        podman(*args)
+
+
 @pytest.fixture
 def containers(images, tmp_path, event_prefix, nats_url):
     # Containers an earlier, killed run left behind (they hold ports on the host's network).
@@ -97,27 +129,11 @@ def containers(images, tmp_path, event_prefix, nats_url):
         **{f"IK_{n.upper()}_PORT": str(p) for n, p in ports.items()},
         **{f"IK_{n.upper()}_TARGET": f"127.0.0.1:{p}" for n, p in ports.items()},
     }
-    names = {service: f"ik-e2e-{run_id}-{service}" for service in SERVICES}
-    started: list[str] = []
-
-    def start(service: str, mounts: list[str]) -> None:
-        image, extra = (EXECUTOR_IMAGE, EXECUTOR_SANDBOX) if service == "executor" else (SERVICE_IMAGE, [])
-        data = owned_dir(tmp_path / "data" / service)
-        args = ["run", "--detach", "--name", names[service], "--label", "ik-e2e=images", "--network", "host",
-                *RESTRICTED, *extra,
-                "--volume", f"{data}:/data", "--volume", f"{keys}:/keys:ro",
-                "--volume", f"{private / service}:/run/ik:ro", *mounts,
-                *[a for k, v in {**env, "SERVICE": service}.items() for a in ("--env", f"{k}={v}")], image]
-        started.append(names[service])  # before the run: a container made but not started is removed too
-        podman(*args)
-
-    platform = type("Containers", (), {})()
-    platform.ports, platform.secret, platform.names, platform.tmp_path = ports, secret, names, tmp_path
-    platform.start = start
-    platform.modules = tmp_path / "modules"  # the example modules' git repository
+    platform = Containers({service: f"ik-e2e-{run_id}-{service}" for service in SERVICES}, ports, secret, env,
+                          keys, private, tmp_path)
     yield platform
-    if started:
-        podman("rm", "--force", "--ignore", "--time", "5", *started, check=False, timeout=60)
+    if platform.started:
+        podman("rm", "--force", "--ignore", "--time", "5", *platform.started, check=False, timeout=60)
 
 
 def wait_healthy(platform, timeout: float = 120) -> None:
@@ -141,8 +157,9 @@ def container_log(platform, service: str) -> str:
 
 
 def ik(platform, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HOME": str(platform.tmp_path / "home"), "IK_DATA_DIR": str(platform.tmp_path / "cli"), "IK_CONFIG_DIR": str(platform.tmp_path / "config"),
-           "COLUMNS": "160", **{f"IK_{s.upper()}_TARGET": f"127.0.0.1:{p}" for s, p in platform.ports.items()}}
+    env = {**os.environ, "HOME": str(platform.tmp_path / "home"), "IK_DATA_DIR": str(platform.tmp_path / "cli"),
+           "IK_CONFIG_DIR": str(platform.tmp_path / "config"), "COLUMNS": "160",
+           **{f"IK_{s.upper()}_TARGET": f"127.0.0.1:{p}" for s, p in platform.ports.items()}}
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -163,7 +180,7 @@ def test_images_are_slim_keep_their_healthcheck_and_run_as_a_user(images):
         assert found.strip() == "", f"{image} carries build tools: {found}"
 
 
-def test_the_production_environment_runs_in_containers(containers, tmp_path):
+def test_the_production_environment_runs_in_containers(containers):
     platform = containers
     # The example modules, published as git where the blueprint and executor containers read them
     # (owned by their user: git refuses a repository of another owner).
@@ -172,9 +189,8 @@ def test_the_production_environment_runs_in_containers(containers, tmp_path):
     home = platform.tmp_path / "home"  # the CLI's user (root here) publishes to the repository it does not own
     home.mkdir()
     (home / ".gitconfig").write_text(f"[safe]\n\tdirectory = {platform.modules}\n")
-    modules = ["--volume", f"{platform.modules}:{platform.modules}:ro"]
     for service in SERVICES:
-        platform.start(service, modules if service in ("blueprint", "executor") else [])
+        platform.start(service)
     wait_healthy(platform)
     for name in platform.names.values():
         # ik (uid 10001) inside, a uid of no user of this machine outside; nothing of the image can change.
